@@ -1,0 +1,97 @@
+"""A steered conversation: messages, prompt formatting, KV reuse, live steering changes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .engine import Context, Model, Sampler, SamplerSettings
+from .steering import Steering
+
+TRANSCRIPT_STOP = ("\nUser:",)
+
+
+def format_prompt(model: Model, messages: list[dict[str, str]]) -> tuple[list[int], tuple]:
+    """Tokens for the conversation plus an assistant turn, and the stop strings to use.
+
+    Uses the GGUF's own chat template; base models without one get a plain transcript.
+    """
+    text = model.apply_chat_template(messages)
+    if text is None:
+        return model.tokenize(transcript(messages)), TRANSCRIPT_STOP
+    tokens = model.tokenize(text, parse_special=True)
+    if len(tokens) > 1 and tokens[0] == tokens[1] == model.bos:
+        tokens = tokens[1:]  # the template wrote BOS itself and the tokenizer added another
+    return tokens, ()
+
+
+def until_stop(pieces: Iterator[str], stops: tuple[str, ...]) -> Iterator[str]:
+    """Pass text through until a stop string, holding back what could be its beginning."""
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if hits:
+            yield pending[: min(hits)]
+            return
+        hold = max(
+            (n for s in stops for n in range(len(s), 0, -1) if pending.endswith(s[:n])), default=0
+        )
+        yield pending[: len(pending) - hold]
+        pending = pending[len(pending) - hold :]
+    yield pending
+
+
+def transcript(messages: list[dict[str, str]]) -> str:
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    lines = [f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
+@dataclass
+class ChatSession:
+    """One conversation on one context; the KV cache is reused between turns."""
+
+    ctx: Context
+    steering: Steering
+    settings: SamplerSettings
+    system: str | None = None
+    max_tokens: int = 512
+    messages: list[dict[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.steering.apply(self.ctx)
+
+    def conversation(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the assistant's answer; a reply cut short (Ctrl-C) is kept as said."""
+        self.messages.append({"role": "user", "content": text})
+        tokens, stop = format_prompt(self.ctx.model, self.conversation())
+        answer: list[str] = []
+        try:
+            sampler = Sampler(self.ctx.model, self.settings)
+            pieces = self.ctx.generate(tokens, sampler, max_tokens=self.max_tokens)
+            for piece in until_stop(pieces, stop):
+                answer.append(piece)
+                yield piece
+        finally:
+            self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+
+    def set_vector(self, name: str, strength: float) -> None:
+        """Change steering live, then re-evaluate the history under the new vector: tokens
+        already in the KV cache were computed with the old one."""
+        self.steering.set(name, strength)
+        self.steering.apply(self.ctx)
+        self.ctx.forget(0)
+        if self.messages:
+            self.ctx.ingest(format_prompt(self.ctx.model, self.conversation())[0])
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text or None
+
+    def clear(self) -> None:
+        self.messages.clear()
+        self.ctx.forget(0)

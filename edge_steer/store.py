@@ -1,0 +1,71 @@
+"""Where vectors live on disk, and the identity of a model file they are keyed by.
+
+Layout: `$EDGE_STEER_HOME/vectors/<model-fingerprint>/<name>.gguf` for vectors made for one
+model, and `$EDGE_STEER_HOME/vectors/<name>.gguf` for vectors you drop in by hand.
+`EDGE_STEER_HOME` defaults to `$XDG_CACHE_HOME/edge-steer` (`~/.cache/edge-steer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+SAMPLE_BYTES = 1 << 20
+SAMPLES = 8
+
+
+def home() -> Path:
+    if os.environ.get("EDGE_STEER_HOME"):
+        return Path(os.environ["EDGE_STEER_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "edge-steer"
+
+
+def vectors_dir() -> Path:
+    return home() / "vectors"
+
+
+def fingerprint(model_path: str | Path) -> str:
+    """A content fingerprint of a GGUF file, cheap even for 26 GB models.
+
+    Hashes the size, the first MiB (header and metadata) and evenly spaced 1 MiB samples of
+    the tensor data: a renamed or moved file keeps its identity, a re-quantized one does not.
+    """
+    path = Path(model_path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for i in range(SAMPLES + 1):
+            f.seek(max(0, (size - SAMPLE_BYTES) * i // SAMPLES))
+            digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def model_vectors_dir(model_path: str | Path) -> Path:
+    return vectors_dir() / fingerprint(model_path)
+
+
+def looks_like_path(name: str) -> bool:
+    return name.endswith(".gguf") or os.sep in name or "/" in name or Path(name).is_file()
+
+
+def resolve_vector(name: str, model_path: str | Path) -> Path:
+    """A SPEC name -> a file: a path as given, else the model's store, else the shared store."""
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"control vector file not found: {path}")
+        return path
+    for candidate in (
+        model_vectors_dir(model_path) / f"{name}.gguf",
+        vectors_dir() / f"{name}.gguf",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"unknown vector {name!r}: no {name}.gguf in {model_vectors_dir(model_path)} or "
+        f"{vectors_dir()}; pass a .gguf path or put the file there"
+    )

@@ -1,0 +1,312 @@
+"""Tiny llama-architecture GGUF models for tests.
+
+Tests need real GGUF files to exercise llama.cpp mechanics (layer counts,
+MoE experts, tensor buffer overrides, control vectors), but real models are
+gigabytes. These files are a few MB, load in milliseconds and run decode on
+CPU. Weights are random (deterministic per seed), so output is gibberish;
+only mechanics are meaningful.
+
+The tokenizer is a real byte-level BPE ("gpt2") vocabulary whose merges are
+learned at generation time from a short embedded English text, so arbitrary
+UTF-8 text tokenizes and detokenizes losslessly.
+
+Usage as a dev tool::
+
+    python tools/tiny_models.py OUTDIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+__all__ = ["write_tiny_model"]
+
+# --- shapes -----------------------------------------------------------------
+
+N_EMBD = 64
+N_HEAD = 4
+N_HEAD_KV = 2  # GQA, like Mistral/Mixtral
+HEAD_DIM = N_EMBD // N_HEAD
+N_FF = 128
+N_CTX_TRAIN = 2048
+ROPE_FREQ_BASE = 1e6
+RMS_EPS = 1e-5
+N_EXPERT = 8
+N_EXPERT_USED = 2
+
+# --- tokenizer --------------------------------------------------------------
+
+# Special tokens first, Mistral-style ids: <unk>=0, <s>=1, </s>=2.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]")
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+TARGET_VOCAB = 512
+
+# "gpt-2" selects llama.cpp's standard GPT-2 pre-tokenizer regex.
+TOKENIZER_PRE = "gpt-2"
+
+# Approximation of the GPT-2 split regex with stdlib `re` (no \p{L}); only used
+# to learn merges, so small differences from llama.cpp's splitter are harmless.
+_PRETOKENIZE = re.compile(
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"
+)
+
+# Mistral-style chat template; a system message is prepended to the first
+# user turn because Mistral has no system role.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}"
+    "{%- else %}"
+    "{%- set loop_messages = messages %}"
+    "{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.first and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{%- else %}"
+    "{{- '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- message['content'] + eos_token }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
+# Training text for the BPE merges (written for this file).
+_CORPUS = """\
+The little robot woke up early in the morning and looked out of the window.
+The sun was shining over the hills, and the birds were singing in the trees.
+It wanted to walk to the river, because the river was the place where the
+other machines met to talk about the weather, the news and their work.
+
+On the way, the robot met an old farmer who was working in his field. The
+farmer said: "Good morning! Where are you going on such a beautiful day?"
+The robot answered that it was going to the river to meet its friends. The
+farmer smiled and gave it three red apples and a small bottle of water.
+
+When the robot reached the river, the other machines were already there.
+They were happy to see it, and they talked for hours about the things they
+had seen: the mountains in the north, the long roads in the south, the
+quiet forests in the west and the busy cities by the sea in the east.
+
+In the evening, the sky turned orange and then dark blue. The robot thanked
+its friends, said goodbye, and walked back home under the stars. It thought
+about the day and decided that tomorrow it would write a story about the
+river, the farmer and the apples, so that it would never forget them.
+
+Questions and answers: What is the capital of France? The capital of France
+is Paris. How many days are there in a week? There are 7 days in a week, and
+there are 12 months, 52 weeks and 365 days in a normal year. Please explain
+your answer step by step, and be kind, honest and helpful to the user.
+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode char mapping (llama.cpp
+    decodes BPE token text with exactly this table)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
+
+
+def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
+    """Deterministic byte-level BPE training; ties broken lexicographically so
+    the vocabulary (and thus the file) is reproducible."""
+    b2u = _bytes_to_unicode()
+    words = Counter(
+        tuple(b2u[b] for b in piece.encode("utf-8"))
+        for piece in _PRETOKENIZE.findall(text)
+    )
+    merges: list[tuple[str, str]] = []
+    for _ in range(n_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best, best_count = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        if best_count < 2:
+            break
+        merges.append(best)
+        joined = best[0] + best[1]
+        new_words: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            new_words[tuple(out)] += count
+        words = new_words
+    return merges
+
+
+def _build_vocab() -> tuple[list[str], list[int], list[str]]:
+    """Return (tokens, token_types, merges) for the gguf tokenizer keys."""
+    byte_tokens = list(_bytes_to_unicode().values())
+    n_merges = TARGET_VOCAB - len(SPECIAL_TOKENS) - len(byte_tokens)
+    merges = _learn_merges(_CORPUS, n_merges)
+    tokens = [*SPECIAL_TOKENS, *byte_tokens, *(a + b for a, b in merges)]
+    assert len(set(tokens)) == len(tokens), "duplicate token text"
+    types = [int(gguf.TokenType.UNKNOWN), *[int(gguf.TokenType.CONTROL)] * 4]
+    types += [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(SPECIAL_TOKENS))
+    return tokens, types, [f"{a} {b}" for a, b in merges]
+
+
+# --- weights ----------------------------------------------------------------
+
+
+def _tensors(
+    rng: np.random.Generator, n_vocab: int, n_layer: int, moe: bool
+) -> list[tuple[str, np.ndarray]]:
+    """Random weights in gguf numpy order (reverse of ggml ne): a ggml
+    {n_in, n_out} matrix is a numpy (n_out, n_in) array."""
+
+    def mat(*shape: int, std: float) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
+
+    def norm() -> np.ndarray:
+        return np.ones(N_EMBD, dtype=np.float32)
+
+    # 1/sqrt(fan_in) keeps every block's output O(1); pre-norms do the rest.
+    s_embd = N_EMBD**-0.5
+    s_ff = N_FF**-0.5
+    out: list[tuple[str, np.ndarray]] = [
+        ("token_embd.weight", mat(n_vocab, N_EMBD, std=1.0)),
+    ]
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        out += [
+            (p + "attn_norm.weight", norm()),
+            (p + "attn_q.weight", mat(N_HEAD * HEAD_DIM, N_EMBD, std=s_embd)),
+            (p + "attn_k.weight", mat(N_HEAD_KV * HEAD_DIM, N_EMBD, std=s_embd)),
+            (p + "attn_v.weight", mat(N_HEAD_KV * HEAD_DIM, N_EMBD, std=s_embd)),
+            (p + "attn_output.weight", mat(N_EMBD, N_HEAD * HEAD_DIM, std=s_embd)),
+            (p + "ffn_norm.weight", norm()),
+        ]
+        if moe:
+            out += [
+                # Router: ggml {n_embd, n_expert}. Kept F32 like real Mixtral GGUFs.
+                (
+                    p + "ffn_gate_inp.weight",
+                    (rng.standard_normal((N_EXPERT, N_EMBD), dtype=np.float32)),
+                ),
+                (p + "ffn_gate_exps.weight", mat(N_EXPERT, N_FF, N_EMBD, std=s_embd)),
+                (p + "ffn_up_exps.weight", mat(N_EXPERT, N_FF, N_EMBD, std=s_embd)),
+                (p + "ffn_down_exps.weight", mat(N_EXPERT, N_EMBD, N_FF, std=s_ff)),
+            ]
+        else:
+            out += [
+                (p + "ffn_gate.weight", mat(N_FF, N_EMBD, std=s_embd)),
+                (p + "ffn_up.weight", mat(N_FF, N_EMBD, std=s_embd)),
+                (p + "ffn_down.weight", mat(N_EMBD, N_FF, std=s_ff)),
+            ]
+    out += [
+        ("output_norm.weight", norm()),
+        # Larger output scale so logits are clearly non-uniform.
+        ("output.weight", mat(n_vocab, N_EMBD, std=3.0 * s_embd)),
+    ]
+    return out
+
+
+# --- writer -----------------------------------------------------------------
+
+
+def write_tiny_model(
+    path: str | os.PathLike[str], *, moe: bool = False, n_layer: int = 6, seed: int = 0
+) -> Path:
+    """Write a tiny Mistral-shaped (or Mixtral-shaped if ``moe``) GGUF to
+    ``path`` atomically and return its path. Same arguments give a
+    byte-identical file, so tests can cache it."""
+    if n_layer < 1:
+        raise ValueError("n_layer must be >= 1")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens, types, merges = _build_vocab()
+    n_vocab = len(tokens)
+
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp_name, "llama")
+        w.add_name("tiny-mixtral" if moe else "tiny-mistral")
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        w.add_vocab_size(n_vocab)
+        w.add_context_length(N_CTX_TRAIN)
+        w.add_embedding_length(N_EMBD)
+        w.add_block_count(n_layer)
+        w.add_feed_forward_length(N_FF)
+        w.add_head_count(N_HEAD)
+        w.add_head_count_kv(N_HEAD_KV)
+        w.add_layer_norm_rms_eps(RMS_EPS)
+        w.add_rope_dimension_count(HEAD_DIM)
+        w.add_rope_freq_base(ROPE_FREQ_BASE)
+        if moe:
+            w.add_expert_count(N_EXPERT)
+            w.add_expert_used_count(N_EXPERT_USED)
+
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(TOKENIZER_PRE)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(BOS_ID)
+        w.add_eos_token_id(EOS_ID)
+        w.add_unk_token_id(UNK_ID)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
+
+        rng = np.random.default_rng(seed)
+        for name, data in _tensors(rng, n_vocab, n_layer, moe):
+            w.add_tensor(name, data)
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dev entry point: write both tiny models into OUTDIR."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("outdir", type=Path)
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for name, moe in (("tiny-mistral.gguf", False), ("tiny-mixtral.gguf", True)):
+        p = write_tiny_model(args.outdir / name, moe=moe, n_layer=args.n_layer, seed=args.seed)
+        print(f"{p}\t{p.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()
