@@ -331,7 +331,7 @@ class Context:
                 "raise --ctx or shorten the conversation (/clear)"
             )
         same = 0
-        for a, b in zip(self.tokens, tokens[:-1]):
+        for a, b in zip(self.tokens, tokens[:-1], strict=False):
             if a != b:
                 break
             same += 1

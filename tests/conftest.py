@@ -1,0 +1,66 @@
+"""Shared fixtures: the real demo model (Gemma 3 270M) and generated tiny llama models."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.tiny_models import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def edge_steer_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep the tests' store out of the user's cache (the demo model is assembled here once)."""
+    home = tmp_path_factory.mktemp("edge-steer-home")
+    os.environ["EDGE_STEER_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def demo_path(edge_steer_home: Path) -> Path:
+    from edge_steer import hub
+
+    return hub.resolve_model("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_path: Path):
+    from edge_steer.engine import Model
+
+    with Model(demo_path) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-mistral.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-mixtral.gguf", moe=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tiny_dense_path: Path):
+    from edge_steer.engine import Model
+
+    with Model(tiny_dense_path) as model:
+        yield model
+
+
+def random_rows(model, layers: dict[int, float], seed: int = 0) -> np.ndarray:
+    """An (n_layer, n_embd) steering array with random directions of the given norms."""
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
+    for layer, norm in layers.items():
+        direction = rng.normal(size=model.n_embd)
+        rows[layer] = norm * direction / np.linalg.norm(direction)
+    return rows

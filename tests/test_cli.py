@@ -1,0 +1,123 @@
+"""The CLI as a user runs it: real processes, real models, clean errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edge_steer import vectors
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_steer", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_dense_path):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.gguf").write_text("not a model at all")
+    data = tiny_dense_path.read_bytes()
+    (folder / "truncated.gguf").write_bytes(data[: len(data) * 2 // 3])
+    wide = vectors.ControlVector({1: np.ones(32, np.float32)})
+    vectors.write(wide, folder / "wide.gguf")
+    nan = np.ones(64, np.float32)
+    nan[3] = np.nan
+    path = folder / "nan.gguf"
+    vectors.write(vectors.ControlVector({1: nan}), path)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--model", "missing.gguf"], "model file not found"),
+        (["--model", "{bad}/text.gguf"], "not a GGUF file"),
+        (["--model", "{bad}/truncated.gguf"], "truncated"),
+        (["--vector", "{bad}/wide.gguf"], "n_embd 32 but the model has 64"),
+        (["--vector", "{bad}/nan.gguf"], "NaN"),
+        (["--vector", "lazy:abc"], "bad vector spec 'lazy:abc'"),
+        (["--vector", ":1"], "bad vector spec ':1'"),
+        (["--vector", "lazy:1:2"], "bad vector spec 'lazy:1:2'"),
+        (["--vector", "nosuchvector"], "unknown vector 'nosuchvector'"),
+        (["--layers", "2-40"], "outside the model's steerable blocks 1-5"),
+        (["--layers", "x"], "bad layer range"),
+    ],
+)
+def test_bad_input_is_one_clean_line(args, words, bad_files, tiny_dense_path) -> None:
+    args = [a.replace("{bad}", str(bad_files)) for a in args]
+    model = [] if "--model" in args else ["--model", str(tiny_dense_path)]
+    assert_clean_error(run("chat", *model, *args, "-p", "hi", "-n", "4"), words)
+
+
+def test_generate_json(tiny_dense_path) -> None:
+    result = run(
+        "generate",
+        "--model",
+        str(tiny_dense_path),
+        "-p",
+        "Hello",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["generated_tokens"] > 0 and data["prompt"] == "Hello"
+
+
+def test_chat_prompt_with_vectors_on_the_demo_model(demo_path, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    vec = vectors.ControlVector({n: rng.normal(size=640).astype(np.float32) for n in (3, 4)})
+    path = vectors.write(vec, tmp_path / "v.gguf")
+    result = run(
+        "chat",
+        "--model",
+        "demo",
+        "--vector",
+        f"{path}:0.5",
+        "-p",
+        "Hi!",
+        "-n",
+        "8",
+        "--seed",
+        "1",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["vectors"] == {str(path): 0.5} and data["generated_tokens"] > 0
+
+
+def test_repl_slash_commands(tiny_dense_path, tmp_path) -> None:
+    vec = vectors.ControlVector({2: np.ones(64, np.float32)})
+    path = vectors.write(vec, tmp_path / "v.gguf")
+    script = f"hello\n/vector {path} 0.5\n/vectors\n/vector {path} abc\n/clear\n/quit\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_steer", "chat", "--model", str(tiny_dense_path), "-n", "4"],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{path}:+0.5" in result.stderr and "history re-evaluated" in result.stderr
+    assert "bad vector spec" in result.stderr and "conversation cleared" in result.stderr
