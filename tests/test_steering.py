@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import random_rows
@@ -72,7 +74,7 @@ def test_two_vectors_combine_as_their_weighted_sum(demo_model, files, tmp_path) 
 def test_names_resolve_in_the_store(demo_model, files) -> None:
     target = store.model_vectors_dir(demo_model.path) / "cheer.gguf"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(open(files["a"], "rb").read())
+    target.write_bytes(Path(files["a"]).read_bytes())
     steer = steering.build(demo_model, ["cheer:0.5"], "4-9")
     assert steer.strengths() == {"cheer": 0.5} and steer.layers == (4, 9)
     with pytest.raises(UserError, match="unknown vector 'nope'"):

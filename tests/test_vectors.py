@@ -87,7 +87,7 @@ def test_check_fits() -> None:
     vectors.check_fits(vec, n_layer=6, n_embd=8, source="v")
     with pytest.raises(UserError, match="n_embd 8 but the model has 16"):
         vectors.check_fits(vec, n_layer=6, n_embd=16, source="v")
-    with pytest.raises(UserError, match="direction.5"):
+    with pytest.raises(UserError, match=r"direction\.5"):
         vectors.check_fits(vec, n_layer=5, n_embd=8, source="v")
 
 

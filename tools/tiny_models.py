@@ -22,6 +22,7 @@ import os
 import re
 import tempfile
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import gguf
@@ -59,7 +60,9 @@ _PRETOKENIZE = re.compile(
 )
 
 # Mistral-style chat template; a system message is prepended to the first
-# user turn because Mistral has no system role.
+# user turn (joined by "\n") because Mistral has no system role. This matches
+# what llama.cpp's built-in llama2/mistral fallback (llama_chat_apply_template,
+# which does not run Jinja) produces for this template, apart from the BOS.
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] == 'system' %}"
     "{%- set system_message = messages[0]['content'] %}"
@@ -71,7 +74,7 @@ CHAT_TEMPLATE = (
     "{%- for message in loop_messages %}"
     "{%- if message['role'] == 'user' %}"
     "{%- if loop.first and system_message is defined %}"
-    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}"
+    "{{- '[INST] ' + system_message + '\\n' + message['content'] + ' [/INST]' }}"
     "{%- else %}"
     "{{- '[INST] ' + message['content'] + ' [/INST]' }}"
     "{%- endif %}"
@@ -133,14 +136,13 @@ def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
     the vocabulary (and thus the file) is reproducible."""
     b2u = _bytes_to_unicode()
     words = Counter(
-        tuple(b2u[b] for b in piece.encode("utf-8"))
-        for piece in _PRETOKENIZE.findall(text)
+        tuple(b2u[b] for b in piece.encode("utf-8")) for piece in _PRETOKENIZE.findall(text)
     )
     merges: list[tuple[str, str]] = []
     for _ in range(n_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in pairwise(word):
                 pairs[pair] += count
         if not pairs:
             break
@@ -289,6 +291,7 @@ def write_tiny_model(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; match a normal file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
