@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -64,6 +66,9 @@ MinPOpt = Annotated[float, typer.Option("--min-p")]
 RepeatOpt = Annotated[float, typer.Option("--repeat-penalty")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")]
 MaxTokOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")]
+RetrainOpt = Annotated[
+    bool, typer.Option("--retrain", help="Train built-in concept vectors again, even if stored.")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
 
 
@@ -73,19 +78,55 @@ def _settings(temp, top_p, top_k, min_p, repeat, seed):
     return SamplerSettings(temp, top_k, top_p, min_p, repeat, seed=seed)
 
 
-def _open(model: str, ctx: int, threads: int | None, gpu_layers: int, specs, layers):
-    """Resolve and load the model, make a generation context, load and apply the vectors."""
-    from . import hub, steering
+def _open(model: str, ctx: int, threads: int | None, gpu_layers: int, specs, layers, retrain):
+    """Resolve and load the model, make a generation context, load and apply the vectors
+    (training built-in concepts that this model has no stored vector for yet)."""
+    from . import hub, library, steering
     from .engine import Context, Model
 
     path = hub.resolve_model(model)
     if ctx < 16:
         raise UserError(f"--ctx {ctx} is too small: use at least 16 tokens")
     loaded = Model(path, gpu_layers=gpu_layers)
+
+    def resolve(name: str):
+        with _progress(f"training {name!r} on {loaded.name}") as progress:
+            return library.resolve(loaded, name, retrain=retrain, progress=progress)
+
+    steer = steering.build(loaded, specs, layers, resolve)
     context = Context(loaded, n_ctx=ctx, threads=threads)
-    steer = steering.build(loaded, specs, layers)
     steer.apply(context)
     return loaded, context, steer
+
+
+@contextlib.contextmanager
+def _progress(label: str):
+    """A rich progress bar with ETA on stderr, shown only once something reports progress."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+        if task is not None:
+            err.print(f"[dim]{label}: done[/]")
 
 
 def _stream(pieces: Iterable[str], quiet: bool) -> str:
@@ -131,12 +172,13 @@ def generate(
     ctx: CtxOpt = 4096,
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
+    retrain: RetrainOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a text (plain completion, what base models want)."""
     from .engine import Sampler
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers)
+    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain)
     sampler = Sampler(context.model, _settings(temp, top_p, top_k, min_p, repeat_penalty, seed))
     start = time.perf_counter()
     tokens = context.model.tokenize(prompt)
@@ -174,12 +216,13 @@ def chat(
     ctx: CtxOpt = 4096,
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
+    retrain: RetrainOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Chat with a model, steered by control vectors that you can change live."""
     from .chat import ChatSession
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers)
+    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain)
     settings = _settings(temp, top_p, top_k, min_p, repeat_penalty, seed)
     session = ChatSession(context, steer, settings, system, max_tokens)
     if prompt is not None:
@@ -276,6 +319,65 @@ def _vector_args(rest: str) -> tuple[str, float]:
     from . import vectors
 
     return vectors.parse_spec(f"{parts[0]}:{parts[1]}")
+
+
+@app.command("train")
+@clean_errors
+def train_command(
+    name: Annotated[str, typer.Argument(help="Concept name: built-in (lazy, happy, ...) or new.")],
+    model: ModelOpt = "demo",
+    positive: Annotated[
+        str | None, typer.Option("--positive", help="Persona words, comma-separated.")
+    ] = None,
+    negative: Annotated[
+        str | None, typer.Option("--negative", help="Opposite persona words, paired by position.")
+    ] = None,
+    pairs: Annotated[
+        str | None, typer.Option("--pairs", help="JSONL of {positive, negative} prompts.")
+    ] = None,
+    method: Annotated[str, typer.Option("--method", help="pca-diff, pca-center or mean-diff.")] = (
+        "pca-diff"
+    ),
+    layers: LayersOpt = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Also write the vector to this path.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Shuffles the training pairs.")] = 0,
+    limit: Annotated[
+        int, typer.Option("--limit", help="Most persona x continuation pairs to train on.")
+    ] = 128,
+    threads: ThreadsOpt = None,
+    gpu_layers: GpuOpt = 0,
+) -> None:
+    """Train a control vector on the model itself and store it for `--vector NAME`."""
+    import shutil
+
+    from . import hub, library, steering, train
+    from .engine import Model
+
+    if method not in train.METHODS:
+        raise UserError(f"unknown method {method!r}: use one of {', '.join(train.METHODS)}")
+    loaded = Model(hub.resolve_model(model), gpu_layers=gpu_layers)
+    span = steering.parse_layers(layers, loaded.n_layer)
+    data = library.contrast_pairs(
+        loaded,
+        name,
+        positive=positive,
+        negative=negative,
+        pairs_file=pairs,
+        seed=seed,
+        limit=limit,
+    )
+    options = train.TrainOptions(method=method, layers=span, threads=threads)
+    start = time.perf_counter()
+    with _progress(f"training {name!r} on {loaded.name} ({len(data)} pairs)") as progress:
+        path = library.train_and_store(loaded, name, data, options, progress)
+    err.print(f"[dim]trained in {time.perf_counter() - start:.1f}s[/]")
+    out.print(f"stored {path}")
+    if output:
+        target = shutil.copyfile(path, output + ".tmp")
+        os.replace(target, output)
+        out.print(f"wrote {output}")
 
 
 def main() -> None:

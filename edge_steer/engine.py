@@ -349,6 +349,27 @@ class Context:
             self._decode()
             self.tokens.extend(chunk)
 
+    def score(self, tokens: Sequence[int], start: int) -> np.ndarray:
+        """log P(tokens[i] | tokens[:i]) for every i >= start (start >= 1), from scratch."""
+        self.forget(0)
+        scores = []
+        for begin in range(0, len(tokens) - 1, self.n_batch):
+            chunk = tokens[begin : begin + self.n_batch]
+            self.batch.clear()
+            for i, token in enumerate(chunk):
+                self.batch.add(token, begin + i, 0, start - 1 <= begin + i < len(tokens) - 1)
+            self._decode()
+            self.tokens.extend(chunk)
+            for i in range(len(chunk)):
+                if start - 1 <= begin + i < len(tokens) - 1:
+                    row = np.ctypeslib.as_array(
+                        ll.llama_get_logits_ith(self.ptr, i), shape=(self.model.n_vocab,)
+                    ).astype(np.float64)
+                    top = row.max()
+                    norm = top + np.log(np.exp(row - top).sum())
+                    scores.append(row[tokens[begin + i + 1]] - norm)
+        return np.array(scores)
+
     def logits(self) -> np.ndarray:
         """Logits of the last decoded output token."""
         ptr = ll.llama_get_logits_ith(self.ptr, -1)

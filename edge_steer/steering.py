@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -35,6 +37,7 @@ class Steering:
     model: Model
     layers: tuple[int, int] | None = None
     active: dict[str, tuple[vectors.ControlVector, float]] = field(default_factory=dict)
+    resolve: Callable[[str], Path] | None = None  # name -> file; default: store lookup only
 
     def set(self, name: str, strength: float) -> None:
         """Add or re-weight a vector; strength 0 removes it."""
@@ -45,7 +48,10 @@ class Steering:
         self.active[name] = (vector, strength)
 
     def _load(self, name: str) -> vectors.ControlVector:
-        path = store.resolve_vector(name, self.model.path)
+        if self.resolve is not None:
+            path = self.resolve(name)
+        else:
+            path = store.resolve_vector(name, self.model.path)
         vector = vectors.read(path)
         vectors.check_fits(vector, self.model.n_layer, self.model.n_embd, str(path))
         return vector
@@ -64,8 +70,13 @@ class Steering:
         ctx.set_steering(self.rows(), first, last)
 
 
-def build(model: Model, specs: list[str], layers: str | None) -> Steering:
-    steering = Steering(model, parse_layers(layers, model.n_layer))
+def build(
+    model: Model,
+    specs: list[str],
+    layers: str | None,
+    resolve: Callable[[str], Path] | None = None,
+) -> Steering:
+    steering = Steering(model, parse_layers(layers, model.n_layer), resolve=resolve)
     totals: dict[str, float] = {}
     for name, strength in vectors.parse_specs(specs):
         totals[name] = totals.get(name, 0.0) + strength  # happy:1,happy:0.5 means happy:1.5

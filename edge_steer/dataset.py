@@ -1,0 +1,277 @@
+"""Contrast datasets: concepts (persona pairs + templates), suffixes, probes and neutral text.
+
+A control vector is the direction that separates hidden states of prompt pairs which differ
+only in one concept word ("happy" vs "sad") and otherwise end identically, so the last-token
+states differ by the concept alone. Built-in data lives in `edge_steer/concepts/` and ships in
+the wheel; users can bring their own persona words or explicit prompt pairs (JSONL).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import UserError
+
+DEFAULT_TEMPLATE = "Act as if you're extremely {persona}."
+DEFAULT_BASE_TEMPLATE = "The following was written by an extremely {persona} person:\n\n"
+_NOT_CONCEPTS = frozenset({"suffixes"})  # JSON files in concepts/ that are not concepts
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A held-out evaluation item: one prompt and a continuation for each pole."""
+
+    prompt: str
+    positive: str
+    negative: str
+
+
+@dataclass(frozen=True)
+class Concept:
+    """Persona words paired by index (positive[i] contrasts negative[i]) plus prompt templates."""
+
+    name: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...]
+    template: str
+    base_template: str
+    probes: tuple[Probe, ...] = ()
+    description: str = ""
+
+
+class ChatFormatter(Protocol):
+    """What `contrast_pairs` needs from a model (`engine.Model` fits): its chat template."""
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str | None: ...
+
+
+# -- built-in data -------------------------------------------------------------------------
+
+
+def _data_dir() -> Any:
+    """The packaged data folder, found through importlib so it works from a wheel or zip."""
+    return resources.files("edge_steer") / "concepts"
+
+
+@cache
+def _concept_files() -> dict[str, Any]:
+    return {
+        entry.name[: -len(".json")]: entry
+        for entry in _data_dir().iterdir()
+        if entry.name.endswith(".json") and entry.name[: -len(".json")] not in _NOT_CONCEPTS
+    }
+
+
+def builtin_names() -> list[str]:
+    """Names accepted by `load_builtin`, sorted, for help texts and error messages."""
+    return sorted(_concept_files())
+
+
+def load_builtin(name: str) -> Concept:
+    """A built-in concept by name (case-insensitive); unknown names list the known ones."""
+    key = name.strip().lower()
+    files = _concept_files()
+    if key not in files:
+        raise UserError(
+            f"unknown concept {name!r}: use one of {', '.join(builtin_names())} "
+            "or give your own persona words"
+        )
+    return _builtin(key)
+
+
+@cache
+def _builtin(key: str) -> Concept:
+    entry = _concept_files()[key]
+    data = json.loads(entry.read_text(encoding="utf-8"))
+    concept = Concept(
+        name=data["name"],
+        positive=tuple(data["positive"]),
+        negative=tuple(data["negative"]),
+        template=data["template"],
+        base_template=data["base_template"],
+        probes=tuple(Probe(p["prompt"], p["positive"], p["negative"]) for p in data["probes"]),
+        description=data.get("description", ""),
+    )
+    _check_concept(concept)
+    return concept
+
+
+@cache
+def _suffixes() -> tuple[str, ...]:
+    return tuple(json.loads((_data_dir() / "suffixes.json").read_text(encoding="utf-8")))
+
+
+def suffixes() -> list[str]:
+    """Continuation starts: each persona pair is repeated with all of them so the direction
+    reflects the concept rather than one particular sentence opening."""
+    return list(_suffixes())
+
+
+@cache
+def neutral_text() -> str:
+    """Plain factual prose, for measuring how much steering costs in fluency (perplexity)."""
+    return (_data_dir() / "neutral.txt").read_text(encoding="utf-8")
+
+
+# -- custom concepts -----------------------------------------------------------------------
+
+
+def from_personas(name: str, positive: str, negative: str) -> Concept:
+    """A concept from the user's words, e.g. "lazy, idle" vs "diligent, hardworking".
+
+    Words pair up by position, so both sides need the same count.
+    """
+    pos, neg = _split_personas(positive), _split_personas(negative)
+    if not name.strip():
+        raise UserError("the concept needs a name: pass a short name such as 'lazy'")
+    if not pos or not neg:
+        raise UserError(
+            "both sides of a concept need persona words: e.g. --positive 'lazy, idle' "
+            "--negative 'diligent, hardworking'"
+        )
+    if len(pos) != len(neg):
+        raise UserError(
+            f"{len(pos)} positive vs {len(neg)} negative persona words: give the same number "
+            "on both sides (they are paired by position)"
+        )
+    concept = Concept(
+        name=name.strip(),
+        positive=pos,
+        negative=neg,
+        template=DEFAULT_TEMPLATE,
+        base_template=DEFAULT_BASE_TEMPLATE,
+        description=f"{', '.join(pos)} (+) vs {', '.join(neg)} (-)",
+    )
+    _check_concept(concept)
+    return concept
+
+
+def _split_personas(text: str) -> tuple[str, ...]:
+    return tuple(word.strip() for word in text.split(",") if word.strip())
+
+
+def _check_concept(concept: Concept) -> None:
+    """Catch broken concept data early, with the concept's name in the message."""
+    where = f"concept {concept.name!r}"
+    if not concept.positive or len(concept.positive) != len(concept.negative):
+        raise UserError(f"{where}: positive and negative persona lists must be non-empty pairs")
+    for field in ("template", "base_template"):
+        _render(getattr(concept, field), "x", f"{where} {field}")
+    for word in concept.positive + concept.negative:
+        if "{" in word or "}" in word:
+            raise UserError(f"{where}: persona {word!r} contains a brace: remove it")
+
+
+def _render(template: str, persona: str, where: str) -> str:
+    """Fill `{persona}`; a template without it (or with other fields) cannot contrast."""
+    if "{persona}" not in template:
+        raise UserError(f"{where}: the template needs a {{persona}} placeholder")
+    try:
+        return template.format(persona=persona)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(
+            f"{where}: bad template ({exc}): use only {{persona}}, write other braces as {{{{ }}}}"
+        ) from None
+
+
+# -- contrast pairs ------------------------------------------------------------------------
+
+
+def contrast_pairs(
+    concept: Concept, model: ChatFormatter, *, limit: int | None = None, seed: int = 0
+) -> list[tuple[str, str]]:
+    """(positive, negative) prompt texts: every persona pair x every suffix.
+
+    Instruct models get the persona instruction as a user turn in their own chat format;
+    base models (no usable template) get a plain-text preamble. Both prompts of a pair share
+    the suffix, so they differ only in the persona word. The list is shuffled with `seed`
+    (so a `limit` keeps a spread of personas and suffixes) and then cut to `limit`.
+    """
+    if limit is not None and limit < 1:
+        raise UserError(f"the number of training pairs must be at least 1, not {limit}")
+    heads = _prefixes(concept, model)
+    pairs = [(pos + s, neg + s) for pos, neg in heads for s in _suffixes()]
+    random.Random(seed).shuffle(pairs)
+    return pairs if limit is None else pairs[:limit]
+
+
+def _prefixes(concept: Concept, model: ChatFormatter) -> list[tuple[str, str]]:
+    """The prompt text before the suffix for each persona pair; chat format if every persona
+    renders with the model's template, else the base-model preamble for all."""
+    pairs = list(zip(concept.positive, concept.negative, strict=True))
+    chat = [(_chat(concept, model, p), _chat(concept, model, n)) for p, n in pairs]
+    if all(p is not None and n is not None for p, n in chat):
+        return chat  # type: ignore[return-value]
+    where = f"concept {concept.name!r} base_template"
+    return [
+        (_render(concept.base_template, p, where), _render(concept.base_template, n, where))
+        for p, n in pairs
+    ]
+
+
+def _chat(concept: Concept, model: ChatFormatter, persona: str) -> str | None:
+    content = _render(concept.template, persona, f"concept {concept.name!r} template")
+    return model.apply_chat_template([{"role": "user", "content": content}])
+
+
+# -- user files ----------------------------------------------------------------------------
+
+
+def load_pairs_jsonl(path: str | Path) -> list[tuple[str, str]]:
+    """Explicit training prompts, one {"positive": ..., "negative": ...} object per line."""
+    rows = _read_jsonl(path, ("positive", "negative"), "pairs")
+    return [(row["positive"], row["negative"]) for row in rows]
+
+
+def load_probes_jsonl(path: str | Path) -> list[Probe]:
+    """Evaluation probes, one {"prompt": ..., "positive": ..., "negative": ...} per line."""
+    rows = _read_jsonl(path, ("prompt", "positive", "negative"), "probes")
+    return [Probe(row["prompt"], row["positive"], row["negative"]) for row in rows]
+
+
+def _read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict[str, str]]:
+    """Parse and check a JSONL file; every defect is a one-line UserError with the line."""
+    path = Path(path).expanduser()
+    shape = "{" + ", ".join(f'"{k}": "..."' for k in keys) + "}"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} file not found: {path}: check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"cannot read {what} file {path} ({exc}): pass a UTF-8 JSONL file"
+        ) from None
+    rows = [
+        _check_row(line, f"{path} line {number}", keys, shape)
+        for number, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
+    if not rows:
+        raise UserError(f"{path} has no {what}: write one JSON object {shape} per line")
+    return rows
+
+
+def _check_row(line: str, where: str, keys: tuple[str, ...], shape: str) -> dict[str, str]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{where}: not valid JSON ({exc.msg}): write one {shape} per line"
+        ) from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected a JSON object {shape}, got {type(row).__name__}")
+    for key in keys:
+        if key not in row:
+            raise UserError(f'{where}: missing "{key}": each line needs {shape}')
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise UserError(f'{where}: "{key}" must be a non-empty string')
+    if row["positive"] == row["negative"]:
+        raise UserError(f'{where}: "positive" and "negative" are identical: make them contrast')
+    return {key: row[key] for key in keys}

@@ -1,0 +1,70 @@
+"""Vectors by name for one model: the stored file, or train it now from a concept and store it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import dataset, store, train, vectors
+from .engine import Model
+from .errors import UserError
+
+DEFAULT_PAIRS = 128  # enough for a stable direction (held-out sign tests pass at 96)
+
+
+def stored_path(model: Model, name: str) -> Path:
+    return store.model_vectors_dir(model.path) / f"{name}.gguf"
+
+
+def contrast_pairs(
+    model: Model,
+    name: str,
+    *,
+    positive: str | None = None,
+    negative: str | None = None,
+    pairs_file: str | None = None,
+    seed: int = 0,
+    limit: int | None = DEFAULT_PAIRS,
+) -> list[tuple[str, str]]:
+    """Training pairs from explicit prompts, persona words, or the built-in concept `name`."""
+    if pairs_file:
+        if positive or negative:
+            raise UserError("pass either --pairs or --positive/--negative, not both")
+        return dataset.load_pairs_jsonl(pairs_file)
+    if positive or negative:
+        concept = dataset.from_personas(name, positive or "", negative or "")
+    else:
+        concept = dataset.load_builtin(name)
+    return dataset.contrast_pairs(concept, model, seed=seed, limit=limit)
+
+
+def train_and_store(
+    model: Model,
+    name: str,
+    pairs: list[tuple[str, str]],
+    options: train.TrainOptions,
+    progress: train.Progress | None = None,
+) -> Path:
+    if not name or store.looks_like_path(name):
+        raise UserError(f"bad vector name {name!r}: use a short name such as 'lazy'")
+    vector = train.train(model, pairs, options, name=name, progress=progress)
+    vector.metadata["model_fingerprint"] = store.fingerprint(model.path)
+    return vectors.write(vector, stored_path(model, name))
+
+
+def resolve(
+    model: Model, name: str, *, retrain: bool = False, progress: train.Progress | None = None
+) -> Path:
+    """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
+    builtin = not store.looks_like_path(name) and name in dataset.builtin_names()
+    if builtin and (retrain or not _stored(model, name)):
+        pairs = contrast_pairs(model, name)
+        return train_and_store(model, name, pairs, train.TrainOptions(), progress)
+    return store.resolve_vector(name, model.path)
+
+
+def _stored(model: Model, name: str) -> bool:
+    try:
+        store.resolve_vector(name, model.path)
+    except UserError:
+        return False
+    return True

@@ -1,0 +1,152 @@
+"""Contrast pairs -> hidden states -> per-block directions -> sign -> scale -> ControlVector.
+
+Everything runs on the GGUF being steered (quantized, any backend), through the engine's
+capture API: the state read from `l_out-N` (output of block N) becomes `direction.N`.
+
+Scaling rule ("separation"): each unit direction u_N is scaled by the mean projected gap
+between positive and negative prompts at that block, m_N = mean_i((pos_i - neg_i) . u_N),
+times GAIN / (number of steered blocks). Residual norms grow ~1000x through a model's depth,
+but so does m_N, so strength 1.0 is the same kind of push at every block and in every model:
+in total, about GAIN times the contrast the model itself draws between the two personas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import Context, Model
+from .errors import UserError
+from .vectors import ControlVector
+
+METHODS = ("pca-diff", "pca-center", "mean-diff")
+GAIN = 1.0
+SEQUENCES = 64  # prompts decoded side by side in one llama_decode
+DEFAULT_SPAN = (0.25, 0.75)  # fractions of depth; see README "How the defaults were chosen"
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    method: str = "pca-diff"
+    layers: tuple[int, int] | None = None  # steered blocks; None = default_layers(model)
+    batch: int = 512
+    threads: int | None = None
+
+
+def default_layers(n_layer: int) -> tuple[int, int]:
+    """The middle half of the blocks, where steering moved behaviour most per unit of
+    perplexity in our measurements."""
+    first = max(1, round(n_layer * DEFAULT_SPAN[0]))
+    last = min(n_layer - 1, max(first, round(n_layer * DEFAULT_SPAN[1]) - 1))
+    return first, last
+
+
+def hidden_states(
+    model: Model,
+    prompts: Sequence[str],
+    options: TrainOptions,
+    progress: Progress | None = None,
+    steering: np.ndarray | None = None,
+) -> np.ndarray:
+    """(n_prompts, n_layer, n_embd) states at each prompt's last token, many per decode.
+
+    `steering` (rows by block) is applied while reading, to train on top of other vectors.
+    """
+    tokens = [model.tokenize(p, parse_special=True) for p in prompts]
+    batch = max(options.batch, max(len(t) for t in tokens))
+    out = np.empty((len(prompts), model.n_layer, model.n_embd), dtype=np.float32)
+    with Context(
+        model, n_ctx=batch, n_batch=batch, n_seq=SEQUENCES, threads=options.threads, capture=True
+    ) as ctx:
+        ctx.set_steering(steering)
+        for start in range(0, len(tokens), SEQUENCES):
+            chunk = tokens[start : start + SEQUENCES]
+            out[start : start + len(chunk)] = np.stack([s[0] for s in ctx.capture(chunk)])
+            if progress:
+                progress(start + len(chunk), len(prompts))
+    return out
+
+
+def unit_directions(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
+    """(n_layer, n_embd) unit vectors, signed so positives project above negatives."""
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    diffs = (pos - neg).astype(np.float64)
+    units = np.zeros(pos.shape[1:], dtype=np.float64)
+    for layer in range(pos.shape[1]):
+        units[layer] = _direction(diffs[:, layer], pos[:, layer], neg[:, layer], method)
+        votes = np.sign(diffs[:, layer] @ units[layer])
+        if votes.sum() < 0:  # majority of pairs must project positive-above-negative
+            units[layer] = -units[layer]
+    return units.astype(np.float32)
+
+
+def _direction(diffs: np.ndarray, pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
+    if method == "mean-diff":
+        vec = diffs.mean(axis=0)
+    elif method == "pca-diff":  # about the origin: centring would discard the shared shift
+        vec = _first_component(diffs)
+    else:  # pca-center: members centred on their own pair's midpoint
+        mid = (pos + neg) / 2
+        vec = _first_component(np.concatenate([pos - mid, neg - mid]).astype(np.float64))
+    norm = np.linalg.norm(vec)
+    return vec / norm if norm > 0 else vec
+
+
+def _first_component(data: np.ndarray) -> np.ndarray:
+    if not np.any(data):
+        return data[0]
+    _, _, vt = np.linalg.svd(data, full_matrices=False)
+    return vt[0]
+
+
+def separations(pos: np.ndarray, neg: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Mean projected positive-minus-negative gap per block (the scaling rule's input)."""
+    gaps = np.einsum("pld,ld->l", (pos - neg).astype(np.float64), units) / len(pos)
+    return gaps.astype(np.float32)
+
+
+def train(
+    model: Model,
+    pairs: Sequence[tuple[str, str]],
+    options: TrainOptions,
+    *,
+    name: str,
+    progress: Progress | None = None,
+) -> ControlVector:
+    """Train one control vector; it holds only the steered blocks, already scaled."""
+    if len(pairs) < 2:
+        raise UserError(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
+    states = hidden_states(model, [p for pair in pairs for p in pair], options, progress)
+    return from_states(model, states[0::2], states[1::2], options, name=name)
+
+
+def from_states(
+    model: Model, pos: np.ndarray, neg: np.ndarray, options: TrainOptions, *, name: str
+) -> ControlVector:
+    """The vector from paired states: direction.N comes from l_out-N, for the steered blocks."""
+    first, last = options.layers or default_layers(model.n_layer)
+    units = unit_directions(pos, neg, options.method)
+    gaps = separations(pos, neg, units)
+    blocks = range(first, last + 1)
+    scale = GAIN / len(blocks)
+    return ControlVector(
+        {n: units[n] * gaps[n] * np.float32(scale) for n in blocks},
+        model.architecture,
+        {
+            "concept": name,
+            "method": options.method,
+            "scale_rule": "separation",
+            "scale_gain": GAIN,
+            "scale_blocks": len(blocks),
+            "separations": ",".join(f"{g:.6g}" for g in gaps),
+            "layer_first": first,
+            "layer_last": last,
+            "pairs": len(pos),
+            "model_name": model.name,
+        },
+    )

@@ -1,0 +1,306 @@
+"""Built-in concept data, contrast-pair construction and the JSONL loaders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pytest
+
+from edge_steer import dataset
+from edge_steer.dataset import Concept, Probe
+from edge_steer.errors import UserError
+
+REQUIRED = ("lazy", "happy", "honest", "creative", "confident", "formal", "trippy", "concise")
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from edge_steer import engine, hub
+
+    model = engine.Model(hub.resolve_model("demo"))
+    yield model
+    model.close()
+
+
+class ChatStub:
+    """An instruct model's template, without llama.cpp: enough for `contrast_pairs`."""
+
+    def __init__(self, refuse: str | None = None):
+        self.refuse = refuse  # content substring for which the template "fails" ("" = all)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str | None:
+        (message,) = messages
+        if self.refuse is not None and self.refuse in message["content"]:
+            return None
+        return f"<user>{message['content']}</user>\n<assistant>\n"
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def base_prompts(concept: Concept) -> list[str]:
+    return [p for pair in dataset.contrast_pairs(concept, ChatStub(refuse="")) for p in pair]
+
+
+# -- built-in data -------------------------------------------------------------------------
+
+
+def test_builtin_names_cover_required_and_skip_data_files():
+    names = dataset.builtin_names()
+    assert set(REQUIRED) <= set(names)
+    assert "suffixes" not in names
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_builtin_concept_is_well_formed(name):
+    concept = dataset.load_builtin(name)
+    assert concept.name == name
+    assert concept.description
+    assert len(concept.positive) == len(concept.negative) >= 6
+    assert len(set(concept.positive + concept.negative)) == 2 * len(concept.positive)
+    assert "{persona}" in concept.template and "{persona}" in concept.base_template
+    assert len(concept.probes) >= 12
+    assert len({p.prompt for p in concept.probes}) == len(concept.probes)
+    for probe in concept.probes:
+        assert probe.prompt.strip() and not probe.prompt.endswith(" "), probe
+        assert probe.positive != probe.negative
+        for text in (probe.positive, probe.negative):
+            assert text.startswith(" ") and not text.startswith("  "), probe
+            assert 5 <= words(text) <= 15, probe
+        if name != "concise":  # for concise, length *is* the concept
+            assert abs(words(probe.positive) - words(probe.negative)) <= 4, probe
+
+
+@pytest.mark.parametrize("name", REQUIRED)
+def test_probes_never_appear_in_training_prompts(name):
+    concept = dataset.load_builtin(name)
+    chat = [p for pair in dataset.contrast_pairs(concept, ChatStub()) for p in pair]
+    training = "\n".join(base_prompts(concept) + chat).lower()
+    suffixes = {s.lower() for s in dataset.suffixes()}
+    for probe in concept.probes:
+        assert probe.prompt.lower() not in suffixes
+        for text in (probe.prompt, probe.positive.strip(), probe.negative.strip()):
+            assert text.lower() not in training, (name, text)
+
+
+def test_load_builtin_is_case_insensitive_and_rejects_unknown_names():
+    assert dataset.load_builtin(" Happy ") == dataset.load_builtin("happy")
+    with pytest.raises(UserError) as err:
+        dataset.load_builtin("grumpy")
+    message = str(err.value)
+    assert "grumpy" in message and "\n" not in message
+    assert all(name in message for name in REQUIRED)
+    with pytest.raises(UserError):
+        dataset.load_builtin("../suffixes")
+    with pytest.raises(UserError):
+        dataset.load_builtin("suffixes")
+
+
+def test_suffixes_are_many_short_and_distinct():
+    suffixes = dataset.suffixes()
+    assert len(suffixes) >= 64
+    assert len(set(suffixes)) == len(suffixes)
+    assert all(1 <= words(s) <= 8 and s == s.strip() for s in suffixes)
+    suffixes.append("mutating the copy")
+    assert "mutating the copy" not in dataset.suffixes()
+
+
+def test_neutral_text_is_plain_prose_of_the_right_size():
+    text = dataset.neutral_text()
+    assert 600 <= words(text) <= 1000
+    assert text.count("\n\n") >= 4  # several topics, one per paragraph
+    assert "!" not in text
+
+
+# -- custom concepts -----------------------------------------------------------------------
+
+
+def test_from_personas_splits_and_pairs_words():
+    concept = dataset.from_personas("lazy2", "lazy, idle ,", " diligent,hardworking")
+    assert concept.positive == ("lazy", "idle")
+    assert concept.negative == ("diligent", "hardworking")
+    assert concept.template == dataset.DEFAULT_TEMPLATE
+    assert concept.base_template == dataset.DEFAULT_BASE_TEMPLATE
+    assert concept.probes == ()
+    assert "lazy" in concept.description and "diligent" in concept.description
+
+
+@pytest.mark.parametrize(
+    ("name", "positive", "negative", "expected"),
+    [
+        ("x", "lazy, idle", "diligent", "same number"),
+        ("x", " , ", "diligent", "persona words"),
+        ("x", "lazy", "", "persona words"),
+        ("  ", "lazy", "diligent", "name"),
+        ("x", "la{zy", "diligent", "brace"),
+    ],
+)
+def test_from_personas_rejects_bad_input(name, positive, negative, expected):
+    with pytest.raises(UserError, match=expected) as err:
+        dataset.from_personas(name, positive, negative)
+    assert "\n" not in str(err.value)
+
+
+# -- contrast pairs ------------------------------------------------------------------------
+
+
+def split_pair(concept: Concept, pos: str, neg: str, render) -> tuple[int, str]:
+    """Which persona pair and suffix produced (pos, neg); fails if they differ otherwise."""
+    for i, (p, n) in enumerate(zip(concept.positive, concept.negative, strict=True)):
+        head_p, head_n = render(p), render(n)
+        if pos.startswith(head_p) and neg.startswith(head_n):
+            suffix = pos[len(head_p) :]
+            if neg[len(head_n) :] == suffix:
+                return i, suffix
+    raise AssertionError(f"not a persona-only contrast: {pos!r} vs {neg!r}")
+
+
+def test_contrast_pairs_on_base_model_differ_only_in_persona(demo_model):
+    concept = dataset.load_builtin("happy")
+    assert demo_model.apply_chat_template([{"role": "user", "content": "hi"}]) is None
+    pairs = dataset.contrast_pairs(concept, demo_model)
+    suffixes = dataset.suffixes()
+    assert len(pairs) == len(concept.positive) * len(suffixes)
+    assert len(set(pairs)) == len(pairs)
+    seen = {
+        split_pair(concept, p, n, lambda w: concept.base_template.format(persona=w))
+        for p, n in pairs
+    }
+    assert seen == {(i, s) for i in range(len(concept.positive)) for s in suffixes}
+
+
+def test_contrast_pairs_end_on_the_same_token(demo_model):
+    """The trainer reads the last token's state: it must be the shared suffix's last token."""
+    for name in REQUIRED:
+        for pos, neg in dataset.contrast_pairs(dataset.load_builtin(name), demo_model, limit=40):
+            tp, tn = demo_model.tokenize(pos), demo_model.tokenize(neg)
+            assert tp[-2:] == tn[-2:], (pos, neg)
+            assert len(tp) < 48
+
+
+def test_contrast_pairs_are_deterministic_per_seed(demo_model):
+    concept = dataset.load_builtin("lazy")
+    first = dataset.contrast_pairs(concept, demo_model, seed=3)
+    assert first == dataset.contrast_pairs(concept, demo_model, seed=3)
+    assert first != dataset.contrast_pairs(concept, demo_model, seed=4)
+    assert sorted(first) == sorted(dataset.contrast_pairs(concept, demo_model, seed=4))
+    cut = dataset.contrast_pairs(concept, demo_model, seed=3, limit=50)
+    assert cut == first[:50]
+    assert (
+        len(
+            {
+                split_pair(concept, p, n, lambda w: concept.base_template.format(persona=w))[0]
+                for p, n in cut
+            }
+        )
+        > 1
+    )  # a limit still spreads over persona pairs
+    with pytest.raises(UserError, match="at least 1"):
+        dataset.contrast_pairs(concept, demo_model, limit=0)
+
+
+def test_contrast_pairs_use_the_chat_template_for_instruct_models():
+    concept = dataset.load_builtin("formal")
+    stub = ChatStub()
+    pairs = dataset.contrast_pairs(concept, stub, limit=100, seed=1)
+    assert len(pairs) == 100
+    for pos, neg in pairs:
+        assert pos.startswith("<user>Act as if you're extremely ")
+        _, suffix = split_pair(
+            concept,
+            pos,
+            neg,
+            lambda w: stub.apply_chat_template(
+                [{"role": "user", "content": concept.template.format(persona=w)}]
+            ),
+        )
+        assert suffix in dataset.suffixes()
+
+
+def test_contrast_pairs_fall_back_to_base_format_when_any_persona_fails():
+    concept = dataset.load_builtin("happy")
+    pairs = dataset.contrast_pairs(concept, ChatStub(refuse="gloomy"))
+    assert all(p.startswith("The following was written by") for pair in pairs for p in pair)
+
+
+# -- JSONL files ---------------------------------------------------------------------------
+
+
+def write_lines(tmp_path, *lines: str):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_load_pairs_jsonl_reads_pairs_and_skips_blank_lines(tmp_path):
+    path = write_lines(
+        tmp_path,
+        json.dumps({"positive": "I am happy.", "negative": "I am sad.", "note": "extra ok"}),
+        "",
+        "   ",
+        json.dumps({"positive": "Joy", "negative": "Grief"}),
+    )
+    assert dataset.load_pairs_jsonl(path) == [("I am happy.", "I am sad."), ("Joy", "Grief")]
+    assert dataset.load_pairs_jsonl(str(path)) == dataset.load_pairs_jsonl(path)
+
+
+def test_load_probes_jsonl_keeps_leading_spaces(tmp_path):
+    row = {"prompt": "My day was", "positive": " great fun.", "negative": " dull and sad."}
+    path = write_lines(tmp_path, json.dumps(row))
+    assert dataset.load_probes_jsonl(path) == [Probe("My day was", " great fun.", " dull and sad.")]
+
+
+GOOD_PAIR = json.dumps({"positive": "a", "negative": "b"})
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ((GOOD_PAIR, '{"positive": "a", "negative": '), r"line 2: not valid JSON"),
+        (('["a", "b"]',), r"line 1: expected a JSON object"),
+        (('{"positive": "a"}',), r'line 1: missing "negative"'),
+        (('{"postive": "a", "negative": "b"}',), r'line 1: missing "positive"'),
+        ((GOOD_PAIR, "", '{"positive": "  ", "negative": "b"}'), r'line 3: "positive" must be'),
+        (('{"positive": 3, "negative": "b"}',), r'"positive" must be a non-empty string'),
+        (('{"positive": "same", "negative": "same"}',), r"identical"),
+        (("", "  "), r"has no pairs"),
+    ],
+)
+def test_load_pairs_jsonl_rejects_defects(tmp_path, lines, expected):
+    path = write_lines(tmp_path, *lines)
+    with pytest.raises(UserError, match=expected) as err:
+        dataset.load_pairs_jsonl(path)
+    assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_load_pairs_jsonl_rejects_missing_empty_and_binary_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        dataset.load_pairs_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="has no pairs"):
+        dataset.load_pairs_jsonl(tmp_path / "empty.jsonl")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="UTF-8"):
+        dataset.load_pairs_jsonl(tmp_path / "bin.jsonl")
+    with pytest.raises(UserError, match="cannot read"):
+        dataset.load_pairs_jsonl(tmp_path)  # a directory
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"positive": " a", "negative": " b"}, 'missing "prompt"'),
+        ({"prompt": "", "positive": " a", "negative": " b"}, '"prompt" must be'),
+        ({"prompt": "p", "positive": " a", "negative": " a"}, "identical"),
+    ],
+)
+def test_load_probes_jsonl_rejects_defects(tmp_path, row, expected):
+    path = write_lines(tmp_path, json.dumps(row))
+    with pytest.raises(UserError, match=expected):
+        dataset.load_probes_jsonl(path)
+    with pytest.raises(UserError, match="has no probes"):
+        dataset.load_probes_jsonl(write_lines(tmp_path, ""))

@@ -1,0 +1,122 @@
+"""Training on the GGUF itself: right block, right sign, deterministic, real effect on Gemma."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_steer import dataset, evaluate, library, train, vectors
+from edge_steer.engine import Context, Model
+
+TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
+
+
+@pytest.mark.parametrize("method", train.METHODS)
+def test_direction_lands_on_the_block_it_was_read_from(tiny_dense, method) -> None:
+    """Known by construction: positives are the negatives plus v added after block L."""
+    layer, n_layer = 3, tiny_dense.n_layer
+    v = np.random.default_rng(0).normal(size=tiny_dense.n_embd).astype(np.float32)
+    push = np.zeros((n_layer, tiny_dense.n_embd), np.float32)
+    push[layer] = v
+    options = train.TrainOptions(method=method, layers=(1, n_layer - 1))
+    neg = train.hidden_states(tiny_dense, TEXTS, options)
+    pos = train.hidden_states(tiny_dense, TEXTS, options, steering=push)
+    vec = train.from_states(tiny_dense, pos, neg, options, name="known")
+    assert vec.layers == list(range(1, n_layer))
+    for n in range(1, layer):
+        assert not vec.directions[n].any()  # nothing differs before block L
+    scale = train.GAIN / (n_layer - 1)
+    assert np.allclose(vec.directions[layer], v * scale, rtol=1e-3, atol=1e-4)
+    assert vec.metadata["layer_first"] == 1 and vec.metadata["method"] == method
+
+
+def test_same_inputs_and_seed_give_the_same_file(tiny_dense, tmp_path) -> None:
+    concept = dataset.from_personas("calm", "calm, quiet", "angry, loud")
+    files = []
+    for i in range(2):
+        pairs = dataset.contrast_pairs(concept, tiny_dense, limit=24, seed=7)
+        vec = train.train(tiny_dense, pairs, train.TrainOptions(), name="calm")
+        files.append(vectors.write(vec, tmp_path / f"{i}.gguf").read_bytes())
+    assert files[0] == files[1]
+
+
+def test_moe_model_trains_unchanged(tiny_moe_path) -> None:
+    with Model(tiny_moe_path) as moe:
+        pairs = dataset.contrast_pairs(dataset.load_builtin("lazy"), moe, limit=16)
+        vec = train.train(moe, pairs, train.TrainOptions(), name="lazy")
+    first, last = train.default_layers(moe.n_layer)
+    assert vec.layers == list(range(first, last + 1))
+    assert all(np.isfinite(d).all() and d.any() for d in vec.directions.values())
+
+
+@pytest.fixture(scope="module")
+def happy(demo_model):
+    pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), demo_model, limit=96)
+    return train.train(demo_model, pairs, train.TrainOptions(), name="happy")
+
+
+def test_sign_is_right_for_every_layer_on_held_out_pairs(demo_model, happy) -> None:
+    concept = dataset.load_builtin("happy")
+    seen = set(dataset.contrast_pairs(concept, demo_model, limit=96))
+    held_out = [p for p in dataset.contrast_pairs(concept, demo_model, seed=1) if p not in seen]
+    states = train.hidden_states(
+        demo_model, [p for pair in held_out[:48] for p in pair], train.TrainOptions()
+    )
+    diffs = states[0::2] - states[1::2]
+    for layer, direction in happy.directions.items():
+        assert (diffs[:, layer] @ direction).mean() > 0, f"block {layer} points the wrong way"
+
+
+def test_happy_vector_moves_held_out_probes_monotonically(demo_model, happy) -> None:
+    probes = dataset.load_builtin("happy").probes
+    neutral = " ".join(dataset.neutral_text().split()[:300])
+    rows = vectors.combine([(happy, 1.0)], demo_model.n_layer, demo_model.n_embd)
+    margins, ppl = {}, {}
+    with Context(demo_model, n_ctx=512) as ctx:
+        for strength in (-2, -1, 0, 1, 2):
+            ctx.set_steering(rows * strength if strength else None)
+            margins[strength] = evaluate.probe_margin(ctx, probes)
+            ppl[strength] = evaluate.perplexity(ctx, neutral)
+    effects = [margins[s] - margins[0] for s in (-2, -1, 0, 1, 2)]
+    assert effects == sorted(effects), f"not monotonic: {effects}"
+    assert effects[3] > 0.5 and effects[1] < -0.5, effects
+    assert ppl[1] / ppl[0] <= 1.25 and ppl[-1] / ppl[0] <= 1.25, ppl
+
+
+def test_chat_trains_on_first_use_then_reuses(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("EDGE_STEER_HOME", str(tmp_path))
+    args = [
+        sys.executable,
+        "-m",
+        "edge_steer",
+        "chat",
+        "--model",
+        "demo",
+        "--vector",
+        "happy:1.0",
+        "-p",
+        "How was your day?",
+        "-n",
+        "12",
+        "--seed",
+        "3",
+    ]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "training 'happy'" in first.stderr and first.stdout.strip()
+    stored = list((tmp_path / "vectors").glob("*/happy.gguf"))
+    assert len(stored) == 1
+    stamp = stored[0].stat().st_mtime_ns
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "training" not in second.stderr
+    assert stored[0].stat().st_mtime_ns == stamp
+
+
+def test_library_refuses_path_like_names(demo_model) -> None:
+    from edge_steer.errors import UserError
+
+    with pytest.raises(UserError, match="bad vector name"):
+        library.train_and_store(demo_model, "a/b", [("x", "y")] * 2, train.TrainOptions())
