@@ -203,17 +203,23 @@ def contrast_pairs(
 
 
 def _prefixes(concept: Concept, model: ChatFormatter) -> list[tuple[str, str]]:
-    """The prompt text before the suffix for each persona pair; chat format if every persona
-    renders with the model's template, else the base-model preamble for all."""
-    pairs = list(zip(concept.positive, concept.negative, strict=True))
-    chat = [(_chat(concept, model, p), _chat(concept, model, n)) for p, n in pairs]
-    if all(p is not None and n is not None for p, n in chat):
-        return chat  # type: ignore[return-value]
+    """The prompt text before the suffix for each persona pair: the model's chat format, or
+    the base-model preamble for all pairs if the template fails for any persona."""
     where = f"concept {concept.name!r} base_template"
-    return [
+    return _chat_prefixes(concept, model) or [
         (_render(concept.base_template, p, where), _render(concept.base_template, n, where))
-        for p, n in pairs
+        for p, n in zip(concept.positive, concept.negative, strict=True)
     ]
+
+
+def _chat_prefixes(concept: Concept, model: ChatFormatter) -> list[tuple[str, str]] | None:
+    heads = []
+    for p, n in zip(concept.positive, concept.negative, strict=True):
+        pos, neg = _chat(concept, model, p), _chat(concept, model, n)
+        if pos is None or neg is None:
+            return None
+        heads.append((pos, neg))
+    return heads
 
 
 def _chat(concept: Concept, model: ChatFormatter, persona: str) -> str | None:

@@ -24,7 +24,7 @@ from .vectors import ControlVector
 METHODS = ("pca-diff", "pca-center", "mean-diff")
 GAIN = 1.0
 SEQUENCES = 64  # prompts decoded side by side in one llama_decode
-DEFAULT_SPAN = (0.25, 0.75)  # fractions of depth; see README "How the defaults were chosen"
+DEFAULT_SPAN = (0.5, 0.85)  # fractions of depth, from the sweep in the README
 
 Progress = Callable[[int, int], None]
 
@@ -38,8 +38,8 @@ class TrainOptions:
 
 
 def default_layers(n_layer: int) -> tuple[int, int]:
-    """The middle half of the blocks, where steering moved behaviour most per unit of
-    perplexity in our measurements."""
+    """Blocks from half to 85% of the depth: there steering moved held-out probes most per
+    unit of perplexity (Gemma 3 270M: 9-14 of 0-17; Mistral 7B: 16-26 of 0-31)."""
     first = max(1, round(n_layer * DEFAULT_SPAN[0]))
     last = min(n_layer - 1, max(first, round(n_layer * DEFAULT_SPAN[1]) - 1))
     return first, last

@@ -246,13 +246,25 @@ def checks(
     return result, warnings
 
 
+def busy_warning(load: float, threads: int) -> list[str]:
+    """Other processes on our cores make llama.cpp's spinning threads wait for each other."""
+    spare = (os.cpu_count() or 1) - threads
+    if load <= spare + 0.5:
+        return []
+    return [
+        f"the machine was busy before the run (1-min load {load:.2f}, {os.cpu_count()} CPUs, "
+        f"{threads} threads used): absolute tokens/s are unreliable; ratios less so"
+    ]
+
+
 # -- output -----------------------------------------------------------------------------------
 def render(report: dict) -> None:
     s = report["setup"]
     out.print(
         f"[bold]{s['model']}[/] · {s['threads']} threads · n_ctx {s['n_ctx']} · "
         f"n_batch {s['n_batch']}\nprompt {s['prompt_tokens']} tokens · "
-        f"{s['tokens']} generated x {s['reps']} reps · load avg {s['loadavg']}"
+        f"{s['tokens']} generated x {s['reps']} reps · "
+        f"1-min load {s['loadavg_before']} before, {s['loadavg_after']} after"
     )
     table = Table(title="generation tokens/s (prompt excluded)")
     for col in ("variant", "path", "generated", "median", "min", "max", "sd", "ms/token"):
@@ -267,7 +279,7 @@ def render(report: dict) -> None:
             f"{v['min_tps']:.1f}",
             f"{v['max_tps']:.1f}",
             f"{v['sd_tps']:.2f}",
-            f"{v['ms_per_token']:.2f}",
+            f"{v['ms_per_token'] or 0:.2f}",
         )
     out.print(table)
     for name, r in report["ratios"].items():
@@ -334,6 +346,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     if len(prompt) + args.tokens > args.ctx or len(prompt) > args.batch:
         raise SystemExit("prompt + --tokens must fit --ctx, and the prompt must fit --batch")
     threads = args.threads or default_threads()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp, contextlib.ExitStack() as st:
         norms = hidden_norms(model, prompt, threads)
         specs = write_random_vectors(model, norms, args.scale, args.seed, Path(tmp))
@@ -341,6 +354,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         measure(variants, args.reps, args.json)
     by_name = {v.name: v for v in variants}
     found, warnings = checks(model, by_name, args.tokens, args.repeat_penalty == 1.0)
+    warnings += busy_warning(load_before, threads)
     unsteered, steered, bare = variants
     return {
         "setup": {
@@ -355,7 +369,8 @@ def benchmark(args: argparse.Namespace) -> dict:
             "repeat_penalty": args.repeat_penalty,
             "vectors": [f"{Path(s.rsplit(':', 1)[0]).name}:{s.rsplit(':', 1)[1]}" for s in specs],
             "direction_norm_over_hidden_norm": args.scale,
-            "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "loadavg_before": round(load_before, 2),
+            "loadavg_after": round(os.getloadavg()[0], 2),
         },
         "variants": {v.name: summary(v) for v in variants},
         "ratios": {
