@@ -46,25 +46,13 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@dataclass(frozen=True)
-class Overrides:
-    """Tensor name regexes whose weights stay in CPU memory (llama.cpp buffer type overrides)."""
-
-    cpu_patterns: tuple[str, ...] = ()
-
-
 class Model:
     """A loaded GGUF model: weights, vocabulary and chat template."""
 
-    def __init__(
-        self, path: str | Path, *, gpu_layers: int = 0, overrides: Overrides = Overrides()
-    ):
+    def __init__(self, path: str | Path, *, gpu_layers: int = 0):
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
-        self._overrides = _override_array(overrides.cpu_patterns)  # llama.cpp keeps a pointer
-        if self._overrides is not None:
-            params.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
         LOG_TAIL.clear()
         self.ptr = ll.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:
@@ -136,18 +124,6 @@ class Model:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
-
-
-def _override_array(patterns: Sequence[str]):
-    if not patterns:
-        return None
-
-    class Override(ctypes.Structure):
-        _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-    cpu = ggml.cpu_buffer_type()
-    entries = [Override(p.encode(), cpu) for p in patterns] + [Override(None, None)]
-    return (Override * len(entries))(*entries)
 
 
 def _last_error() -> str:
@@ -387,17 +363,17 @@ class Context:
         self.stats = stats = GenerationStats(self.ingest(prompt))
         sampler.accept(prompt[-64:])
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        start = time.perf_counter()
         for _ in range(max_tokens):
             if len(self.tokens) >= self.n_ctx:
                 break
+            start = time.perf_counter()  # our time only, not the consumer's between pieces
             token = sampler.sample(self)
             if self.model.is_eog(token):
                 break
             piece = decoder.decode(self.model.piece(token))
             self._append([token])
             stats.generated += 1
-            stats.seconds = time.perf_counter() - start
+            stats.seconds += time.perf_counter() - start
             if piece:
                 yield piece
         yield decoder.decode(b"", final=True)

@@ -1,7 +1,6 @@
 """ctypes bindings for the few ggml functions llama-cpp-python does not bind.
 
-Reading hidden states in the eval callback needs a tensor's name, shape and bytes; expert
-offloading needs the CPU buffer type; `doctor` needs the backend device registry. They all live
+Reading hidden states in the eval callback needs a tensor's name, shape and bytes. These live
 in the ggml libraries shipped in llama_cpp's `lib/` folder, next to libllama.
 """
 
@@ -76,44 +75,3 @@ def tensor_rows(tensor: int, rows: list[int] | None = None) -> np.ndarray:
     for i, row in enumerate(wanted):
         get(tensor, out[i].ctypes.data, row * row_stride, width * 4)
     return out
-
-
-def cpu_buffer_type() -> int:
-    return _symbol("ggml_backend_cpu_buffer_type", (), ctypes.c_void_p)()
-
-
-def buffer_type_name(buft: int) -> str:
-    name = _symbol("ggml_backend_buft_name", (ctypes.c_void_p,), ctypes.c_char_p)(buft)
-    return (name or b"").decode()
-
-
-DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
-
-
-def devices() -> list[dict]:
-    """Every backend device ggml knows: name, description, type and memory in bytes."""
-    count = _symbol("ggml_backend_dev_count", (), ctypes.c_size_t)()
-    get = _symbol("ggml_backend_dev_get", (ctypes.c_size_t,), ctypes.c_void_p)
-    name = _symbol("ggml_backend_dev_name", (ctypes.c_void_p,), ctypes.c_char_p)
-    desc = _symbol("ggml_backend_dev_description", (ctypes.c_void_p,), ctypes.c_char_p)
-    kind = _symbol("ggml_backend_dev_type", (ctypes.c_void_p,), ctypes.c_int)
-    memory = _symbol(
-        "ggml_backend_dev_memory",
-        (ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)),
-        None,
-    )
-    found = []
-    for i in range(count):
-        dev = get(i)
-        free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        memory(dev, ctypes.byref(free), ctypes.byref(total))
-        found.append(
-            {
-                "name": name(dev).decode(),
-                "description": desc(dev).decode(),
-                "type": DEVICE_TYPES.get(kind(dev), "unknown"),
-                "free": free.value,
-                "total": total.value,
-            }
-        )
-    return found

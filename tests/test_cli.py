@@ -67,18 +67,7 @@ def test_bad_input_is_one_clean_line(args, words, bad_files, tiny_dense_path) ->
 
 
 def test_generate_json(tiny_dense_path) -> None:
-    result = run(
-        "generate",
-        "--model",
-        str(tiny_dense_path),
-        "-p",
-        "Hello",
-        "-n",
-        "8",
-        "--temp",
-        "0",
-        "--json",
-    )
+    result = run(*f"generate --model {tiny_dense_path} -p Hello -n 8 --temp 0 --json".split())
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["generated_tokens"] > 0 and data["prompt"] == "Hello"
@@ -88,20 +77,7 @@ def test_chat_prompt_with_vectors_on_the_demo_model(demo_path, tmp_path) -> None
     rng = np.random.default_rng(0)
     vec = vectors.ControlVector({n: rng.normal(size=640).astype(np.float32) for n in (3, 4)})
     path = vectors.write(vec, tmp_path / "v.gguf")
-    result = run(
-        "chat",
-        "--model",
-        "demo",
-        "--vector",
-        f"{path}:0.5",
-        "-p",
-        "Hi!",
-        "-n",
-        "8",
-        "--seed",
-        "1",
-        "--json",
-    )
+    result = run(*f"chat --model demo --vector {path}:0.5 -p Hi! -n 8 --seed 1 --json".split())
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["vectors"] == {str(path): 0.5} and data["generated_tokens"] > 0
