@@ -19,10 +19,7 @@ def format_prompt(model: Model, messages: list[dict[str, str]]) -> tuple[list[in
     text = model.apply_chat_template(messages)
     if text is None:
         return model.tokenize(transcript(messages)), TRANSCRIPT_STOP
-    tokens = model.tokenize(text, parse_special=True)
-    if len(tokens) > 1 and tokens[0] == tokens[1] == model.bos:
-        tokens = tokens[1:]  # the template wrote BOS itself and the tokenizer added another
-    return tokens, ()
+    return model.tokenize(text, parse_special=True), ()
 
 
 def until_stop(pieces: Iterator[str], stops: tuple[str, ...]) -> Iterator[str]:

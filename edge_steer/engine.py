@@ -81,7 +81,10 @@ class Model:
         if n < 0:
             out = (ll.llama_token * -n)()
             n = ll.llama_tokenize(self.vocab, data, len(data), out, -n, add_special, parse_special)
-        return list(out[:n])
+        tokens = list(out[:n])
+        if len(tokens) > 1 and tokens[0] == tokens[1] == self.bos:
+            tokens = tokens[1:]  # the text wrote BOS itself (chat templates) and we added one
+        return tokens
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)

@@ -55,7 +55,7 @@ def resolve(
     model: Model, name: str, *, retrain: bool = False, progress: train.Progress | None = None
 ) -> Path:
     """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
-    builtin = not store.looks_like_path(name) and name in dataset.builtin_names()
+    builtin = not store.looks_like_path(name) and name.lower() in dataset.builtin_names()
     if builtin and (retrain or not _stored(model, name)):
         pairs = contrast_pairs(model, name)
         return train_and_store(model, name, pairs, train.TrainOptions(), progress)
