@@ -56,15 +56,11 @@ def resolve(
 ) -> Path:
     """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
     builtin = not store.looks_like_path(name) and name.lower() in dataset.builtin_names()
-    if builtin and (retrain or not _stored(model, name)):
-        pairs = contrast_pairs(model, name)
-        return train_and_store(model, name, pairs, train.TrainOptions(), progress)
-    return store.resolve_vector(name, model.path)
-
-
-def _stored(model: Model, name: str) -> bool:
-    try:
-        store.resolve_vector(name, model.path)
-    except UserError:
-        return False
-    return True
+    if not (builtin and retrain):
+        try:
+            return store.resolve_vector(name, model.path)
+        except UserError:
+            if not builtin:
+                raise
+    pairs = contrast_pairs(model, name)
+    return train_and_store(model, name, pairs, train.TrainOptions(), progress)

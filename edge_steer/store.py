@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from functools import cache
 from pathlib import Path
 
 from .errors import UserError
@@ -34,8 +35,13 @@ def fingerprint(model_path: str | Path) -> str:
     Hashes the size, the first MiB (header and metadata) and evenly spaced 1 MiB samples of
     the tensor data: a renamed or moved file keeps its identity, a re-quantized one does not.
     """
-    path = Path(model_path)
-    size = path.stat().st_size
+    stat = Path(model_path).resolve().stat()
+    return _fingerprint(str(Path(model_path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _fingerprint(path: str, size: int, _mtime_ns: int) -> str:
+    """Keyed by size and mtime too, so a file rewritten in place is hashed again."""
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         for i in range(SAMPLES + 1):
