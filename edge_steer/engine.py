@@ -19,7 +19,7 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
-from . import ggml
+from . import ggml, hardware
 from .errors import UserError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
@@ -40,10 +40,7 @@ ll.llama_backend_init()
 
 
 def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    return max(1, hardware.cpu_cores())
 
 
 class Model:
