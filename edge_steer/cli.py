@@ -380,6 +380,16 @@ def train_command(
         out.print(f"wrote {output}")
 
 
+def _register_subcommands() -> None:
+    """Command groups live in their own modules; they import the helpers above."""
+    from . import cli_vectors
+
+    app.add_typer(cli_vectors.app, name="vectors")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app(prog_name="edge-steer")
 

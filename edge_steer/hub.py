@@ -63,3 +63,20 @@ def check_model_file(path: Path) -> None:
     arch = reader.fields.get("general.architecture")
     if arch is not None and bytes(arch.parts[arch.data[0]]) == b"controlvector":
         raise UserError(f"{path} is a control vector, not a model: pass it with --vector")
+
+
+def model_shape(path: Path) -> tuple[str, int, int]:
+    """(architecture, blocks, n_embd) from a GGUF model's metadata, without loading it."""
+    check_model_file(path)
+    fields = gguf.GGUFReader(path).fields
+
+    def value(key: str) -> object:
+        found = fields.get(key)
+        if found is None or not found.types:
+            raise UserError(f"{path} has no {key}: not a GGUF language model")
+        if found.types[0] == gguf.GGUFValueType.STRING:
+            return bytes(found.parts[found.data[0]]).decode()
+        return int(found.parts[found.data[0]][0])
+
+    arch = str(value("general.architecture"))
+    return arch, int(value(f"{arch}.block_count")), int(value(f"{arch}.embedding_length"))

@@ -58,20 +58,44 @@ def looks_like_path(name: str) -> bool:
     return name.endswith(".gguf") or os.sep in name or "/" in name or Path(name).is_file()
 
 
-def resolve_vector(name: str, model_path: str | Path) -> Path:
+def resolve_vector(name: str, model_path: str | Path | None) -> Path:
     """A SPEC name -> a file: a path as given, else the model's store, else the shared store."""
     if looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_file():
             raise UserError(f"control vector file not found: {path}")
         return path
-    for candidate in (
-        model_vectors_dir(model_path) / f"{name}.gguf",
-        vectors_dir() / f"{name}.gguf",
-    ):
-        if candidate.is_file():
-            return candidate
+    places = [vectors_dir()]
+    if model_path is not None:
+        places.insert(0, model_vectors_dir(model_path))
+    for place in places:
+        if (place / f"{name}.gguf").is_file():
+            return place / f"{name}.gguf"
     raise UserError(
-        f"unknown vector {name!r}: no {name}.gguf in {model_vectors_dir(model_path)} or "
-        f"{vectors_dir()}; pass a .gguf path or put the file there"
+        f"unknown vector {name!r}: no {name}.gguf in {' or '.join(map(str, places))}; "
+        "pass a .gguf path or put the file there"
     )
+
+
+def stored_vectors() -> list[Path]:
+    """Every vector file in the store: the shared ones, then those made for one model."""
+    root = vectors_dir()
+    return sorted(root.glob("*.gguf")) + sorted(root.glob("*/*.gguf"))
+
+
+def find_vectors(name: str, model_path: str | Path | None = None) -> list[Path]:
+    """Files a name can mean: a path as given; with a model, its one lookup; else every
+    stored vector of that name, whichever model it was made for."""
+    if looks_like_path(name) or model_path is not None:
+        return [resolve_vector(name, model_path)]
+    found = [p for p in stored_vectors() if p.stem.lower() == name.lower()]
+    if not found:
+        raise UserError(
+            f"no stored vector named {name!r} in {vectors_dir()}: "
+            "`edge-steer vectors list` shows them; or pass a .gguf path"
+        )
+    return found
+
+
+def is_stored(path: Path) -> bool:
+    return path.resolve().is_relative_to(vectors_dir().resolve())

@@ -49,13 +49,20 @@ class ControlVector:
         )
 
 
-def read(path: str | Path) -> ControlVector:
-    """Read and validate a control-vector GGUF; any defect is a one-line UserError."""
-    path = Path(path)
+def check_file(path: Path) -> None:
+    """The checks every reader shares before it opens a file."""
     if not path.is_file():
         raise UserError(f"control vector file not found: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:
-        raise UserError(f"{path} is over {MAX_FILE_BYTES >> 20} MiB: not a control vector")
+        raise UserError(
+            f"{path} is over {MAX_FILE_BYTES >> 20} MiB: too big for a control vector"
+        )
+
+
+def read(path: str | Path) -> ControlVector:
+    """Read and validate a control-vector GGUF; any defect is a one-line UserError."""
+    path = Path(path)
+    check_file(path)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise UserError(f"{path} is not a GGUF file (bad magic): pass a .gguf control vector")
@@ -66,17 +73,34 @@ def read(path: str | Path) -> ControlVector:
             (t.name, int(t.tensor_type), list(t.shape), np.array(t.data)) for t in reader.tensors
         ]
     except Exception as exc:  # gguf raises many types on damaged files
-        raise UserError(f"{path} is a damaged GGUF file ({type(exc).__name__}: {exc})") from None
+        raise UserError(
+            f"{path} is a damaged GGUF file ({type(exc).__name__}): write or download it again"
+        ) from None
     if fields.get("general.architecture") != ARCH:
         raise UserError(
             f"{path} is a GGUF model, not a control vector "
             f"(general.architecture = {fields.get('general.architecture')!r})"
         )
     return ControlVector(
-        _directions(path, tensors),
+        validate(_directions(path, tensors), str(path)),
         str(fields.get(f"{ARCH}.model_hint", "")),
-        {k[len(META_PREFIX) :]: v for k, v in fields.items() if k.startswith(META_PREFIX)},
+        _metadata(fields),
     )
+
+
+def _metadata(fields: Mapping[str, object]) -> dict[str, str | int | float]:
+    """Our `edge_steer.*` keys, plus other tools' extra `controlvector.*` keys (repeng's
+    `controlvector.method`), so a conversion carries them over."""
+    theirs = {f"{ARCH}.model_hint", f"{ARCH}.layer_count"}
+    meta = {
+        key[len(ARCH) + 1 :]: value
+        for key, value in fields.items()
+        if key.startswith(f"{ARCH}.") and key not in theirs and isinstance(value, str | int | float)
+    }
+    for key, value in fields.items():
+        if key.startswith(META_PREFIX) and isinstance(value, str | int | float):
+            meta[key[len(META_PREFIX) :]] = value
+    return meta
 
 
 def _field_value(f: gguf.ReaderField) -> object:
@@ -90,27 +114,42 @@ def _field_value(f: gguf.ReaderField) -> object:
 
 
 def _directions(path: Path, tensors: list) -> dict[int, np.ndarray]:
+    """GGUF-specific checks: tensor names, types, shapes and duplicates."""
     directions: dict[int, np.ndarray] = {}
     for name, ttype, shape, data in tensors:
         prefix, _, index = name.partition(".")
         if prefix != "direction" or not index.isdigit():
             raise UserError(f"{path}: unexpected tensor {name!r} (want direction.N)")
         layer = int(index)
-        if layer == 0:
-            raise UserError(f"{path}: direction.0 is invalid: llama.cpp cannot steer block 0")
         if layer in directions:
             raise UserError(f"{path}: direction.{layer} appears twice")
         if ttype != gguf.GGMLQuantizationType.F32 or len(shape) != 1:
             raise UserError(f"{path}: {name} must be a 1-D F32 tensor")
-        vec = data.astype(np.float32).reshape(-1)
-        if not np.isfinite(vec).all():
-            raise UserError(f"{path}: {name} contains NaN or Inf")
-        if directions and len(vec) != len(next(iter(directions.values()))):
-            raise UserError(f"{path}: {name} has length {len(vec)}, unlike the other layers")
-        directions[layer] = vec
-    if not directions:
-        raise UserError(f"{path}: no direction.N tensors: not a usable control vector")
+        directions[layer] = data.astype(np.float32).reshape(-1)
     return directions
+
+
+def validate(directions: Mapping[int, np.ndarray], source: str) -> dict[int, np.ndarray]:
+    """The checks every reader shares: blocks >= 1, 1-D, finite, one width, not empty."""
+    checked: dict[int, np.ndarray] = {}
+    for layer in sorted(directions):
+        vec = np.asarray(directions[layer])
+        if layer < 1:
+            raise UserError(
+                f"{source}: direction.{layer} is invalid: llama.cpp steers blocks 1 and up"
+            )
+        if vec.ndim != 1:
+            raise UserError(f"{source}: direction.{layer} must be 1-D, not shape {vec.shape}")
+        if not np.isfinite(vec).all():
+            raise UserError(f"{source}: direction.{layer} contains NaN or Inf")
+        if checked and len(vec) != len(next(iter(checked.values()))):
+            raise UserError(
+                f"{source}: direction.{layer} has length {len(vec)}, unlike the other layers"
+            )
+        checked[layer] = vec.astype(np.float32, copy=False)
+    if not checked:
+        raise UserError(f"{source}: no direction.N tensors: not a usable control vector")
+    return checked
 
 
 def write(vector: ControlVector, path: str | Path) -> Path:
@@ -196,3 +235,67 @@ def parse_specs(specs: Iterable[str]) -> list[tuple[str, float]]:
 
 def describe(weighted: Mapping[str, float]) -> str:
     return ", ".join(f"{name}:{strength:+g}" for name, strength in weighted.items()) or "none"
+
+
+def parse_mix(expression: str) -> list[tuple[str, float]]:
+    """`"happy*0.5 + lazy*-1 - sad"` -> [(happy, 0.5), (lazy, -1.0), (sad, -1.0)].
+
+    Terms are joined by ` + ` or ` - ` (spaces around the operator, so names may contain
+    hyphens); a term is NAME, -NAME, WEIGHT*NAME or NAME*WEIGHT."""
+    pieces = re.split(r"\s+([+-])\s+", f" + {expression.strip()}")
+    terms: list[tuple[str, float]] = []
+    for sign, term in zip(pieces[1::2], pieces[2::2], strict=True):
+        weight = -1.0 if sign == "-" else 1.0
+        if term.startswith("-"):
+            weight, term = -weight, term[1:]
+        names = []
+        for part in term.split("*"):
+            try:
+                weight *= float(part)
+            except ValueError:
+                names.append(part.strip())
+        if len(names) != 1 or not re.fullmatch(r"\S+", names[0]) or not math.isfinite(weight):
+            raise UserError(
+                f"bad mix term {term!r} in {expression!r}: use NAME*WEIGHT joined by ' + ', "
+                "e.g. \"happy*0.5 + lazy*-1\""
+            )
+        terms.append((names[0], weight))
+    return terms
+
+
+def mix(weighted: Iterable[tuple[str, ControlVector, float]]) -> ControlVector:
+    """The weighted sum of vectors made for one model; a file of their union of blocks."""
+    weighted = list(weighted)
+    _check_same_model(weighted)
+    directions: dict[int, np.ndarray] = {}
+    for _, vector, weight in weighted:
+        for layer, direction in vector.directions.items():
+            directions[layer] = directions.get(layer, 0) + np.float32(weight) * direction
+    layers = sorted(directions)
+    metadata: dict[str, str | int | float] = {
+        "source": " + ".join(f"{name}*{weight:g}" for name, _, weight in weighted),
+        "method": "mix",
+        "layer_first": layers[0],
+        "layer_last": layers[-1],
+    }
+    fingerprints = {v.metadata.get("model_fingerprint") for _, v, _ in weighted} - {None}
+    if fingerprints:
+        metadata["model_fingerprint"] = fingerprints.pop()
+    hint = next((v.model_hint for _, v, _ in weighted if v.model_hint), "")
+    return ControlVector({n: directions[n] for n in layers}, hint, metadata)
+
+
+def _check_same_model(weighted: list[tuple[str, ControlVector, float]]) -> None:
+    first_name, first, _ = weighted[0]
+    for name, vector, _ in weighted[1:]:
+        if vector.n_embd != first.n_embd:
+            raise UserError(
+                f"{name} has n_embd {vector.n_embd} but {first_name} has {first.n_embd}: "
+                "mix vectors made for one model"
+            )
+        theirs, ours = (v.metadata.get("model_fingerprint") for v in (vector, first))
+        if theirs and ours and theirs != ours:
+            raise UserError(
+                f"{name} and {first_name} were trained on different model files: "
+                "mix vectors made for one model (pass --model to pick its copies)"
+            )

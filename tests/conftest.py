@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -64,3 +66,21 @@ def random_rows(model, layers: dict[int, float], seed: int = 0) -> np.ndarray:
         direction = rng.normal(size=model.n_embd)
         rows[layer] = norm * direction / np.linalg.norm(direction)
     return rows
+
+
+def safetensors_bytes(tensors: dict[str, tuple[str, np.ndarray]], meta=None) -> bytes:
+    """A .safetensors file: u64 header length, JSON header, raw tensor bytes."""
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, array) in tensors.items():
+        blob = array.tobytes()
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    if meta:
+        header["__metadata__"] = meta
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)

@@ -1,0 +1,234 @@
+"""`edge-steer vectors ...`: convert, list, inspect, mix and remove control-vector files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+
+from . import convert, hub, steering, store, vectors
+from .cli import JsonOpt, clean_errors, err, out
+from .errors import UserError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    help="Control-vector files: convert, list, inspect, mix, remove.",
+)
+
+ModelCheckOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Check against (and look names up for) this model."),
+]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Write here: .gguf or .npz.")]
+LayersKeepOpt = Annotated[
+    str | None, typer.Option("--layers", help="Keep only blocks A-B (the file's default range).")
+]
+
+
+@app.command("convert")
+@clean_errors
+def convert_command(
+    source: Annotated[Path, typer.Argument(help=".gguf, .npz, .npy, .safetensors or .json")],
+    output: OutputOpt,
+    layer_base: Annotated[
+        str | None,
+        typer.Option(
+            "--layer-base",
+            help="block: key N is added after block N (llama.cpp, repeng). hidden-states: "
+            "key N is Hugging Face hidden_states[N] (0 = embeddings). Default: detect.",
+        ),
+    ] = None,
+    shift: Annotated[
+        int, typer.Option("--shift", help="Add this to every block (-1 for cvector-generator).")
+    ] = 0,
+    model: ModelCheckOpt = None,
+    model_hint: Annotated[str | None, typer.Option("--model-hint")] = None,
+    source_note: Annotated[str | None, typer.Option("--source", help="Where it came from.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="How it was made.")] = None,
+    scale_rule: Annotated[str | None, typer.Option("--scale-rule")] = None,
+    layers: LayersKeepOpt = None,
+) -> None:
+    """Convert a control vector between formats, with explicit layer numbering."""
+    shape = hub.model_shape(hub.resolve_model(model)) if model else None
+    vector, notes = convert.load(
+        source, layer_base=layer_base, shift=shift, n_layer=shape[1] if shape else None
+    )
+    for note in notes:
+        err.print(f"[yellow]note:[/] {note}")
+    vector = _keep_layers(vector, layers, shape[1] if shape else None)
+    _set_metadata(vector, model_hint, source_note, method, scale_rule)
+    if shape:
+        vectors.check_fits(vector, shape[1], shape[2], str(source))
+        vector.model_hint = model_hint or vector.model_hint or shape[0]
+    convert.save(vector, output)
+    out.print(f"wrote {output}: {_summary(vector)}")
+
+
+def _keep_layers(vector, layers: str | None, n_layer: int | None) -> vectors.ControlVector:
+    span = steering.parse_layers(layers, n_layer or max(vector.layers) + 1)
+    if span is None:
+        return vector
+    first, last = span
+    kept = {n: d for n, d in vector.directions.items() if first <= n <= last}
+    if not kept:
+        raise UserError(f"no directions in blocks {layers}: the file has {_span(vector.layers)}")
+    vector.directions = kept
+    vector.metadata.update(layer_first=first, layer_last=last)
+    return vector
+
+
+def _set_metadata(vector, hint, source, method, scale_rule) -> None:
+    if hint is not None:
+        vector.model_hint = hint
+    given = {"source": source, "method": method, "scale_rule": scale_rule}
+    vector.metadata.update({key: value for key, value in given.items() if value is not None})
+
+
+@app.command("list")
+@clean_errors
+def list_command(as_json: JsonOpt = False) -> None:
+    """The vectors in the store, with model, concept, layers and size."""
+    rows = [_row(path) for path in store.stored_vectors()]
+    if as_json:
+        out.print(json.dumps(rows, indent=2), markup=False)
+        return
+    if not rows:
+        err.print(f"no vectors stored in {store.vectors_dir()}")
+        return
+    from rich.table import Table
+
+    table = Table("name", "model", "concept", "layers", "size", box=None, header_style="bold")
+    for row in rows:
+        table.add_row(
+            row["name"], row["model"], row["concept"], row["layers"], _size(row["size_bytes"])
+        )
+    out.print(table)
+
+
+def _row(path: Path) -> dict:
+    """One stored file for `list`; a damaged one is listed with its error, not skipped."""
+    row = {"name": path.stem, "path": str(path), "size_bytes": path.stat().st_size}
+    shared = path.parent == store.vectors_dir()
+    try:
+        vector = vectors.read(path)
+    except UserError as exc:
+        return row | {"model": "?", "concept": "", "layers": "", "error": str(exc)}
+    meta = vector.metadata
+    model = "any" if shared else str(meta.get("model_name") or path.parent.name)
+    return row | {
+        "model": model,
+        "model_fingerprint": None if shared else path.parent.name,
+        "concept": str(meta.get("concept", "")),
+        "layers": _span(vector.layers),
+        "n_embd": vector.n_embd,
+        "method": meta.get("method"),
+    }
+
+
+@app.command("info")
+@clean_errors
+def info_command(
+    name: Annotated[str, typer.Argument(help="A .gguf/.npz path or a stored vector's name.")],
+    model: ModelCheckOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Metadata and per-layer norms of one vector."""
+    path = _one(name, model)
+    vector = _load(path)
+    norms = {n: float(np.linalg.norm(vector.directions[n])) for n in vector.layers}
+    if as_json:
+        doc = {
+            "path": str(path),
+            "model_hint": vector.model_hint,
+            "n_embd": vector.n_embd,
+            "metadata": vector.metadata,
+            "norms": norms,
+        }
+        out.print(json.dumps(doc, indent=2), markup=False)
+        return
+    out.print(f"[bold]{path}[/]")
+    out.print(f"  {_summary(vector)}")
+    for key, value in sorted(vector.metadata.items()):
+        out.print(f"  {key}: {value}", markup=False)
+    out.print("  per-block norms:")
+    top = max(norms.values()) or 1.0
+    for layer, norm in norms.items():
+        bar = "█" * max(1, round(30 * norm / top)) if norm else ""
+        out.print(f"  {layer:>4} {bar:<30} {norm:.4g}", markup=False)
+
+
+def _one(name: str, model: str | None) -> Path:
+    found = _find(name, model)
+    if len(found) > 1:
+        places = ", ".join(str(p.parent.name) for p in found)
+        raise UserError(
+            f"{len(found)} stored vectors are named {name!r} (models {places}): "
+            "pass --model or a path"
+        )
+    return found[0]
+
+
+def _load(path: Path) -> vectors.ControlVector:
+    """Our GGUF as it is; anything else through the converter (block numbering assumed)."""
+    return vectors.read(path) if path.suffix == ".gguf" else convert.load(path)[0]
+
+
+def _find(name: str, model: str | None) -> list[Path]:
+    if store.looks_like_path(name) and Path(name).expanduser().is_file():
+        return [Path(name).expanduser()]
+    return store.find_vectors(name, hub.resolve_model(model) if model else None)
+
+
+@app.command("rm")
+@clean_errors
+def rm_command(
+    names: Annotated[list[str], typer.Argument(help="Stored vector names or store paths.")],
+    model: ModelCheckOpt = None,
+) -> None:
+    """Delete vectors from the store (every model's copy, unless --model picks one)."""
+    doomed = [path for name in names for path in _find(name, model)]
+    outside = [p for p in doomed if not store.is_stored(p)]
+    if outside:
+        raise UserError(
+            f"{outside[0]} is not in the store {store.vectors_dir()}: delete it yourself"
+        )
+    for path in dict.fromkeys(doomed):
+        path.unlink()
+        out.print(f"deleted {path}")
+
+
+@app.command("mix")
+@clean_errors
+def mix_command(
+    expression: Annotated[str, typer.Argument(help='e.g. "happy*0.5 + lazy*-1"')],
+    output: OutputOpt,
+    model: ModelCheckOpt = None,
+) -> None:
+    """Write the weighted sum of vectors (all made for one model) as a new vector."""
+    terms = vectors.parse_mix(expression)
+    weighted = [(name, _load(_one(name, model)), weight) for name, weight in terms]
+    mixed = vectors.mix(weighted)
+    if model:
+        arch, n_layer, n_embd = hub.model_shape(hub.resolve_model(model))
+        vectors.check_fits(mixed, n_layer, n_embd, expression)
+        mixed.model_hint = mixed.model_hint or arch
+    convert.save(mixed, output)
+    out.print(f"wrote {output}: {_summary(mixed)}")
+
+
+def _summary(vector: vectors.ControlVector) -> str:
+    hint = f"for {vector.model_hint}, " if vector.model_hint else ""
+    return f"{hint}blocks {_span(vector.layers)}, n_embd {vector.n_embd}"
+
+
+def _span(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ",".join(map(str, layers))
+
+
+def _size(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"

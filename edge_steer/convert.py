@@ -1,0 +1,307 @@
+"""Control vectors from other tools' files, and out again as GGUF or npz.
+
+Every tool numbers layers its own way, so the numbering is explicit here:
+- `block` (llama.cpp, repeng, edge-steer): key N is added to the output of block N
+  (0-based), which is llama.cpp's `direction.N`.
+- `hidden-states` (Hugging Face `output_hidden_states`): index 0 is the embeddings and index
+  N is the output of block N-1, so key N becomes `direction.N-1`.
+- `shift` is added after that. llama.cpp's cvector-generator writes the state it read after
+  block N as `direction.N+1`; `--shift -1` puts each direction back where it was measured.
+Whatever could not be detected is said in the notes `load` returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from . import vectors
+from .errors import UserError
+
+LAYER_BASES = ("block", "hidden-states")
+OUTPUT_SUFFIXES = (".gguf", ".npz")
+NPZ_META_KEY = "__edge_steer__"  # JSON: model hint, metadata, numbering (our own npz files)
+
+
+@dataclass
+class Source:
+    """What a reader found: arrays by the file's own layer keys, and what it knows of them."""
+
+    arrays: dict[int, np.ndarray]
+    model_hint: str = ""
+    metadata: dict[str, str | int | float] = field(default_factory=dict)
+    layer_base: str | None = None  # None: the file does not say
+    tool: str = ""
+    notes: list[str] = field(default_factory=list)
+    usual_shift: int = 0  # what files from this tool usually need
+
+
+def load(
+    path: str | Path, *, layer_base: str | None = None, shift: int = 0, n_layer: int | None = None
+) -> tuple[vectors.ControlVector, list[str]]:
+    """Read any supported file as a validated ControlVector numbered by block, plus notes
+    saying what was detected and what was assumed. `n_layer` (the target model's) helps
+    recognise a full hidden-states array."""
+    path = Path(path)
+    vectors.check_file(path)
+    if layer_base is not None and layer_base not in LAYER_BASES:
+        raise UserError(f"bad --layer-base {layer_base!r}: use block or hidden-states")
+    source = _reader(path)(path)
+    base = layer_base or source.layer_base or _guess_base(source, n_layer)
+    if source.usual_shift and not shift and base == "block":
+        source.notes.append(
+            f"files from {source.tool} usually need --shift {source.usual_shift}: "
+            "it stores the state read after block N as direction.N+1"
+        )
+    directions = _renumber(source, base, shift)
+    metadata = dict(source.metadata)
+    if not metadata:  # a foreign file: remember where it came from
+        metadata["source"] = f"{path.name} ({source.tool})"
+    vector = vectors.ControlVector(
+        vectors.validate(directions, str(path)), source.model_hint, metadata
+    )
+    return vector, source.notes
+
+
+def _reader(path: Path) -> Callable[[Path], Source]:
+    with open(path, "rb") as f:
+        magic = f.read(8)
+    if magic[:4] == b"GGUF":
+        return _read_gguf
+    if magic[:4] == b"PK\x03\x04":
+        return _read_npz
+    if magic[:6] == b"\x93NUMPY":
+        return _read_npy
+    if path.suffix == ".safetensors":
+        return _read_safetensors
+    if path.suffix == ".json":
+        return _read_json
+    raise UserError(
+        f"{path}: unknown format: convert reads .gguf, .npz, .npy, .safetensors and .json"
+    )
+
+
+def _guess_base(source: Source, n_layer: int | None) -> str:
+    rows = max(source.arrays, default=0) + 1
+    if source.tool.endswith("array") and n_layer is not None and rows == n_layer + 1:
+        source.notes.append(
+            f"the array has {rows} rows, one more than the model's {n_layer} blocks: "
+            "read as hidden states (row 0 = embeddings); pass --layer-base block if not"
+        )
+        return "hidden-states"
+    source.notes.append(
+        "assumed --layer-base block (key N is added after block N, as in llama.cpp); "
+        "pass --layer-base hidden-states if key N indexes Hugging Face hidden_states"
+    )
+    return "block"
+
+
+def _renumber(source: Source, base: str, shift: int) -> dict[int, np.ndarray]:
+    offset = shift - (1 if base == "hidden-states" else 0)
+    directions, dropped, zero = {}, [], 0
+    for key, array in sorted(source.arrays.items()):
+        block = key + offset
+        if not np.any(array):
+            zero += 1
+        elif block < 1:
+            dropped.append(key)
+        else:
+            directions[block] = array
+    if zero:
+        source.notes.append(f"skipped {zero} all-zero direction(s)")
+    if dropped:
+        source.notes.append(
+            f"dropped key(s) {', '.join(map(str, dropped))}: they land before block 1, "
+            "which llama.cpp cannot steer"
+        )
+    return directions
+
+
+# --- readers ------------------------------------------------------------------------------
+
+
+def _read_gguf(path: Path) -> Source:
+    vector = vectors.read(path)
+    source = Source(dict(vector.directions), vector.model_hint, vector.metadata, tool="GGUF")
+    fields = gguf.GGUFReader(path).fields
+    if any(key.startswith(vectors.META_PREFIX) for key in fields):
+        source.layer_base, source.tool = "block", "edge-steer GGUF"
+    elif _field_type(fields, f"{vectors.ARCH}.layer_count") == gguf.GGUFValueType.INT32:
+        source.tool, source.usual_shift = "llama.cpp's cvector-generator", -1
+        source.notes.append("looks like llama.cpp cvector-generator output (INT32 layer_count)")
+    return source
+
+
+def _field_type(fields: dict, key: str) -> gguf.GGUFValueType | None:
+    found = fields.get(key)
+    return found.types[0] if found is not None and found.types else None
+
+
+def _read_npz(path: Path) -> Source:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except ValueError as exc:
+        raise UserError(f"{path}: {_pickle_hint(exc)}") from None
+    except Exception as exc:  # zipfile/numpy raise many types on damaged files
+        raise UserError(f"{path} is a damaged .npz file ({type(exc).__name__})") from None
+    if NPZ_META_KEY in arrays:
+        return _own_npz(path, arrays)
+    return _keyed_arrays(path, arrays, "npz")
+
+
+def _own_npz(path: Path, arrays: dict[str, np.ndarray]) -> Source:
+    try:
+        meta = json.loads(str(arrays.pop(NPZ_META_KEY)))
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: damaged {NPZ_META_KEY} entry: write the file again") from None
+    source = _keyed_arrays(path, arrays, "edge-steer npz")
+    source.model_hint = str(meta.get("model_hint", ""))
+    source.metadata = dict(meta.get("metadata", {}))
+    source.layer_base = meta.get("layer_base", "block")
+    source.notes.clear()
+    return source
+
+
+def _read_npy(path: Path) -> Source:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise UserError(f"{path}: {_pickle_hint(exc)}") from None
+    except Exception as exc:
+        raise UserError(f"{path} is a damaged .npy file ({type(exc).__name__})") from None
+    return _rows(path, array, "npy array")
+
+
+def _pickle_hint(exc: ValueError) -> str:
+    if "pickle" in str(exc):
+        return (
+            "holds pickled Python objects, which are unsafe to load: save plain arrays, "
+            "e.g. np.savez(path, **{'direction.N': array}) or one layers x n_embd array"
+        )
+    return f"unreadable ({exc})"
+
+
+def _read_safetensors(path: Path) -> Source:
+    """The safetensors layout: u64 header size, a JSON header, then raw little-endian data."""
+    dtypes = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
+    data = path.read_bytes()
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        meta = header.pop("__metadata__", None) or {}
+        arrays = {}
+        for name, info in header.items():
+            if info["dtype"] not in dtypes:
+                raise UserError(f"{path}: tensor {name} is {info['dtype']}: want F32, F16 or BF16")
+            start, end = (8 + size + int(i) for i in info["data_offsets"])
+            raw = np.frombuffer(data[start:end], dtypes[info["dtype"]])
+            if info["dtype"] == "BF16":
+                raw = (raw.astype(np.uint32) << 16).view(np.float32)
+            arrays[name] = raw.astype(np.float32).reshape(info["shape"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"{path} is a damaged safetensors file ({type(exc).__name__})") from None
+    source = _keyed_arrays(path, arrays, "safetensors")
+    source.model_hint = str(meta.get("model_hint", ""))
+    return source
+
+
+def _read_json(path: Path) -> Source:
+    """`{"directions": {"N": [...]}, "model_hint": ..., "layer_base": ...}`, a bare
+    `{"N": [...]}` mapping, or a list of rows."""
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+    wrapped = isinstance(doc, dict) and "directions" in doc
+    body = doc["directions"] if wrapped else doc
+    try:
+        if isinstance(body, list):
+            source = _rows(path, np.array(body, dtype=np.float32), "JSON array")
+        elif isinstance(body, dict):
+            arrays = {k: np.array(v, dtype=np.float32) for k, v in body.items()}
+            source = _keyed_arrays(path, arrays, "JSON")
+        else:
+            raise ValueError("not a list or an object")
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path}: directions must be lists of numbers ({exc})") from None
+    if wrapped:
+        source.model_hint = str(doc.get("model_hint", ""))
+        source.layer_base = doc.get("layer_base")
+        source.metadata = {
+            k: v for k, v in doc.get("metadata", {}).items() if isinstance(v, str | int | float)
+        }
+    return source
+
+
+def _keyed_arrays(path: Path, arrays: dict[str, np.ndarray], tool: str) -> Source:
+    """Named arrays -> layer keys; one 2-D array named without a layer number (`directions`,
+    or np.savez's `arr_0`) is read as rows."""
+    if len(arrays) == 1:
+        ((name, array),) = arrays.items()
+        if array.ndim == 2 and (name == "arr_0" or not re.search(r"\d", name)):
+            return _rows(path, array, f"{tool} array")
+    keyed: dict[int, np.ndarray] = {}
+    for name, array in arrays.items():
+        match = re.search(r"(\d+)\D*$", name)
+        if not match:
+            raise UserError(f"{path}: cannot tell the layer of {name!r}: name it direction.N")
+        key = int(match[1])
+        if key in keyed:
+            raise UserError(f"{path}: layer {key} appears twice ({name!r})")
+        keyed[key] = _one_row(path, name, array)
+    return Source(keyed, tool=tool)
+
+
+def _one_row(path: Path, name: str, array: np.ndarray) -> np.ndarray:
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserError(f"{path}: {name} is {array.dtype}, not floating point")
+    squeezed = array.reshape(-1) if array.ndim == 2 and array.shape[0] == 1 else array
+    if squeezed.ndim != 1:
+        raise UserError(f"{path}: {name} must be 1-D, not shape {array.shape}")
+    return squeezed.astype(np.float32)
+
+
+def _rows(path: Path, array: np.ndarray, tool: str) -> Source:
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise UserError(
+            f"{path}: want a layers x n_embd float array, not {array.dtype} shape {array.shape}"
+        )
+    return Source({i: row.astype(np.float32) for i, row in enumerate(array)}, tool=tool)
+
+
+# --- writers ------------------------------------------------------------------------------
+
+
+def save(vector: vectors.ControlVector, path: str | Path) -> Path:
+    """Write GGUF (llama.cpp's format) or our npz, by the output's suffix, atomically."""
+    path = Path(path)
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise UserError(f"unsupported output {path.name}: use a .gguf or .npz file name")
+    if path.suffix == ".gguf":
+        return vectors.write(vector, path)
+    return _write_npz(vector, path)
+
+
+def _write_npz(vector: vectors.ControlVector, path: Path) -> Path:
+    meta = {"layer_base": "block", "model_hint": vector.model_hint, "metadata": vector.metadata}
+    arrays = {f"direction.{n}": vector.directions[n] for n in vector.layers}
+    arrays[NPZ_META_KEY] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

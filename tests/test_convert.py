@@ -1,0 +1,309 @@
+"""Converter: every input format, explicit layer numbering, round trips, llama.cpp's loader."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import gguf
+import llama_cpp as ll
+import numpy as np
+import pytest
+from conftest import safetensors_bytes
+from typer.testing import CliRunner
+
+from edge_steer import convert, steering, vectors
+from edge_steer.cli import app
+from edge_steer.engine import Context
+from edge_steer.errors import UserError
+
+runner = CliRunner()
+
+
+def trained_like(n_embd: int = 64, layers=(2, 3, 4)) -> vectors.ControlVector:
+    rng = np.random.default_rng(7)
+    return vectors.ControlVector(
+        {n: rng.normal(size=n_embd).astype(np.float32) for n in layers},
+        "llama",
+        {
+            "concept": "happy",
+            "method": "pca-diff",
+            "scale_gain": 1.0,
+            "pairs": 128,
+            "layer_first": layers[0],
+            "layer_last": layers[-1],
+            "separations": "1.5,2.5,3.5",
+        },
+    )
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_gguf_npz_gguf_round_trip_is_bit_identical(tmp_path) -> None:
+    original = vectors.write(trained_like(), tmp_path / "a.gguf")
+    assert invoke("vectors", "convert", str(original), "-o", str(tmp_path / "a.npz"))[0] == 0
+    assert (
+        invoke("vectors", "convert", str(tmp_path / "a.npz"), "-o", str(tmp_path / "b.gguf"))[0]
+        == 0
+    )
+    assert (tmp_path / "b.gguf").read_bytes() == original.read_bytes()
+    back = vectors.read(tmp_path / "b.gguf")
+    assert back.metadata == trained_like().metadata
+    assert all(type(back.metadata[k]) is type(v) for k, v in trained_like().metadata.items())
+
+
+def llama_cpp_loader_rows(path, n_layer: int, n_embd: int) -> np.ndarray:
+    """What llama.cpp's common loader builds: gguf's own reader, direction.N summed into row
+    N-1 of a buffer that starts at block 1."""
+    buf = np.zeros((n_layer, n_embd), dtype=np.float32)
+    for tensor in gguf.GGUFReader(path).tensors:
+        layer = int(tensor.name.split(".")[1])
+        buf[layer - 1] += np.asarray(tensor.data, dtype=np.float32)
+    return buf
+
+
+def test_written_file_applied_like_llama_cpp_matches_our_runtime(tiny_dense, tmp_path) -> None:
+    m = tiny_dense
+    path = vectors.write(trained_like(m.n_embd, (1, 3, 5)), tmp_path / "v.gguf")
+    tokens = m.tokenize("The quick brown fox jumps over")
+    with Context(m, n_ctx=64, threads=1, capture=True) as ctx:
+        (bare,) = ctx.capture([tokens])
+        buf = llama_cpp_loader_rows(path, m.n_layer, m.n_embd)
+        pointer = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        assert (
+            ll.llama_set_adapter_cvec(ctx.ptr, pointer, buf.size, m.n_embd, 1, m.n_layer - 1) == 0
+        )
+        (theirs,) = ctx.capture([tokens])
+        steering.build(m, [str(path)], None).apply(ctx)
+        (ours,) = ctx.capture([tokens])
+    assert np.array_equal(theirs, ours)
+    assert not np.array_equal(theirs[0, 1], bare[0, 1])  # block 1 really moved
+    assert np.array_equal(theirs[0, 0], bare[0, 0])  # block 0 did not
+
+
+def write_gguf(path, tensors: dict[str, np.ndarray], hint: str, int32_count: bool) -> None:
+    writer = gguf.GGUFWriter(path, "controlvector")
+    writer.add_string("controlvector.model_hint", hint)
+    add = writer.add_int32 if int32_count else writer.add_uint32
+    add("controlvector.layer_count", len(tensors))
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_cvector_generator_file_with_shift_lands_where_repeng_does(tiny_dense, tmp_path) -> None:
+    """The same states measured after blocks 1..5: repeng writes direction.B, cvector-generator
+    writes direction.B+1. Converted (the latter with --shift -1) they are the same vector."""
+    m = tiny_dense
+    rng = np.random.default_rng(1)
+    states = {b: rng.normal(size=m.n_embd).astype(np.float32) for b in range(0, m.n_layer - 1)}
+    write_gguf(
+        tmp_path / "repeng.gguf",
+        {f"direction.{b}": v for b, v in states.items() if b},
+        "mistral",
+        int32_count=False,
+    )
+    write_gguf(
+        tmp_path / "cvgen.gguf",
+        {f"direction.{b + 1}": v for b, v in states.items()},
+        "llama",
+        int32_count=True,
+    )
+    code, output = invoke(
+        "vectors",
+        "convert",
+        str(tmp_path / "cvgen.gguf"),
+        "-o",
+        str(tmp_path / "cv.gguf"),
+        "--shift",
+        "-1",
+    )
+    assert code == 0 and "cvector-generator" in output
+    assert (
+        invoke(
+            "vectors", "convert", str(tmp_path / "repeng.gguf"), "-o", str(tmp_path / "rp.gguf")
+        )[0]
+        == 0
+    )
+    cv, rp = vectors.read(tmp_path / "cv.gguf"), vectors.read(tmp_path / "rp.gguf")
+    assert cv.layers == rp.layers == list(range(1, m.n_layer - 1))
+    for b in cv.layers:
+        assert np.array_equal(cv.directions[b], rp.directions[b])
+        assert np.array_equal(cv.directions[b], states[b])
+    # and in llama.cpp: the converted direction.3 moves l_out-3 by exactly states[3]
+    one = vectors.write(vectors.ControlVector({3: cv.directions[3]}), tmp_path / "one.gguf")
+    tokens = m.tokenize("hello there")
+    with Context(m, n_ctx=32, threads=1, capture=True) as ctx:
+        (bare,) = ctx.capture([tokens])
+        steering.build(m, [str(one)], None).apply(ctx)
+        (moved,) = ctx.capture([tokens])
+    assert np.array_equal(moved[0, 2], bare[0, 2])
+    np.testing.assert_allclose(moved[0, 3] - bare[0, 3], states[3], atol=1e-5)
+
+
+def test_every_input_format_reads_the_same_directions(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(4, 8)).astype(np.float32)
+    keyed = {f"layers.{i}": rows[i] for i in (1, 2, 3)}
+    np.save(tmp_path / "rows.npy", rows)
+    np.savez(tmp_path / "keyed.npz", **keyed)
+    np.savez(tmp_path / "matrix.npz", directions=rows)
+    (tmp_path / "v.json").write_text(json.dumps({str(i): rows[i].tolist() for i in (1, 2, 3)}))
+    (tmp_path / "rows.json").write_text(json.dumps(rows.tolist()))
+    (tmp_path / "v.safetensors").write_bytes(
+        safetensors_bytes({k: ("F32", v) for k, v in keyed.items()}, {"model_hint": "mistral"})
+    )
+    bf16 = {k: ("BF16", (v.view(np.uint32) >> 16).astype(np.uint16)) for k, v in keyed.items()}
+    (tmp_path / "bf16.safetensors").write_bytes(safetensors_bytes(bf16))
+    for name in ("rows.npy", "keyed.npz", "matrix.npz", "v.json", "rows.json", "v.safetensors"):
+        vector, _ = convert.load(tmp_path / name)
+        assert vector.layers == [1, 2, 3], name
+        for i in (1, 2, 3):
+            assert np.array_equal(vector.directions[i], rows[i]), name
+        assert vector.metadata["source"].startswith(name)
+    vector, _ = convert.load(tmp_path / "bf16.safetensors")
+    for i in (1, 2, 3):
+        np.testing.assert_allclose(vector.directions[i], rows[i], rtol=1e-2)
+
+
+def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
+    rows = np.arange(7 * 4, dtype=np.float32).reshape(7, 4) + 1
+    np.save(tmp_path / "hs.npy", rows)
+    vector, notes = convert.load(tmp_path / "hs.npy", layer_base="hidden-states")
+    assert vector.layers == [1, 2, 3, 4, 5]  # hidden_states[0] (embeddings) and [1] dropped
+    assert np.array_equal(vector.directions[1], rows[2])
+    assert any("dropped" in n for n in notes)
+    detected, notes = convert.load(tmp_path / "hs.npy", n_layer=6)  # 7 rows for 6 blocks
+    assert detected.layers == vector.layers and any("hidden states" in n for n in notes)
+    plain, notes = convert.load(tmp_path / "hs.npy")
+    assert plain.layers == [1, 2, 3, 4, 5, 6] and any(
+        "assumed --layer-base block" in n for n in notes
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("x.txt", b"hello", "unknown format"),
+        ("x.json", b"{not json", "not valid JSON"),
+        ("x.json", b'{"1": ["a"]}', "lists of numbers"),
+        ("x.json", b'{"1": [1, NaN]}', "NaN or Inf"),
+        ("x.json", b'{"alpha": [1, 2]}', "cannot tell the layer"),
+        ("x.json", b'{"0": [1, 2]}', "no direction.N"),
+        ("x.json", b'{"1": [1, 2], "2": [1, 2, 3]}', "unlike the other layers"),
+        ("x.json", b'{"1": [[1, 2], [3, 4]]}', "must be 1-D"),
+        ("x.safetensors", b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}", "damaged safetensors"),
+        ("x.npz", b"PK\x03\x04garbage", "damaged .npz"),
+    ],
+)
+def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        convert.load(tmp_path / name)
+    code, output = invoke(
+        "vectors", "convert", str(tmp_path / name), "-o", str(tmp_path / "o.gguf")
+    )
+    assert code == 2 and output.count("\n") == 1 and "Traceback" not in output
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_pickled_npy_is_refused(tmp_path) -> None:
+    np.save(tmp_path / "p.npy", np.array({"1": [1.0]}, dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="pickled"):
+        convert.load(tmp_path / "p.npy")
+
+
+def test_model_checks_and_metadata_options(tiny_dense_path, tmp_path) -> None:
+    np.save(tmp_path / "wide.npy", np.ones((3, 65), np.float32))
+    code, output = invoke(
+        "vectors",
+        "convert",
+        str(tmp_path / "wide.npy"),
+        "-o",
+        str(tmp_path / "o.gguf"),
+        "--model",
+        str(tiny_dense_path),
+    )
+    assert code == 2 and "n_embd 65" in output
+    np.save(tmp_path / "deep.npy", np.ones((9, 64), np.float32))
+    code, output = invoke(
+        "vectors",
+        "convert",
+        str(tmp_path / "deep.npy"),
+        "-o",
+        str(tmp_path / "o.gguf"),
+        "--model",
+        str(tiny_dense_path),
+    )
+    assert code == 2 and "direction.6" in output
+    code, output = invoke(
+        "vectors",
+        "convert",
+        str(tmp_path / "deep.npy"),
+        "-o",
+        str(tmp_path / "o.gguf"),
+        "--model",
+        str(tiny_dense_path),
+        "--layers",
+        "2-4",
+        "--method",
+        "repeng pca_diff",
+        "--scale-rule",
+        "unit",
+        "--source",
+        "my lab",
+    )
+    assert code == 0, output
+    vector = vectors.read(tmp_path / "o.gguf")
+    assert vector.layers == [2, 3, 4] and vector.model_hint == "llama"
+    assert vector.metadata == {
+        "source": "my lab",
+        "method": "repeng pca_diff",
+        "scale_rule": "unit",
+        "layer_first": 2,
+        "layer_last": 4,
+    }
+    code, output = invoke(
+        "vectors", "convert", str(tmp_path / "deep.npy"), "-o", str(tmp_path / "o.txt")
+    )
+    assert code == 2 and ".gguf or .npz" in output
+
+
+def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
+    store = edge_steer_home / "vectors"
+    a = trained_like(8, (1, 2))
+    b = vectors.ControlVector(
+        {2: np.ones(8, np.float32), 3: np.ones(8, np.float32)}, "llama", {"concept": "lazy"}
+    )
+    vectors.write(a, store / "fp1" / "mixa.gguf")
+    vectors.write(b, store / "mixb.gguf")
+    code, output = invoke("vectors", "list", "--json")
+    rows = {r["name"]: r for r in json.loads(output) if r["name"].startswith("mix")}
+    assert code == 0 and rows["mixa"]["layers"] == "1-2" and rows["mixb"]["model"] == "any"
+    code, output = invoke("vectors", "info", "mixa", "--json")
+    info = json.loads(output)
+    assert info["metadata"]["concept"] == "happy"
+    assert info["norms"]["2"] == pytest.approx(float(np.linalg.norm(a.directions[2])))
+    code, output = invoke("vectors", "mix", "mixa*0.5 + mixb*-1", "-o", str(tmp_path / "m.gguf"))
+    assert code == 0, output
+    mixed = vectors.read(tmp_path / "m.gguf")
+    assert mixed.layers == [1, 2, 3]
+    assert np.array_equal(mixed.directions[2], np.float32(0.5) * a.directions[2] - 1)
+    assert np.array_equal(mixed.directions[3], -np.ones(8, np.float32))
+    vectors.write(vectors.ControlVector({1: np.ones(4, np.float32)}), store / "narrow.gguf")
+    code, output = invoke("vectors", "mix", "mixa + narrow", "-o", str(tmp_path / "n.gguf"))
+    assert code == 2 and "n_embd" in output and not (tmp_path / "n.gguf").exists()
+    code, output = invoke("vectors", "mix", "mixa*mixb", "-o", str(tmp_path / "n.gguf"))
+    assert code == 2 and "bad mix term" in output
+    assert invoke("vectors", "rm", "mixa", "narrow")[0] == 0
+    assert not (store / "fp1" / "mixa.gguf").exists() and not (store / "narrow.gguf").exists()
+    code, output = invoke("vectors", "rm", str(tmp_path / "m.gguf"))
+    assert code == 2 and "not in the store" in output and (tmp_path / "m.gguf").exists()
+    code, output = invoke("vectors", "info", "mixa")
+    assert code == 2 and "no stored vector named 'mixa'" in output

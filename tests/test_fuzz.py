@@ -1,0 +1,112 @@
+"""Fuzzing the readers: every mutated file ends in our one-line error or a valid vector.
+
+Never a crash, a foreign exception or a hang (each case runs under a 5 s alarm).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from conftest import safetensors_bytes
+
+from edge_steer import convert, vectors
+from edge_steer.errors import UserError
+
+CASES = 400
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """One random damage: bit flips, a overwritten run, a cut, a spliced or dropped chunk, or
+    a huge little-endian count written over the header (where GGUF keeps its counts)."""
+    buf = bytearray(data)
+    kind = rng.integers(6)
+    at = int(rng.integers(len(buf)))
+    if kind == 0:
+        for _ in range(int(rng.integers(1, 9))):
+            i = int(rng.integers(len(buf)))
+            buf[i] ^= 1 << int(rng.integers(8))
+    elif kind == 1:
+        run = rng.integers(256, size=int(rng.integers(1, 33)), dtype=np.uint8).tobytes()
+        buf[at : at + len(run)] = run
+    elif kind == 2:
+        del buf[at:]
+    elif kind == 3:
+        buf[at:at] = buf[int(rng.integers(len(buf))) :][: int(rng.integers(1, 64))]
+    elif kind == 4:
+        del buf[at : at + int(rng.integers(1, 64))]
+    else:
+        big = int(rng.choice([2**31, 2**32 - 1, 2**40, 2**63 - 1, 7, 0]))
+        at = int(rng.integers(min(64, len(buf))))
+        buf[at : at + 8] = big.to_bytes(8, "little")
+    return bytes(buf)
+
+
+def cases(seed: int, data: bytes) -> Iterator[bytes]:
+    rng = np.random.default_rng(seed)
+    for _ in range(CASES):
+        yield mutate(data, rng)
+
+
+def _alarm(*_args) -> None:
+    raise TimeoutError("reader hung")
+
+
+def run_fuzz(tmp_path, suffix: str, data: bytes, read: Callable, seed: int) -> dict[str, int]:
+    outcomes = {"valid": 0, "error": 0}
+    path = tmp_path / f"fuzz{suffix}"
+    old = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        for i, mutated in enumerate(cases(seed, data)):
+            path.write_bytes(mutated)
+            signal.alarm(5)
+            try:
+                vector = read(path)
+            except UserError as exc:
+                assert "\n" not in str(exc), f"case {i}: multi-line error {exc!r}"
+                outcomes["error"] += 1
+            except Exception as exc:  # anything else is a bug in our reader
+                pytest.fail(f"case {i} ({suffix}): {type(exc).__name__}: {exc}")
+            else:
+                vectors.validate(vector.directions, str(path))
+                outcomes["valid"] += 1
+            finally:
+                signal.alarm(0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    return outcomes
+
+
+def sample_vector() -> vectors.ControlVector:
+    rng = np.random.default_rng(0)
+    return vectors.ControlVector(
+        {n: rng.normal(size=16).astype(np.float32) for n in (1, 2, 5)},
+        "llama",
+        {"concept": "happy", "scale_gain": 1.0, "pairs": 64},
+    )
+
+
+def test_fuzz_gguf_reader(tmp_path) -> None:
+    data = vectors.write(sample_vector(), tmp_path / "ok.gguf").read_bytes()
+    outcomes = run_fuzz(tmp_path, ".gguf", data, vectors.read, seed=1)
+    assert outcomes["error"] > CASES // 4  # the mutations really do damage files
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".json", ".safetensors", ".npy"])
+def test_fuzz_other_readers(tmp_path, suffix) -> None:
+    vector = sample_vector()
+    if suffix == ".npz":
+        data = convert.save(vector, tmp_path / "ok.npz").read_bytes()
+    elif suffix == ".json":
+        rows = {str(n): d.tolist() for n, d in vector.directions.items()}
+        data = json.dumps({"directions": rows, "model_hint": "llama"}).encode()
+    elif suffix == ".npy":
+        np.save(tmp_path / "ok.npy", np.stack(list(vector.directions.values())))
+        data = (tmp_path / "ok.npy").read_bytes()
+    else:
+        data = safetensors_bytes({f"l.{n}": ("F32", d) for n, d in vector.directions.items()})
+    outcomes = run_fuzz(tmp_path, suffix, data, lambda p: convert.load(p)[0], seed=2)
+    assert outcomes["error"] > 0
