@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -340,7 +339,8 @@ def train_command(
     ),
     layers: LayersOpt = None,
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Also write the vector to this path.")
+        str | None,
+        typer.Option("--output", "-o", help="Also write the vector here (.gguf or .npz)."),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Shuffles the training pairs.")] = 0,
     limit: Annotated[
@@ -350,9 +350,7 @@ def train_command(
     gpu_layers: GpuOpt = 0,
 ) -> None:
     """Train a control vector on the model itself and store it for `--vector NAME`."""
-    import shutil
-
-    from . import hub, library, steering, train
+    from . import convert, hub, library, steering, train, vectors
     from .engine import Model
 
     if method not in train.METHODS:
@@ -375,8 +373,7 @@ def train_command(
     err.print(f"[dim]trained in {time.perf_counter() - start:.1f}s[/]")
     out.print(f"stored {path}")
     if output:
-        target = shutil.copyfile(path, output + ".tmp")
-        os.replace(target, output)
+        convert.save(vectors.read(path), output)
         out.print(f"wrote {output}")
 
 

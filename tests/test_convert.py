@@ -307,3 +307,23 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert code == 2 and "not in the store" in output and (tmp_path / "m.gguf").exists()
     code, output = invoke("vectors", "info", "mixa")
     assert code == 2 and "no stored vector named 'mixa'" in output
+
+
+def test_train_writes_npz_too(tiny_dense_path, tmp_path) -> None:
+    code, output = invoke(
+        "train",
+        "happy",
+        "--model",
+        str(tiny_dense_path),
+        "--limit",
+        "8",
+        "--threads",
+        "1",
+        "-o",
+        str(tmp_path / "happy.npz"),
+    )
+    assert code == 0, output
+    stored = vectors.read(output.split("stored ")[1].split()[0])
+    copy, _ = convert.load(tmp_path / "happy.npz")
+    assert copy.layers == stored.layers and copy.metadata == stored.metadata
+    assert all(np.array_equal(copy.directions[n], stored.directions[n]) for n in copy.layers)
