@@ -315,26 +315,36 @@ def plan_offload(
     if gpu in (None, "auto"):
         moe_layers = _auto_moe(weights, free, context, None) if fixed_moe is None else fixed_moe
         layers = plan_gpu_layers(weights, free, context, moe_layers)
+        if layers == 0 and fixed_moe is None:
+            moe_layers = 0  # nothing on the GPU: no experts to keep off it
     else:
         layers = top if gpu == "all" else int(gpu)
         moe_layers = _auto_moe(weights, free, context, layers) if fixed_moe is None else fixed_moe
-    used = weights.on_gpu(layers, moe_layers)
+    notes = _notes(weights, gpu, moe, layers, moe_layers, free, context)
+    return _offload(weights, layers, moe_layers, notes, gpu_bytes=True)
+
+
+def _notes(weights: Weights, gpu, moe, layers: int, moe_layers: int, free: int, context: int):
+    """One line per choice `auto` made, and a warning when fixed counts will not fit."""
+    used, top = weights.on_gpu(layers, moe_layers), weights.n_layer + 1
+    gpu_text, free_text = size_text(used), size_text(free)
     notes = []
-    if fixed_moe is None and weights.is_moe:
-        notes.append(f"moe-offload auto: {_experts(moe_layers, n)} on CPU, {_gib(used)} on GPU")
+    if moe in (None, "auto") and weights.is_moe:
+        split = f"{_experts(moe_layers, weights.n_layer)} on CPU, {gpu_text} on GPU"
+        notes.append(f"moe-offload auto: {split if layers else 'no layers on the GPU: none'}")
     elif moe == "auto":
         notes.append("moe-offload auto: not a mixture-of-experts model: nothing to offload")
     if gpu in (None, "auto"):
         notes.append(
-            f"gpu-layers auto: {layers} of {top} layers on GPU "
-            f"({_gib(used)} of weights + {_gib(context)} for the context; {_gib(free)} free)"
+            f"gpu-layers auto: {layers} of {top} layers on GPU ({gpu_text} of weights "
+            f"+ {size_text(context)} for the context; {free_text} free)"
         )
     elif layers and used + context > free:
         notes.append(
-            f"--gpu-layers {gpu}: about {_gib(used + context)} needed on the GPU but "
-            f"{_gib(free)} is free; llama.cpp may fail to allocate: try --gpu-layers auto"
+            f"--gpu-layers {gpu}: about {size_text(used + context)} needed on the GPU but "
+            f"{free_text} is free; llama.cpp may fail to allocate: try --gpu-layers auto"
         )
-    return _offload(weights, layers, moe_layers, tuple(notes), gpu_bytes=True)
+    return tuple(notes)
 
 
 def _auto_moe(weights: Weights, free: int, context: int, gpu_layers: int | None) -> int:
@@ -391,5 +401,14 @@ def _experts(moe_layers: int, n_layer: int) -> str:
     return f"experts of the first {moe_layers} of {n_layer} layers"
 
 
-def _gib(size: int) -> str:
+def size_text(size: int) -> str:
+    """Bytes for people: GiB, or MiB below 0.1 GiB."""
     return f"{size / GiB:.1f} GiB" if size >= GiB // 10 else f"{size / (1 << 20):.1f} MiB"
+
+
+def plan_model(path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int) -> Offload:
+    """plan_offload for a GGUF file, this machine's free VRAM and an n_ctx-token context."""
+    weights = read_weights(path)
+    return plan_offload(
+        weights, gpu_option, moe_option, free=free_vram(), context=weights.context(n_ctx)
+    )
