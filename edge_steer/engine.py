@@ -92,8 +92,10 @@ class Model:
     @property
     def buffers(self) -> dict[str, int]:
         """Weight bytes per buffer (CPU_Mapped, CUDA0, Metal, ...), as llama.cpp allocated."""
-        found = (_BUFFER.match(line) for line in self.load_log)
-        return {m[1]: round(float(m[2]) * (1 << 20)) for m in found if m}
+        sizes: dict[str, int] = {}
+        for match in filter(None, (_BUFFER.match(line) for line in self.load_log)):
+            sizes[match[1]] = sizes.get(match[1], 0) + round(float(match[2]) * (1 << 20))
+        return sizes
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
