@@ -56,7 +56,15 @@ LayersOpt = Annotated[
 CtxOpt = Annotated[int, typer.Option("--ctx", help="Context size in tokens.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all).")]
 GpuOpt = Annotated[
-    int, typer.Option("--gpu-layers", help="Layers to offload to the GPU; -1 = all.")
+    str | None,
+    typer.Option("--gpu-layers", help="Layers on the GPU: N, all or auto (default: auto)."),
+]
+MoeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--moe-offload",
+        help="MoE experts kept in CPU RAM: none, all, N (first N layers) or auto (default).",
+    ),
 ]
 TempOpt = Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")]
 TopPOpt = Annotated[float, typer.Option("--top-p")]
@@ -77,16 +85,34 @@ def _settings(temp, top_p, top_k, min_p, repeat, seed):
     return SamplerSettings(temp, top_k, top_p, min_p, repeat, seed=seed)
 
 
-def _open(model: str, ctx: int, threads: int | None, gpu_layers: int, specs, layers, retrain):
-    """Resolve and load the model, make a generation context, load and apply the vectors
-    (training built-in concepts that this model has no stored vector for yet)."""
-    from . import hub, library, steering
-    from .engine import Context, Model
+def _load_model(model: str, gpu_layers: str | None, moe_offload: str | None, n_ctx: int):
+    """Resolve the model, split it between GPU and CPU memory (saying what `auto` chose and,
+    from llama.cpp's load log, where the weights went), and load it."""
+    from . import hardware, hub
+    from .engine import Model
 
     path = hub.resolve_model(model)
+    plan = hardware.plan_model(path, gpu_layers, moe_offload, n_ctx)
+    for note in plan.notes:
+        err.print(note, style="dim")
+    loaded = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors)
+    if plan.cpu_tensors or plan.gpu_bytes:
+        buffers = loaded.buffers.items()
+        where = ", ".join(f"{name} {hardware.size_text(size)}" for name, size in buffers)
+        kept = len(loaded.overridden)
+        err.print(f"weights: {where}; {kept} tensors kept in CPU memory", style="dim")
+    return loaded
+
+
+def _open(model, ctx, threads, gpu_layers, moe_offload, specs, layers, retrain):
+    """Load the model, make a generation context, load and apply the vectors (training
+    built-in concepts that this model has no stored vector for yet)."""
+    from . import library, steering
+    from .engine import Context
+
     if ctx < 16:
         raise UserError(f"--ctx {ctx} is too small: use at least 16 tokens")
-    loaded = Model(path, gpu_layers=gpu_layers)
+    loaded = _load_model(model, gpu_layers, moe_offload, ctx)
 
     def resolve(name: str):
         with _progress(f"training {name!r} on {loaded.name}") as progress:
@@ -170,14 +196,15 @@ def generate(
     max_tokens: MaxTokOpt = 256,
     ctx: CtxOpt = 4096,
     threads: ThreadsOpt = None,
-    gpu_layers: GpuOpt = 0,
+    gpu_layers: GpuOpt = None,
+    moe_offload: MoeOpt = None,
     retrain: RetrainOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a text (plain completion, what base models want)."""
     from .engine import Sampler
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain)
+    _, context, steer = _open(model, ctx, threads, gpu_layers, moe_offload, vector, layers, retrain)
     sampler = Sampler(context.model, _settings(temp, top_p, top_k, min_p, repeat_penalty, seed))
     start = time.perf_counter()
     tokens = context.model.tokenize(prompt)
@@ -214,14 +241,15 @@ def chat(
     max_tokens: MaxTokOpt = 512,
     ctx: CtxOpt = 4096,
     threads: ThreadsOpt = None,
-    gpu_layers: GpuOpt = 0,
+    gpu_layers: GpuOpt = None,
+    moe_offload: MoeOpt = None,
     retrain: RetrainOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Chat with a model, steered by control vectors that you can change live."""
     from .chat import ChatSession
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain)
+    _, context, steer = _open(model, ctx, threads, gpu_layers, moe_offload, vector, layers, retrain)
     settings = _settings(temp, top_p, top_k, min_p, repeat_penalty, seed)
     session = ChatSession(context, steer, settings, system, max_tokens)
     if prompt is not None:
@@ -347,15 +375,15 @@ def train_command(
         int, typer.Option("--limit", help="Most persona x continuation pairs to train on.")
     ] = 128,
     threads: ThreadsOpt = None,
-    gpu_layers: GpuOpt = 0,
+    gpu_layers: GpuOpt = None,
+    moe_offload: MoeOpt = None,
 ) -> None:
     """Train a control vector on the model itself and store it for `--vector NAME`."""
-    from . import convert, hub, library, steering, train, vectors
-    from .engine import Model
+    from . import convert, library, steering, train, vectors
 
     if method not in train.METHODS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(train.METHODS)}")
-    loaded = Model(hub.resolve_model(model), gpu_layers=gpu_layers)
+    loaded = _load_model(model, gpu_layers, moe_offload, train.TrainOptions.batch)
     span = steering.parse_layers(layers, loaded.n_layer)
     data = library.contrast_pairs(
         loaded,
@@ -378,8 +406,9 @@ def train_command(
 
 
 def _register_subcommands() -> None:
-    """Command groups live in their own modules; they import the helpers above."""
-    from . import cli_vectors
+    """Commands living in their own modules, which import the helpers above. Importing
+    `cli_doctor` registers `doctor`; `vectors` is a group of its own."""
+    from . import cli_doctor, cli_vectors  # noqa: F401
 
     app.add_typer(cli_vectors.app, name="vectors")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from .errors import UserError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
 _VERBOSE = os.environ.get("EDGE_STEER_VERBOSE", "") not in ("", "0")
+_recording: list[str] | None = None  # every line while a model loads (Model.load_log)
 
 
 @ll.llama_log_callback
@@ -31,6 +33,8 @@ def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     """Keep llama.cpp's chatter out of the terminal, but remember it for error messages."""
     line = (text or b"").decode(errors="replace")
     LOG_TAIL.append(line)
+    if _recording is not None:
+        _recording.append(line)
     if _VERBOSE:
         print(line, end="", file=__import__("sys").stderr)
 
@@ -44,14 +48,28 @@ def default_threads() -> int:
 
 
 class Model:
-    """A loaded GGUF model: weights, vocabulary and chat template."""
+    """A loaded GGUF model: weights, vocabulary and chat template.
 
-    def __init__(self, path: str | Path, *, gpu_layers: int = 0):
+    `gpu_layers` is llama.cpp's n_gpu_layers (the output layer counts as one; -1 = all).
+    Weights whose names match a `cpu_tensors` regex stay in CPU memory whatever `gpu_layers`
+    says (llama.cpp tensor buffer overrides; how MoE experts stay in RAM). Where llama.cpp
+    put things is read back from its own load log: `overridden` and `buffers`.
+    """
+
+    def __init__(self, path: str | Path, *, gpu_layers: int = 0, cpu_tensors: Sequence[str] = ()):
+        global _recording
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
+        self._overrides = _override_array(cpu_tensors)  # llama.cpp keeps the pointer
+        if self._overrides is not None:
+            params.tensor_buft_overrides = ctypes.addressof(self._overrides)
         LOG_TAIL.clear()
-        self.ptr = ll.llama_model_load_from_file(str(self.path).encode(), params)
+        _recording = []
+        try:
+            self.ptr = ll.llama_model_load_from_file(str(self.path).encode(), params)
+        finally:
+            self.load_log, _recording = tuple(_recording), None
         if not self.ptr:
             raise UserError(f"llama.cpp could not load {self.path}: {_last_error()}")
         self.vocab = ll.llama_model_get_vocab(self.ptr)
@@ -64,6 +82,20 @@ class Model:
         self.name = self.meta("general.name") or self.path.stem
         template = ll.llama_model_chat_template(self.ptr, None)
         self.chat_template: str | None = template.decode() if template else None
+
+    @property
+    def overridden(self) -> dict[str, str]:
+        """Weight name -> buffer type for each tensor override llama.cpp applied."""
+        found = (_OVERRIDDEN.match(line) for line in self.load_log)
+        return {m[1]: m[2] for m in found if m}
+
+    @property
+    def buffers(self) -> dict[str, int]:
+        """Weight bytes per buffer (CPU_Mapped, CUDA0, Metal, ...), as llama.cpp allocated."""
+        sizes: dict[str, int] = {}
+        for match in filter(None, (_BUFFER.match(line) for line in self.load_log)):
+            sizes[match[1]] = sizes.get(match[1], 0) + round(float(match[2]) * (1 << 20))
+        return sizes
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -124,6 +156,26 @@ class Model:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+_OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+_BUFFER = re.compile(r"\w+: +(\S+) model buffer size = +([\d.]+) MiB")
+
+
+class _Override(ctypes.Structure):
+    """struct llama_model_tensor_buft_override: {const char *pattern; buffer type}."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _override_array(patterns: Sequence[str]) -> ctypes.Array | None:
+    """A NULL-terminated override array sending `patterns` to the CPU buffer type. The
+    array holds the pattern bytes, so keeping it referenced keeps them alive too."""
+    if not patterns:
+        return None
+    cpu = ggml.cpu_buffer_type()
+    entries = [_Override(p.encode(), cpu) for p in patterns] + [_Override(None, None)]
+    return (_Override * len(entries))(*entries)
 
 
 def _last_error() -> str:

@@ -1,13 +1,14 @@
 """ctypes bindings for the few ggml functions llama-cpp-python does not bind.
 
-Reading hidden states in the eval callback needs a tensor's name, shape and bytes. These live
-in the ggml libraries shipped in llama_cpp's `lib/` folder, next to libllama.
+Reading hidden states in the eval callback needs a tensor's name, shape and bytes; keeping
+experts in CPU memory needs the CPU buffer type; `doctor` needs the backend device registry.
+They live in the ggml libraries shipped in llama_cpp's `lib/` folder, next to libllama.
 """
 
 from __future__ import annotations
 
 import ctypes
-import sys
+import os
 from functools import cache
 from pathlib import Path
 
@@ -34,12 +35,22 @@ def _lib_dir() -> Path:
 
 
 def _load(stem: str) -> ctypes.CDLL | None:
-    names = {"win32": [f"{stem}.dll", f"lib{stem}.dll"], "darwin": [f"lib{stem}.dylib"]}
-    for name in names.get(sys.platform, [f"lib{stem}.so"]):
-        path = _lib_dir() / name
-        if path.exists():
-            return ctypes.CDLL(str(path))
-    return None
+    """The copy of lib<stem> that libllama already uses.
+
+    Wheels hold real copies (libggml-base.so, .so.0, .so.0.25.3), not symlinks, so loading
+    another name maps a second instance with its own registry and its own CPU buffer type
+    (llama.cpp compares that pointer). RTLD_NOLOAD finds the mapped one without loading.
+    """
+    candidates = sorted(_lib_dir().glob(f"*{stem}.*"))
+    candidates = [p for p in candidates if p.name.split(".")[0] in (stem, f"lib{stem}")]
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is not None:
+        for path in candidates:
+            try:
+                return ctypes.CDLL(str(path), mode=noload)
+            except OSError:
+                continue
+    return ctypes.CDLL(str(candidates[0])) if candidates else None
 
 
 @cache
@@ -75,3 +86,67 @@ def tensor_rows(tensor: int, rows: list[int] | None = None) -> np.ndarray:
     for i, row in enumerate(wanted):
         get(tensor, out[i].ctypes.data, row * row_stride, width * 4)
     return out
+
+
+def cpu_buffer_type() -> int:
+    """ggml's CPU buffer type: the `buft` of a tensor override that keeps weights in RAM."""
+    return _symbol("ggml_backend_cpu_buffer_type", (), ctypes.c_void_p)()
+
+
+DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel", "meta")  # enum ggml_backend_dev_type
+
+
+def devices() -> list[tuple[str, str, str, int, int]]:
+    """(name, description, type, free bytes, total bytes) of every device ggml registered."""
+    _ensure_backends()
+    get = _symbol("ggml_backend_dev_get", (ctypes.c_size_t,), ctypes.c_void_p)
+    text = {
+        field: _symbol(f"ggml_backend_dev_{field}", (ctypes.c_void_p,), ctypes.c_char_p)
+        for field in ("name", "description")
+    }
+    kind = _symbol("ggml_backend_dev_type", (ctypes.c_void_p,), ctypes.c_int)
+    size_p = ctypes.POINTER(ctypes.c_size_t)
+    memory = _symbol("ggml_backend_dev_memory", (ctypes.c_void_p, size_p, size_p), None)
+    found = []
+    for i in range(_symbol("ggml_backend_dev_count", (), ctypes.c_size_t)()):
+        dev = get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        memory(dev, ctypes.byref(free), ctypes.byref(total))
+        names = [(text[f](dev) or b"").decode(errors="replace") for f in ("name", "description")]
+        kind_name = DEVICE_TYPES[k] if 0 <= (k := kind(dev)) < len(DEVICE_TYPES) else "unknown"
+        found.append((names[0], names[1], kind_name, free.value, total.value))
+    return found
+
+
+class _Feature(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """Each registered backend (CPU, CUDA, Metal, ...) with the feature flags it reports
+    (CPU: AVX2 = 1, NEON = 1, ...; CUDA: ARCHS = ...)."""
+    _ensure_backends()
+    reg_get = _symbol("ggml_backend_reg_get", (ctypes.c_size_t,), ctypes.c_void_p)
+    reg_name = _symbol("ggml_backend_reg_name", (ctypes.c_void_p,), ctypes.c_char_p)
+    proc = _symbol(
+        "ggml_backend_reg_get_proc_address", (ctypes.c_void_p, ctypes.c_char_p), ctypes.c_void_p
+    )
+    get_features_t = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)
+    found = {}
+    for i in range(_symbol("ggml_backend_reg_count", (), ctypes.c_size_t)()):
+        reg = reg_get(i)
+        features: dict[str, str] = {}
+        address = proc(reg, b"ggml_backend_get_features")
+        if address:
+            array, i = get_features_t(address)(reg), 0
+            while array[i].name:  # NULL-terminated
+                features[array[i].name.decode()] = (array[i].value or b"").decode()
+                i += 1
+        found[(reg_name(reg) or b"?").decode()] = features
+    return found
+
+
+def _ensure_backends() -> None:
+    """Builds with dynamically loaded backends register nothing until asked to load them."""
+    if _symbol("ggml_backend_reg_count", (), ctypes.c_size_t)() == 0:
+        _symbol("ggml_backend_load_all", (), None)()

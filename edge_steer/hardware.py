@@ -1,10 +1,15 @@
-"""What this machine has: RAM, disk, cores. Used to refuse what will not fit before it starts."""
+"""What this machine has (RAM, disk, cores, llama.cpp backends and devices) and how to split a
+model between GPU and CPU memory (layers, MoE experts) so that it fits."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
 
 
 def _meminfo() -> dict[str, int]:
@@ -55,3 +60,355 @@ def cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+# -- backends and devices ------------------------------------------------------------------
+
+GiB = 1 << 30
+VRAM_ENV = "EDGE_STEER_VRAM"  # plan as if this much GPU memory were free (limit or rehearse)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A ggml backend device: 'cpu', 'gpu' (discrete or Apple), 'igpu', 'accel'."""
+
+    name: str
+    description: str
+    kind: str
+    free: int
+    total: int
+
+
+def devices() -> list[Device]:
+    """Every device the installed llama.cpp build can use, with free and total memory."""
+    from . import ggml
+
+    return [Device(*found) for found in ggml.devices()]
+
+
+def gpus() -> list[Device]:
+    """The devices llama.cpp offloads layers to: discrete GPUs, else integrated ones."""
+    found = devices()
+    return [d for d in found if d.kind == "gpu"] or [d for d in found if d.kind == "igpu"]
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """Compiled-in backends (CPU, CUDA, Metal, ...) and the feature flags each reports."""
+    from . import ggml
+
+    return ggml.backends()
+
+
+def cpu_features() -> list[str]:
+    """CPU features this llama.cpp build uses (AVX2, NEON, ...), as its CPU backend says."""
+    flags = backends().get("CPU", {})
+    return [name if value == "1" else f"{name}={value}" for name, value in flags.items()]
+
+
+def free_vram() -> int:
+    """Bytes free on the offload GPUs together (llama.cpp splits layers by free memory);
+    0 without a GPU. $EDGE_STEER_VRAM (e.g. 10GiB) overrides it."""
+    budget = os.environ.get(VRAM_ENV)
+    if budget:
+        return parse_size(budget, VRAM_ENV)
+    return sum(d.free for d in gpus())
+
+
+def parse_size(text: str, what: str) -> int:
+    """'10GiB', '512MiB', '10G' or plain bytes -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise UserError(f"{what}={text!r} is not a size: write e.g. 10GiB, 512MiB or bytes")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * 1024**power)
+
+
+def gpu_build_command(system: str, machine: str) -> str:
+    """The pip line that rebuilds llama-cpp-python with GPU support: Metal on Apple Silicon,
+    CUDA elsewhere (NVIDIA; README names Vulkan for other GPUs). Same version as installed."""
+    from importlib.metadata import version
+
+    flag = "-DGGML_METAL=on" if (system, machine) == ("Darwin", "arm64") else "-DGGML_CUDA=on"
+    return (
+        f'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir '
+        f"llama-cpp-python=={version('llama-cpp-python')}"
+    )
+
+
+# -- splitting a model between GPU and CPU memory -------------------------------------------
+
+EXPERT_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # the pattern of llama.cpp's --cpu-moe
+RESERVE = 512 << 20  # GPU runtime, cuBLAS workspace, fragmentation: what `auto` leaves free
+_EXPERT = re.compile(EXPERT_REGEX)
+_BLOCK = re.compile(r"blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A GGUF's weight bytes by where llama.cpp can place them, read before loading it.
+
+    llama.cpp offloads `n_gpu_layers` from the top: the output layer counts as one, then the
+    blocks from the last one down. Token embeddings always stay in CPU memory.
+    """
+
+    blocks: tuple[int, ...]  # non-expert bytes of each block
+    experts: tuple[int, ...]  # expert bytes of each block
+    output: int  # output norm and head (with tied embeddings, llama.cpp's copy of them)
+    kv_per_token: int  # F16 K and V cache bytes per token, all blocks
+    n_vocab: int
+    n_head: int
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.experts)
+
+    def on_gpu(self, gpu_layers: int, moe_layers: int) -> int:
+        """Weight bytes on the GPU with `gpu_layers` offloaded and the experts of the first
+        `moe_layers` blocks kept in CPU memory."""
+        if gpu_layers <= 0:
+            return 0
+        first = max(self.n_layer - (gpu_layers - 1), 0)
+        return self.output + sum(
+            self.blocks[i] + (self.experts[i] if i >= moe_layers else 0)
+            for i in range(first, self.n_layer)
+        )
+
+    def context(self, n_ctx: int, n_ubatch: int = 512) -> int:
+        """GPU bytes a context needs besides the weights: the KV cache, an estimate of the
+        compute buffer (F32 logits and attention scores of one micro-batch), and RESERVE."""
+        compute = 4 * n_ubatch * (self.n_vocab + self.n_head * n_ctx)
+        return self.kv_per_token * n_ctx + compute + RESERVE
+
+
+def read_weights(path: Path) -> Weights:
+    """Sizes and shapes from the GGUF header (memory-mapped; no weights are read)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def meta(key: str, default: object = None):
+        field = reader.get_field(key)
+        return field.contents() if field is not None else default
+
+    arch = meta("general.architecture", "llama")
+    n_layer = meta(f"{arch}.block_count")
+    if not isinstance(n_layer, int) or n_layer < 1:
+        raise UserError(f"{path}: no {arch}.block_count in its metadata: cannot plan offloading")
+    blocks, experts = [0] * n_layer, [0] * n_layer
+    output = embeddings = n_vocab = 0
+    tied = True
+    for tensor in reader.tensors:
+        size, block = int(tensor.n_bytes), _BLOCK.match(tensor.name)
+        if block:
+            if int(block.group(1)) < n_layer:  # extra (MTP) blocks are not loaded by default
+                (experts if _EXPERT.search(tensor.name) else blocks)[int(block.group(1))] += size
+        elif tensor.name.startswith("token_embd."):
+            embeddings += size
+            n_vocab = max(n_vocab, int(tensor.shape[-1]))
+        else:
+            output += size
+            tied &= tensor.name != "output.weight"
+    per_layer = _per_layer(meta(f"{arch}.attention.head_count", 1), n_layer)
+    n_embd = meta(f"{arch}.embedding_length", 0)
+    k = meta(f"{arch}.attention.key_length", n_embd // max(per_layer))
+    v = meta(f"{arch}.attention.value_length", k)
+    kv_heads = _per_layer(meta(f"{arch}.attention.head_count_kv", per_layer), n_layer)
+    return Weights(
+        blocks=tuple(blocks),
+        experts=tuple(experts),
+        output=output + (embeddings if tied else 0),
+        kv_per_token=2 * (k + v) * sum(kv_heads),
+        n_vocab=n_vocab,
+        n_head=max(per_layer),
+    )
+
+
+def _per_layer(value: int | list[int], n_layer: int) -> list[int]:
+    """A head count that GGUF stores either once or per layer."""
+    return list(value) if isinstance(value, list) else [int(value)] * n_layer
+
+
+def expert_patterns(moe_layers: int, n_layer: int) -> list[str]:
+    """llama.cpp tensor-name regexes for the experts of blocks 0 .. moe_layers-1."""
+    if moe_layers >= n_layer:
+        return [EXPERT_REGEX]
+    return [rf"blk\.{i}{EXPERT_REGEX}" for i in range(moe_layers)]
+
+
+def plan_moe_offload(
+    weights: Weights, free: int, context: int, gpu_layers: int | None = None
+) -> int | None:
+    """Fewest blocks (from the first) whose experts must stay in CPU memory so that the rest
+    of `gpu_layers` (default: all) and the context fit in `free` GPU bytes; None if even all
+    experts on the CPU are not enough."""
+    layers = weights.n_layer + 1 if gpu_layers is None else gpu_layers
+    for moe_layers in range(weights.n_layer + 1):
+        if weights.on_gpu(layers, moe_layers) + context <= free:
+            return moe_layers
+    return None
+
+
+def plan_gpu_layers(weights: Weights, free: int, context: int, moe_layers: int = 0) -> int:
+    """Most layers (the output layer, then blocks from the last) that fit with the context."""
+    for layers in range(weights.n_layer + 1, 0, -1):
+        if weights.on_gpu(layers, moe_layers) + context <= free:
+            return layers
+    return 0
+
+
+def parse_gpu_layers(text: str | None) -> int | str | None:
+    """--gpu-layers N|all|auto -> int, 'all' or 'auto' (None: not given, which means auto).
+    -1 is llama.cpp's spelling of all."""
+    if text is not None and text.strip() == "-1":
+        return "all"
+    return _parse_count("--gpu-layers", text, ("all", "auto"))
+
+
+def parse_moe_offload(text: str | None) -> int | str | None:
+    """--moe-offload none|all|N|auto -> int (none = 0), 'all' or 'auto' (None: not given)."""
+    value = _parse_count("--moe-offload", text, ("none", "all", "auto"))
+    return 0 if value == "none" else value
+
+
+def _parse_count(option: str, text: str | None, words: tuple[str, ...]) -> int | str | None:
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value in words:
+        return value
+    if value.isdigit():
+        return int(value)
+    raise UserError(f"{option} {text}: use {', '.join(words)} or a number of layers (0 or more)")
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where the weights go (what engine.Model takes), and what `auto` chose, for the user."""
+
+    gpu_layers: int  # llama.cpp's n_gpu_layers: the output layer counts as one
+    moe_layers: int  # blocks, from the first, whose experts stay in CPU memory
+    cpu_tensors: tuple[str, ...]  # tensor-name regexes kept in CPU memory
+    gpu_bytes: int  # estimated weight bytes on the GPU
+    notes: tuple[str, ...] = ()
+
+
+def plan_offload(
+    weights: Weights, gpu_option: str | None, moe_option: str | None, *, free: int, context: int
+) -> Offload:
+    """Resolve --gpu-layers and --moe-offload for one model and `free` GPU bytes (0: no GPU).
+
+    With both on auto, a MoE model gets all layers on the GPU and the experts of as few
+    leading blocks in CPU memory as make the rest fit; if even all experts on the CPU are not
+    enough, as many layers as fit. Options not given (None) act as auto but stay quiet on
+    CPU-only machines, where there is nothing to decide.
+    """
+    gpu, moe = parse_gpu_layers(gpu_option), parse_moe_offload(moe_option)
+    _check_counts(weights, gpu, moe)
+    top, n = weights.n_layer + 1, weights.n_layer
+    fixed_moe = n if moe == "all" else moe if isinstance(moe, int) else None
+    if free <= 0:
+        return _cpu_only(weights, gpu, moe, fixed_moe or 0)
+    if gpu in (None, "auto"):
+        moe_layers = _auto_moe(weights, free, context, None) if fixed_moe is None else fixed_moe
+        layers = plan_gpu_layers(weights, free, context, moe_layers)
+        if layers == 0 and fixed_moe is None:
+            moe_layers = 0  # nothing on the GPU: no experts to keep off it
+    else:
+        layers = top if gpu == "all" else int(gpu)
+        moe_layers = _auto_moe(weights, free, context, layers) if fixed_moe is None else fixed_moe
+    notes = _notes(weights, gpu, moe, layers, moe_layers, free, context)
+    return _offload(weights, layers, moe_layers, notes, gpu_bytes=True)
+
+
+def _notes(weights: Weights, gpu, moe, layers: int, moe_layers: int, free: int, context: int):
+    """One line per choice `auto` made, and a warning when fixed counts will not fit."""
+    used, top = weights.on_gpu(layers, moe_layers), weights.n_layer + 1
+    gpu_text, free_text = size_text(used), size_text(free)
+    notes = []
+    if moe in (None, "auto") and weights.is_moe:
+        split = f"{_experts(moe_layers, weights.n_layer)} on CPU, {gpu_text} on GPU"
+        notes.append(f"moe-offload auto: {split if layers else 'no layers on the GPU: none'}")
+    elif moe == "auto":
+        notes.append("moe-offload auto: not a mixture-of-experts model: nothing to offload")
+    if gpu in (None, "auto"):
+        notes.append(
+            f"gpu-layers auto: {layers} of {top} layers on GPU ({gpu_text} of weights "
+            f"+ {size_text(context)} for the context; {free_text} free)"
+        )
+    elif layers and used + context > free:
+        notes.append(
+            f"--gpu-layers {gpu}: about {size_text(used + context)} needed on the GPU but "
+            f"{free_text} is free; llama.cpp may fail to allocate: try --gpu-layers auto"
+        )
+    return tuple(notes)
+
+
+def _auto_moe(weights: Weights, free: int, context: int, gpu_layers: int | None) -> int:
+    """plan_moe_offload, with all experts on the CPU when nothing fits (0 for dense models)."""
+    if not weights.is_moe:
+        return 0
+    found = plan_moe_offload(weights, free, context, gpu_layers)
+    return weights.n_layer if found is None else found
+
+
+def _check_counts(weights: Weights, gpu: int | str | None, moe: int | str | None) -> None:
+    top, n = weights.n_layer + 1, weights.n_layer
+    if isinstance(gpu, int) and gpu > top:
+        raise UserError(
+            f"--gpu-layers {gpu}: the model has {top} layers to offload ({n} blocks + output): "
+            f"use 0-{top}, all or auto"
+        )
+    if isinstance(moe, int) and moe > n:
+        raise UserError(f"--moe-offload {moe}: the model has {n} layers: use 0-{n}, none or all")
+    if moe not in (None, "auto", 0) and not weights.is_moe:
+        raise UserError(
+            f"--moe-offload {moe}: the model has no expert tensors (not a mixture of experts): "
+            "leave the option out"
+        )
+
+
+def _cpu_only(weights: Weights, gpu: int | str | None, moe: int | str | None, moe_layers: int):
+    notes = []
+    if gpu == "auto":
+        notes.append("gpu-layers auto: no GPU found (CPU-only build): all layers on CPU")
+    elif gpu not in (None, 0):
+        notes.append(f"--gpu-layers {gpu}: no GPU found (CPU-only build): ignored")
+    if moe == "auto":
+        notes.append("moe-offload auto: no GPU found (CPU-only build): nothing to offload")
+    layers = weights.n_layer + 1 if gpu == "all" else gpu if isinstance(gpu, int) else 0
+    return _offload(weights, layers, moe_layers, tuple(notes), gpu_bytes=False)
+
+
+def _offload(weights: Weights, layers: int, moe_layers: int, notes, *, gpu_bytes: bool):
+    return Offload(
+        gpu_layers=layers,
+        moe_layers=moe_layers,
+        cpu_tensors=tuple(expert_patterns(moe_layers, weights.n_layer)),
+        gpu_bytes=weights.on_gpu(layers, moe_layers) if gpu_bytes else 0,
+        notes=notes,
+    )
+
+
+def _experts(moe_layers: int, n_layer: int) -> str:
+    if moe_layers == 0:
+        return "no experts"
+    if moe_layers == n_layer:
+        return f"experts of all {n_layer} layers"
+    return f"experts of the first {moe_layers} of {n_layer} layers"
+
+
+def size_text(size: int) -> str:
+    """Bytes for people: GiB, or MiB below 0.1 GiB."""
+    return f"{size / GiB:.1f} GiB" if size >= GiB // 10 else f"{size / (1 << 20):.1f} MiB"
+
+
+def plan_model(path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int) -> Offload:
+    """plan_offload for a GGUF file, this machine's free VRAM and an n_ctx-token context."""
+    weights = read_weights(path)
+    return plan_offload(
+        weights, gpu_option, moe_option, free=free_vram(), context=weights.context(n_ctx)
+    )

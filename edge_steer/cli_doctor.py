@@ -1,0 +1,111 @@
+"""`edge-steer doctor`: what this machine and its llama.cpp build can run, and how to get a
+GPU build when only the CPU backend is compiled in."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Iterable
+from importlib.metadata import version
+
+from rich.table import Table
+
+from . import hardware
+from .cli import JsonOpt, app, clean_errors, out
+
+OS_RESERVE = 1 << 30  # RAM the operating system and other programs keep
+GPU_BACKENDS_ABSENT = {"CPU", "BLAS", "RPC"}  # backends that put no weights on a GPU
+
+
+def report() -> dict:
+    """Build, CPU, memory and devices as one JSON-ready dict."""
+    backends = hardware.backends()
+    gpu_backends = [name for name in backends if name not in GPU_BACKENDS_ABSENT]
+    command = None
+    if not gpu_backends:
+        command = hardware.gpu_build_command(platform.system(), platform.machine())
+    return {
+        "build": {
+            "llama_cpp_python": version("llama-cpp-python"),
+            "backends": list(backends),
+            "gpu_backends": gpu_backends,
+        },
+        "cpu": {"cores": hardware.cpu_cores(), "features": hardware.cpu_features()},
+        "ram": {"total": hardware.total_ram(), "available": hardware.available_ram()},
+        "devices": [vars(d) for d in hardware.devices()],
+        "vram_free": hardware.free_vram(),
+        "gpu_build_command": command,
+    }
+
+
+def model_fits(
+    models: Iterable[tuple[str, int, int]], ram_total: int, vram_free: int
+) -> list[dict]:
+    """For each (name, file bytes, memory needed to run it), where it runs on this machine:
+    'gpu' (all of it in free VRAM), 'gpu+cpu' (split, e.g. experts in RAM), 'cpu', or 'no'."""
+    ram = max(ram_total - OS_RESERVE, 0)
+    rows = []
+    for name, size, needed in models:
+        if vram_free and needed <= vram_free:
+            where = "gpu"
+        elif needed <= ram:
+            where = "gpu+cpu" if vram_free else "cpu"
+        elif vram_free and needed <= ram + vram_free:
+            where = "gpu+cpu"
+        else:
+            where = "no"
+        rows.append({"name": name, "size": size, "needed": needed, "runs_on": where})
+    return rows
+
+
+def catalog_models() -> list[tuple[str, int, int]] | None:
+    """(name, file bytes, memory needed) of the catalog's builds; None without a catalog."""
+    try:
+        from . import catalog
+    except ImportError:
+        return None
+    return [(e.name, e.size, e.ram) for e in catalog.entries()]
+
+
+@app.command()
+@clean_errors
+def doctor(as_json: JsonOpt = False) -> None:
+    """Show the llama.cpp build, devices and memory, and which models fit."""
+    info = report()
+    models = catalog_models()
+    if models is not None:
+        info["models"] = model_fits(models, info["ram"]["total"], info["vram_free"])
+    if as_json:
+        print(json.dumps(info))
+        return
+    _render(info)
+
+
+def _render(info: dict) -> None:
+    size = hardware.size_text
+    build = info["build"]
+    gpu = ", ".join(build["gpu_backends"]) or "none compiled in"
+    out.print(
+        f"[bold]build[/]    llama-cpp-python {build['llama_cpp_python']}; "
+        f"backends {', '.join(build['backends'])}; GPU: {gpu}"
+    )
+    out.print(
+        f"[bold]cpu[/]      {info['cpu']['cores']} cores; {' '.join(info['cpu']['features'])}"
+    )
+    ram, vram = info["ram"], info["vram_free"]
+    out.print(
+        f"[bold]memory[/]   {size(ram['total'])} RAM, {size(ram['available'])} available; "
+        + (f"{size(vram)} free on GPUs" if vram else "no GPU memory")
+    )
+    devices = Table("device", "type", "description", "free", "total", box=None)
+    for d in info["devices"]:
+        devices.add_row(d["name"], d["kind"], d["description"], size(d["free"]), size(d["total"]))
+    out.print(devices)
+    if info["gpu_build_command"]:
+        out.print("[bold]GPU build[/] (only the CPU backend is compiled in):")
+        out.print(info["gpu_build_command"], markup=False)
+    if "models" in info:
+        table = Table("model", "file", "needs", "runs on", box=None)
+        for m in info["models"]:
+            table.add_row(m["name"], size(m["size"]), size(m["needed"]), m["runs_on"])
+        out.print(table)
