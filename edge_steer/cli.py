@@ -13,7 +13,9 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from . import catalog
 from .errors import UserError
 
 app = typer.Typer(
@@ -36,7 +38,7 @@ def clean_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -45,7 +47,17 @@ def clean_errors(func: F) -> F:
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="GGUF model path, or 'demo' (Gemma 3 270M).")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Catalog name (mistral:q4_k_m, mixtral:q3_k_m, demo: `edge-steer models list`), "
+        "hf:REPO/FILE, or a GGUF path. Downloaded on first use.",
+    ),
+]
+DEFAULT_MODEL = catalog.default_name()
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Load the model even if RAM or disk looks too small.")
 ]
 VectorOpt = Annotated[
     list[str],
@@ -78,13 +90,13 @@ def _settings(temp, top_p, top_k, min_p, repeat, seed):
     return SamplerSettings(temp, top_k, top_p, min_p, repeat, seed=seed)
 
 
-def _open(model: str, ctx: int, threads: int | None, gpu_layers: int, specs, layers, retrain):
-    """Resolve and load the model, make a generation context, load and apply the vectors
-    (training built-in concepts that this model has no stored vector for yet)."""
-    from . import hub, library, steering
+def _open(model, ctx: int, threads: int | None, gpu_layers: int, specs, layers, retrain, force):
+    """Resolve (downloading on first use) and load the model, make a generation context, load and
+    apply the vectors (training built-in concepts that this model has no stored vector for yet)."""
+    from . import library, steering
     from .engine import Context, Model
 
-    path = hub.resolve_model(model)
+    path = cli_models.resolve(model, gpu_layers=gpu_layers, force=force)
     if ctx < 16:
         raise UserError(f"--ctx {ctx} is too small: use at least 16 tokens")
     loaded = Model(path, gpu_layers=gpu_layers)
@@ -159,7 +171,7 @@ def _result(context, steer, prompt: str, text: str, seconds: float) -> dict:
 @clean_errors
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    model: ModelOpt = "demo",
+    model: ModelOpt = DEFAULT_MODEL,
     vector: VectorOpt = [],  # noqa: B006 (typer needs a list default)
     layers: LayersOpt = None,
     temp: TempOpt = 0.8,
@@ -173,12 +185,13 @@ def generate(
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
     retrain: RetrainOpt = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a text (plain completion, what base models want)."""
     from .engine import Sampler
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain)
+    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain, force)
     sampler = Sampler(context.model, _settings(temp, top_p, top_k, min_p, repeat_penalty, seed))
     start = time.perf_counter()
     tokens = context.model.tokenize(prompt)
@@ -199,7 +212,7 @@ Ctrl-C stops the current reply."""
 @app.command()
 @clean_errors
 def chat(
-    model: ModelOpt = "demo",
+    model: ModelOpt = DEFAULT_MODEL,
     vector: VectorOpt = [],  # noqa: B006
     layers: LayersOpt = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
@@ -217,12 +230,13 @@ def chat(
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
     retrain: RetrainOpt = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Chat with a model, steered by control vectors that you can change live."""
     from .chat import ChatSession
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain)
+    _, context, steer = _open(model, ctx, threads, gpu_layers, vector, layers, retrain, force)
     settings = _settings(temp, top_p, top_k, min_p, repeat_penalty, seed)
     session = ChatSession(context, steer, settings, system, max_tokens)
     if prompt is not None:
@@ -308,7 +322,7 @@ def _command(session, line: str) -> bool:
         else:
             err.print(f"[red]unknown command {word}[/]: /help lists them")
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
     return False
 
 
@@ -325,7 +339,7 @@ def _vector_args(rest: str) -> tuple[str, float]:
 @clean_errors
 def train_command(
     name: Annotated[str, typer.Argument(help="Concept name: built-in (lazy, happy, ...) or new.")],
-    model: ModelOpt = "demo",
+    model: ModelOpt = DEFAULT_MODEL,
     positive: Annotated[
         str | None, typer.Option("--positive", help="Persona words, comma-separated.")
     ] = None,
@@ -348,16 +362,18 @@ def train_command(
     ] = 128,
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = 0,
+    force: ForceOpt = False,
 ) -> None:
     """Train a control vector on the model itself and store it for `--vector NAME`."""
     import shutil
 
-    from . import hub, library, steering, train
+    from . import library, steering, train
     from .engine import Model
 
     if method not in train.METHODS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(train.METHODS)}")
-    loaded = Model(hub.resolve_model(model), gpu_layers=gpu_layers)
+    path = cli_models.resolve(model, gpu_layers=gpu_layers, force=force)
+    loaded = Model(path, gpu_layers=gpu_layers)
     span = steering.parse_layers(layers, loaded.n_layer)
     data = library.contrast_pairs(
         loaded,
@@ -378,6 +394,12 @@ def train_command(
         target = shutil.copyfile(path, output + ".tmp")
         os.replace(target, output)
         out.print(f"wrote {output}")
+
+
+from . import cli_models  # noqa: E402 (its commands use the helpers above)
+
+app.command("pull")(cli_models.pull)
+app.add_typer(cli_models.models_app, name="models")
 
 
 def main() -> None:
