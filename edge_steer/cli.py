@@ -396,10 +396,7 @@ def train_command(
         out.print(f"wrote {output}")
 
 
-from . import cli_models  # noqa: E402 (its commands use the helpers above)
-
-app.command("pull")(cli_models.pull)
-app.add_typer(cli_models.models_app, name="models")
+from . import cli_models  # noqa: E402 (registers `pull` and `models`; uses the helpers above)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import catalog, hardware, hub
-from .cli import JsonOpt, clean_errors, err, out
+from .cli import JsonOpt, app, clean_errors, err, out
 
 models_app = typer.Typer(
     no_args_is_help=True, help="The model catalog: what can be pulled, and what is downloaded."
@@ -175,3 +175,7 @@ def rm(
         err.print(f"[dim]{src.name} is not downloaded[/]")
         return
     out.print(f"removed {src.name}")
+
+
+app.command("pull")(pull)
+app.add_typer(models_app, name="models")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -177,11 +178,15 @@ def test_insufficient_disk_gives_a_clear_refusal(hub, env, tiny) -> None:
     assert hub.gets() == []
 
 
-def test_unknown_files_and_repos_are_clean_errors(hub, env, tiny) -> None:
+def test_unknown_files_repos_and_an_unreachable_hub_are_clean_errors(hub, env, tiny) -> None:
     hub.add(REPO, "tiny.gguf", tiny)
     assert_refused(run("pull", f"hf:{REPO}/nope.gguf", env=env), "nope.gguf not found")
     assert_refused(run("pull", "hf:someone/else/x.gguf", env=env), "someone/else not found")
     assert_refused(run("pull", "hf:just-a-name", env=env), "use hf:OWNER/REPO/FILE")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{s.getsockname()[1]}"}
+    assert_refused(run("pull", SPEC, env=nowhere), "could not fetch", "--model demo")
 
 
 def test_models_list_info_and_rm(hub, env, hf_home, tiny, demo_path) -> None:
