@@ -18,7 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import catalog, hardware, hub
+from . import catalog, download, hardware, hub
 from .cli import JsonOpt, app, clean_errors, err, out
 
 models_app = typer.Typer(
@@ -101,7 +101,7 @@ def pull(name: NameArg, offline: OfflineOpt = False, force: ForceOpt = False) ->
 
 
 def _describe(entry: catalog.Entry) -> dict:
-    path = hub.cached_path(hub.source(entry.name))
+    path = download.cached_path(download.source(entry.name))
     return {
         "name": catalog.short_name(entry),
         "title": entry.title,
@@ -170,8 +170,8 @@ def rm(
     name: Annotated[str, typer.Argument(help="Catalog name or hf:REPO/FILE.")],
 ) -> None:
     """Delete a downloaded model file from the cache."""
-    src = hub.source(name)
-    if not hub.remove(src):
+    src = download.source(name)
+    if not download.remove(src):
         err.print(f"[dim]{src.name} is not downloaded[/]")
         return
     out.print(f"removed {src.name}")

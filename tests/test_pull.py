@@ -125,8 +125,8 @@ def test_pinned_size_and_sha256_are_checked(hub, env, tiny) -> None:
     hub.add(REPO, "tiny.gguf", tiny)
     sha = hashlib.sha256(tiny).hexdigest()
     code = (
-        "from edge_steer import hub; "
-        f"print(hub.fetch(hub.Source({REPO!r}, 'tiny.gguf', {COMMIT!r}, {len(tiny)}, {sha!r})))"
+        "from edge_steer import download as d; "
+        f"print(d.fetch(d.Source({REPO!r}, 'tiny.gguf', {COMMIT!r}, {len(tiny)}, {sha!r})))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
