@@ -96,9 +96,9 @@ def _open(model, ctx: int, threads: int | None, gpu_layers: int, specs, layers, 
     from . import library, steering
     from .engine import Context, Model
 
-    path = cli_models.resolve(model, gpu_layers=gpu_layers, force=force)
     if ctx < 16:
         raise UserError(f"--ctx {ctx} is too small: use at least 16 tokens")
+    path = cli_models.resolve(model, gpu_layers=gpu_layers, force=force, ctx=ctx)
     loaded = Model(path, gpu_layers=gpu_layers)
 
     def resolve(name: str):

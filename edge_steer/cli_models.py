@@ -82,13 +82,21 @@ class RichBar:
         self.close()
 
 
-def resolve(model: str, *, gpu_layers: int = 0, force: bool = False, offline: bool = False) -> Path:
+def resolve(
+    model: str,
+    *,
+    offline: bool = False,
+    force: bool = False,
+    gpu_layers: int = 0,
+    ctx: int = catalog.DEFAULT_CTX,
+) -> Path:
     """hub.resolve_model, telling the user on stderr what it downloads, with a progress bar."""
     return hub.resolve_model(
         model,
         offline=offline,
         force=force,
         gpu_layers=gpu_layers,
+        ctx=ctx,
         say=lambda message: err.print(f"[dim]{escape(message)}[/]"),
         tqdm_class=RichBar,
     )

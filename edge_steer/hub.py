@@ -17,13 +17,15 @@ def resolve_model(
     offline: bool = False,
     force: bool = False,
     gpu_layers: int = 0,
+    ctx: int = catalog.DEFAULT_CTX,
     say: download.Say = download.quiet,
     tqdm_class: type | None = None,
 ) -> Path:
     """A catalog name (`mistral:q4_k_m`, `demo`), `hf:REPO/FILE` or a GGUF path -> a checked file.
 
-    Catalog models are checked against this machine's RAM first (`force` skips that and the disk
-    check), then downloaded on first use; `say` tells the user what is about to happen."""
+    Catalog models are checked against this machine's RAM first, for `ctx` tokens of context
+    (`force` skips that and the disk check), then downloaded on first use; `say` tells the user
+    what is about to happen."""
     spec = spec or catalog.default_name()
     if looks_like_path(spec):
         path = Path(spec).expanduser()
@@ -32,7 +34,7 @@ def resolve_model(
     src = download.source(spec)
     if src.entry is not None and not force:
         problem = catalog.fit_problem(
-            src.entry, available_ram=hardware.available_ram(), gpu_layers=gpu_layers
+            src.entry, available_ram=hardware.available_ram(), gpu_layers=gpu_layers, ctx=ctx
         )
         if problem:
             raise UserError(problem)

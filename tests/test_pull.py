@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_steer import catalog
+from edge_steer import catalog, hardware
 from tests.local_hub import COMMIT, LocalHub
 
 REPO = "edge-steer/tiny-gguf"
@@ -207,3 +207,12 @@ def test_models_list_info_and_rm(hub, env, hf_home, tiny, demo_path) -> None:
     assert removed.returncode == 0 and "removed" in removed.stdout
     assert not cached(hf_home).exists() and not any(cached(hf_home).parents[2].glob("blobs/*"))
     assert "not downloaded" in run("models", "rm", SPEC, env=env).stderr
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_any_download(hub, env) -> None:
+    biggest = max(catalog.entries(), key=lambda e: e.ram_needed())
+    if catalog.fit_problem(biggest, available_ram=hardware.available_ram()) is None:
+        pytest.skip(f"this machine has room for {biggest.name}")
+    result = run("pull", catalog.short_name(biggest), env=env)
+    assert_refused(result, "of RAM", "available", "would fit", "--force")
+    assert hub.requests == []
