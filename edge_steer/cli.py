@@ -57,7 +57,7 @@ ModelOpt = Annotated[
 ]
 DEFAULT_MODEL = catalog.default_name()
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Load the model even if RAM or disk looks too small.")
+    bool, typer.Option("--force", help="Go ahead even if RAM or disk looks too small.")
 ]
 VectorOpt = Annotated[
     list[str],

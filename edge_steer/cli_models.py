@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import catalog, download, hardware, hub
-from .cli import JsonOpt, app, clean_errors, err, out
+from .cli import ForceOpt, JsonOpt, app, clean_errors, err, out
 
 models_app = typer.Typer(
     no_args_is_help=True, help="The model catalog: what can be pulled, and what is downloaded."
@@ -27,9 +27,7 @@ models_app = typer.Typer(
 NameArg = Annotated[
     str, typer.Argument(help="Catalog name (mistral:q4_k_m, mixtral:q3_k_m, demo).")
 ]
-ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Go ahead even if RAM or disk looks too small.")
-]
+SpecArg = Annotated[str, typer.Argument(help="Catalog name, or hf:OWNER/REPO/FILE.gguf.")]
 OfflineOpt = Annotated[
     bool, typer.Option("--offline", help="Use only the local cache (as HF_HUB_OFFLINE=1 does).")
 ]
@@ -103,7 +101,7 @@ def resolve(
 
 
 @clean_errors
-def pull(name: NameArg, offline: OfflineOpt = False, force: ForceOpt = False) -> None:
+def pull(name: SpecArg, offline: OfflineOpt = False, force: ForceOpt = False) -> None:
     """Download a model (catalog name or hf:REPO/FILE) into the Hugging Face cache, verified."""
     out.print(str(resolve(name, force=force, offline=offline)))
 
@@ -169,14 +167,12 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
     for key, value in data.items():
         if key in ("size", "ram_needed"):
             value = f"{value} bytes ({catalog.fmt(value)})"
-        out.print(f"[bold]{key}[/]: {value}")
+        out.print(f"[bold]{key}[/]: {escape(str(value))}")
 
 
 @models_app.command("rm")
 @clean_errors
-def rm(
-    name: Annotated[str, typer.Argument(help="Catalog name or hf:REPO/FILE.")],
-) -> None:
+def rm(name: SpecArg) -> None:
     """Delete a downloaded model file from the cache."""
     src = download.source(name)
     if not download.remove(src):
