@@ -12,7 +12,9 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from . import catalog
 from .errors import UserError
 
 app = typer.Typer(
@@ -35,7 +37,7 @@ def clean_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -44,7 +46,17 @@ def clean_errors(func: F) -> F:
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="GGUF model path, or 'demo' (Gemma 3 270M).")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Catalog name (mistral:q4_k_m, mixtral:q3_k_m, demo: `edge-steer models list`), "
+        "hf:REPO/FILE, or a GGUF path. Downloaded on first use.",
+    ),
+]
+DEFAULT_MODEL = catalog.default_name()
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Go ahead even if RAM or disk looks too small.")
 ]
 VectorOpt = Annotated[
     list[str],
@@ -85,13 +97,14 @@ def _settings(temp, top_p, top_k, min_p, repeat, seed):
     return SamplerSettings(temp, top_k, top_p, min_p, repeat, seed=seed)
 
 
-def _load_model(model: str, gpu_layers: str | None, moe_offload: str | None, n_ctx: int):
-    """Resolve the model, split it between GPU and CPU memory (saying what `auto` chose and,
-    from llama.cpp's load log, where the weights went), and load it."""
-    from . import hardware, hub
+def _load_model(model: str, gpu_layers: str | None, moe_offload: str | None, n_ctx: int, force):
+    """Resolve the model (downloading it on first use), split it between GPU and CPU memory
+    (saying what `auto` chose and, from llama.cpp's load log, where the weights went), load it."""
+    from . import cli_models, hardware
     from .engine import Model
 
-    path = hub.resolve_model(model)
+    use_gpu = hardware.parse_gpu_layers(gpu_layers) != 0
+    path = cli_models.resolve(model, use_gpu=use_gpu, force=force, ctx=n_ctx)
     plan = hardware.plan_model(path, gpu_layers, moe_offload, n_ctx)
     for note in plan.notes:
         err.print(note, style="dim")
@@ -104,7 +117,7 @@ def _load_model(model: str, gpu_layers: str | None, moe_offload: str | None, n_c
     return loaded
 
 
-def _open(model, ctx, threads, gpu_layers, moe_offload, specs, layers, retrain):
+def _open(model, ctx, threads, gpu_layers, moe_offload, specs, layers, retrain, force):
     """Load the model, make a generation context, load and apply the vectors (training
     built-in concepts that this model has no stored vector for yet)."""
     from . import library, steering
@@ -112,7 +125,7 @@ def _open(model, ctx, threads, gpu_layers, moe_offload, specs, layers, retrain):
 
     if ctx < 16:
         raise UserError(f"--ctx {ctx} is too small: use at least 16 tokens")
-    loaded = _load_model(model, gpu_layers, moe_offload, ctx)
+    loaded = _load_model(model, gpu_layers, moe_offload, ctx, force)
 
     def resolve(name: str):
         with _progress(f"training {name!r} on {loaded.name}") as progress:
@@ -184,7 +197,7 @@ def _result(context, steer, prompt: str, text: str, seconds: float) -> dict:
 @clean_errors
 def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
-    model: ModelOpt = "demo",
+    model: ModelOpt = DEFAULT_MODEL,
     vector: VectorOpt = [],  # noqa: B006 (typer needs a list default)
     layers: LayersOpt = None,
     temp: TempOpt = 0.8,
@@ -199,12 +212,15 @@ def generate(
     gpu_layers: GpuOpt = None,
     moe_offload: MoeOpt = None,
     retrain: RetrainOpt = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue a text (plain completion, what base models want)."""
     from .engine import Sampler
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, moe_offload, vector, layers, retrain)
+    _, context, steer = _open(
+        model, ctx, threads, gpu_layers, moe_offload, vector, layers, retrain, force
+    )
     sampler = Sampler(context.model, _settings(temp, top_p, top_k, min_p, repeat_penalty, seed))
     start = time.perf_counter()
     tokens = context.model.tokenize(prompt)
@@ -225,7 +241,7 @@ Ctrl-C stops the current reply."""
 @app.command()
 @clean_errors
 def chat(
-    model: ModelOpt = "demo",
+    model: ModelOpt = DEFAULT_MODEL,
     vector: VectorOpt = [],  # noqa: B006
     layers: LayersOpt = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
@@ -244,12 +260,15 @@ def chat(
     gpu_layers: GpuOpt = None,
     moe_offload: MoeOpt = None,
     retrain: RetrainOpt = False,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Chat with a model, steered by control vectors that you can change live."""
     from .chat import ChatSession
 
-    _, context, steer = _open(model, ctx, threads, gpu_layers, moe_offload, vector, layers, retrain)
+    _, context, steer = _open(
+        model, ctx, threads, gpu_layers, moe_offload, vector, layers, retrain, force
+    )
     settings = _settings(temp, top_p, top_k, min_p, repeat_penalty, seed)
     session = ChatSession(context, steer, settings, system, max_tokens)
     if prompt is not None:
@@ -335,7 +354,7 @@ def _command(session, line: str) -> bool:
         else:
             err.print(f"[red]unknown command {word}[/]: /help lists them")
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
     return False
 
 
@@ -352,7 +371,7 @@ def _vector_args(rest: str) -> tuple[str, float]:
 @clean_errors
 def train_command(
     name: Annotated[str, typer.Argument(help="Concept name: built-in (lazy, happy, ...) or new.")],
-    model: ModelOpt = "demo",
+    model: ModelOpt = DEFAULT_MODEL,
     positive: Annotated[
         str | None, typer.Option("--positive", help="Persona words, comma-separated.")
     ] = None,
@@ -377,13 +396,14 @@ def train_command(
     threads: ThreadsOpt = None,
     gpu_layers: GpuOpt = None,
     moe_offload: MoeOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Train a control vector on the model itself and store it for `--vector NAME`."""
     from . import convert, library, steering, train, vectors
 
     if method not in train.METHODS:
         raise UserError(f"unknown method {method!r}: use one of {', '.join(train.METHODS)}")
-    loaded = _load_model(model, gpu_layers, moe_offload, train.TrainOptions.batch)
+    loaded = _load_model(model, gpu_layers, moe_offload, train.TrainOptions.batch, force)
     span = steering.parse_layers(layers, loaded.n_layer)
     data = library.contrast_pairs(
         loaded,
@@ -407,8 +427,8 @@ def train_command(
 
 def _register_subcommands() -> None:
     """Commands living in their own modules, which import the helpers above. Importing
-    `cli_doctor` registers `doctor`; `vectors` is a group of its own."""
-    from . import cli_doctor, cli_vectors  # noqa: F401
+    `cli_doctor` registers `doctor`, `cli_models` `pull` and `models`; `vectors` is a group."""
+    from . import cli_doctor, cli_models, cli_vectors  # noqa: F401
 
     app.add_typer(cli_vectors.app, name="vectors")
 

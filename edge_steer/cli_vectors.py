@@ -9,7 +9,7 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from . import convert, hub, steering, store, vectors
+from . import cli_models, convert, hub, steering, store, vectors
 from .cli import JsonOpt, clean_errors, err, out
 from .errors import UserError
 
@@ -52,7 +52,7 @@ def convert_command(
     layers: LayersKeepOpt = None,
 ) -> None:
     """Convert a control vector between formats, with explicit layer numbering."""
-    shape = hub.model_shape(hub.resolve_model(model)) if model else None
+    shape = hub.model_shape(cli_models.resolve(model)) if model else None
     vector, notes = convert.load(
         source, layer_base=layer_base, shift=shift, n_layer=shape[1] if shape else None
     )
@@ -179,7 +179,7 @@ def _load(path: Path) -> vectors.ControlVector:
 def _find(name: str, model: str | None) -> list[Path]:
     if store.looks_like_path(name) and Path(name).expanduser().is_file():
         return [Path(name).expanduser()]
-    return store.find_vectors(name, hub.resolve_model(model) if model else None)
+    return store.find_vectors(name, cli_models.resolve(model) if model else None)
 
 
 @app.command("rm")
@@ -212,7 +212,7 @@ def mix_command(
     weighted = [(name, _load(_one(name, model)), weight) for name, weight in terms]
     mixed = vectors.mix(weighted)
     if model:
-        arch, n_layer, n_embd = hub.model_shape(hub.resolve_model(model))
+        arch, n_layer, n_embd = hub.model_shape(cli_models.resolve(model))
         vectors.check_fits(mixed, n_layer, n_embd, expression)
         mixed.model_hint = mixed.model_hint or arch
     convert.save(mixed, output)

@@ -1,4 +1,4 @@
-"""Model lookup: a `--model` value -> a checked local GGUF file."""
+"""Model lookup: a `--model` value -> a checked local GGUF file, downloaded once if it must be."""
 
 from __future__ import annotations
 
@@ -7,19 +7,51 @@ from pathlib import Path
 
 import gguf
 
-from . import store
+from . import catalog, download, hardware, store
 from .errors import UserError
 
-DEMO_NAME = "demo"
 
+def resolve_model(
+    spec: str | None,
+    *,
+    offline: bool = False,
+    force: bool = False,
+    use_gpu: bool = True,
+    ctx: int = catalog.DEFAULT_CTX,
+    say: download.Say = download.quiet,
+    tqdm_class: type | None = None,
+) -> Path:
+    """A catalog name (`mistral:q4_k_m`, `demo`), `hf:REPO/FILE` or a GGUF path -> a checked file.
 
-def resolve_model(spec: str | None) -> Path:
-    """`demo` (Gemma 3 270M from the `demo` extra) or a path to a GGUF model file."""
-    if spec is None or spec == DEMO_NAME:
+    Catalog models are checked against this machine's RAM (plus free GPU memory with
+    `use_gpu`) first, for `ctx` tokens of context (`force` skips that and the disk check), then
+    downloaded on first use; `say` tells the user what is about to happen."""
+    spec = spec or catalog.default_name()
+    if looks_like_path(spec):
+        path = Path(spec).expanduser()
+        check_model_file(path)
+        return path
+    src = download.source(spec)
+    if src.entry is not None and not force:
+        problem = catalog.fit_problem(
+            src.entry,
+            available_ram=hardware.available_ram(),
+            free_vram=hardware.free_vram() if use_gpu else 0,
+            ctx=ctx,
+        )
+        if problem:
+            raise UserError(problem)
+    if src.entry and src.entry.pypi:
         return demo_model()
-    path = Path(spec).expanduser()
+    path = download.fetch(src, offline, force, say, tqdm_class)
     check_model_file(path)
     return path
+
+
+def looks_like_path(spec: str) -> bool:
+    return not spec.startswith(download.HF_PREFIX) and (
+        spec.endswith(".gguf") or "/" in spec or os.sep in spec or Path(spec).is_file()
+    )
 
 
 def demo_model() -> Path:

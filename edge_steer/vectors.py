@@ -54,9 +54,7 @@ def check_file(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"control vector file not found: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:
-        raise UserError(
-            f"{path} is over {MAX_FILE_BYTES >> 20} MiB: too big for a control vector"
-        )
+        raise UserError(f"{path} is over {MAX_FILE_BYTES >> 20} MiB: too big for a control vector")
 
 
 def read(path: str | Path) -> ControlVector:
@@ -257,7 +255,7 @@ def parse_mix(expression: str) -> list[tuple[str, float]]:
         if len(names) != 1 or not re.fullmatch(r"\S+", names[0]) or not math.isfinite(weight):
             raise UserError(
                 f"bad mix term {term!r} in {expression!r}: use NAME*WEIGHT joined by ' + ', "
-                "e.g. \"happy*0.5 + lazy*-1\""
+                'e.g. "happy*0.5 + lazy*-1"'
             )
         terms.append((names[0], weight))
     return terms

