@@ -123,7 +123,7 @@ def fit_problem(
     """None if `entry` fits this machine, else one line with the numbers and a smaller quant that
     would fit. Free GPU memory (0 on a CPU-only build or with --gpu-layers 0) adds to RAM: the
     offload planner puts on the GPU what fits there and keeps the rest (experts first) in RAM."""
-    if _fits(entry, available_ram, free_vram, ctx):
+    if fits(entry, available_ram, free_vram, ctx):
         return None
     need = fmt(entry.ram_needed(ctx))
     if free_vram:
@@ -136,7 +136,8 @@ def fit_problem(
     return f"{short_name(entry)} {reason}; {hint}, or pass --force to try anyway"
 
 
-def _fits(entry: Entry, available_ram: int, free_vram: int, ctx: int) -> bool:
+def fits(entry: Entry, available_ram: int, free_vram: int = 0, ctx: int = DEFAULT_CTX) -> bool:
+    """Whether RAM and free GPU memory together hold the model and its context."""
     return entry.ram_needed(ctx) <= available_ram + free_vram
 
 
@@ -145,7 +146,7 @@ def smaller_fit(
 ) -> Entry | None:
     """The largest smaller entry that fits: the same model if one of its quants does, else any."""
     candidates = [
-        e for e in entries() if e.size < entry.size and _fits(e, available_ram, free_vram, ctx)
+        e for e in entries() if e.size < entry.size and fits(e, available_ram, free_vram, ctx)
     ]
     same = [e for e in candidates if e.model == entry.model]
     return max(same or candidates, key=lambda e: e.size, default=None)

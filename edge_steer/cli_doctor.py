@@ -10,10 +10,9 @@ from importlib.metadata import version
 
 from rich.table import Table
 
-from . import hardware
+from . import catalog, hardware
 from .cli import JsonOpt, app, clean_errors, out
 
-OS_RESERVE = 1 << 30  # RAM the operating system and other programs keep
 GPU_BACKENDS_ABSENT = {"CPU", "BLAS", "RPC"}  # backends that put no weights on a GPU
 
 
@@ -38,33 +37,21 @@ def report() -> dict:
     }
 
 
-def model_fits(
-    models: Iterable[tuple[str, int, int]], ram_total: int, vram_free: int
-) -> list[dict]:
-    """For each (name, file bytes, memory needed to run it), where it runs on this machine:
-    'gpu' (all of it in free VRAM), 'gpu+cpu' (split, e.g. experts in RAM), 'cpu', or 'no'."""
-    ram = max(ram_total - OS_RESERVE, 0)
+def model_fits(entries: Iterable[catalog.Entry], available_ram: int, vram_free: int) -> list[dict]:
+    """Where each catalog build runs here: 'gpu' (all of it in free VRAM), 'gpu+cpu' (split,
+    e.g. experts in RAM), 'cpu', or 'no': the same test `pull` applies before downloading."""
     rows = []
-    for name, size, needed in models:
+    for entry in entries:
+        needed = entry.ram_needed()
         if vram_free and needed <= vram_free:
             where = "gpu"
-        elif needed <= ram:
+        elif catalog.fits(entry, available_ram, vram_free):
             where = "gpu+cpu" if vram_free else "cpu"
-        elif vram_free and needed <= ram + vram_free:
-            where = "gpu+cpu"
         else:
             where = "no"
-        rows.append({"name": name, "size": size, "needed": needed, "runs_on": where})
+        name = catalog.short_name(entry)
+        rows.append({"name": name, "size": entry.size, "needed": needed, "runs_on": where})
     return rows
-
-
-def catalog_models() -> list[tuple[str, int, int]] | None:
-    """(name, file bytes, memory needed) of the catalog's builds; None without a catalog."""
-    try:
-        from . import catalog
-    except ImportError:
-        return None
-    return [(e.name, e.size, e.ram) for e in catalog.entries()]
 
 
 @app.command()
@@ -72,9 +59,7 @@ def catalog_models() -> list[tuple[str, int, int]] | None:
 def doctor(as_json: JsonOpt = False) -> None:
     """Show the llama.cpp build, devices and memory, and which models fit."""
     info = report()
-    models = catalog_models()
-    if models is not None:
-        info["models"] = model_fits(models, info["ram"]["total"], info["vram_free"])
+    info["models"] = model_fits(catalog.entries(), info["ram"]["available"], info["vram_free"])
     if as_json:
         print(json.dumps(info))
         return
@@ -104,7 +89,7 @@ def _render(info: dict) -> None:
     if info["gpu_build_command"]:
         out.print("[bold]GPU build[/] (only the CPU backend is compiled in):")
         out.print(info["gpu_build_command"], markup=False)
-    if "models" in info:
+    if info["models"]:
         table = Table("model", "file", "needs", "runs on", box=None)
         for m in info["models"]:
             table.add_row(m["name"], size(m["size"]), size(m["needed"]), m["runs_on"])

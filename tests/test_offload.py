@@ -244,16 +244,19 @@ def test_gpu_build_command_per_platform() -> None:
 
 
 def test_model_fits() -> None:
+    from edge_steer import catalog
     from edge_steer.cli_doctor import model_fits
 
-    gib = 1 << 30
-    models = [("small", 4 * gib, 5 * gib), ("mixtral", 26 * gib, 28 * gib)]
-    pi = model_fits(models, ram_total=8 * gib, vram_free=0)
+    gb = 10**9
+    models = [catalog.lookup("mistral:q4_k_m"), catalog.lookup("mixtral:q4_k_m")]  # 5.4, 29.5 GB
+    pi = model_fits(models, available_ram=8 * gb, vram_free=0)
     assert [m["runs_on"] for m in pi] == ["cpu", "no"]
-    desktop = model_fits(models, ram_total=32 * gib, vram_free=12 * gib)
+    desktop = model_fits(models, available_ram=32 * gb, vram_free=12 * gb)
     assert [m["runs_on"] for m in desktop] == ["gpu", "gpu+cpu"]
-    laptop = model_fits(models, ram_total=20 * gib, vram_free=12 * gib)
-    assert [m["runs_on"] for m in laptop] == ["gpu", "gpu+cpu"]  # 28 <= 19 + 12
+    laptop = model_fits(models, available_ram=20 * gb, vram_free=12 * gb)
+    assert [m["runs_on"] for m in laptop] == ["gpu", "gpu+cpu"]  # 29.5 <= 20 + 12
+    small = model_fits(models, available_ram=12 * gb, vram_free=4 * gb)
+    assert [m["runs_on"] for m in small] == ["gpu+cpu", "no"]
 
 
 # -- on a GPU build (skipped on CPU-only machines) ----------------------------------------------
