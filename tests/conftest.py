@@ -84,3 +84,20 @@ def safetensors_bytes(tensors: dict[str, tuple[str, np.ndarray]], meta=None) -> 
         header["__metadata__"] = meta
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def write_raw(path, tensors: dict, arch: str = "controlvector", meta=None):
+    """Write any tensors as they are (bypassing our writer's checks and float32 conversion);
+    `meta(writer)` adds key-value fields."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    if meta is not None:
+        meta(writer)
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -9,7 +9,7 @@ import gguf
 import llama_cpp as ll
 import numpy as np
 import pytest
-from conftest import safetensors_bytes
+from conftest import safetensors_bytes, write_raw
 from typer.testing import CliRunner
 
 from edge_steer import convert, steering, vectors
@@ -85,16 +85,14 @@ def test_written_file_applied_like_llama_cpp_matches_our_runtime(tiny_dense, tmp
 
 
 def write_gguf(path, tensors: dict[str, np.ndarray], hint: str, int32_count: bool) -> None:
-    writer = gguf.GGUFWriter(path, "controlvector")
-    writer.add_string("controlvector.model_hint", hint)
-    add = writer.add_int32 if int32_count else writer.add_uint32
-    add("controlvector.layer_count", len(tensors))
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """A control vector as repeng (UINT32 layer_count) or cvector-generator (INT32) writes it."""
+
+    def meta(writer) -> None:
+        writer.add_string("controlvector.model_hint", hint)
+        add = writer.add_int32 if int32_count else writer.add_uint32
+        add("controlvector.layer_count", len(tensors))
+
+    write_raw(path, tensors, meta=meta)
 
 
 def test_cvector_generator_file_with_shift_lands_where_repeng_does(tiny_dense, tmp_path) -> None:
@@ -220,36 +218,27 @@ def test_pickled_npy_is_refused(tmp_path) -> None:
 
 
 def test_model_checks_and_metadata_options(tiny_dense_path, tmp_path) -> None:
+    def convert_for_tiny(source: str, *options: str):
+        out = str(tmp_path / "o.gguf")
+        return invoke(
+            "vectors",
+            "convert",
+            str(tmp_path / source),
+            "-o",
+            out,
+            "--model",
+            str(tiny_dense_path),
+            *options,
+        )
+
     np.save(tmp_path / "wide.npy", np.ones((3, 65), np.float32))
-    code, output = invoke(
-        "vectors",
-        "convert",
-        str(tmp_path / "wide.npy"),
-        "-o",
-        str(tmp_path / "o.gguf"),
-        "--model",
-        str(tiny_dense_path),
-    )
+    code, output = convert_for_tiny("wide.npy")
     assert code == 2 and "n_embd 65" in output
     np.save(tmp_path / "deep.npy", np.ones((9, 64), np.float32))
-    code, output = invoke(
-        "vectors",
-        "convert",
-        str(tmp_path / "deep.npy"),
-        "-o",
-        str(tmp_path / "o.gguf"),
-        "--model",
-        str(tiny_dense_path),
-    )
+    code, output = convert_for_tiny("deep.npy")
     assert code == 2 and "direction.6" in output
-    code, output = invoke(
-        "vectors",
-        "convert",
-        str(tmp_path / "deep.npy"),
-        "-o",
-        str(tmp_path / "o.gguf"),
-        "--model",
-        str(tiny_dense_path),
+    code, output = convert_for_tiny(
+        "deep.npy",
         "--layers",
         "2-4",
         "--method",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import gguf
 import numpy as np
 import pytest
+from conftest import write_raw
 
 from edge_steer import vectors
 from edge_steer.errors import UserError
@@ -49,18 +49,6 @@ def test_bad_files_are_refused(tmp_path, directions, message) -> None:
     path = write_raw(tmp_path / "bad.gguf", {f"direction.{n}": d for n, d in directions.items()})
     with pytest.raises(UserError, match=message):
         vectors.read(path)
-
-
-def write_raw(path, tensors: dict, arch: str = "controlvector"):
-    """Write any tensors as they are, bypassing our writer's float32 conversion."""
-    writer = gguf.GGUFWriter(path, arch)
-    for name, data in tensors.items():
-        writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def test_other_tensors_and_models_are_refused(tmp_path) -> None:
