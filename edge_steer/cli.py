@@ -13,6 +13,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import UserError
 
@@ -36,7 +37,7 @@ def clean_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -279,7 +280,7 @@ def _read_message() -> str:
 
 def _command(session, line: str) -> bool:
     """Run one slash command; True means leave."""
-    from . import vectors
+    from . import evaluate, vectors
 
     word, _, rest = line.partition(" ")
     try:
@@ -291,6 +292,9 @@ def _command(session, line: str) -> bool:
             layers = session.steering.layers
             span = f"{layers[0]}-{layers[1]}" if layers else "all"
             err.print(f"vectors: {vectors.describe(session.steering.strengths())} · layers {span}")
+            for name, (vector, _) in session.steering.active.items():
+                if note := evaluate.describe_range(vector):
+                    err.print(f"  {name}: {note}", markup=False)
         elif word == "/vector":
             name, strength = _vector_args(rest)
             start = time.perf_counter()
@@ -308,7 +312,7 @@ def _command(session, line: str) -> bool:
         else:
             err.print(f"[red]unknown command {word}[/]: /help lists them")
     except UserError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
     return False
 
 
@@ -378,6 +382,9 @@ def train_command(
         target = shutil.copyfile(path, output + ".tmp")
         os.replace(target, output)
         out.print(f"wrote {output}")
+
+
+from . import cli_eval  # noqa: E402, F401  (adds `eval` to `app`)
 
 
 def main() -> None:
