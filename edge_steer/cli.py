@@ -384,7 +384,7 @@ def train_command(
         out.print(f"wrote {output}")
 
 
-from . import cli_eval  # noqa: E402, F401  (adds `eval` to `app`)
+from . import cli_bench, cli_eval  # noqa: E402, F401  (they add `bench` and `eval` to `app`)
 
 
 def main() -> None:
