@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from . import evaluate
@@ -66,7 +68,7 @@ def eval_command(
 ) -> None:
     """Measure a vector's effect and fluency cost over strengths; recommend a range."""
     from . import dataset, hub, library, steering, vectors
-    from .engine import Context, Model, SamplerSettings
+    from .engine import Context, Model
 
     points = evaluate.parse_strengths(strengths)
     if samples < 0 or sample_tokens < 1:
@@ -92,7 +94,7 @@ def eval_command(
         strengths=points,
         samples=samples,
         sample_tokens=sample_tokens,
-        sampler=SamplerSettings(seed=seed),
+        sampler=replace(evaluate.SAMPLING, seed=seed),
     )
     rows = vectors.combine([(vec, 1.0)], loaded.n_layer, loaded.n_embd)
     with (
@@ -196,7 +198,8 @@ def _in_range(strength: float, span: tuple[float, float] | None) -> bool:
 
 def _render(result, report: dict) -> None:
     out.print(
-        f"[bold]{report['concept']}[/] on {report['model_name']} · {report['probes']} probes · "
+        f"[bold]{escape(report['concept'])}[/] on {escape(report['model_name'])} · "
+        f"{report['probes']} probes · "
         f"blocks {'-'.join(map(str, report['layers'])) if report['layers'] else 'all'}"
     )
     table = Table(title="effect on held-out probes and cost on neutral text")
@@ -240,21 +243,30 @@ def _baseline_table(report: dict) -> Table:
 
 def _verdict(report: dict) -> None:
     span, verdict = report["recommended"], report["verdict"]
+    name, model = escape(report["concept"]), escape(report["model_name"])
     limit = f"perplexity within {evaluate.MAX_PPL_RATIO}x of unsteered"
     if span:
-        out.print(f"recommended strength: [bold]{span[0]:+g}..{span[1]:+g}[/] ({limit}); {verdict}")
-    else:
+        out.print(f"recommended strength: [bold]{span[0]:+g}..{span[1]:+g}[/] ({limit})")
+    if span and verdict != "works":
         out.print(
-            f"[bold red]{report['concept']} does not work on {report['model_name']}[/]: no "
-            f"strength moves the probes by {evaluate.MIN_EFFECT} nats in its own direction "
-            f"with {limit}"
+            f"[yellow]{name} works in one direction only on {model} ({verdict}): on the other "
+            f"side the effect at strength 1 is under {evaluate.MIN_EFFECT} nats or wrong[/]"
         )
-    if verdict != "works" and span:
-        out.print(f"[yellow]at -1/+1 the effect is right only for: {verdict}[/]")
+    elif not span and verdict == "works":
+        out.print(
+            f"[bold red]no recommended strength[/]: the effect is right, but perplexity exceeds "
+            f"{evaluate.MAX_PPL_RATIO}x at the smallest strengths: try e.g. --strengths "
+            "-0.5..0.5:0.1"
+        )
+    elif not span:
+        out.print(
+            f"[bold red]{name} does not work on {model}[/]: no strength moves the probes by "
+            f"{evaluate.MIN_EFFECT} nats in its own direction with {limit}"
+        )
     if report["saved"]:
-        err.print(f"[dim]stored the result in {report['saved']}[/]")
+        err.print(f"[dim]stored the result in {escape(report['saved'])}[/]")
     if report["plot"]:
-        err.print(f"[dim]wrote {Path(report['plot'])}[/]")
+        err.print(f"[dim]wrote {escape(report['plot'])}[/]")
 
 
 def chart(result: evaluate.Sweep, width: int = 18) -> Table:

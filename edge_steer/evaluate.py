@@ -31,6 +31,8 @@ DEGENERATE_COVERAGE = 0.5
 DEFAULT_STRENGTHS = "-2..2:0.5"
 DEFAULT_STEP = 0.5
 MAX_STRENGTHS = 41
+# the CLI's sampling without the repetition penalty, which would hide the very loops counted
+SAMPLING = SamplerSettings(repeat_penalty=1.0, seed=0)
 EVAL_KEYS = (  # metadata that `save` (re)writes; `vectors info` and `/vectors` show them
     "recommended_min",
     "recommended_max",
@@ -182,7 +184,7 @@ class EvalSettings:
     strengths: tuple[float, ...] = field(default_factory=lambda: parse_strengths(DEFAULT_STRENGTHS))
     samples: int = 8  # sampled generations per setting, for the degenerate rate
     sample_tokens: int = 32
-    sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings(seed=0))
+    sampler: SamplerSettings = SAMPLING
     window: int = 256
     neutral_words: int | None = None  # only the first N words of the neutral text
 
@@ -257,9 +259,10 @@ def sweep(
     """Measure `rows` (the vector at strength 1, by block) at every strength, steering blocks
     `span`; then, given `personas` (positive and negative prompt texts), the unsteered model
     prompted with each instead: the baseline people compare steering against."""
-    total = len(settings.strengths) + (2 if personas else 0)
+    strengths = sorted({*settings.strengths, 0.0})  # effects and costs are relative to 0
+    total = len(strengths) + (2 if personas else 0)
     points = []
-    for strength in settings.strengths:
+    for strength in strengths:
         ctx.set_steering(rows * np.float32(strength) if strength else None, *span)
         points.append(measure(ctx, probes, settings, strength))
         if progress:
