@@ -67,8 +67,7 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a vector's effect and fluency cost over strengths; recommend a range."""
-    from . import dataset, hub, library, steering, vectors
-    from .engine import Context, Model
+    from . import dataset, steering
 
     points = evaluate.parse_strengths(strengths)
     if samples < 0 or sample_tokens < 1:
@@ -78,15 +77,8 @@ def eval_command(
 
         plotting.require()
     probe_set = dataset.load_probes_jsonl(probes) if probes else None
-    name, _ = vectors.parse_spec(vector)
-    if name != vector.strip():
-        raise UserError(f"give the vector without a strength ({name}): --strengths sets them")
-    loaded = Model(hub.resolve_model(model), gpu_layers=gpu_layers)
-    with _progress(f"training {name!r} on {loaded.name}") as progress:
-        path = library.resolve(loaded, name, retrain=retrain, progress=progress)
-    vec = vectors.read(path)
-    vectors.check_fits(vec, loaded.n_layer, loaded.n_embd, str(path))
-    concept = str(vec.metadata.get("concept") or Path(name).stem)
+    loaded, path, vec = _load(vector, model, gpu_layers, retrain)
+    concept = str(vec.metadata.get("concept") or path.stem)
     probe_set = probe_set or _builtin_probes(concept)
     words, prefixes = _personas(loaded, concept, personas) if baseline or personas else (None, None)
     span = steering.parse_layers(layers, loaded.n_layer)
@@ -96,20 +88,7 @@ def eval_command(
         sample_tokens=sample_tokens,
         sampler=replace(evaluate.SAMPLING, seed=seed),
     )
-    rows = vectors.combine([(vec, 1.0)], loaded.n_layer, loaded.n_embd)
-    with (
-        Context(loaded, n_ctx=EVAL_CTX, threads=threads) as ctx,
-        _progress(f"evaluating {concept!r} on {loaded.name}") as progress,
-    ):
-        result = evaluate.sweep(
-            ctx,
-            rows,
-            span or (1, loaded.n_layer - 1),
-            probe_set,
-            settings,
-            personas=prefixes,
-            progress=progress,
-        )
+    result = _sweep(loaded, vec, span, probe_set, settings, prefixes, threads, concept)
     layer_text = f"{span[0]}-{span[1]}" if span else "all"
     if save:
         evaluate.save(path, result, loaded, layer_text)
@@ -122,6 +101,42 @@ def eval_command(
         print(json.dumps(report))
     else:
         _render(result, report)
+
+
+def _load(spec: str, model: str, gpu_layers: int, retrain: bool):
+    """The model, and the vector's file (built-in concepts are trained on first use)."""
+    from . import hub, library, vectors
+    from .engine import Model
+
+    name, _ = vectors.parse_spec(spec)
+    if name != spec.strip():
+        raise UserError(f"give the vector without a strength ({name}): --strengths sets them")
+    loaded = Model(hub.resolve_model(model), gpu_layers=gpu_layers)
+    with _progress(f"training {name!r} on {loaded.name}") as progress:
+        path = Path(library.resolve(loaded, name, retrain=retrain, progress=progress))
+    vector = vectors.read(path)
+    vectors.check_fits(vector, loaded.n_layer, loaded.n_embd, str(path))
+    return loaded, path, vector
+
+
+def _sweep(model, vector, span, probes, settings, prefixes, threads, concept):
+    from . import vectors
+    from .engine import Context
+
+    rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+    with (
+        Context(model, n_ctx=EVAL_CTX, threads=threads) as ctx,
+        _progress(f"evaluating {concept!r} on {model.name}") as progress,
+    ):
+        return evaluate.sweep(
+            ctx,
+            rows,
+            span or (1, model.n_layer - 1),
+            probes,
+            settings,
+            personas=prefixes,
+            progress=progress,
+        )
 
 
 def _builtin_probes(concept: str):
