@@ -198,6 +198,9 @@ def _report(result, model, path, concept, span, words, prefixes, n_probes) -> di
         ],
         "baseline": baseline,
         "recommended": list(recommended) if recommended else None,
+        "recommended_at_sweep_edge": (
+            list(evaluate.at_sweep_edge(result, recommended)) if recommended else None
+        ),
         "verdict": evaluate.verdict(result),
         "max_ppl_ratio": evaluate.MAX_PPL_RATIO,
         "min_effect": evaluate.MIN_EFFECT,
@@ -262,10 +265,20 @@ def _verdict(report: dict) -> None:
     limit = f"perplexity within {evaluate.MAX_PPL_RATIO}x of unsteered"
     if span:
         out.print(f"recommended strength: [bold]{span[0]:+g}..{span[1]:+g}[/] ({limit})")
+        edges = [
+            f"{e:+g}" for e, at in zip(span, report["recommended_at_sweep_edge"], strict=True) if at
+        ]
+        if edges:
+            out.print(
+                f"[dim]{' and '.join(edges)}: the edge of the sweep, perplexity still within "
+                "the limit there; widen --strengths to find where it ends[/]"
+            )
     if span and verdict != "works":
+        weak = [p for p in report["points"] if abs(p["strength"]) == 1]
+        detail = ", ".join(f"{p['effect']:+.2f} nats at {p['strength']:+g}" for p in weak)
         out.print(
-            f"[yellow]{name} works in one direction only on {model} ({verdict}): on the other "
-            f"side the effect at strength 1 is under {evaluate.MIN_EFFECT} nats or wrong[/]"
+            f"[yellow]{name} is one-sided on {model} ({verdict}): {detail}; under "
+            f"{evaluate.MIN_EFFECT} nats or of the wrong sign does not count[/]"
         )
     elif not span and verdict == "works":
         out.print(

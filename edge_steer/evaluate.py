@@ -300,6 +300,13 @@ def recommend(result: Sweep) -> tuple[float, float] | None:
     return None if ends == [0.0, 0.0] else (ends[0], ends[1])
 
 
+def at_sweep_edge(result: Sweep, span: tuple[float, float]) -> tuple[bool, bool]:
+    """For each end of `span`: is it the outermost strength measured on its side? Perplexity
+    was then still within the limit there, and the real limit lies further out."""
+    strengths = [p.strength for p in result.points]
+    return span[0] < 0 and span[0] == min(strengths), span[1] > 0 and span[1] == max(strengths)
+
+
 def verdict(result: Sweep) -> str:
     """'works' when the effect has the right sign (and at least MIN_EFFECT) at both -1 and +1
     (or the nearest measured strengths); else 'positive only', 'negative only' or 'no effect'."""

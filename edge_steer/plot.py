@@ -74,6 +74,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp made it private; a plot is for sharing
         os.replace(tmp, path)
     except OSError as exc:
         raise UserError(f"cannot write the plot {path} ({exc.strerror or exc})") from None

@@ -85,11 +85,13 @@ def _eval_row(name: str, vector: vectors.ControlVector, result: evaluate.Sweep) 
             "degenerate": p.degenerate,
         }
 
+    span = evaluate.recommend(result)
     return {
         "concept": name,
         "layers": [vector.layers[0], vector.layers[-1]],
         "verdict": evaluate.verdict(result),
-        "recommended": evaluate.recommend(result),
+        "recommended": span,
+        "edge": evaluate.at_sweep_edge(result, span) if span else None,
         "minus": point(result.nearest(-1.0)),
         "plus": point(result.nearest(1.0)),
         "baseline": [point(p) for p in result.baseline],
@@ -142,8 +144,37 @@ def eval_markdown(name: str, model_name: str, rows: list[dict], plot: str | None
             f"| {prompt} | {f'{span[0]:+g}..{span[1]:+g}' if span else 'none'} "
             f"| {'**' + r['verdict'] + '**' if r['verdict'] != 'works' else 'works'} |"
         )
+    lines += ["", *_eval_notes(rows)]
     if plot:
         lines += ["", f"![eval on {model_name}]({plot})"]
+    return lines
+
+
+def _eval_notes(rows: list[dict]) -> list[str]:
+    """What the table cannot say at a glance: one-sided concepts, ranges cut by the sweep."""
+    notes = []
+    for r in rows:
+        if r["verdict"] != "works":
+            at = ", ".join(
+                f"{p['effect']:+.2f} nats at {p['strength']:+g}"
+                for p in (r["minus"], r["plus"])
+                if p
+            )
+            notes.append(f"{r['concept']} ({r['verdict']}: {at})")
+    lines = [f"Not working both ways on this model: {'; '.join(notes)}."] if notes else []
+    edges = {
+        e
+        for r in rows
+        if r["recommended"]
+        for e, at in zip(r["recommended"], r["edge"], strict=True)
+        if at
+    }
+    if edges:
+        ends = " and ".join(f"{e:+g}" for e in sorted(edges))
+        lines.append(
+            f"Ranges ending at {ends} end at the edge of the sweep: perplexity is still within "
+            f"{evaluate.MAX_PPL_RATIO}x there, so the limit lies further out."
+        )
     return lines
 
 
