@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import evaluate
 from .cli import (
     GpuOpt,
     JsonOpt,
@@ -27,6 +26,9 @@ from .cli import (
 )
 from .errors import UserError
 
+if TYPE_CHECKING:
+    from .evaluate import Sweep
+
 EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
 
 
@@ -36,8 +38,11 @@ def eval_command(
     vector: Annotated[str, typer.Argument(help="Vector NAME or PATH (no strength).")],
     model: ModelOpt = "demo",
     strengths: Annotated[
-        str, typer.Option("--strengths", help="A..B[:STEP] or a comma list; 0 is always added.")
-    ] = evaluate.DEFAULT_STRENGTHS,
+        str | None,
+        typer.Option(
+            "--strengths", help="A..B[:STEP] or a comma list (default -2..2:0.5); 0 is added."
+        ),
+    ] = None,
     layers: LayersOpt = None,
     probes: Annotated[
         str | None,
@@ -67,9 +72,9 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure a vector's effect and fluency cost over strengths; recommend a range."""
-    from . import dataset, steering
+    from . import dataset, evaluate, steering
 
-    points = evaluate.parse_strengths(strengths)
+    points = evaluate.parse_strengths(strengths or evaluate.DEFAULT_STRENGTHS)
     if samples < 0 or sample_tokens < 1:
         raise UserError("--samples must be 0 or more and --sample-tokens at least 1")
     if plot:
@@ -119,8 +124,8 @@ def _load(spec: str, model: str, gpu_layers: int, retrain: bool):
     return loaded, path, vector
 
 
-def _sweep(model, vector, span, probes, settings, prefixes, threads, concept):
-    from . import vectors
+def _sweep(model, vector, span, probes, settings, prefixes, threads, concept) -> Sweep:
+    from . import evaluate, vectors
     from .engine import Context
 
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
@@ -169,6 +174,8 @@ def _personas(model, concept: str, personas: str | None):
 
 
 def _report(result, model, path, concept, span, words, prefixes, n_probes) -> dict:
+    from . import evaluate
+
     recommended = evaluate.recommend(result)
 
     def point(p) -> dict:
@@ -214,7 +221,7 @@ def _in_range(strength: float, span: tuple[float, float] | None) -> bool:
 # -- rendering ---------------------------------------------------------------------------------
 
 
-def _render(result, report: dict) -> None:
+def _render(result: Sweep, report: dict) -> None:
     out.print(
         f"[bold]{escape(report['concept'])}[/] on {escape(report['model_name'])} · "
         f"{report['probes']} probes · "
@@ -224,7 +231,11 @@ def _render(result, report: dict) -> None:
     for column in ("strength", "effect (nats)", "perplexity", "ratio", "degenerate", "range"):
         table.add_column(column, justify="right")
     for p in report["points"]:
-        style = "green" if p["in_range"] else ("red" if p["ppl_ratio"] > 1.25 else "")
+        style = (
+            "green"
+            if p["in_range"]
+            else ("red" if p["ppl_ratio"] > report["max_ppl_ratio"] else "")
+        )
         table.add_row(
             f"{p['strength']:+g}",
             f"{p['effect']:+.2f}",
@@ -235,7 +246,7 @@ def _render(result, report: dict) -> None:
             style=style,
         )
     out.print(table)
-    out.print(chart(result))
+    out.print(chart(result, report["max_ppl_ratio"]))
     if report["baseline"]:
         out.print(_baseline_table(report))
     _verdict(report)
@@ -261,8 +272,9 @@ def _baseline_table(report: dict) -> Table:
 
 def _verdict(report: dict) -> None:
     span, verdict = report["recommended"], report["verdict"]
+    max_ratio, min_effect = report["max_ppl_ratio"], report["min_effect"]
     name, model = escape(report["concept"]), escape(report["model_name"])
-    limit = f"perplexity within {evaluate.MAX_PPL_RATIO}x of unsteered"
+    limit = f"perplexity within {max_ratio}x of unsteered"
     if span:
         out.print(f"recommended strength: [bold]{span[0]:+g}..{span[1]:+g}[/] ({limit})")
         edges = [
@@ -278,18 +290,18 @@ def _verdict(report: dict) -> None:
         detail = ", ".join(f"{p['effect']:+.2f} nats at {p['strength']:+g}" for p in weak)
         out.print(
             f"[yellow]{name} is one-sided on {model} ({verdict}): {detail}; under "
-            f"{evaluate.MIN_EFFECT} nats or of the wrong sign does not count[/]"
+            f"{min_effect} nats or of the wrong sign does not count[/]"
         )
     elif not span and verdict == "works":
         out.print(
             f"[bold red]no recommended strength[/]: the effect is right, but perplexity exceeds "
-            f"{evaluate.MAX_PPL_RATIO}x at the smallest strengths: try e.g. --strengths "
+            f"{max_ratio}x at the smallest strengths: try e.g. --strengths "
             "-0.5..0.5:0.1"
         )
     elif not span:
         out.print(
             f"[bold red]{name} does not work on {model}[/]: no strength moves the probes by "
-            f"{evaluate.MIN_EFFECT} nats in its own direction with {limit}"
+            f"{min_effect} nats in its own direction with {limit}"
         )
     if report["saved"]:
         err.print(f"[dim]stored the result in {escape(report['saved'])}[/]")
@@ -297,23 +309,23 @@ def _verdict(report: dict) -> None:
         err.print(f"[dim]wrote {escape(report['plot'])}[/]")
 
 
-def chart(result: evaluate.Sweep, width: int = 18) -> Table:
-    """Unicode bars: effect (diverging from 0) and perplexity ratio (from 1, limit marked)."""
+def chart(result: Sweep, limit: float, width: int = 18) -> Table:
+    """Unicode bars: effect (diverging from 0) and perplexity ratio (from 1, `limit` marked)."""
     effects = [result.effect(p) for p in result.points]
     ratios = [result.ppl_ratio(p) for p in result.points]
     scale = max(map(abs, effects)) or 1.0
-    top = max(max(ratios), evaluate.MAX_PPL_RATIO * 1.2)
-    mark = round((evaluate.MAX_PPL_RATIO - 1) / (top - 1) * width)
+    top = max(max(ratios), limit * 1.2)
+    mark = round((limit - 1) / (top - 1) * width)
     table = Table(box=None)
     table.add_column("strength", justify="right")
     table.add_column(f"{'- effect':<{width}}│{'effect +':>{width}}")
-    table.add_column(f"perplexity ratio from x1 (┆ x{evaluate.MAX_PPL_RATIO})")
+    table.add_column(f"perplexity ratio from x1 (┆ x{limit})")
     for p, effect, ratio in zip(result.points, effects, ratios, strict=True):
         left = _bar(-effect / scale, width, leftward=True) if effect < 0 else " " * width
         right = _bar(effect / scale, width) if effect > 0 else " " * width
         ppl = _bar(max(0.0, ratio - 1) / (top - 1), width)
         ppl = ppl[:mark] + ("┆" if ppl[mark] == " " else ppl[mark]) + ppl[mark + 1 :]
-        colour = "red" if ratio > evaluate.MAX_PPL_RATIO else "cyan"
+        colour = "red" if ratio > limit else "cyan"
         table.add_row(f"{p.strength:+g}", f"[magenta]{left}│{right}[/]", f"[{colour}]{ppl}[/]")
     return table
 
