@@ -325,7 +325,7 @@ def _read_message() -> str:
 
 def _command(session, line: str) -> bool:
     """Run one slash command; True means leave."""
-    from . import vectors
+    from . import evaluate, vectors
 
     word, _, rest = line.partition(" ")
     try:
@@ -337,6 +337,9 @@ def _command(session, line: str) -> bool:
             layers = session.steering.layers
             span = f"{layers[0]}-{layers[1]}" if layers else "all"
             err.print(f"vectors: {vectors.describe(session.steering.strengths())} · layers {span}")
+            for name, (vector, _) in session.steering.active.items():
+                if note := evaluate.describe_range(vector):
+                    err.print(f"  {name}: {note}", markup=False)
         elif word == "/vector":
             name, strength = _vector_args(rest)
             start = time.perf_counter()
@@ -427,8 +430,9 @@ def train_command(
 
 def _register_subcommands() -> None:
     """Commands living in their own modules, which import the helpers above. Importing
-    `cli_doctor` registers `doctor`, `cli_models` `pull` and `models`; `vectors` is a group."""
-    from . import cli_doctor, cli_models, cli_vectors  # noqa: F401
+    `cli_doctor` registers `doctor`, `cli_models` `pull` and `models`, `cli_eval` `eval`,
+    `cli_bench` `bench`; `vectors` is a group."""
+    from . import cli_bench, cli_doctor, cli_eval, cli_models, cli_vectors  # noqa: F401
 
     app.add_typer(cli_vectors.app, name="vectors")
 

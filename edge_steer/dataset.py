@@ -196,15 +196,16 @@ def contrast_pairs(
     """
     if limit is not None and limit < 1:
         raise UserError(f"the number of training pairs must be at least 1, not {limit}")
-    heads = _prefixes(concept, model)
+    heads = persona_prefixes(concept, model)
     pairs = [(pos + s, neg + s) for pos, neg in heads for s in _suffixes()]
     random.Random(seed).shuffle(pairs)
     return pairs if limit is None else pairs[:limit]
 
 
-def _prefixes(concept: Concept, model: ChatFormatter) -> list[tuple[str, str]]:
+def persona_prefixes(concept: Concept, model: ChatFormatter) -> list[tuple[str, str]]:
     """The prompt text before the suffix for each persona pair: the model's chat format, or
-    the base-model preamble for all pairs if the template fails for any persona."""
+    the base-model preamble for all pairs if the template fails for any persona. Evaluation
+    uses the first pair as the prompt-instead-of-a-vector baseline."""
     where = f"concept {concept.name!r} base_template"
     return _chat_prefixes(concept, model) or [
         (_render(concept.base_template, p, where), _render(concept.base_template, n, where))

@@ -47,6 +47,14 @@ def default_threads() -> int:
     return max(1, hardware.cpu_cores())
 
 
+def backend_info() -> dict[str, object]:
+    """What this llama.cpp build can do: CPU features, backends, GPU offload support."""
+    return {
+        "system_info": ll.llama_print_system_info().decode(errors="replace").strip(" |"),
+        "gpu_offload_supported": bool(ll.llama_supports_gpu_offload()),
+    }
+
+
 class Model:
     """A loaded GGUF model: weights, vocabulary and chat template.
 
@@ -343,7 +351,10 @@ class Context:
         del self.tokens[keep:]
 
     def _decode(self) -> None:
-        status = ll.llama_decode(self.ptr, self.batch.raw)
+        self._check(ll.llama_decode(self.ptr, self.batch.raw))
+
+    @staticmethod
+    def _check(status: int) -> None:
         if status != 0:
             raise UserError(f"llama_decode failed with status {status}: {_last_error()}")
 
@@ -429,6 +440,49 @@ class Context:
             if piece:
                 yield piece
         yield decoder.decode(b"", final=True)
+
+    # -- baselines for benchmarks ---------------------------------------------------------
+    def bare_decode(self, prompt: Sequence[int], n_gen: int) -> tuple[float, list[int], float]:
+        """The floor any Python can reach: the prompt through `llama_decode` in n_batch chunks,
+        then `n_gen` greedy tokens from the shortest loop (no end-of-generation check), under
+        the current steering. Returns (prompt seconds, tokens, generation seconds); the cache
+        is left empty. Benchmarks compare `generate` and `ingest` against it."""
+        self.forget(0)
+        sampler = ll.llama_sampler_init_greedy()
+        one = (ll.llama_token * 1)()  # llama_decode reads the token through this array
+        step = ll.llama_batch_get_one(one, 1)
+        tokens: list[int] = []
+        try:
+            start = time.perf_counter()
+            for begin in range(0, len(prompt), self.n_batch):
+                chunk = prompt[begin : begin + self.n_batch]
+                array = (ll.llama_token * len(chunk))(*chunk)  # referenced until decode returns
+                self._check(ll.llama_decode(self.ptr, ll.llama_batch_get_one(array, len(chunk))))
+            ctx, sample, decode = self.ptr, ll.llama_sampler_sample, ll.llama_decode
+            middle = time.perf_counter()
+            for _ in range(n_gen):
+                one[0] = token = sample(sampler, ctx, -1)
+                if status := decode(ctx, step):
+                    self._check(status)
+                tokens.append(token)
+            end = time.perf_counter()
+        finally:
+            ll.llama_sampler_free(sampler)
+            self.forget(0)
+        return middle - start, tokens, end - middle
+
+    def prefill(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Decode prompts packed exactly as `capture` packs them and keep nothing: plain
+        prompt processing, the baseline that capture's speed is measured against."""
+        for group in self._groups(sequences):
+            self.forget(0)
+            self.batch.clear()
+            for seq_id, index in enumerate(group):
+                last = len(sequences[index]) - 1
+                for pos, token in enumerate(sequences[index]):
+                    self.batch.add(token, pos, seq_id, pos == last)
+            self._decode()
+        self.forget(0)
 
     # -- capture --------------------------------------------------------------------------
     def capture(

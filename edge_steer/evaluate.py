@@ -1,24 +1,108 @@
-"""Measure a steering setting: effect on held-out probes and cost in perplexity."""
+"""Measure steering: its effect on held-out probes and its cost in fluency, over strengths.
+
+Effect: the change, against the unsteered model, of the mean margin log P(positive
+continuation) - log P(negative continuation) over a concept's held-out probes, in nats.
+Cost: the perplexity ratio on neutral prose, and the share of short sampled generations that
+degenerate into repetition. From these follows the recommended strength range, which is
+stored in the vector file's metadata.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import math
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
+from . import dataset, store, vectors
 from .dataset import Probe
-from .engine import Context, Model
+from .engine import Context, Model, Sampler, SamplerSettings
+from .errors import UserError
+
+MAX_PPL_RATIO = 1.25  # the recommended range keeps perplexity within this of unsteered
+MIN_EFFECT = 0.1  # nats: a smaller change of the mean probe margin is not a usable effect
+REPEAT_NGRAM = 4  # tokens; see `is_degenerate`
+DEGENERATE_COVERAGE = 0.5
+DEFAULT_STRENGTHS = "-2..2:0.5"
+DEFAULT_STEP = 0.5
+MAX_STRENGTHS = 41
+# the CLI's sampling without the repetition penalty, which would hide the very loops counted
+SAMPLING = SamplerSettings(repeat_penalty=1.0, seed=0)
+EVAL_KEYS = (  # metadata that `save` (re)writes; `vectors info` and `/vectors` show them
+    "recommended_min",
+    "recommended_max",
+    "eval_verdict",
+    "eval_summary",
+    "eval_layers",
+    "eval_model",
+    "eval_model_name",
+)
+Progress = Callable[[int, int], None]
 
 
-def probe_margin(ctx: Context, probes: Sequence[Probe]) -> float:
-    """Mean of log P(positive continuation) - log P(negative continuation), in nats."""
+# -- strengths -------------------------------------------------------------------------------
+
+
+def parse_strengths(text: str) -> tuple[float, ...]:
+    """`A..B` (step 0.5), `A..B:STEP` or a comma list `-1,0,1` -> sorted strengths.
+
+    0 is always included: effects and costs are measured against the unsteered model.
+    """
+    hint = "use A..B, A..B:STEP or a comma list, e.g. -2..2, -2..2:0.5 or -1,0,1"
+    try:
+        values = _strength_values(text.strip())
+    except ValueError as exc:
+        detail = "" if "could not convert" in str(exc) else f" ({exc})"
+        raise UserError(f"bad strengths {text!r}{detail}: {hint}") from None
+    return tuple(sorted({round(v, 6) for v in values} | {0.0}))
+
+
+def _too_many(count: int) -> None:
+    if count > MAX_STRENGTHS:
+        raise UserError(f"{count} strengths is too many (at most {MAX_STRENGTHS}): use fewer")
+
+
+def _strength_values(spec: str) -> list[float]:
+    if ".." not in spec:
+        values = [float(part) for part in spec.split(",")]
+        _too_many(len(values))
+    else:
+        span, _, step_text = spec.partition(":")
+        low_text, _, high_text = span.partition("..")
+        low, high = float(low_text), float(high_text)
+        step = float(step_text) if step_text else DEFAULT_STEP
+        if not step > 0:
+            raise ValueError("the step must be positive")
+        if not low < high:
+            raise ValueError("the range must go from low to high")
+        count = math.floor((high - low) / step + 1e-9) + 1
+        _too_many(count)
+        values = [low + i * step for i in range(count)]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("strengths must be finite numbers")
+    return values
+
+
+# -- the measurements ------------------------------------------------------------------------
+
+
+def probe_margin(ctx: Context, probes: Sequence[Probe], prefix: str = "") -> float:
+    """Mean of log P(positive continuation) - log P(negative continuation), in nats.
+
+    `prefix` goes before every probe prompt (the persona prompt of the baseline).
+    """
     model = ctx.model
     margins = []
     for probe in probes:
-        prompt = model.tokenize(probe.prompt)
+        prompt = model.tokenize(prefix + probe.prompt, parse_special=True)
         totals = []
         for continuation in (probe.positive, probe.negative):
-            tokens = model.tokenize(probe.prompt + continuation)
+            tokens = model.tokenize(prefix + probe.prompt + continuation, parse_special=True)
             totals.append(ctx.score(tokens, _shared_prefix(prompt, tokens)).sum())
         margins.append(totals[0] - totals[1])
     return float(np.mean(margins))
@@ -31,10 +115,266 @@ def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return max(1, n)
 
 
-def perplexity(ctx: Context, text: str, window: int = 256) -> float:
-    """Perplexity of `text` in independent windows (each window starts fresh with BOS)."""
+def perplexity(ctx: Context, text: str, window: int = 256, prefix: str = "") -> float:
+    """Perplexity of `text` in independent windows, each starting fresh with BOS (and
+    `prefix`, which is context only: its own tokens are not scored)."""
     model: Model = ctx.model
     tokens = model.tokenize(text, add_special=False)
     bos = [model.bos] if model.bos >= 0 else []
-    logps = [ctx.score(bos + tokens[i : i + window], 1) for i in range(0, len(tokens), window)]
+    head = model.tokenize(prefix, parse_special=True) if prefix else bos
+    start = max(1, len(head))
+    logps = [ctx.score(head + tokens[i : i + window], start) for i in range(0, len(tokens), window)]
     return float(np.exp(-np.concatenate(logps).mean()))
+
+
+def repetition(tokens: Sequence[int], n: int = REPEAT_NGRAM) -> float:
+    """Share of the positions that lie inside an n-gram occurring more than once."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    counts = Counter(grams)
+    covered: set[int] = set()
+    for i, gram in enumerate(grams):
+        if counts[gram] > 1:
+            covered.update(range(i, i + n))
+    return len(covered) / len(tokens) if tokens else 0.0
+
+
+def is_degenerate(tokens: Sequence[int]) -> bool:
+    """Degenerate output: 4-token sequences that occur more than once cover at least half of
+    it, as in a loop ("the the the ...") or a phrase said over and over. Fluent text of a few
+    dozen tokens repeats a short phrase at most."""
+    return repetition(tokens) >= DEGENERATE_COVERAGE
+
+
+def neutral_prompts(count: int, words: int = 6) -> list[str]:
+    """Openings of the neutral text's sentences, taking each paragraph in turn."""
+    paragraphs = [
+        re.split(r"(?<=[.!?])\s+", block.strip())
+        for block in dataset.neutral_text().split("\n\n")
+        if block.strip()
+    ]
+    sentences = [s for row in itertools.zip_longest(*paragraphs) for s in row if s]
+    return [" ".join(s.split()[:words]) for s in sentences[:count]]
+
+
+def sample(
+    ctx: Context, prompts: Sequence[str], settings: SamplerSettings, tokens: int, prefix: str = ""
+) -> list[list[int]]:
+    """One sampled continuation per prompt, prompt i with seed `settings.seed + i`."""
+    results = []
+    for i, text in enumerate(prompts):
+        prompt = ctx.model.tokenize(prefix + text, parse_special=True)
+        ctx.forget(0)  # cached tokens may have been computed under another steering
+        sampler = Sampler(ctx.model, replace(settings, seed=(settings.seed or 0) + i))
+        try:
+            for _ in ctx.generate(prompt, sampler, max_tokens=tokens):
+                pass
+        finally:
+            sampler.close()
+        results.append(ctx.tokens[len(prompt) :])
+    return results
+
+
+# -- a sweep over strengths ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How much to measure: strengths, sampled generations, the perplexity window."""
+
+    strengths: tuple[float, ...] = field(default_factory=lambda: parse_strengths(DEFAULT_STRENGTHS))
+    samples: int = 8  # sampled generations per setting, for the degenerate rate
+    sample_tokens: int = 32
+    sampler: SamplerSettings = SAMPLING
+    window: int = 256
+    neutral_words: int | None = None  # only the first N words of the neutral text
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured setting: a vector strength, or a persona prompt (baseline: +1 or -1)."""
+
+    strength: float
+    margin: float
+    perplexity: float
+    degenerate: float
+    sample: str = ""  # the first sampled continuation, to see what the setting does
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The points of a sweep (strength 0 included) and the persona-prompt baseline."""
+
+    points: tuple[Point, ...]
+    baseline: tuple[Point, ...] = ()
+
+    @property
+    def reference(self) -> Point:
+        return next(p for p in self.points if p.strength == 0)
+
+    def effect(self, point: Point) -> float:
+        return point.margin - self.reference.margin
+
+    def ppl_ratio(self, point: Point) -> float:
+        return point.perplexity / self.reference.perplexity
+
+    def nearest(self, strength: float) -> Point | None:
+        """The measured point closest to `strength` on the same side of 0."""
+        side = [p for p in self.points if p.strength * strength > 0]
+        return min(side, key=lambda p: abs(p.strength - strength), default=None)
+
+
+def measure(
+    ctx: Context,
+    probes: Sequence[Probe],
+    settings: EvalSettings,
+    strength: float,
+    prefix: str = "",
+) -> Point:
+    """Effect and cost of the context's current steering (and `prefix`), as one Point."""
+    text = dataset.neutral_text()
+    if settings.neutral_words:
+        text = " ".join(text.split()[: settings.neutral_words])
+    outputs = sample(
+        ctx, neutral_prompts(settings.samples), settings.sampler, settings.sample_tokens, prefix
+    )
+    return Point(
+        strength=strength,
+        margin=probe_margin(ctx, probes, prefix),
+        perplexity=perplexity(ctx, text, settings.window, prefix),
+        degenerate=float(np.mean([is_degenerate(o) for o in outputs])) if outputs else 0.0,
+        sample=ctx.model.detokenize(outputs[0]) if outputs else "",
+    )
+
+
+def sweep(
+    ctx: Context,
+    rows: np.ndarray,
+    span: tuple[int, int],
+    probes: Sequence[Probe],
+    settings: EvalSettings,
+    *,
+    personas: tuple[str, str] | None = None,
+    progress: Progress | None = None,
+) -> Sweep:
+    """Measure `rows` (the vector at strength 1, by block) at every strength, steering blocks
+    `span`; then, given `personas` (positive and negative prompt texts), the unsteered model
+    prompted with each instead: the baseline people compare steering against."""
+    strengths = sorted({*settings.strengths, 0.0})  # effects and costs are relative to 0
+    total = len(strengths) + (2 if personas else 0)
+    points = []
+    for strength in strengths:
+        ctx.set_steering(rows * np.float32(strength) if strength else None, *span)
+        points.append(measure(ctx, probes, settings, strength))
+        if progress:
+            progress(len(points), total)
+    ctx.set_steering(None)
+    baseline = []
+    for sign, prefix in zip((1.0, -1.0), personas or (), strict=False):
+        baseline.append(measure(ctx, probes, settings, sign, prefix))
+        if progress:
+            progress(len(points) + len(baseline), total)
+    return Sweep(tuple(points), tuple(baseline))
+
+
+# -- what the sweep says -----------------------------------------------------------------------
+
+
+def recommend(result: Sweep) -> tuple[float, float] | None:
+    """The largest strength range with perplexity within MAX_PPL_RATIO of unsteered.
+
+    From 0 outward on each side, measured strengths stay in while perplexity is within the
+    limit and the effect has the strength's sign; a side counts only if the effect at its end
+    is at least MIN_EFFECT. None when neither side does: the vector does not work.
+    """
+    ends = []
+    for side in (-1.0, 1.0):
+        end: Point | None = None
+        for point in sorted(
+            (p for p in result.points if p.strength * side > 0), key=lambda p: abs(p.strength)
+        ):
+            if result.ppl_ratio(point) > MAX_PPL_RATIO or result.effect(point) * side <= 0:
+                break
+            end = point
+        works = end is not None and abs(result.effect(end)) >= MIN_EFFECT
+        ends.append(end.strength if works and end else 0.0)
+    return None if ends == [0.0, 0.0] else (ends[0], ends[1])
+
+
+def at_sweep_edge(result: Sweep, span: tuple[float, float]) -> tuple[bool, bool]:
+    """For each end of `span`: is it the outermost strength measured on its side? Perplexity
+    was then still within the limit there, and the real limit lies further out."""
+    strengths = [p.strength for p in result.points]
+    return span[0] < 0 and span[0] == min(strengths), span[1] > 0 and span[1] == max(strengths)
+
+
+def verdict(result: Sweep) -> str:
+    """'works' when the effect has the right sign (and at least MIN_EFFECT) at both -1 and +1
+    (or the nearest measured strengths); else 'positive only', 'negative only' or 'no effect'."""
+    ok = []
+    for side in (-1.0, 1.0):
+        point = result.nearest(side)
+        ok.append(point is not None and result.effect(point) * side >= MIN_EFFECT)
+    return {
+        (True, True): "works",
+        (False, True): "positive only",
+        (True, False): "negative only",
+        (False, False): "no effect",
+    }[(ok[0], ok[1])]
+
+
+def summary(result: Sweep) -> str:
+    """One line for file metadata and listings: effect and cost at -1 and +1 (or nearest)."""
+    parts = []
+    for side in (-1.0, 1.0):
+        point = result.nearest(side)
+        if point is not None:
+            parts.append(
+                f"{point.strength:+g}: effect {result.effect(point):+.2f} nats, "
+                f"ppl x{result.ppl_ratio(point):.3f}, degenerate {point.degenerate:.0%}"
+            )
+    return "; ".join(parts)
+
+
+# -- the result in the vector file -------------------------------------------------------------
+
+
+def recommended_range(vector: vectors.ControlVector) -> tuple[float, float] | None:
+    """The strength range `edge-steer eval` stored in this vector, if any."""
+    low, high = (vector.metadata.get(k) for k in ("recommended_min", "recommended_max"))
+    if isinstance(low, int | float) and isinstance(high, int | float):
+        return float(low), float(high)
+    return None
+
+
+def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
+    """Rewrite the vector file (atomically) with this evaluation's keys (`EVAL_KEYS`);
+    the keys of an earlier evaluation go, so a vector that no longer works loses its range."""
+    vector = vectors.read(path)
+    meta = {k: v for k, v in vector.metadata.items() if k not in EVAL_KEYS and v is not None}
+    span = recommend(result)
+    if span is not None:
+        meta["recommended_min"], meta["recommended_max"] = float(span[0]), float(span[1])
+    meta["eval_verdict"] = verdict(result)
+    meta["eval_summary"] = summary(result)
+    meta["eval_layers"] = layers
+    meta["eval_model"] = store.fingerprint(model.path)
+    meta["eval_model_name"] = model.name
+    try:
+        vectors.write(vectors.ControlVector(vector.directions, vector.model_hint, meta), path)
+    except OSError as exc:
+        raise UserError(
+            f"cannot write the evaluation into {path} ({exc.strerror or exc}): "
+            "pass --no-save, or copy the vector somewhere writable"
+        ) from None
+
+
+def describe_range(vector: vectors.ControlVector) -> str:
+    """'recommended -1.5..+2 (works on Gemma 3 270M)', or '' for a vector never evaluated."""
+    verdict_text = vector.metadata.get("eval_verdict")
+    if verdict_text is None:
+        return ""
+    where = vector.metadata.get("eval_model_name", "its model")
+    span = recommended_range(vector)
+    if span is None:
+        return f"no recommended strength ({verdict_text} on {where})"
+    return f"recommended {span[0]:+g}..{span[1]:+g} ({verdict_text} on {where})"

@@ -1,0 +1,76 @@
+"""Every built-in concept on Gemma 3 270M: does its vector work, and which range is stored?
+
+The expected outcomes are measured facts about this small model with the default training (128
+pairs, default blocks), not wishes: a concept that does not work both ways is listed as such.
+The README's Results table shows the same concepts over -2..2 with the full neutral text.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_steer import dataset, evaluate, train, vectors
+from edge_steer.engine import Context
+
+THREADS = 2
+EXPECTED = {  # concept -> (verdict at -1/+1, recommended range over -1, 0, +1)
+    "concise": ("negative only", (-1.0, 0.0)),
+    "confident": ("works", (-1.0, 1.0)),
+    "creative": ("works", (-1.0, 1.0)),
+    "formal": ("works", (-1.0, 1.0)),
+    "happy": ("works", (-1.0, 1.0)),
+    "honest": ("negative only", (-1.0, 0.0)),
+    "lazy": ("works", (-1.0, 1.0)),
+    "trippy": ("works", (-1.0, 1.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def trained(demo_model):
+    """Vectors trained once per concept, on demand."""
+    cache: dict[str, vectors.ControlVector] = {}
+
+    def get(name: str) -> vectors.ControlVector:
+        if name not in cache:
+            pairs = dataset.contrast_pairs(dataset.load_builtin(name), demo_model, limit=128)
+            options = train.TrainOptions(threads=THREADS)
+            cache[name] = train.train(demo_model, pairs, options, name=name)
+        return cache[name]
+
+    return get
+
+
+def sweep(model, vector, settings: evaluate.EvalSettings) -> evaluate.Sweep:
+    rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+    probes = dataset.load_builtin(str(vector.metadata["concept"])).probes
+    with Context(model, n_ctx=1024, threads=THREADS) as ctx:
+        return evaluate.sweep(ctx, rows, (1, model.n_layer - 1), probes, settings)
+
+
+def test_expectations_cover_every_builtin_concept() -> None:
+    assert sorted(EXPECTED) == dataset.builtin_names()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_builtin_concept_on_gemma(name, demo_model, trained, tmp_path) -> None:
+    settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=0, neutral_words=150)
+    result = sweep(demo_model, trained(name), settings)
+    verdict, span = EXPECTED[name]
+    effects = {p.strength: result.effect(p) for p in result.points}
+    assert evaluate.verdict(result) == verdict, effects
+    assert evaluate.recommend(result) == span, effects
+    if verdict == "works":  # the right sign at both -1 and +1, by a usable margin
+        assert effects[-1.0] <= -evaluate.MIN_EFFECT and effects[1.0] >= evaluate.MIN_EFFECT
+    path = vectors.write(trained(name), tmp_path / f"{name}.gguf")
+    evaluate.save(path, result, demo_model, "all")
+    assert evaluate.recommended_range(vectors.read(path)) == span
+
+
+def test_absurd_strength_degenerates_and_falls_outside_the_range(demo_model, trained) -> None:
+    settings = evaluate.EvalSettings(strengths=(0.0, 1.0, 32.0), samples=4, neutral_words=150)
+    result = sweep(demo_model, trained("happy"), settings)
+    zero, one, absurd = result.points
+    assert zero.degenerate == 0 and one.degenerate == 0
+    assert absurd.degenerate == 1.0, absurd.sample  # e.g. "exciting new season exciting new ..."
+    assert result.ppl_ratio(absurd) > 10 * evaluate.MAX_PPL_RATIO
+    assert evaluate.recommend(result) == (0.0, 1.0)

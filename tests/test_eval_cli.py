@@ -1,0 +1,137 @@
+"""`edge-steer eval` as a user runs it (tiny model: plumbing, JSON, files, errors, /vectors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_cli import assert_clean_error, run
+
+from edge_steer import dataset, evaluate, vectors
+from edge_steer.engine import Context
+from edge_steer.evaluate import Point, Sweep
+
+PROBES = [
+    {"prompt": "The weather today is", "positive": " calm and quiet.", "negative": " loud."},
+    {"prompt": "My neighbour said", "positive": " softly, relax.", "negative": " go away!"},
+]
+
+
+@pytest.fixture()
+def calm(tmp_path):
+    """A vector file for the tiny model (concept 'calm', blocks 2-4) and a probes file."""
+    rng = np.random.default_rng(0)
+    directions = {n: 2 * rng.normal(size=64).astype(np.float32) for n in (2, 3, 4)}
+    path = vectors.write(
+        vectors.ControlVector(directions, "llama", {"concept": "calm"}), tmp_path / "calm.gguf"
+    )
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("".join(json.dumps(p) + "\n" for p in PROBES))
+    return path, probes
+
+
+def test_eval_json_reports_what_it_measured_and_stores_it(calm, tiny_dense_path, tiny_dense):
+    path, probes = calm
+    result = run(
+        *f"eval {path} --model {tiny_dense_path} --probes {probes} --strengths -1,0,1 "
+        "--samples 2 --baseline --personas calm,angry --threads 1 --json".split()
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    points = {p["strength"]: p for p in data["points"]}
+    assert sorted(points) == [-1, 0, 1] and data["probes"] == 2 and data["concept"] == "calm"
+    assert points[0]["effect"] == 0 and points[0]["ppl_ratio"] == 1
+    assert all(p["perplexity"] > 1 and p["degenerate"] in (0, 0.5, 1) for p in points.values())
+    assert [(b["persona"], b["strength"]) for b in data["baseline"]] == [
+        ("calm", 1),
+        ("angry", -1),
+    ]
+    assert "extremely calm" in data["baseline"][0]["prompt"]
+
+    # the same measurement in-process: the CLI applied this vector at strength 1 on its blocks
+    rows = vectors.combine([(vectors.read(path), 1.0)], tiny_dense.n_layer, tiny_dense.n_embd)
+    margins = {}
+    with Context(tiny_dense, n_ctx=1024, threads=1) as ctx:
+        for strength in (0, 1):
+            ctx.set_steering(rows * strength if strength else None)
+            margins[strength] = evaluate.probe_margin(ctx, dataset.load_probes_jsonl(probes))
+    assert points[1]["effect"] == pytest.approx(margins[1] - margins[0], abs=1e-3)
+
+    stored = vectors.read(path)
+    assert stored.metadata["eval_verdict"] == data["verdict"] and data["saved"] == str(path)
+    recommended = tuple(data["recommended"]) if data["recommended"] else None
+    assert evaluate.recommended_range(stored) == recommended
+
+
+def test_eval_table_chart_and_plot_without_saving(calm, tiny_dense_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    path, probes = calm
+    before = path.read_bytes()
+    png = tmp_path / "plot.png"
+    result = run(
+        *f"eval {path} --model {tiny_dense_path} --probes {probes} --strengths=-1..1 "
+        f"--samples 1 --threads 1 --no-save --plot {png}".split()
+    )
+    assert result.returncode == 0, result.stderr
+    assert "effect (nats)" in result.stdout and "perplexity ratio from x1" in result.stdout
+    assert "│" in result.stdout and "+0.5" in result.stdout  # chart rows, step 0.5
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.read_bytes() == before  # --no-save leaves the vector alone
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ("{vec} --strengths 2..-2", "the range must go from low to high"),
+        ("{vec} --strengths x", "bad strengths 'x'"),
+        ("{vec}:0.5", "give the vector without a strength"),
+        ("{bare}", "no probes for concept 'bare': pass --probes FILE.jsonl"),
+        (
+            "{vec} --probes {probes} --baseline",
+            "--baseline needs persona words for the custom concept 'calm'",
+        ),
+        ("{vec} --probes missing.jsonl", "probes file not found"),
+        ("nosuchvector", "unknown vector 'nosuchvector'"),
+        ("{vec} --samples -1", "--samples must be 0 or more"),
+    ],
+)
+def test_bad_eval_input_is_one_clean_line(args, words, calm, tiny_dense_path) -> None:
+    path, probes = calm
+    no_concept = vectors.ControlVector(vectors.read(path).directions)
+    bare = vectors.write(no_concept, path.with_name("bare.gguf"))
+    argv = args.format(vec=path, bare=bare, probes=probes).split()
+    assert_clean_error(run("eval", *argv, "--model", str(tiny_dense_path)), words)
+
+
+def test_plot_without_matplotlib_names_the_extra(calm, tiny_dense_path, tmp_path) -> None:
+    """matplotlib made unimportable: the error comes before any measuring."""
+    blocker = tmp_path / "blocker" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('blocked for this test')\n")
+    path, probes = calm
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker.parent), *sys.path])}
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_steer", "eval", str(path), "--model", str(tiny_dense_path),
+         "--probes", str(probes), "--plot", str(tmp_path / "p.png")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert_clean_error(result, "--plot needs matplotlib")
+    assert "pip install 'edge-steer[plot]'" in result.stderr
+    assert not (tmp_path / "p.png").exists() and "eval_verdict" not in vectors.read(path).metadata
+
+
+def test_repl_vectors_command_shows_the_recommended_range(calm, tiny_dense_path, tiny_dense):
+    path, _ = calm
+    sweep = Sweep((Point(-1, -0.5, 10, 0), Point(0, 0, 10, 0), Point(1.5, 0.8, 11, 0)))
+    evaluate.save(path, sweep, tiny_dense, "all")
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_steer", "chat", "--model", str(tiny_dense_path),
+         "--vector", f"{path}:0.5", "-n", "4"],
+        input="/vectors\n/quit\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"{path}: recommended -1..+1.5 (works on {tiny_dense.name})" in result.stderr

@@ -1,0 +1,128 @@
+"""Evaluation: strength syntax, the degeneration rule, the recommended range, and storing it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_steer import evaluate, vectors
+from edge_steer.errors import UserError
+from edge_steer.evaluate import Point, Sweep
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("-2..2", (-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2)),
+        ("-2..2:1", (-2, -1, 0, 1, 2)),
+        ("0.5..1.5:0.5", (0, 0.5, 1, 1.5)),  # 0 is always measured: effects are relative to it
+        ("-1,1", (-1, 0, 1)),
+        (" 2, -0.25 ,2", (-0.25, 0, 2)),
+        ("-1..1:0.3", (-1, -0.7, -0.4, -0.1, 0, 0.2, 0.5, 0.8)),
+    ],
+)
+def test_strengths_syntax(text, expected) -> None:
+    assert evaluate.parse_strengths(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("2..-2", "from low to high"),
+        ("-2..2:0", "step must be positive"),
+        ("-2..2:-1", "step must be positive"),
+        ("a..b", "bad strengths 'a..b'"),
+        ("1,,2", "bad strengths"),
+        ("", "bad strengths"),
+        ("nan,1", "finite"),
+        ("-100..100:0.5", "401 strengths is too many"),
+        (",".join(str(i) for i in range(50)), "50 strengths is too many"),
+    ],
+)
+def test_bad_strengths_are_clear_errors(text, words) -> None:
+    with pytest.raises(UserError, match=words):
+        evaluate.parse_strengths(text)
+
+
+def test_degenerate_means_repeated_ngrams_cover_half() -> None:
+    loop = [5, 6, 7] * 10
+    assert evaluate.repetition(loop) == 1.0 and evaluate.is_degenerate(loop)
+    fluent = list(range(32))
+    assert evaluate.repetition(fluent) == 0.0 and not evaluate.is_degenerate(fluent)
+    one_phrase_twice = [1, 2, 3, 4, *range(10, 22), 1, 2, 3, 4, *range(30, 42)]
+    assert evaluate.repetition(one_phrase_twice) == 8 / 32
+    assert not evaluate.is_degenerate(one_phrase_twice)
+    half_loop = list(range(100, 116)) + [8, 9] * 8
+    assert evaluate.repetition(half_loop) == 0.5 and evaluate.is_degenerate(half_loop)
+    assert evaluate.repetition([]) == 0.0 and evaluate.repetition([1, 2]) == 0.0
+
+
+def test_neutral_prompts_are_sentence_openings() -> None:
+    prompts = evaluate.neutral_prompts(10)
+    assert len(prompts) == 10 and len(set(prompts)) == 10
+    assert prompts[0] == "Water moves through the environment in"
+    assert prompts[1] == "The printing press with movable type"  # the next paragraph's first
+    assert all(len(p.split()) == 6 for p in prompts)
+
+
+def sweep_of(rows: list[tuple[float, float, float]]) -> Sweep:
+    """(strength, effect, ppl ratio) rows; the reference at 0 has margin 0 and perplexity 10."""
+    return Sweep(tuple(Point(s, e, 10 * r, 0.0) for s, e, r in rows))
+
+
+@pytest.mark.parametrize(
+    ("rows", "span", "verdict"),
+    [
+        # works both ways; +2 costs too much perplexity, so the range stops at +1.5
+        (
+            [(-2, -3, 1.2), (-1, -1.5, 1.0), (0, 0, 1), (1, 1.4, 1.0), (1.5, 2, 1.1), (2, 3, 1.3)],
+            (-2, 1.5),
+            "works",
+        ),
+        # the negative side has the wrong sign: only the positive side counts
+        (
+            [(-1, 0.1, 1.0), (-0.5, 0.2, 1.0), (0, 0, 1), (0.5, 0.3, 1.0), (1, 0.6, 1.1)],
+            (0, 1),
+            "positive only",
+        ),
+        # effects too small to use
+        ([(-1, -0.05, 1.0), (0, 0, 1), (1, 0.08, 1.0)], None, "no effect"),
+        # the perplexity limit is reached right away on both sides
+        ([(-1, -2, 1.3), (0, 0, 1), (1, 2, 1.26)], None, "works"),
+        # exactly at the limits still counts
+        ([(-1, -0.1, 1.25), (0, 0, 1), (1, 0.1, 1.25)], (-1, 1), "works"),
+    ],
+)
+def test_recommended_range_and_verdict(rows, span, verdict) -> None:
+    result = sweep_of(rows)
+    assert evaluate.recommend(result) == span
+    assert evaluate.verdict(result) == verdict
+
+
+def test_save_stores_the_range_and_replaces_an_old_one(tmp_path, tiny_dense) -> None:
+    rng = np.random.default_rng(0)
+    original = vectors.ControlVector(
+        {n: rng.normal(size=64).astype(np.float32) for n in (2, 3)}, "llama", {"concept": "calm"}
+    )
+    path = vectors.write(original, tmp_path / "calm.gguf")
+    assert evaluate.recommended_range(vectors.read(path)) is None
+    assert evaluate.describe_range(vectors.read(path)) == ""
+
+    works = sweep_of([(-1, -0.5, 1.1), (0, 0, 1), (1, 0.7, 1.2), (2, 1.5, 1.4)])
+    evaluate.save(path, works, tiny_dense, "all")
+    stored = vectors.read(path)
+    assert evaluate.recommended_range(stored) == (-1.0, 1.0)
+    assert stored.metadata["eval_verdict"] == "works"
+    assert stored.metadata["eval_model_name"] == tiny_dense.name
+    assert stored.metadata["concept"] == "calm" and stored.metadata["eval_layers"] == "all"
+    assert "+1: effect +0.70 nats, ppl x1.200" in str(stored.metadata["eval_summary"])
+    assert evaluate.describe_range(stored) == f"recommended -1..+1 (works on {tiny_dense.name})"
+    for n in (2, 3):
+        assert np.array_equal(stored.directions[n], original.directions[n])
+    assert not list(tmp_path.glob(".*tmp"))  # written through a temp file and renamed
+
+    evaluate.save(path, sweep_of([(-1, 0.2, 1.0), (0, 0, 1), (1, -0.3, 1.0)]), tiny_dense, "2-3")
+    again = vectors.read(path)
+    assert evaluate.recommended_range(again) is None
+    assert "recommended_min" not in again.metadata and again.metadata["eval_verdict"] == "no effect"
+    assert evaluate.describe_range(again).startswith("no recommended strength (no effect on")

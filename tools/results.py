@@ -1,0 +1,341 @@
+"""Run `eval` and `bench` on the demo model and the tiny models; write the README's Results.
+
+Everything runs in this process through the same functions as `edge-steer eval` and
+`edge-steer bench`. Vectors are trained afresh with the defaults (nothing is read from or
+written to the vector store). Writes `tools/results/eval-<model>.png` (effect and perplexity
+against strength, one line per concept), `tools/results/eval.json` and `bench.json` (every
+figure), and rewrites the README's Results blocks (eval and bench separately, between their
+markers, so `--no-bench` keeps the old speed figures).
+
+    python tools/results.py                                  # everything (tens of minutes)
+    python tools/results.py --eval-models demo --concepts happy,lazy --strengths=-1..1 --no-bench
+    python tools/results.py --bench-models demo --reps 3 --no-eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_steer import bench, dataset, evaluate, hub, train, vectors  # noqa: E402
+from edge_steer.engine import Context, Model  # noqa: E402
+from edge_steer.errors import UserError  # noqa: E402
+from tools.tiny_models import write_tiny_model  # noqa: E402
+
+PARTS = ("eval", "bench")  # README blocks, each between its own markers, rewritten alone
+TINY = {"tiny-dense": False, "tiny-moe": True}  # name -> MoE
+EVAL_CTX = 1024
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def load(name: str, folder: Path) -> Model:
+    """'demo', 'tiny-dense', 'tiny-moe' (generated into `folder`) or a GGUF path."""
+    if name in TINY:
+        return Model(write_tiny_model(folder / f"{name}.gguf", moe=TINY[name]))
+    return Model(hub.resolve_model(name))
+
+
+# -- eval ----------------------------------------------------------------------------------------
+
+
+def eval_model(model: Model, args: argparse.Namespace) -> dict:
+    """Train and sweep every concept; the baseline too on real models (not the tiny ones)."""
+    settings = evaluate.EvalSettings(
+        strengths=evaluate.parse_strengths(args.strengths), samples=args.samples
+    )
+    span = (1, model.n_layer - 1)  # the vector's own blocks
+    rows_out, sweeps = [], {}
+    for name in args.concepts:
+        concept = dataset.load_builtin(name)
+        start = time.perf_counter()
+        pairs = dataset.contrast_pairs(concept, model, limit=args.pairs)
+        vector = train.train(model, pairs, train.TrainOptions(threads=args.threads), name=name)
+        rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+        personas = None if args.no_baseline else dataset.persona_prefixes(concept, model)[0]
+        with Context(model, n_ctx=EVAL_CTX, threads=args.threads) as ctx:
+            result = evaluate.sweep(ctx, rows, span, concept.probes, settings, personas=personas)
+        sweeps[name] = result
+        rows_out.append(_eval_row(name, vector, result))
+        log(
+            f"  {model.name} {name}: {evaluate.verdict(result)}, "
+            f"range {evaluate.recommend(result)} ({time.perf_counter() - start:.0f}s)"
+        )
+    return {"rows": rows_out, "sweeps": sweeps}
+
+
+def _eval_row(name: str, vector: vectors.ControlVector, result: evaluate.Sweep) -> dict:
+    def point(p: evaluate.Point | None) -> dict | None:
+        if p is None:
+            return None
+        return {
+            "strength": p.strength,
+            "effect": round(result.effect(p), 3),
+            "ppl_ratio": round(result.ppl_ratio(p), 4),
+            "degenerate": p.degenerate,
+        }
+
+    span = evaluate.recommend(result)
+    return {
+        "concept": name,
+        "layers": [vector.layers[0], vector.layers[-1]],
+        "verdict": evaluate.verdict(result),
+        "recommended": span,
+        "edge": evaluate.at_sweep_edge(result, span) if span else None,
+        "minus": point(result.nearest(-1.0)),
+        "plus": point(result.nearest(1.0)),
+        "baseline": [point(p) for p in result.baseline],
+        "points": [point(p) for p in result.points],
+    }
+
+
+# -- markdown ------------------------------------------------------------------------------------
+
+
+EVAL_LEGEND = (
+    "Effect = change of the mean log-probability margin of the positive over the negative "
+    "continuation on the concept's held-out probes (nats); ppl = perplexity ratio on neutral "
+    "text; degenerate = share of sampled continuations that loop (`evaluate.is_degenerate`); "
+    "prompt = the unsteered model given the persona as a prompt instead of a vector; "
+    "recommended = `evaluate.recommend` (perplexity within "
+    f"{evaluate.MAX_PPL_RATIO}x, effect of the right sign and at least {evaluate.MIN_EFFECT} nats)."
+)
+RANDOM_NOTE = (
+    " (random weights: this only shows that the pipeline runs on a model of this shape; "
+    "the figures say nothing about language)"
+)
+
+
+def eval_markdown(name: str, model_name: str, rows: list[dict], plot: str | None) -> list[str]:
+    lines = [
+        f"**{model_name}**{RANDOM_NOTE if name in TINY else ''}",
+        "",
+        "| concept | blocks | effect -1 / +1 | ppl -1 / +1 | degenerate -1 / +1 | prompt -/+ "
+        "(effect, ppl) | recommended | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        minus, plus = r["minus"] or {}, r["plus"] or {}
+        base = {b["strength"]: b for b in r["baseline"]}
+        prompt = (
+            " / ".join(
+                f"{b['effect']:+.2f}, x{b['ppl_ratio']:.2f}"
+                for b in (base.get(-1.0), base.get(1.0))
+                if b
+            )
+            or "-"
+        )
+        span = r["recommended"]
+        lines.append(
+            f"| {r['concept']} | {r['layers'][0]}-{r['layers'][1]} "
+            f"| {minus.get('effect', 0):+.2f} / {plus.get('effect', 0):+.2f} "
+            f"| x{minus.get('ppl_ratio', 1):.3f} / x{plus.get('ppl_ratio', 1):.3f} "
+            f"| {minus.get('degenerate', 0):.0%} / {plus.get('degenerate', 0):.0%} "
+            f"| {prompt} | {f'{span[0]:+g}..{span[1]:+g}' if span else 'none'} "
+            f"| {'**' + r['verdict'] + '**' if r['verdict'] != 'works' else 'works'} |"
+        )
+    lines += ["", *_eval_notes(rows)]
+    if plot:
+        lines += ["", f"![eval on {model_name}]({plot})"]
+    return lines
+
+
+def _eval_notes(rows: list[dict]) -> list[str]:
+    """What the table cannot say at a glance: one-sided concepts, ranges cut by the sweep."""
+    notes = []
+    for r in rows:
+        if r["verdict"] != "works":
+            at = ", ".join(
+                f"{p['effect']:+.2f} nats at {p['strength']:+g}"
+                for p in (r["minus"], r["plus"])
+                if p
+            )
+            notes.append(f"{r['concept']} ({r['verdict']}: {at})")
+    lines = [f"Not working both ways on this model: {'; '.join(notes)}."] if notes else []
+    edges = {
+        e
+        for r in rows
+        if r["recommended"]
+        for e, at in zip(r["recommended"], r["edge"], strict=True)
+        if at
+    }
+    if edges:
+        ends = " and ".join(f"{e:+g}" for e in sorted(edges))
+        lines.append(
+            f"Ranges ending at {ends} end at the edge of the sweep: perplexity is still within "
+            f"{evaluate.MAX_PPL_RATIO}x there, so the limit lies further out."
+        )
+    return lines
+
+
+def bench_markdown(reports: list[dict]) -> list[str]:
+    lines = [
+        "| model | test | engine | + 1 vector | + 3 vectors | bare `llama_decode` loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rep in reports:
+        by = {(r["test"], r["variant"]): r for r in rep["results"]}
+        tests = dict.fromkeys(r["test"] for r in rep["results"] if r["test"] != "capture")
+        for test in tests:
+            cells = [
+                f"{by[test, v]['tps_mean']:.1f} ± {by[test, v]['tps_sd']:.1f}"
+                for v in (
+                    "engine",
+                    "engine + 1 vector",
+                    "engine + 3 vectors",
+                    "bare llama_decode loop",
+                )
+            ]
+            lines.append(f"| {rep['model']} | {test} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| model | tg 1 vector / none | tg 3 vectors / none | tg engine / bare | capture / pp "
+        "| train (s) | peak RSS | threads |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for rep in reports:
+        r, t = rep["ratios"], rep["training"]
+        cells = [
+            f"{r[k]['value']:.3f}"
+            for k in (
+                "tg: 1 vector / none",
+                "tg: 3 vectors / none",
+                "tg: engine / bare loop",
+                "capture / prompt processing",
+            )
+        ]
+        lines.append(
+            f"| {rep['model']} | "
+            + " | ".join(cells)
+            + f" | {t['train_s_mean']:.1f} ({t['pairs']} pairs, {t['concept']}) "
+            f"| {rep['peak_rss_bytes'] / 2**20:.0f} MiB | {rep['backend']['threads']} |"
+        )
+    targets = ", ".join(f"{k} >= {v}" for k, v in bench.TARGETS.items())
+    machine = "; ".join(
+        f"{rep['model']}: 1-min load {rep['loadavg'][0]} before, {rep['loadavg'][1]} after"
+        for rep in reports
+    )
+    info = reports[0]["backend"]["system_info"] if reports else ""
+    return [
+        *lines,
+        "",
+        f"Targets: {targets}. Machine: {os.cpu_count()} CPUs, llama.cpp `{info}`; {machine}.",
+    ]
+
+
+def markers(part: str) -> tuple[str, str]:
+    return f"<!-- results:{part}:begin -->", f"<!-- results:{part}:end -->"
+
+
+def write_readme(readme: Path, part: str, body: list[str]) -> None:
+    """Replace one part's block; the first time, the Results section becomes the blocks."""
+    text = readme.read_text(encoding="utf-8")
+    if markers(part)[0] not in text:
+        empty = "\n\n".join("\n".join(markers(p)) for p in PARTS)
+        if "\n## Results\n" in text:
+            head, rest = text.split("\n## Results\n", 1)
+            tail = rest[rest.find("\n## ") :] if "\n## " in rest else "\n"
+            text = head + "\n## Results\n\n" + empty + "\n" + tail
+        else:
+            text = text.rstrip("\n") + "\n\n## Results\n\n" + empty + "\n"
+    begin, end = markers(part)
+    head, rest = text.split(begin, 1)
+    text = head + "\n".join([begin, *body, end]) + rest.split(end, 1)[1]
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, readme)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--eval-models", default="demo,tiny-dense,tiny-moe")
+    p.add_argument("--bench-models", default="demo,tiny-dense,tiny-moe")
+    p.add_argument("--concepts", default="all", help="comma list of built-in concepts, or all")
+    p.add_argument("--strengths", default=evaluate.DEFAULT_STRENGTHS)
+    p.add_argument("--samples", type=int, default=8, help="sampled generations per strength")
+    p.add_argument("--pairs", type=int, default=128, help="training pairs per concept")
+    p.add_argument("--reps", type=int, default=5, help="bench repetitions")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument("--no-bench", action="store_true")
+    p.add_argument("--no-baseline", action="store_true", help="skip the persona-prompt baseline")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
+    args = p.parse_args(argv)
+    names = dataset.builtin_names()
+    args.concepts = names if args.concepts == "all" else args.concepts.split(",")
+    for name in args.concepts:
+        dataset.load_builtin(name)  # unknown names fail now
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edge-steer-results-") as tmp:
+        if not args.no_eval:
+            body, raw = [_command_line(argv), "", EVAL_LEGEND, ""], {}
+            for name in args.eval_models.split(","):
+                model = load(name, Path(tmp))
+                log(f"eval on {model.name}")
+                found = eval_model(model, args)
+                raw[name] = found["rows"]
+                plot = _plot(found["sweeps"], model.name, name, args)
+                body += [*eval_markdown(name, model.name, found["rows"], plot), ""]
+            _write_json(args.out / "eval.json", raw)
+            write_readme(args.readme, "eval", ["### Does it work? `edge-steer eval`", "", *body])
+        if not args.no_bench:
+            reports = []
+            for name in args.bench_models.split(","):
+                model = load(name, Path(tmp))
+                log(f"bench on {model.name}")
+                settings = bench.BenchSettings(
+                    reps=args.reps, pairs=args.pairs, threads=args.threads
+                )
+                reports.append(bench.run(model, settings))
+            _write_json(args.out / "bench.json", reports)
+            body = [_command_line(argv), "", *bench_markdown(reports), ""]
+            write_readme(args.readme, "bench", ["### Speed: `edge-steer bench`", "", *body])
+    log(f"wrote {args.readme} and {args.out}")
+    return 0
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _plot(sweeps: dict, model_name: str, name: str, args: argparse.Namespace) -> str | None:
+    """The PNG (its path relative to the README), or None without matplotlib."""
+    from edge_steer import plot
+
+    target = args.out / f"eval-{name}.png"
+    try:
+        path = plot.write(target, sweeps, f"built-in concepts on {model_name}")
+    except UserError as exc:  # the plot extra is missing: keep the figures anyway
+        log(f"no plot: {exc}")
+        return None
+    return os.path.relpath(path, args.readme.resolve().parent)
+
+
+def _command_line(argv: list[str] | None) -> str:
+    args = " ".join(sys.argv[1:] if argv is None else argv)
+    return f"Generated by `python tools/results.py {args}`.".replace(" `.", "`.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
