@@ -100,11 +100,12 @@ def list_command(as_json: JsonOpt = False) -> None:
         return
     from rich.table import Table
 
-    table = Table("name", "model", "concept", "layers", "size", box=None, header_style="bold")
+    columns = ("name", "model", "concept", "layers", "recommended", "size")
+    table = Table(*columns, box=None, header_style="bold")
     for row in rows:
-        table.add_row(
-            row["name"], row["model"], row["concept"], row["layers"], _size(row["size_bytes"])
-        )
+        strengths = row.get("recommended")
+        span = f"{strengths[0]:+g} .. {strengths[1]:+g}" if strengths else ""
+        table.add_row(*(str(row[c]) for c in columns[:4]), span, _size(row["size_bytes"]))
     out.print(table)
 
 
@@ -125,6 +126,7 @@ def _row(path: Path) -> dict:
         "layers": _span(vector.layers),
         "n_embd": vector.n_embd,
         "method": meta.get("method"),
+        "recommended": _recommended(vector),
     }
 
 
@@ -144,6 +146,7 @@ def info_command(
             "path": str(path),
             "model_hint": vector.model_hint,
             "n_embd": vector.n_embd,
+            "recommended": _recommended(vector),
             "metadata": vector.metadata,
             "norms": norms,
         }
@@ -151,6 +154,9 @@ def info_command(
         return
     out.print(f"[bold]{path}[/]")
     out.print(f"  {_summary(vector)}")
+    if strengths := _recommended(vector):
+        verdict = vector.metadata.get("eval_verdict", "")
+        out.print(f"  recommended strength {strengths[0]:+g} .. {strengths[1]:+g} ({verdict})")
     for key, value in sorted(vector.metadata.items()):
         out.print(f"  {key}: {value}", markup=False)
     out.print("  per-block norms:")
@@ -217,6 +223,14 @@ def mix_command(
         mixed.model_hint = mixed.model_hint or arch
     convert.save(mixed, output)
     out.print(f"wrote {output}: {_summary(mixed)}")
+
+
+def _recommended(vector: vectors.ControlVector) -> list[float] | None:
+    """The strength range `edge-steer eval` stored in the file, if it was evaluated."""
+    from .evaluate import recommended_range
+
+    found = recommended_range(vector)
+    return list(found) if found else None
 
 
 def _summary(vector: vectors.ControlVector) -> str:

@@ -316,3 +316,22 @@ def test_train_writes_npz_too(tiny_dense_path, tmp_path) -> None:
     copy, _ = convert.load(tmp_path / "happy.npz")
     assert copy.layers == stored.layers and copy.metadata == stored.metadata
     assert all(np.array_equal(copy.directions[n], stored.directions[n]) for n in copy.layers)
+
+
+def test_info_and_list_show_the_recommended_range(edge_steer_home) -> None:
+    meta = {
+        "concept": "calm",
+        "recommended_min": -1.5,
+        "recommended_max": 2.0,
+        "eval_verdict": "works",
+    }
+    path = vectors.write(
+        vectors.ControlVector({1: np.ones(8, np.float32)}, "llama", meta),
+        edge_steer_home / "vectors" / "fp2" / "rangey.gguf",
+    )
+    code, output = invoke("vectors", "info", str(path))
+    assert code == 0 and "recommended strength -1.5 .. +2 (works)" in output
+    rows = {r["name"]: r for r in json.loads(invoke("vectors", "list", "--json")[1])}
+    assert rows["rangey"]["recommended"] == [-1.5, 2.0]
+    assert "-1.5 .. +2" in invoke("vectors", "list")[1]
+    path.unlink()
