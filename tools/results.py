@@ -1,11 +1,13 @@
 """Run `eval` and `bench` on the demo model and the tiny models; write the README's Results.
 
-Everything runs in this process through the same functions as `edge-steer eval` and
-`edge-steer bench`. Vectors are trained afresh with the defaults (nothing is read from or
-written to the vector store). Writes `tools/results/eval-<model>.png` (effect and perplexity
-against strength, one line per concept), `tools/results/eval.json` and `bench.json` (every
-figure), and rewrites the README's Results blocks (eval and bench separately, between their
-markers, so `--no-bench` keeps the old speed figures).
+The eval runs in this process through the functions `edge-steer eval` uses, on vectors trained
+afresh with the defaults (nothing is read from or written to the vector store). The bench runs
+`edge-steer bench --json` in a child process per model, so each peak RSS is the bench's own.
+
+Writes `tools/results/eval-<model>.png` (effect and perplexity against strength, one line per
+concept), `tools/results/eval.json` and `bench.json` (every figure), and rewrites the README's
+Results blocks (eval and bench separately, between their markers, so `--no-bench` keeps the
+old speed figures).
 
     python tools/results.py                                  # everything (tens of minutes)
     python tools/results.py --eval-models demo --concepts happy,lazy --strengths=-1..1 --no-bench
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,11 +42,24 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def load(name: str, folder: Path) -> Model:
+def model_path(name: str, folder: Path) -> Path:
     """'demo', 'tiny-dense', 'tiny-moe' (generated into `folder`) or a GGUF path."""
     if name in TINY:
-        return Model(write_tiny_model(folder / f"{name}.gguf", moe=TINY[name]))
-    return Model(hub.resolve_model(name))
+        return write_tiny_model(folder / f"{name}.gguf", moe=TINY[name])
+    return hub.resolve_model(name)
+
+
+def run_bench(path: Path, args: argparse.Namespace) -> dict:
+    """`edge-steer bench --json` in its own process: its peak RSS is then the bench's own."""
+    command = [sys.executable, "-m", "edge_steer", "bench", "--model", str(path), "--json"]
+    command += ["--reps", str(args.reps), "--pairs", str(args.pairs)]
+    command += ["--threads", str(args.threads)] if args.threads else []
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # this checkout's edge_steer
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"edge-steer bench failed on {path}:\n{result.stderr}")
+    return json.loads(result.stdout)
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -226,10 +242,13 @@ def bench_markdown(reports: list[dict]) -> list[str]:
         for rep in reports
     )
     info = reports[0]["backend"]["system_info"] if reports else ""
+    tiny = "The tiny models spend well under a millisecond per token, so timer and Python noise "
+    tiny += "dominate their ratios; the targets are about real models."
     return [
         *lines,
         "",
         f"Targets: {targets}. Machine: {os.cpu_count()} CPUs, llama.cpp `{info}`; {machine}.",
+        *([tiny] if any(r["model"].startswith("tiny") for r in reports) else []),
     ]
 
 
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_eval:
             body, raw = [_command_line(argv), "", EVAL_LEGEND, ""], {}
             for name in args.eval_models.split(","):
-                model = load(name, Path(tmp))
+                model = Model(model_path(name, Path(tmp)))
                 log(f"eval on {model.name}")
                 found = eval_model(model, args)
                 raw[name] = found["rows"]
@@ -300,12 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_bench:
             reports = []
             for name in args.bench_models.split(","):
-                model = load(name, Path(tmp))
-                log(f"bench on {model.name}")
-                settings = bench.BenchSettings(
-                    reps=args.reps, pairs=args.pairs, threads=args.threads
-                )
-                reports.append(bench.run(model, settings))
+                log(f"bench on {name}")
+                reports.append(run_bench(model_path(name, Path(tmp)), args))
             _write_json(args.out / "bench.json", reports)
             body = [_command_line(argv), "", *bench_markdown(reports), ""]
             write_readme(args.readme, "bench", ["### Speed: `edge-steer bench`", "", *body])
