@@ -120,21 +120,25 @@ def _load_model(model: str, gpu_layers: str | None, moe_offload: str | None, n_c
 def _open(model, ctx, threads, gpu_layers, moe_offload, specs, layers, retrain, force):
     """Load the model, make a generation context, load and apply the vectors (training
     built-in concepts that this model has no stored vector for yet)."""
-    from . import library, steering
+    from . import steering
     from .engine import Context
 
     if ctx < 16:
         raise UserError(f"--ctx {ctx} is too small: use at least 16 tokens")
     loaded = _load_model(model, gpu_layers, moe_offload, ctx, force)
-
-    def resolve(name: str):
-        with _progress(f"training {name!r} on {loaded.name}") as progress:
-            return library.resolve(loaded, name, retrain=retrain, progress=progress)
-
-    steer = steering.build(loaded, specs, layers, resolve)
+    steer = steering.build(loaded, specs, layers, lambda name: _vector_file(loaded, name, retrain))
     context = Context(loaded, n_ctx=ctx, threads=threads)
     steer.apply(context)
     return loaded, context, steer
+
+
+def _vector_file(model, name: str, retrain: bool):
+    """The file of vector `name` for `model`: stored, or (a built-in concept this model has
+    none of yet, or --retrain) trained now behind a progress bar."""
+    from . import library
+
+    with _progress(f"training {name!r} on {model.name}") as progress:
+        return library.resolve(model, name, retrain=retrain, progress=progress)
 
 
 @contextlib.contextmanager

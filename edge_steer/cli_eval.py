@@ -23,6 +23,7 @@ from .cli import (
     ThreadsOpt,
     _load_model,
     _progress,
+    _vector_file,
     app,
     clean_errors,
     err,
@@ -88,7 +89,9 @@ def eval_command(
 
         plotting.require()
     probe_set = dataset.load_probes_jsonl(probes) if probes else None
-    loaded, path, vec = _load(vector, model, (gpu_layers, moe_offload, force), retrain)
+    _vector_name(vector)  # a bad spec fails before the model loads
+    loaded = _load_model(model, gpu_layers, moe_offload, EVAL_CTX, force)
+    path, vec = _load(vector, loaded, retrain)
     concept = str(vec.metadata.get("concept") or path.stem)
     probe_set = probe_set or _builtin_probes(concept)
     words, prefixes = _personas(loaded, concept, personas) if baseline or personas else (None, None)
@@ -114,21 +117,23 @@ def eval_command(
         _render(result, report)
 
 
-def _load(spec: str, model: str, placement: tuple, retrain: bool):
-    """The model (placed by --gpu-layers, --moe-offload, --force), and the vector's file
-    (built-in concepts are trained on first use)."""
-    from . import library, vectors
+def _load(spec: str, model, retrain: bool):
+    """The vector's file and contents (built-in concepts are trained on first use)."""
+    from . import vectors
+
+    path = Path(_vector_file(model, _vector_name(spec), retrain))
+    vector = vectors.read(path)
+    vectors.check_fits(vector, model.n_layer, model.n_embd, str(path))
+    return path, vector
+
+
+def _vector_name(spec: str) -> str:
+    from . import vectors
 
     name, _ = vectors.parse_spec(spec)
     if name != spec.strip():
         raise UserError(f"give the vector without a strength ({name}): --strengths sets them")
-    gpu_layers, moe_offload, force = placement
-    loaded = _load_model(model, gpu_layers, moe_offload, EVAL_CTX, force)
-    with _progress(f"training {name!r} on {loaded.name}") as progress:
-        path = Path(library.resolve(loaded, name, retrain=retrain, progress=progress))
-    vector = vectors.read(path)
-    vectors.check_fits(vector, loaded.n_layer, loaded.n_embd, str(path))
-    return loaded, path, vector
+    return name
 
 
 def _sweep(model, vector, span, probes, settings, prefixes, threads, concept) -> Sweep:

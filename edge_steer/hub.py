@@ -98,17 +98,15 @@ def check_model_file(path: Path) -> None:
 
 
 def model_shape(path: Path) -> tuple[str, int, int]:
-    """(architecture, blocks, n_embd) from a GGUF model's metadata, without loading it."""
-    check_model_file(path)
+    """(architecture, blocks, n_embd) from a GGUF model's metadata, without loading it.
+    `path` comes from resolve_model, which has already checked the file."""
     fields = gguf.GGUFReader(path).fields
 
     def value(key: str) -> object:
         found = fields.get(key)
         if found is None or not found.types:
             raise UserError(f"{path} has no {key}: not a GGUF language model")
-        if found.types[0] == gguf.GGUFValueType.STRING:
-            return bytes(found.parts[found.data[0]]).decode()
-        return int(found.parts[found.data[0]][0])
+        return found.contents()
 
     arch = str(value("general.architecture"))
     return arch, int(value(f"{arch}.block_count")), int(value(f"{arch}.embedding_length"))
