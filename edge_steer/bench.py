@@ -30,8 +30,17 @@ from pathlib import Path
 import numpy as np
 
 from . import dataset, library, steering, train, vectors
-from .engine import Context, Model, Sampler, SamplerSettings, backend_info, default_threads
-from .errors import UserError
+from .engine import (
+    Context,
+    Model,
+    Sampler,
+    SamplerSettings,
+    backend_info,
+    bare_decode,
+    default_threads,
+    prefill,
+)
+from .errors import BadInput
 
 PROMPT = (
     "The history of the Roman Empire is long and full of surprises. It began as a small "
@@ -215,14 +224,14 @@ def run(model: Model, settings: BenchSettings, progress: Progress | None = None)
 
 def _check(settings: BenchSettings, prompt_tokens: int) -> None:
     if settings.reps < 1 or settings.pp < 2 or settings.tg < 1:
-        raise UserError("--reps and --tg must be at least 1, and --pp at least 2")
+        raise BadInput("--reps and --tg must be at least 1, and --pp at least 2")
     if settings.pp > settings.n_ctx or prompt_tokens + settings.tg > settings.n_ctx:
-        raise UserError(
+        raise BadInput(
             f"--pp {settings.pp} or --tg {settings.tg} (after a {prompt_tokens}-token prompt) "
             f"does not fit --ctx {settings.n_ctx}: raise --ctx"
         )
     if settings.pairs < 2:
-        raise UserError("--pairs must be at least 2 to train a vector")
+        raise BadInput("--pairs must be at least 2 to train a vector")
 
 
 def _generation(ctx, settings, specs, pp_tokens, prompt, step) -> list[Series]:
@@ -256,12 +265,12 @@ def _generation(ctx, settings, specs, pp_tokens, prompt, step) -> list[Series]:
 
 def _bare_pp(ctx: Context, tokens: list[int]) -> Run:
     ctx.set_steering(None)
-    return ctx.bare_decode(tokens, 0)[0], None
+    return bare_decode(ctx, tokens, 0)[0], None
 
 
 def _bare_tg(ctx: Context, prompt: list[int], n: int) -> Run:
     ctx.set_steering(None)
-    _, tokens, seconds = ctx.bare_decode(prompt, n)
+    _, tokens, seconds = bare_decode(ctx, prompt, n)
     return seconds, tuple(tokens)
 
 
@@ -310,7 +319,7 @@ def _plain(model: Model, tokens: list[list[int]], options: train.TrainOptions) -
         model, n_ctx=batch, n_batch=batch, n_seq=train.SEQUENCES, threads=options.threads
     ) as ctx:
         for begin in range(0, len(tokens), train.SEQUENCES):
-            ctx.prefill(tokens[begin : begin + train.SEQUENCES])
+            prefill(ctx, tokens[begin : begin + train.SEQUENCES])
     return time.perf_counter() - start
 
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from .errors import UserError
+from .errors import NotFound
+from .files import size_text
 
 DEFAULT_CTX = 4096
 # Compute buffers, tokenizer tables and the Python process around them.
 OVERHEAD = 512 << 20
-GB = 1e9
 MODEL_ONLY = ("name", "files", "default_quant", "note")  # model keys that are not Entry fields
 
 
@@ -100,9 +100,9 @@ def lookup(name: str) -> Entry:
             return entry
     quants = [e.quant.lower() for e in _entries() if e.model == model]
     if quants:
-        raise UserError(f"{name!r}: {model} has no {quant} file; use one of {', '.join(quants)}")
+        raise NotFound(f"{name!r}: {model} has no {quant} file; use one of {', '.join(quants)}")
     models = ", ".join(dict.fromkeys(short_name(e).partition(":")[0] for e in _entries()))
-    raise UserError(
+    raise NotFound(
         f"unknown model {name!r}: use {models} (with :QUANT, see `edge-steer models list`), "
         "a .gguf path or hf:REPO/FILE"
     )
@@ -125,14 +125,19 @@ def fit_problem(
     offload planner puts on the GPU what fits there and keeps the rest (experts first) in RAM."""
     if fits(entry, available_ram, free_vram, ctx):
         return None
-    need = fmt(entry.ram_needed(ctx))
+    need = size_text(entry.ram_needed(ctx), decimal=True)
     if free_vram:
-        have = f"{fmt(available_ram)} of RAM available + {fmt(free_vram)} free on the GPU"
+        ram, vram = size_text(available_ram, decimal=True), size_text(free_vram, decimal=True)
+        have = f"{ram} of RAM available + {vram} free on the GPU"
         reason = f"needs {need} of memory, {have}"
     else:
-        reason = f"needs {need} of RAM, {fmt(available_ram)} available"
+        reason = f"needs {need} of RAM, {size_text(available_ram, decimal=True)} available"
     alt = smaller_fit(entry, available_ram, free_vram, ctx)
-    hint = f"{short_name(alt)} ({fmt(alt.size)}) would fit" if alt else "no catalog model fits"
+    hint = (
+        f"{short_name(alt)} ({size_text(alt.size, decimal=True)}) would fit"
+        if alt
+        else "no catalog model fits"
+    )
     return f"{short_name(entry)} {reason}; {hint}, or pass --force to try anyway"
 
 
@@ -150,8 +155,3 @@ def smaller_fit(
     ]
     same = [e for e in candidates if e.model == entry.model]
     return max(same or candidates, key=lambda e: e.size, default=None)
-
-
-def fmt(size: int) -> str:
-    """Bytes for people: `4.4 GB`, `564.6 MB`... in decimal units, as the Hub shows them."""
-    return f"{size / GB:.1f} GB" if size >= GB / 10 else f"{size / 1e6:.1f} MB"

@@ -78,11 +78,10 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
 
     def set_vector(self, name: str, strength: float) -> None:
-        """Change steering live, then re-evaluate the history under the new vector: tokens
-        already in the KV cache were computed with the old one."""
+        """Change steering live, then re-evaluate the history under the new vector now, so the
+        next reply starts at once (the context drops what the old steering computed)."""
         self.steering.set(name, strength)
         self.steering.apply(self.ctx)
-        self.ctx.forget(0)
         if self.messages:
             self.ctx.ingest(format_prompt(self.ctx.model, self.conversation())[0])
 

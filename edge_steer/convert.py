@@ -13,18 +13,15 @@ Whatever could not be detected is said in the notes `load` returns.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gguf
 import numpy as np
 
-from . import vectors
-from .errors import UserError
+from . import files, gguffile, vectors
+from .errors import BadInput, DamagedFile
 
 LAYER_BASES = ("block", "hidden-states")
 OUTPUT_SUFFIXES = (".gguf", ".npz")
@@ -53,7 +50,7 @@ def load(
     path = Path(path)
     vectors.check_file(path)
     if layer_base is not None and layer_base not in LAYER_BASES:
-        raise UserError(f"bad --layer-base {layer_base!r}: use block or hidden-states")
+        raise BadInput(f"bad --layer-base {layer_base!r}: use block or hidden-states")
     source = _reader(path)(path)
     base = layer_base or source.layer_base or _guess_base(source, n_layer)
     if source.usual_shift and not shift and base == "block":
@@ -74,7 +71,7 @@ def load(
 def _reader(path: Path) -> Callable[[Path], Source]:
     with open(path, "rb") as f:
         magic = f.read(8)
-    if magic[:4] == b"GGUF":
+    if magic[:4] == gguffile.MAGIC:
         return _read_gguf
     if magic[:4] == b"PK\x03\x04":
         return _read_npz
@@ -84,7 +81,7 @@ def _reader(path: Path) -> Callable[[Path], Source]:
         return _read_safetensors
     if path.suffix == ".json":
         return _read_json
-    raise UserError(
+    raise BadInput(
         f"{path}: unknown format: convert reads .gguf, .npz, .npy, .safetensors and .json"
     )
 
@@ -131,18 +128,13 @@ def _renumber(source: Source, base: str, shift: int) -> dict[int, np.ndarray]:
 def _read_gguf(path: Path) -> Source:
     vector = vectors.read(path)
     source = Source(dict(vector.directions), vector.model_hint, vector.metadata, tool="GGUF")
-    fields = gguf.GGUFReader(path).fields
-    if any(key.startswith(vectors.META_PREFIX) for key in fields):
+    header = gguffile.read_header(path)  # cached: the read above parsed it already
+    if any(key.startswith(vectors.META_PREFIX) for key in header.fields):
         source.layer_base, source.tool = "block", "edge-steer GGUF"
-    elif _field_type(fields, f"{vectors.ARCH}.layer_count") == gguf.GGUFValueType.INT32:
+    elif header.types.get(f"{vectors.ARCH}.layer_count") == gguffile.INT32:
         source.tool, source.usual_shift = "llama.cpp's cvector-generator", -1
         source.notes.append("looks like llama.cpp cvector-generator output (INT32 layer_count)")
     return source
-
-
-def _field_type(fields: dict, key: str) -> gguf.GGUFValueType | None:
-    found = fields.get(key)
-    return found.types[0] if found is not None and found.types else None
 
 
 def _read_npz(path: Path) -> Source:
@@ -150,9 +142,9 @@ def _read_npz(path: Path) -> Source:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
     except ValueError as exc:
-        raise UserError(f"{path}: {_pickle_hint(exc)}") from None
+        raise BadInput(f"{path}: {_pickle_hint(exc)}") from None
     except Exception as exc:  # zipfile/numpy raise many types on damaged files
-        raise UserError(f"{path} is a damaged .npz file ({type(exc).__name__})") from None
+        raise DamagedFile(f"{path} is a damaged .npz file ({type(exc).__name__})") from None
     if NPZ_META_KEY in arrays:
         return _own_npz(path, arrays)
     return _keyed_arrays(path, arrays, "npz")
@@ -162,7 +154,7 @@ def _own_npz(path: Path, arrays: dict[str, np.ndarray]) -> Source:
     try:
         meta = json.loads(str(arrays.pop(NPZ_META_KEY)))
     except json.JSONDecodeError:
-        raise UserError(f"{path}: damaged {NPZ_META_KEY} entry: write the file again") from None
+        raise DamagedFile(f"{path}: damaged {NPZ_META_KEY} entry: write the file again") from None
     source = _keyed_arrays(path, arrays, "edge-steer npz")
     source.model_hint = str(meta.get("model_hint", ""))
     source.metadata = dict(meta.get("metadata", {}))
@@ -175,9 +167,9 @@ def _read_npy(path: Path) -> Source:
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as exc:
-        raise UserError(f"{path}: {_pickle_hint(exc)}") from None
+        raise BadInput(f"{path}: {_pickle_hint(exc)}") from None
     except Exception as exc:
-        raise UserError(f"{path} is a damaged .npy file ({type(exc).__name__})") from None
+        raise DamagedFile(f"{path} is a damaged .npy file ({type(exc).__name__})") from None
     return _rows(path, array, "npy array")
 
 
@@ -201,14 +193,14 @@ def _read_safetensors(path: Path) -> Source:
         arrays = {}
         for name, info in header.items():
             if info["dtype"] not in dtypes:
-                raise UserError(f"{path}: tensor {name} is {info['dtype']}: want F32, F16 or BF16")
+                raise BadInput(f"{path}: tensor {name} is {info['dtype']}: want F32, F16 or BF16")
             start, end = (8 + size + int(i) for i in info["data_offsets"])
             raw = np.frombuffer(data[start:end], dtypes[info["dtype"]])
             if info["dtype"] == "BF16":
                 raw = (raw.astype(np.uint32) << 16).view(np.float32)
             arrays[name] = raw.astype(np.float32).reshape(info["shape"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"{path} is a damaged safetensors file ({type(exc).__name__})") from None
+        raise DamagedFile(f"{path} is a damaged safetensors file ({type(exc).__name__})") from None
     source = _keyed_arrays(path, arrays, "safetensors")
     source.model_hint = str(meta.get("model_hint", ""))
     return source
@@ -220,7 +212,7 @@ def _read_json(path: Path) -> Source:
     try:
         doc = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
+        raise DamagedFile(f"{path} is not valid JSON ({exc})") from None
     wrapped = isinstance(doc, dict) and "directions" in doc
     body = doc["directions"] if wrapped else doc
     try:
@@ -232,7 +224,7 @@ def _read_json(path: Path) -> Source:
         else:
             raise ValueError("not a list or an object")
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{path}: directions must be lists of numbers ({exc})") from None
+        raise DamagedFile(f"{path}: directions must be lists of numbers ({exc})") from None
     if wrapped:
         source.model_hint = str(doc.get("model_hint", ""))
         source.layer_base = doc.get("layer_base")
@@ -253,26 +245,26 @@ def _keyed_arrays(path: Path, arrays: dict[str, np.ndarray], tool: str) -> Sourc
     for name, array in arrays.items():
         match = re.search(r"(\d+)\D*$", name)
         if not match:
-            raise UserError(f"{path}: cannot tell the layer of {name!r}: name it direction.N")
+            raise DamagedFile(f"{path}: cannot tell the layer of {name!r}: name it direction.N")
         key = int(match[1])
         if key in keyed:
-            raise UserError(f"{path}: layer {key} appears twice ({name!r})")
+            raise DamagedFile(f"{path}: layer {key} appears twice ({name!r})")
         keyed[key] = _one_row(path, name, array)
     return Source(keyed, tool=tool)
 
 
 def _one_row(path: Path, name: str, array: np.ndarray) -> np.ndarray:
     if not np.issubdtype(array.dtype, np.floating):
-        raise UserError(f"{path}: {name} is {array.dtype}, not floating point")
+        raise DamagedFile(f"{path}: {name} is {array.dtype}, not floating point")
     squeezed = array.reshape(-1) if array.ndim == 2 and array.shape[0] == 1 else array
     if squeezed.ndim != 1:
-        raise UserError(f"{path}: {name} must be 1-D, not shape {array.shape}")
+        raise DamagedFile(f"{path}: {name} must be 1-D, not shape {array.shape}")
     return squeezed.astype(np.float32)
 
 
 def _rows(path: Path, array: np.ndarray, tool: str) -> Source:
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-        raise UserError(
+        raise DamagedFile(
             f"{path}: want a layers x n_embd float array, not {array.dtype} shape {array.shape}"
         )
     return Source({i: row.astype(np.float32) for i, row in enumerate(array)}, tool=tool)
@@ -285,7 +277,7 @@ def save(vector: vectors.ControlVector, path: str | Path) -> Path:
     """Write GGUF (llama.cpp's format) or our npz, by the output's suffix, atomically."""
     path = Path(path)
     if path.suffix not in OUTPUT_SUFFIXES:
-        raise UserError(f"unsupported output {path.name}: use a .gguf or .npz file name")
+        raise BadInput(f"unsupported output {path.name}: use a .gguf or .npz file name")
     if path.suffix == ".gguf":
         return vectors.write(vector, path)
     return _write_npz(vector, path)
@@ -295,13 +287,9 @@ def _write_npz(vector: vectors.ControlVector, path: Path) -> Path:
     meta = {"layer_base": "block", "model_hint": vector.model_hint, "metadata": vector.metadata}
     arrays = {f"direction.{n}": vector.directions[n] for n in vector.layers}
     arrays[NPZ_META_KEY] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write_to(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return files.write_atomically(path, write_to)

@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import UserError
+from .errors import BadInput, NotFound
 
 DEFAULT_TEMPLATE = "Act as if you're extremely {persona}."
 DEFAULT_BASE_TEMPLATE = "The following was written by an extremely {persona} person:\n\n"
@@ -79,7 +79,7 @@ def load_builtin(name: str) -> Concept:
     key = name.strip().lower()
     files = _concept_files()
     if key not in files:
-        raise UserError(
+        raise NotFound(
             f"unknown concept {name!r}: use one of {', '.join(builtin_names())} "
             "or give your own persona words"
         )
@@ -130,14 +130,14 @@ def from_personas(name: str, positive: str, negative: str) -> Concept:
     """
     pos, neg = _split_personas(positive), _split_personas(negative)
     if not name.strip():
-        raise UserError("the concept needs a name: pass a short name such as 'lazy'")
+        raise BadInput("the concept needs a name: pass a short name such as 'lazy'")
     if not pos or not neg:
-        raise UserError(
+        raise BadInput(
             "both sides of a concept need persona words: e.g. --positive 'lazy, idle' "
             "--negative 'diligent, hardworking'"
         )
     if len(pos) != len(neg):
-        raise UserError(
+        raise BadInput(
             f"{len(pos)} positive vs {len(neg)} negative persona words: give the same number "
             "on both sides (they are paired by position)"
         )
@@ -161,22 +161,22 @@ def _check_concept(concept: Concept) -> None:
     """Catch broken concept data early, with the concept's name in the message."""
     where = f"concept {concept.name!r}"
     if not concept.positive or len(concept.positive) != len(concept.negative):
-        raise UserError(f"{where}: positive and negative persona lists must be non-empty pairs")
+        raise BadInput(f"{where}: positive and negative persona lists must be non-empty pairs")
     for field in ("template", "base_template"):
         _render(getattr(concept, field), "x", f"{where} {field}")
     for word in concept.positive + concept.negative:
         if "{" in word or "}" in word:
-            raise UserError(f"{where}: persona {word!r} contains a brace: remove it")
+            raise BadInput(f"{where}: persona {word!r} contains a brace: remove it")
 
 
 def _render(template: str, persona: str, where: str) -> str:
     """Fill `{persona}`; a template without it (or with other fields) cannot contrast."""
     if "{persona}" not in template:
-        raise UserError(f"{where}: the template needs a {{persona}} placeholder")
+        raise BadInput(f"{where}: the template needs a {{persona}} placeholder")
     try:
         return template.format(persona=persona)
     except (KeyError, IndexError, ValueError) as exc:
-        raise UserError(
+        raise BadInput(
             f"{where}: bad template ({exc}): use only {{persona}}, write other braces as {{{{ }}}}"
         ) from None
 
@@ -195,7 +195,7 @@ def contrast_pairs(
     (so a `limit` keeps a spread of personas and suffixes) and then cut to `limit`.
     """
     if limit is not None and limit < 1:
-        raise UserError(f"the number of training pairs must be at least 1, not {limit}")
+        raise BadInput(f"the number of training pairs must be at least 1, not {limit}")
     heads = persona_prefixes(concept, model)
     pairs = [(pos + s, neg + s) for pos, neg in heads for s in _suffixes()]
     random.Random(seed).shuffle(pairs)
@@ -244,24 +244,22 @@ def load_probes_jsonl(path: str | Path) -> list[Probe]:
 
 
 def _read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict[str, str]]:
-    """Parse and check a JSONL file; every defect is a one-line UserError with the line."""
+    """Parse and check a JSONL file; every defect is a one-line BadInput with the line."""
     path = Path(path).expanduser()
     shape = "{" + ", ".join(f'"{k}": "..."' for k in keys) + "}"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise UserError(f"{what} file not found: {path}: check the path") from None
+        raise NotFound(f"{what} file not found: {path}: check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(
-            f"cannot read {what} file {path} ({exc}): pass a UTF-8 JSONL file"
-        ) from None
+        raise BadInput(f"cannot read {what} file {path} ({exc}): pass a UTF-8 JSONL file") from None
     rows = [
         _check_row(line, f"{path} line {number}", keys, shape)
         for number, line in enumerate(lines, start=1)
         if line.strip()
     ]
     if not rows:
-        raise UserError(f"{path} has no {what}: write one JSON object {shape} per line")
+        raise BadInput(f"{path} has no {what}: write one JSON object {shape} per line")
     return rows
 
 
@@ -269,16 +267,14 @@ def _check_row(line: str, where: str, keys: tuple[str, ...], shape: str) -> dict
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise UserError(
-            f"{where}: not valid JSON ({exc.msg}): write one {shape} per line"
-        ) from None
+        raise BadInput(f"{where}: not valid JSON ({exc.msg}): write one {shape} per line") from None
     if not isinstance(row, dict):
-        raise UserError(f"{where}: expected a JSON object {shape}, got {type(row).__name__}")
+        raise BadInput(f"{where}: expected a JSON object {shape}, got {type(row).__name__}")
     for key in keys:
         if key not in row:
-            raise UserError(f'{where}: missing "{key}": each line needs {shape}')
+            raise BadInput(f'{where}: missing "{key}": each line needs {shape}')
         if not isinstance(row[key], str) or not row[key].strip():
-            raise UserError(f'{where}: "{key}" must be a non-empty string')
+            raise BadInput(f'{where}: "{key}" must be a non-empty string')
     if row["positive"] == row["negative"]:
-        raise UserError(f'{where}: "positive" and "negative" are identical: make them contrast')
+        raise BadInput(f'{where}: "positive" and "negative" are identical: make them contrast')
     return {key: row[key] for key in keys}

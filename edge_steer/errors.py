@@ -1,5 +1,64 @@
-"""The one exception type the CLI turns into a clean one-line error and exit code 2."""
+"""Errors by meaning, so each front end can answer in its own terms: the CLI with an exit
+code (`exit_code`), the server with an HTTP status (`http_status`). Every message names the
+problem and the fix in one line.
+
+| class         | meaning                                            | exit | HTTP |
+|---------------|----------------------------------------------------|------|------|
+| BadInput      | an option, spec, name or request field is wrong    | 2    | 400  |
+| NotFound      | a model, vector or file that does not exist        | 2    | 404  |
+| DamagedFile   | a file that exists but is truncated or corrupt     | 2    | 422  |
+| DoesNotFit    | this machine lacks the RAM, VRAM or disk for it    | 3    | 507  |
+| NetworkError  | the Hugging Face Hub could not be reached          | 1    | 502  |
+| EngineError   | llama.cpp failed (decode, context, load)           | 1    | 500  |
+"""
+
+from __future__ import annotations
 
 
-class UserError(Exception):
-    """Bad input from the user: the message names the problem and the fix."""
+class EdgeSteerError(Exception):
+    """Base of every error edge-steer reports to a person instead of a traceback."""
+
+    exit_code = 1
+    http_status = 500
+
+
+class BadInput(EdgeSteerError, ValueError):
+    """The user asked for something malformed or impossible: fix the input."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class NotFound(EdgeSteerError, LookupError):
+    """A model, vector, concept or file that does not exist (here, or in the catalog)."""
+
+    exit_code = 2
+    http_status = 404
+
+
+class DamagedFile(EdgeSteerError):
+    """A file that exists but cannot be used as it is: truncated, corrupt, the wrong kind."""
+
+    exit_code = 2
+    http_status = 422
+
+
+class DoesNotFit(EdgeSteerError):
+    """This machine has too little RAM, GPU memory or disk for what was asked."""
+
+    exit_code = 3
+    http_status = 507
+
+
+class NetworkError(EdgeSteerError, ConnectionError):
+    """A download failed on the way: no connection, a timeout, an HTTP error from the Hub."""
+
+    exit_code = 1
+    http_status = 502
+
+
+class EngineError(EdgeSteerError, RuntimeError):
+    """llama.cpp itself failed: loading, making a context, decoding."""
+
+    exit_code = 1
+    http_status = 500

@@ -22,8 +22,9 @@ import numpy as np
 from . import dataset, store, vectors
 from .dataset import Probe
 from .engine import Context, Model, Sampler, SamplerSettings
-from .errors import UserError
+from .errors import BadInput
 
+EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
 MAX_PPL_RATIO = 1.25  # the recommended range keeps perplexity within this of unsteered
 MIN_EFFECT = 0.1  # nats: a smaller change of the mean probe margin is not a usable effect
 REPEAT_NGRAM = 4  # tokens; see `is_degenerate`
@@ -58,13 +59,13 @@ def parse_strengths(text: str) -> tuple[float, ...]:
         values = _strength_values(text.strip())
     except ValueError as exc:
         detail = "" if "could not convert" in str(exc) else f" ({exc})"
-        raise UserError(f"bad strengths {text!r}{detail}: {hint}") from None
+        raise BadInput(f"bad strengths {text!r}{detail}: {hint}") from None
     return tuple(sorted({round(v, 6) for v in values} | {0.0}))
 
 
 def _too_many(count: int) -> None:
     if count > MAX_STRENGTHS:
-        raise UserError(f"{count} strengths is too many (at most {MAX_STRENGTHS}): use fewer")
+        raise BadInput(f"{count} strengths is too many (at most {MAX_STRENGTHS}): use fewer")
 
 
 def _strength_values(spec: str) -> list[float]:
@@ -97,15 +98,14 @@ def probe_margin(ctx: Context, probes: Sequence[Probe], prefix: str = "") -> flo
     `prefix` goes before every probe prompt (the persona prompt of the baseline).
     """
     model = ctx.model
-    margins = []
+    texts = []
     for probe in probes:
         prompt = model.tokenize(prefix + probe.prompt, parse_special=True)
-        totals = []
         for continuation in (probe.positive, probe.negative):
             tokens = model.tokenize(prefix + probe.prompt + continuation, parse_special=True)
-            totals.append(ctx.score(tokens, _shared_prefix(prompt, tokens)).sum())
-        margins.append(totals[0] - totals[1])
-    return float(np.mean(margins))
+            texts.append((tokens, _shared_prefix(prompt, tokens)))
+    totals = [logps.sum() for logps in ctx.score(texts)]
+    return float(np.mean(np.subtract(totals[0::2], totals[1::2])))
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -115,16 +115,18 @@ def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return max(1, n)
 
 
-def perplexity(ctx: Context, text: str, window: int = 256, prefix: str = "") -> float:
-    """Perplexity of `text` in independent windows, each starting fresh with BOS (and
-    `prefix`, which is context only: its own tokens are not scored)."""
+def perplexity(
+    ctx: Context, text: str, window: int = 256, prefix: str = "", limit: int | None = None
+) -> float:
+    """Perplexity of `text` (its first `limit` tokens) in independent windows, each starting
+    fresh with BOS (and `prefix`, which is context only: its own tokens are not scored)."""
     model: Model = ctx.model
-    tokens = model.tokenize(text, add_special=False)
+    tokens = model.tokenize(text, add_special=False)[:limit]
     bos = [model.bos] if model.bos >= 0 else []
     head = model.tokenize(prefix, parse_special=True) if prefix else bos
     start = max(1, len(head))
-    logps = [ctx.score(head + tokens[i : i + window], start) for i in range(0, len(tokens), window)]
-    return float(np.exp(-np.concatenate(logps).mean()))
+    windows = [(head + tokens[i : i + window], start) for i in range(0, len(tokens), window)]
+    return float(np.exp(-np.concatenate(ctx.score(windows)).mean()))
 
 
 def repetition(tokens: Sequence[int], n: int = REPEAT_NGRAM) -> float:
@@ -159,19 +161,18 @@ def neutral_prompts(count: int, words: int = 6) -> list[str]:
 def sample(
     ctx: Context, prompts: Sequence[str], settings: SamplerSettings, tokens: int, prefix: str = ""
 ) -> list[list[int]]:
-    """One sampled continuation per prompt, prompt i with seed `settings.seed + i`."""
-    results = []
-    for i, text in enumerate(prompts):
-        prompt = ctx.model.tokenize(prefix + text, parse_special=True)
-        ctx.forget(0)  # cached tokens may have been computed under another steering
-        sampler = Sampler(ctx.model, replace(settings, seed=(settings.seed or 0) + i))
-        try:
-            for _ in ctx.generate(prompt, sampler, max_tokens=tokens):
-                pass
-        finally:
+    """One sampled continuation per prompt, prompt i with seed `settings.seed + i`, all
+    decoded side by side (the context needs n_seq >= len(prompts))."""
+    token_lists = [ctx.model.tokenize(prefix + text, parse_special=True) for text in prompts]
+    samplers = [
+        Sampler(ctx.model, replace(settings, seed=(settings.seed or 0) + i))
+        for i in range(len(prompts))
+    ]
+    try:
+        return ctx.sample_many(token_lists, samplers, tokens)
+    finally:
+        for sampler in samplers:
             sampler.close()
-        results.append(ctx.tokens[len(prompt) :])
-    return results
 
 
 # -- a sweep over strengths ------------------------------------------------------------------
@@ -186,7 +187,7 @@ class EvalSettings:
     sample_tokens: int = 32
     sampler: SamplerSettings = SAMPLING
     window: int = 256
-    neutral_words: int | None = None  # only the first N words of the neutral text
+    neutral_tokens: int | None = 512  # scored tokens of the neutral text (None: all ~1000)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,12 @@ class Sweep:
         return min(side, key=lambda p: abs(p.strength - strength), default=None)
 
 
+def context(model: Model, settings: EvalSettings, threads: int | None = None) -> Context:
+    """A context that holds what a sweep decodes: a probe, a perplexity window, or every
+    sampled continuation side by side."""
+    return Context(model, n_ctx=EVAL_CTX, threads=threads, n_seq=max(1, settings.samples))
+
+
 def measure(
     ctx: Context,
     probes: Sequence[Probe],
@@ -232,15 +239,13 @@ def measure(
 ) -> Point:
     """Effect and cost of the context's current steering (and `prefix`), as one Point."""
     text = dataset.neutral_text()
-    if settings.neutral_words:
-        text = " ".join(text.split()[: settings.neutral_words])
     outputs = sample(
         ctx, neutral_prompts(settings.samples), settings.sampler, settings.sample_tokens, prefix
     )
     return Point(
         strength=strength,
         margin=probe_margin(ctx, probes, prefix),
-        perplexity=perplexity(ctx, text, settings.window, prefix),
+        perplexity=perplexity(ctx, text, settings.window, prefix, settings.neutral_tokens),
         degenerate=float(np.mean([is_degenerate(o) for o in outputs])) if outputs else 0.0,
         sample=ctx.model.detokenize(outputs[0]) if outputs else "",
     )
@@ -362,7 +367,7 @@ def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
     try:
         vectors.write(vectors.ControlVector(vector.directions, vector.model_hint, meta), path)
     except OSError as exc:
-        raise UserError(
+        raise BadInput(
             f"cannot write the evaluation into {path} ({exc.strerror or exc}): "
             "pass --no-save, or copy the vector somewhere writable"
         ) from None

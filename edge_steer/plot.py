@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import UserError
+from . import files
+from .errors import BadInput
 from .evaluate import MAX_PPL_RATIO, Sweep, recommend
 
 EXTRA_HINT = "pip install 'edge-steer[plot]'"
@@ -18,7 +17,7 @@ def require() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UserError(f"--plot needs matplotlib, which is not installed: {EXTRA_HINT}") from None
+        raise BadInput(f"--plot needs matplotlib, which is not installed: {EXTRA_HINT}") from None
 
 
 def write(path: str | Path, sweeps: Mapping[str, Sweep], title: str) -> Path:
@@ -69,16 +68,7 @@ def _decorate_single(effect_ax, ppl_ax, result: Sweep) -> None:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp made it private; a plot is for sharing
-        os.replace(tmp, path)
+        return files.write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     except OSError as exc:
-        raise UserError(f"cannot write the plot {path} ({exc.strerror or exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        raise BadInput(f"cannot write the plot {path} ({exc.strerror or exc})") from None

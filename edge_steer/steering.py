@@ -11,7 +11,7 @@ import numpy as np
 
 from . import store, vectors
 from .engine import Context, Model
-from .errors import UserError
+from .errors import BadInput
 
 
 def parse_layers(text: str | None, n_layer: int) -> tuple[int, int] | None:
@@ -20,11 +20,11 @@ def parse_layers(text: str | None, n_layer: int) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
     if not match:
-        raise UserError(f"bad layer range {text!r}: use A-B with block numbers, e.g. 4-12")
+        raise BadInput(f"bad layer range {text!r}: use A-B with block numbers, e.g. 4-12")
     first = int(match[1])
     last = int(match[2]) if match[2] else first
     if not 1 <= first <= last <= n_layer - 1:
-        raise UserError(
+        raise BadInput(
             f"layer range {text} is outside the model's steerable blocks 1-{n_layer - 1}"
         )
     return first, last

@@ -12,7 +12,8 @@ import os
 from functools import cache
 from pathlib import Path
 
-from .errors import UserError
+from . import files
+from .errors import NotFound
 
 SAMPLE_BYTES = 1 << 20
 SAMPLES = 8
@@ -54,16 +55,12 @@ def model_vectors_dir(model_path: str | Path) -> Path:
     return vectors_dir() / fingerprint(model_path)
 
 
-def looks_like_path(name: str) -> bool:
-    return name.endswith(".gguf") or os.sep in name or "/" in name or Path(name).is_file()
-
-
 def resolve_vector(name: str, model_path: str | Path | None) -> Path:
     """A SPEC name -> a file: a path as given, else the model's store, else the shared store."""
-    if looks_like_path(name):
+    if files.looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_file():
-            raise UserError(f"control vector file not found: {path}")
+            raise NotFound(f"control vector file not found: {path}")
         return path
     places = [vectors_dir()]
     if model_path is not None:
@@ -71,7 +68,7 @@ def resolve_vector(name: str, model_path: str | Path | None) -> Path:
     for place in places:
         if (place / f"{name}.gguf").is_file():
             return place / f"{name}.gguf"
-    raise UserError(
+    raise NotFound(
         f"unknown vector {name!r}: no {name}.gguf in {' or '.join(map(str, places))}; "
         "pass a .gguf path or put the file there"
     )
@@ -86,11 +83,11 @@ def stored_vectors() -> list[Path]:
 def find_vectors(name: str, model_path: str | Path | None = None) -> list[Path]:
     """Files a name can mean: a path as given; with a model, its one lookup; else every
     stored vector of that name, whichever model it was made for."""
-    if looks_like_path(name) or model_path is not None:
+    if files.looks_like_path(name) or model_path is not None:
         return [resolve_vector(name, model_path)]
     found = [p for p in stored_vectors() if p.stem.lower() == name.lower()]
     if not found:
-        raise UserError(
+        raise NotFound(
             f"no stored vector named {name!r} in {vectors_dir()}: "
             "`edge-steer vectors list` shows them; or pass a .gguf path"
         )

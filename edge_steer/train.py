@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .engine import Context, Model
-from .errors import UserError
+from .errors import BadInput
 from .vectors import ControlVector
 
 METHODS = ("pca-diff", "pca-center", "mean-diff")
@@ -74,7 +74,7 @@ def hidden_states(
 def unit_directions(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
     """(n_layer, n_embd) unit vectors, signed so positives project above negatives."""
     if method not in METHODS:
-        raise UserError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        raise BadInput(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     diffs = (pos - neg).astype(np.float64)
     units = np.zeros(pos.shape[1:], dtype=np.float64)
     for layer in range(pos.shape[1]):
@@ -120,7 +120,7 @@ def train(
 ) -> ControlVector:
     """Train one control vector; it holds only the steered blocks, already scaled."""
     if len(pairs) < 2:
-        raise UserError(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
+        raise BadInput(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
     states = hidden_states(model, [p for pair in pairs for p in pair], options, progress)
     return from_states(model, states[0::2], states[1::2], options, name=name)
 

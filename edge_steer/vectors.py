@@ -8,20 +8,19 @@ of block N. llama.cpp ignores the metadata, so every check on it happens here.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import gguf
 import numpy as np
 
-from .errors import UserError
+from . import files, gguffile
+from .errors import BadInput, DamagedFile, NotFound
 
 ARCH = "controlvector"
 MAX_FILE_BYTES = 512 * 1024 * 1024
+MAX_VALUE = 1e12  # far above any residual stream (~1e4); larger means flipped exponent bits
 META_PREFIX = "edge_steer."
 
 
@@ -52,38 +51,34 @@ class ControlVector:
 def check_file(path: Path) -> None:
     """The checks every reader shares before it opens a file."""
     if not path.is_file():
-        raise UserError(f"control vector file not found: {path}")
+        raise NotFound(f"control vector file not found: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:
-        raise UserError(f"{path} is over {MAX_FILE_BYTES >> 20} MiB: too big for a control vector")
+        raise BadInput(f"{path} is over {MAX_FILE_BYTES >> 20} MiB: too big for a control vector")
 
 
 def read(path: str | Path) -> ControlVector:
-    """Read and validate a control-vector GGUF; any defect is a one-line UserError."""
+    """Read and validate a control-vector GGUF; any defect is a one-line DamagedFile."""
     path = Path(path)
     check_file(path)
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path} is not a GGUF file (bad magic): pass a .gguf control vector")
-    try:
-        reader = gguf.GGUFReader(path)
-        fields = {name: _field_value(f) for name, f in reader.fields.items()}
-        tensors = [
-            (t.name, int(t.tensor_type), list(t.shape), np.array(t.data)) for t in reader.tensors
-        ]
-    except Exception as exc:  # gguf raises many types on damaged files
-        raise UserError(
-            f"{path} is a damaged GGUF file ({type(exc).__name__}): write or download it again"
-        ) from None
-    if fields.get("general.architecture") != ARCH:
-        raise UserError(
+    header = read_header(path)
+    if header.architecture != ARCH:
+        raise BadInput(
             f"{path} is a GGUF model, not a control vector "
-            f"(general.architecture = {fields.get('general.architecture')!r})"
+            f"(general.architecture = {header.architecture!r})"
         )
     return ControlVector(
-        validate(_directions(path, tensors), str(path)),
-        str(fields.get(f"{ARCH}.model_hint", "")),
-        _metadata(fields),
+        validate(_directions(header), str(path)),
+        str(header.get(f"{ARCH}.model_hint", "")),
+        _metadata(header.fields),
     )
+
+
+def read_header(path: Path) -> gguffile.Header:
+    """The GGUF header of a vector file, with our one-line error for anything else."""
+    try:
+        return gguffile.read_header(path)
+    except DamagedFile as exc:
+        raise DamagedFile(f"{exc}: write or download the vector again") from None
 
 
 def _metadata(fields: Mapping[str, object]) -> dict[str, str | int | float]:
@@ -93,37 +88,36 @@ def _metadata(fields: Mapping[str, object]) -> dict[str, str | int | float]:
     meta = {
         key[len(ARCH) + 1 :]: value
         for key, value in fields.items()
-        if key.startswith(f"{ARCH}.") and key not in theirs and isinstance(value, str | int | float)
+        if key.startswith(f"{ARCH}.") and key not in theirs and _plain(value)
     }
     for key, value in fields.items():
-        if key.startswith(META_PREFIX) and isinstance(value, str | int | float):
-            meta[key[len(META_PREFIX) :]] = value
-    return meta
+        if key.startswith(META_PREFIX) and _plain(value):
+            meta[key[len(META_PREFIX) :]] = value  # type: ignore[assignment]
+    return meta  # type: ignore[return-value]
 
 
-def _field_value(f: gguf.ReaderField) -> object:
-    if not f.types:
-        return None
-    if f.types[0] == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-    if f.types[0] == gguf.GGUFValueType.ARRAY:
-        return None
-    return f.parts[f.data[0]].tolist()[0]
+def _plain(value: object) -> bool:
+    """A metadata value we carry: a string or a finite number (not a bool or an array)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, str | int) or (isinstance(value, float) and math.isfinite(value))
 
 
-def _directions(path: Path, tensors: list) -> dict[int, np.ndarray]:
+def _directions(header: gguffile.Header) -> dict[int, np.ndarray]:
     """GGUF-specific checks: tensor names, types, shapes and duplicates."""
     directions: dict[int, np.ndarray] = {}
-    for name, ttype, shape, data in tensors:
-        prefix, _, index = name.partition(".")
+    for tensor in header.tensors:
+        prefix, _, index = tensor.name.partition(".")
         if prefix != "direction" or not index.isdigit():
-            raise UserError(f"{path}: unexpected tensor {name!r} (want direction.N)")
+            raise DamagedFile(
+                f"{header.path}: unexpected tensor {tensor.name!r} (want direction.N)"
+            )
         layer = int(index)
         if layer in directions:
-            raise UserError(f"{path}: direction.{layer} appears twice")
-        if ttype != gguf.GGMLQuantizationType.F32 or len(shape) != 1:
-            raise UserError(f"{path}: {name} must be a 1-D F32 tensor")
-        directions[layer] = data.astype(np.float32).reshape(-1)
+            raise DamagedFile(f"{header.path}: direction.{layer} appears twice")
+        if tensor.type != gguffile.F32 or len(tensor.shape) != 1:
+            raise DamagedFile(f"{header.path}: {tensor.name} must be a 1-D F32 tensor")
+        directions[layer] = gguffile.read_f32(header, tensor)
     return directions
 
 
@@ -133,30 +127,32 @@ def validate(directions: Mapping[int, np.ndarray], source: str) -> dict[int, np.
     for layer in sorted(directions):
         vec = np.asarray(directions[layer])
         if layer < 1:
-            raise UserError(
+            raise DamagedFile(
                 f"{source}: direction.{layer} is invalid: llama.cpp steers blocks 1 and up"
             )
         if vec.ndim != 1:
-            raise UserError(f"{source}: direction.{layer} must be 1-D, not shape {vec.shape}")
+            raise DamagedFile(f"{source}: direction.{layer} must be 1-D, not shape {vec.shape}")
         if not np.isfinite(vec).all():
-            raise UserError(f"{source}: direction.{layer} contains NaN or Inf")
+            raise DamagedFile(f"{source}: direction.{layer} contains NaN or Inf: a damaged file")
+        if np.abs(vec).max(initial=0.0) > MAX_VALUE:
+            raise DamagedFile(
+                f"{source}: direction.{layer} holds values over {MAX_VALUE:g}: a damaged file"
+            )
         if checked and len(vec) != len(next(iter(checked.values()))):
-            raise UserError(
+            raise DamagedFile(
                 f"{source}: direction.{layer} has length {len(vec)}, unlike the other layers"
             )
         checked[layer] = vec.astype(np.float32, copy=False)
     if not checked:
-        raise UserError(f"{source}: no direction.N tensors: not a usable control vector")
+        raise DamagedFile(f"{source}: no direction.N tensors: not a usable control vector")
     return checked
 
 
 def write(vector: ControlVector, path: str | Path) -> Path:
     """Write a llama.cpp control-vector GGUF atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    import gguf  # only writers need gguf-py; reading uses our own header reader
+
+    def write_to(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_string(f"{ARCH}.model_hint", vector.model_hint)
         writer.add_uint32(f"{ARCH}.layer_count", len(vector.directions))
@@ -170,14 +166,11 @@ def write(vector: ControlVector, path: str | Path) -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return files.write_atomically(path, write_to)
 
 
-def _add_meta(writer: gguf.GGUFWriter, key: str, value: str | int | float) -> None:
+def _add_meta(writer, key: str, value: str | int | float) -> None:
     if isinstance(value, int):
         writer.add_int64(key, int(value))
     elif isinstance(value, float):
@@ -189,13 +182,13 @@ def _add_meta(writer: gguf.GGUFWriter, key: str, value: str | int | float) -> No
 def check_fits(vector: ControlVector, n_layer: int, n_embd: int, source: str) -> None:
     """A vector fits a model when its width matches and every layer is steerable."""
     if vector.n_embd != n_embd:
-        raise UserError(
+        raise BadInput(
             f"{source} has n_embd {vector.n_embd} but the model has {n_embd}: "
             "it was made for another model; train or convert one for this model"
         )
     bad = [n for n in vector.layers if n >= n_layer]
     if bad:
-        raise UserError(
+        raise BadInput(
             f"{source} has direction.{bad[0]} but the model's blocks are 0..{n_layer - 1}"
         )
 
@@ -220,7 +213,7 @@ def parse_spec(spec: str) -> tuple[str, float]:
     except ValueError:
         value = math.nan
     if len(parts) > 2 or not parts[0] or not math.isfinite(value):
-        raise UserError(
+        raise BadInput(
             f"bad vector spec {spec!r}: use NAME_OR_PATH[:STRENGTH], e.g. lazy:-1.0 or happy"
         )
     return name, value
@@ -253,7 +246,7 @@ def parse_mix(expression: str) -> list[tuple[str, float]]:
             except ValueError:
                 names.append(part.strip())
         if len(names) != 1 or not re.fullmatch(r"\S+", names[0]) or not math.isfinite(weight):
-            raise UserError(
+            raise BadInput(
                 f"bad mix term {term!r} in {expression!r}: use NAME*WEIGHT joined by ' + ', "
                 'e.g. "happy*0.5 + lazy*-1"'
             )
@@ -287,13 +280,13 @@ def _check_same_model(weighted: list[tuple[str, ControlVector, float]]) -> None:
     first_name, first, _ = weighted[0]
     for name, vector, _ in weighted[1:]:
         if vector.n_embd != first.n_embd:
-            raise UserError(
+            raise BadInput(
                 f"{name} has n_embd {vector.n_embd} but {first_name} has {first.n_embd}: "
                 "mix vectors made for one model"
             )
         theirs, ours = (v.metadata.get("model_fingerprint") for v in (vector, first))
         if theirs and ours and theirs != ours:
-            raise UserError(
+            raise BadInput(
                 f"{name} and {first_name} were trained on different model files: "
                 "mix vectors made for one model (pass --model to pick its copies)"
             )

@@ -77,14 +77,31 @@ def test_logits_restore_after_switching_off(model: Model) -> None:
         ctx.ingest(tokens)
         plain = ctx.logits()
         ctx.set_steering(random_rows(model, {model.n_layer // 2: 50.0}))
-        ctx.forget(0)
         ctx.ingest(tokens)
         steered = ctx.logits()
         ctx.set_steering(None)
-        ctx.forget(0)
         ctx.ingest(tokens)
         assert np.array_equal(ctx.logits(), plain)
     assert not np.array_equal(steered, plain)
+
+
+def test_changing_steering_invalidates_the_cache_without_the_callers_help(model: Model) -> None:
+    """A prompt cached under one steering, then steering changed and a longer prompt sharing
+    that prefix ingested: the logits are exactly those of a fresh context steered from the
+    start. Setting the same steering again keeps the cache (nothing is recomputed)."""
+    first, more = model.tokenize(PROMPTS[0]), model.tokenize(" and then", add_special=False)
+    rows = random_rows(model, {1: 20.0, model.n_layer // 2: 50.0})
+    with Context(model, n_ctx=128) as fresh:
+        fresh.set_steering(rows)
+        fresh.ingest(first + more)
+        expected = fresh.logits()
+    with Context(model, n_ctx=128) as ctx:
+        ctx.ingest(first)
+        ctx.set_steering(rows)
+        assert ctx.ingest(first + more) == len(first + more)  # all of it decoded again
+        assert np.array_equal(ctx.logits(), expected)
+        ctx.set_steering(rows.copy())  # the same vectors: the cache stays
+        assert ctx.ingest(first + more + more) == len(more)
 
 
 def test_capture_positions_and_batching_agree(model: Model) -> None:

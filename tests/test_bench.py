@@ -10,7 +10,7 @@ import json
 
 from test_cli import assert_clean_error, run
 
-from edge_steer import bench
+from edge_steer import bench, engine
 from edge_steer.engine import Context, Sampler
 
 VARIANTS = ("engine", "engine + 1 vector", "engine + 3 vectors", "bare llama_decode loop")
@@ -21,10 +21,10 @@ def test_bare_loop_generates_what_the_engine_generates(tiny_dense) -> None:
     with Context(tiny_dense, n_ctx=256, threads=1) as ctx:
         for _ in ctx.generate(prompt, Sampler(tiny_dense, bench.GREEDY), max_tokens=12):
             pass
-        engine = ctx.tokens[len(prompt) :]
-        prompt_s, bare, gen_s = ctx.bare_decode(prompt, 12)
+        generated = ctx.tokens[len(prompt) :]
+        prompt_s, bare, gen_s = engine.bare_decode(ctx, prompt, 12)
         assert ctx.tokens == []  # the bare loop leaves the cache empty
-    assert len(bare) == 12 and bare[: len(engine)] == engine and len(engine) > 0
+    assert len(bare) == 12 and bare[: len(generated)] == generated and len(generated) > 0
     assert prompt_s > 0 and gen_s > 0
 
 

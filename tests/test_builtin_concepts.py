@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from edge_steer import dataset, evaluate, train, vectors
-from edge_steer.engine import Context
 
 THREADS = 2
 EXPECTED = {  # concept -> (verdict at -1/+1, recommended range over -1, 0, +1)
@@ -43,7 +42,7 @@ def trained(demo_model):
 def sweep(model, vector, settings: evaluate.EvalSettings) -> evaluate.Sweep:
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     probes = dataset.load_builtin(str(vector.metadata["concept"])).probes
-    with Context(model, n_ctx=1024, threads=THREADS) as ctx:
+    with evaluate.context(model, settings, THREADS) as ctx:
         return evaluate.sweep(ctx, rows, (1, model.n_layer - 1), probes, settings)
 
 
@@ -53,7 +52,7 @@ def test_expectations_cover_every_builtin_concept() -> None:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_builtin_concept_on_gemma(name, demo_model, trained, tmp_path) -> None:
-    settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=0, neutral_words=150)
+    settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=0, neutral_tokens=200)
     result = sweep(demo_model, trained(name), settings)
     verdict, span = EXPECTED[name]
     effects = {p.strength: result.effect(p) for p in result.points}
@@ -67,7 +66,7 @@ def test_builtin_concept_on_gemma(name, demo_model, trained, tmp_path) -> None:
 
 
 def test_absurd_strength_degenerates_and_falls_outside_the_range(demo_model, trained) -> None:
-    settings = evaluate.EvalSettings(strengths=(0.0, 1.0, 32.0), samples=4, neutral_words=150)
+    settings = evaluate.EvalSettings(strengths=(0.0, 1.0, 32.0), samples=4, neutral_tokens=200)
     result = sweep(demo_model, trained("happy"), settings)
     zero, one, absurd = result.points
     assert zero.degenerate == 0 and one.degenerate == 0

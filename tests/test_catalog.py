@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_steer import catalog
-from edge_steer.errors import UserError
+from edge_steer import catalog, files
+from edge_steer.errors import NotFound
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 GB = 10**9
@@ -41,9 +41,9 @@ def test_every_name_resolves_and_round_trips() -> None:
 
 
 def test_unknown_names_list_what_would_work() -> None:
-    with pytest.raises(UserError, match=r"use mistral, mistral-v0\.2, mixtral, demo"):
+    with pytest.raises(NotFound, match=r"use mistral, mistral-v0\.2, mixtral, demo"):
         catalog.lookup("llama")
-    with pytest.raises(UserError, match="mixtral has no q8_0 file; use one of q2_k, q3_k_m"):
+    with pytest.raises(NotFound, match="mixtral has no q8_0 file; use one of q2_k, q3_k_m"):
         catalog.lookup("mixtral:q8_0")
 
 
@@ -91,5 +91,7 @@ def test_the_readme_documents_every_mistral_and_mixtral_name_with_size_and_ram()
         if entry.pypi:
             continue
         cells = rows[catalog.short_name(entry)]
-        size = ("~" if not entry.size_exact else "") + catalog.fmt(entry.size)
-        assert cells[2].strip() == size and cells[3].strip() == catalog.fmt(entry.ram_needed())
+        size = ("~" if not entry.size_exact else "") + files.size_text(entry.size, decimal=True)
+        assert cells[2].strip() == size and cells[3].strip() == files.size_text(
+            entry.ram_needed(), decimal=True
+        )

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from edge_steer import convert, steering, vectors
 from edge_steer.cli import app
 from edge_steer.engine import Context
-from edge_steer.errors import UserError
+from edge_steer.errors import BadInput, DamagedFile
 
 runner = CliRunner()
 
@@ -186,23 +186,28 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "message"),
+    ("name", "content", "message", "error"),
     [
-        ("x.txt", b"hello", "unknown format"),
-        ("x.json", b"{not json", "not valid JSON"),
-        ("x.json", b'{"1": ["a"]}', "lists of numbers"),
-        ("x.json", b'{"1": [1, NaN]}', "NaN or Inf"),
-        ("x.json", b'{"alpha": [1, 2]}', "cannot tell the layer"),
-        ("x.json", b'{"0": [1, 2]}', "no direction.N"),
-        ("x.json", b'{"1": [1, 2], "2": [1, 2, 3]}', "unlike the other layers"),
-        ("x.json", b'{"1": [[1, 2], [3, 4]]}', "must be 1-D"),
-        ("x.safetensors", b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}", "damaged safetensors"),
-        ("x.npz", b"PK\x03\x04garbage", "damaged .npz"),
+        ("x.txt", b"hello", "unknown format", BadInput),
+        ("x.json", b"{not json", "not valid JSON", DamagedFile),
+        ("x.json", b'{"1": ["a"]}', "lists of numbers", DamagedFile),
+        ("x.json", b'{"1": [1, NaN]}', "NaN or Inf", DamagedFile),
+        ("x.json", b'{"alpha": [1, 2]}', "cannot tell the layer", DamagedFile),
+        ("x.json", b'{"0": [1, 2]}', "no direction.N", DamagedFile),
+        ("x.json", b'{"1": [1, 2], "2": [1, 2, 3]}', "unlike the other layers", DamagedFile),
+        ("x.json", b'{"1": [[1, 2], [3, 4]]}', "must be 1-D", DamagedFile),
+        (
+            "x.safetensors",
+            b"\x05\x00\x00\x00\x00\x00\x00\x00{bad}",
+            "damaged safetensors",
+            DamagedFile,
+        ),
+        ("x.npz", b"PK\x03\x04garbage", "damaged .npz", DamagedFile),
     ],
 )
-def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message) -> None:
+def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message, error) -> None:
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(error, match=message):
         convert.load(tmp_path / name)
     code, output = invoke(
         "vectors", "convert", str(tmp_path / name), "-o", str(tmp_path / "o.gguf")
@@ -213,7 +218,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message) -> Non
 
 def test_pickled_npy_is_refused(tmp_path) -> None:
     np.save(tmp_path / "p.npy", np.array({"1": [1.0]}, dtype=object), allow_pickle=True)
-    with pytest.raises(UserError, match="pickled"):
+    with pytest.raises(BadInput, match="pickled"):
         convert.load(tmp_path / "p.npy")
 
 

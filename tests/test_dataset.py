@@ -9,7 +9,7 @@ import pytest
 
 from edge_steer import dataset
 from edge_steer.dataset import Concept, Probe
-from edge_steer.errors import UserError
+from edge_steer.errors import BadInput, NotFound
 
 REQUIRED = ("lazy", "happy", "honest", "creative", "confident", "formal", "trippy", "concise")
 
@@ -88,14 +88,14 @@ def test_probes_never_appear_in_training_prompts(name):
 
 def test_load_builtin_is_case_insensitive_and_rejects_unknown_names():
     assert dataset.load_builtin(" Happy ") == dataset.load_builtin("happy")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(NotFound) as err:
         dataset.load_builtin("grumpy")
     message = str(err.value)
     assert "grumpy" in message and "\n" not in message
     assert all(name in message for name in REQUIRED)
-    with pytest.raises(UserError):
+    with pytest.raises(NotFound):
         dataset.load_builtin("../suffixes")
-    with pytest.raises(UserError):
+    with pytest.raises(NotFound):
         dataset.load_builtin("suffixes")
 
 
@@ -139,7 +139,7 @@ def test_from_personas_splits_and_pairs_words():
     ],
 )
 def test_from_personas_rejects_bad_input(name, positive, negative, expected):
-    with pytest.raises(UserError, match=expected) as err:
+    with pytest.raises(BadInput, match=expected) as err:
         dataset.from_personas(name, positive, negative)
     assert "\n" not in str(err.value)
 
@@ -198,7 +198,7 @@ def test_contrast_pairs_are_deterministic_per_seed(demo_model):
         )
         > 1
     )  # a limit still spreads over persona pairs
-    with pytest.raises(UserError, match="at least 1"):
+    with pytest.raises(BadInput, match="at least 1"):
         dataset.contrast_pairs(concept, demo_model, limit=0)
 
 
@@ -271,22 +271,22 @@ GOOD_PAIR = json.dumps({"positive": "a", "negative": "b"})
 )
 def test_load_pairs_jsonl_rejects_defects(tmp_path, lines, expected):
     path = write_lines(tmp_path, *lines)
-    with pytest.raises(UserError, match=expected) as err:
+    with pytest.raises(BadInput, match=expected) as err:
         dataset.load_pairs_jsonl(path)
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_load_pairs_jsonl_rejects_missing_empty_and_binary_files(tmp_path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(NotFound, match="not found"):
         dataset.load_pairs_jsonl(tmp_path / "nope.jsonl")
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(UserError, match="has no pairs"):
+    with pytest.raises(BadInput, match="has no pairs"):
         dataset.load_pairs_jsonl(tmp_path / "empty.jsonl")
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage")
-    with pytest.raises(UserError, match="UTF-8"):
+    with pytest.raises(BadInput, match="UTF-8"):
         dataset.load_pairs_jsonl(tmp_path / "bin.jsonl")
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(BadInput, match="cannot read"):
         dataset.load_pairs_jsonl(tmp_path)  # a directory
 
 
@@ -300,7 +300,7 @@ def test_load_pairs_jsonl_rejects_missing_empty_and_binary_files(tmp_path):
 )
 def test_load_probes_jsonl_rejects_defects(tmp_path, row, expected):
     path = write_lines(tmp_path, json.dumps(row))
-    with pytest.raises(UserError, match=expected):
+    with pytest.raises(BadInput, match=expected):
         dataset.load_probes_jsonl(path)
-    with pytest.raises(UserError, match="has no probes"):
+    with pytest.raises(BadInput, match="has no probes"):
         dataset.load_probes_jsonl(write_lines(tmp_path, ""))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_steer import evaluate, vectors
-from edge_steer.errors import UserError
+from edge_steer.errors import BadInput
 from edge_steer.evaluate import Point, Sweep
 
 
@@ -40,7 +40,7 @@ def test_strengths_syntax(text, expected) -> None:
     ],
 )
 def test_bad_strengths_are_clear_errors(text, words) -> None:
-    with pytest.raises(UserError, match=words):
+    with pytest.raises(BadInput, match=words):
         evaluate.parse_strengths(text)
 
 

@@ -18,9 +18,9 @@ import pytest
 from conftest import random_rows
 from test_cli import assert_clean_error, run
 
-from edge_steer import engine, ggml, hardware
+from edge_steer import engine, ggml, gguffile, machine, offload
 from edge_steer.engine import Context, Model
-from edge_steer.errors import UserError
+from edge_steer.errors import BadInput
 
 KINDS = ("gate", "up", "down")
 PROMPTS = ["The quick brown fox jumps over", "Once upon a time", "Water boils at"]
@@ -36,7 +36,9 @@ def experts_of(blocks: range) -> set[str]:
 
 
 def load(path: Path, moe: str | None, gpu: str | None = "0") -> Model:
-    plan = hardware.plan_offload(hardware.read_weights(path), gpu, moe, free=0, context=0)
+    plan = offload.plan_offload(
+        offload.read_weights(gguffile.read_header(path)), gpu, moe, free=0, context=0
+    )
     return Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors)
 
 
@@ -149,30 +151,33 @@ def gpu_bytes_by_hand(path: Path, moe_layers: int) -> int:
 
 
 def test_auto_picks_the_n_the_arithmetic_says(tiny_moe_path) -> None:
-    weights, context = hardware.read_weights(tiny_moe_path), 12345
+    weights, context = offload.read_weights(gguffile.read_header(tiny_moe_path)), 12345
     for n in range(7):
         need = gpu_bytes_by_hand(tiny_moe_path, n) + context
-        assert hardware.plan_moe_offload(weights, need, context) == n
+        assert offload.plan_moe_offload(weights, need, context) == n
         if n < 6:
-            assert hardware.plan_moe_offload(weights, need - 1, context) == n + 1
-        plan = hardware.plan_offload(weights, None, None, free=need, context=context)
+            assert offload.plan_moe_offload(weights, need - 1, context) == n + 1
+        plan = offload.plan_offload(weights, None, None, free=need, context=context)
         assert (plan.gpu_layers, plan.moe_layers) == (7, n)
         assert plan.gpu_bytes == need - context
     too_small = gpu_bytes_by_hand(tiny_moe_path, 6) + context - 1
-    assert hardware.plan_moe_offload(weights, too_small, context) is None
-    plan = hardware.plan_offload(weights, None, None, free=too_small, context=context)
+    assert offload.plan_moe_offload(weights, too_small, context) is None
+    plan = offload.plan_offload(weights, None, None, free=too_small, context=context)
     assert plan.moe_layers == 6 and plan.gpu_layers < 7  # then fewer layers, experts on CPU
 
 
 def test_auto_gpu_layers_count_from_the_top(tiny_moe_path) -> None:
-    weights, tensors = hardware.read_weights(tiny_moe_path), file_tensors(tiny_moe_path)
+    weights, tensors = (
+        offload.read_weights(gguffile.read_header(tiny_moe_path)),
+        file_tensors(tiny_moe_path),
+    )
     output = tensors["output.weight"] + tensors["output_norm.weight"]
     block = [sum(s for n, s in tensors.items() if n.startswith(f"blk.{i}.")) for i in range(6)]
     for layers in range(1, 8):  # the output layer, then blocks 5, 4, ... (llama.cpp's order)
         need = output + sum(block[7 - layers :])
-        assert hardware.plan_gpu_layers(weights, need, 0) == layers
-        assert hardware.plan_gpu_layers(weights, need - 1, 0) == layers - 1
-    assert hardware.plan_gpu_layers(weights, output - 1, 0) == 0
+        assert offload.plan_gpu_layers(weights, need, 0) == layers
+        assert offload.plan_gpu_layers(weights, need - 1, 0) == layers - 1
+    assert offload.plan_gpu_layers(weights, output - 1, 0) == 0
 
 
 def test_kv_cache_estimate_matches_llama_cpp(tiny_moe_path, monkeypatch) -> None:
@@ -180,24 +185,24 @@ def test_kv_cache_estimate_matches_llama_cpp(tiny_moe_path, monkeypatch) -> None
     with load(tiny_moe_path, None) as model, Context(model, n_ctx=2048, threads=1):
         line = next(x for x in engine.LOG_TAIL if re.match(r"llama_kv_cache: size = ", x))
     mib = float(re.search(r"size = +([\d.]+) MiB", line)[1])
-    assert hardware.read_weights(tiny_moe_path).kv_per_token * 2048 == pytest.approx(
-        mib * 2**20, abs=0.01 * 2**20
-    )
+    assert offload.read_weights(
+        gguffile.read_header(tiny_moe_path)
+    ).kv_per_token * 2048 == pytest.approx(mib * 2**20, abs=0.01 * 2**20)
 
 
 def test_cpu_only_auto_says_there_is_nothing_to_offload(tiny_moe_path) -> None:
-    weights = hardware.read_weights(tiny_moe_path)
-    plan = hardware.plan_offload(weights, "auto", "auto", free=0, context=0)
+    weights = offload.read_weights(gguffile.read_header(tiny_moe_path))
+    plan = offload.plan_offload(weights, "auto", "auto", free=0, context=0)
     assert (plan.gpu_layers, plan.moe_layers, plan.cpu_tensors) == (0, 0, ())
     assert any("moe-offload auto: no GPU found" in note for note in plan.notes)
-    quiet = hardware.plan_offload(weights, None, None, free=0, context=0)
+    quiet = offload.plan_offload(weights, None, None, free=0, context=0)
     assert quiet.notes == () and quiet.cpu_tensors == ()
 
 
 def test_cli_auto_with_a_simulated_budget(tiny_moe_path, monkeypatch) -> None:
-    weights, n_ctx = hardware.read_weights(tiny_moe_path), 64
+    weights, n_ctx = offload.read_weights(gguffile.read_header(tiny_moe_path)), 64
     budget = gpu_bytes_by_hand(tiny_moe_path, 4) + weights.context(n_ctx)
-    monkeypatch.setenv(hardware.VRAM_ENV, str(budget))
+    monkeypatch.setenv(machine.VRAM_ENV, str(budget))
     monkeypatch.setenv("EDGE_STEER_VERBOSE", "1")  # llama.cpp's log on stderr
     result = run(
         *f"generate --model {tiny_moe_path} -p hi -n 2 --ctx {n_ctx} --moe-offload auto".split()
@@ -209,13 +214,13 @@ def test_cli_auto_with_a_simulated_budget(tiny_moe_path, monkeypatch) -> None:
 
 
 def test_sizes_and_options_parse() -> None:
-    assert hardware.parse_size("10GiB", "X") == 10 << 30
-    assert hardware.parse_size("512M", "X") == 512 << 20
-    assert hardware.parse_size("1234", "X") == 1234
-    with pytest.raises(UserError, match="not a size"):
-        hardware.parse_size("lots", "X")
-    assert hardware.parse_gpu_layers("-1") == hardware.parse_gpu_layers("ALL") == "all"
-    assert hardware.parse_moe_offload("none") == 0 and hardware.parse_moe_offload("12") == 12
+    assert machine.parse_size("10GiB", "X") == 10 << 30
+    assert machine.parse_size("512M", "X") == 512 << 20
+    assert machine.parse_size("1234", "X") == 1234
+    with pytest.raises(BadInput, match="not a size"):
+        machine.parse_size("lots", "X")
+    assert offload.parse_gpu_layers("-1") == offload.parse_gpu_layers("ALL") == "all"
+    assert offload.parse_moe_offload("none") == 0 and offload.parse_moe_offload("12") == 12
 
 
 # -- doctor ---------------------------------------------------------------------------------------
@@ -228,7 +233,7 @@ def test_doctor_json_describes_this_build() -> None:
     assert "CPU" in info["build"]["backends"]
     cpu = [d for d in info["devices"] if d["kind"] == "cpu"]
     assert cpu and cpu[0]["total"] > 0
-    assert info["ram"]["total"] == hardware.total_ram() and info["cpu"]["cores"] >= 1
+    assert info["ram"]["total"] == machine.total_ram() and info["cpu"]["cores"] >= 1
     if info["build"]["gpu_backends"]:
         assert info["gpu_build_command"] is None
     else:
@@ -238,14 +243,14 @@ def test_doctor_json_describes_this_build() -> None:
 
 
 def test_gpu_build_command_per_platform() -> None:
-    assert "-DGGML_METAL=on" in hardware.gpu_build_command("Darwin", "arm64")
-    assert "-DGGML_CUDA=on" in hardware.gpu_build_command("Linux", "x86_64")
-    assert "llama-cpp-python==" in hardware.gpu_build_command("Linux", "aarch64")
+    assert "-DGGML_METAL=on" in machine.gpu_build_command("Darwin", "arm64")
+    assert "-DGGML_CUDA=on" in machine.gpu_build_command("Linux", "x86_64")
+    assert "llama-cpp-python==" in machine.gpu_build_command("Linux", "aarch64")
 
 
 def test_model_fits() -> None:
     from edge_steer import catalog
-    from edge_steer.cli_doctor import model_fits
+    from edge_steer.cli.doctor import model_fits
 
     gb = 10**9
     models = [catalog.lookup("mistral:q4_k_m"), catalog.lookup("mixtral:q4_k_m")]  # 5.4, 29.5 GB
@@ -261,13 +266,13 @@ def test_model_fits() -> None:
 
 # -- on a GPU build (skipped on CPU-only machines) ----------------------------------------------
 
-needs_gpu = pytest.mark.skipif(not hardware.gpus(), reason="no GPU device in this llama.cpp build")
+needs_gpu = pytest.mark.skipif(not machine.gpus(), reason="no GPU device in this llama.cpp build")
 
 
 @needs_gpu
 @pytest.mark.parametrize("moe", ["none", "all", "2"])
 def test_gpu_buffers_hold_what_the_planner_says(tiny_moe_path, moe) -> None:
-    weights = hardware.read_weights(tiny_moe_path)
+    weights = offload.read_weights(gguffile.read_header(tiny_moe_path))
     with load(tiny_moe_path, moe, gpu="all") as model:
         buffers = model.buffers
     on_gpu = {name: size for name, size in buffers.items() if not HOST.fullmatch(name)}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_steer import catalog, hardware
+from edge_steer import catalog, machine
+from edge_steer.errors import BadInput, DamagedFile, DoesNotFit, NetworkError, NotFound
 from tests.local_hub import COMMIT, LocalHub
 
 REPO = "edge-steer/tiny-gguf"
@@ -65,8 +66,9 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def assert_refused(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
+def assert_refused(result: subprocess.CompletedProcess, error: type, *words: str) -> None:
+    """One error line with `words`, and the exit code of the error class it must be."""
+    assert result.returncode == error.exit_code, result.stderr
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and all(w in last for w in words), result.stderr
@@ -115,7 +117,7 @@ def test_a_pull_cut_off_halfway_resumes_with_the_right_sha256(hub, env, tiny) ->
 def test_a_corrupted_download_is_detected_reported_and_never_loaded(hub, env, hf_home, tiny):
     hub.add(REPO, "tiny.gguf", tiny, corrupt=True)
     result = generate(SPEC, env)
-    assert_refused(result, "sha256", "corrupt", "deleted")
+    assert_refused(result, DamagedFile, "sha256", "corrupt", "deleted")
     assert result.stdout == ""  # nothing was generated
     blobs = cached(hf_home).parents[2] / "blobs"
     assert not cached(hf_home).exists() and not any(blobs.iterdir())
@@ -143,7 +145,7 @@ def test_a_catalog_model_is_refused_if_the_hub_serves_another_file(hub, env, tin
     entry = catalog.lookup(name)
     hub.add(entry.repo, entry.file, tiny, revision=entry.revision)
     result = run("pull", name, "--force", env=env)  # --force: skip the RAM check of this machine
-    assert_refused(result, *words)
+    assert_refused(result, DamagedFile, *words)
     assert hub.gets() == []
 
 
@@ -167,26 +169,28 @@ def test_offline_mode_uses_the_cache_and_makes_no_network_call(hub, env, tiny) -
 )
 def test_offline_with_nothing_cached_names_the_demo_model(hub, env, args, extra) -> None:
     result = run(*args, env={**env, **extra})
-    assert_refused(result, "not downloaded", "--model demo")
+    assert_refused(result, NotFound, "not downloaded", "--model demo")
     assert hub.requests == []
 
 
 def test_insufficient_disk_gives_a_clear_refusal(hub, env, tiny) -> None:
     hub.add(REPO, "tiny.gguf", tiny, size=1 << 50)  # the Hub says 1.1 PB
     result = run("pull", SPEC, env=env)
-    assert_refused(result, "needs 1125899.9 GB of disk", "free", "HF_HUB_CACHE")
+    assert_refused(result, DoesNotFit, "needs 1125899.9 GB of disk", "free", "HF_HUB_CACHE")
     assert hub.gets() == []
 
 
 def test_unknown_files_repos_and_an_unreachable_hub_are_clean_errors(hub, env, tiny) -> None:
     hub.add(REPO, "tiny.gguf", tiny)
-    assert_refused(run("pull", f"hf:{REPO}/nope.gguf", env=env), "nope.gguf not found")
-    assert_refused(run("pull", "hf:someone/else/x.gguf", env=env), "someone/else not found")
-    assert_refused(run("pull", "hf:just-a-name", env=env), "use hf:OWNER/REPO/FILE")
+    assert_refused(run("pull", f"hf:{REPO}/nope.gguf", env=env), NotFound, "nope.gguf not found")
+    assert_refused(
+        run("pull", "hf:someone/else/x.gguf", env=env), NotFound, "someone/else not found"
+    )
+    assert_refused(run("pull", "hf:just-a-name", env=env), BadInput, "use hf:OWNER/REPO/FILE")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         nowhere = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{s.getsockname()[1]}"}
-    assert_refused(run("pull", SPEC, env=nowhere), "could not fetch", "--model demo")
+    assert_refused(run("pull", SPEC, env=nowhere), NetworkError, "could not fetch", "--model demo")
 
 
 def test_models_list_info_and_rm(hub, env, hf_home, tiny, demo_path) -> None:
@@ -211,8 +215,8 @@ def test_models_list_info_and_rm(hub, env, hf_home, tiny, demo_path) -> None:
 
 def test_a_model_too_big_for_this_machine_is_refused_before_any_download(hub, env) -> None:
     biggest = max(catalog.entries(), key=lambda e: e.ram_needed())
-    if catalog.fit_problem(biggest, available_ram=hardware.available_ram()) is None:
+    if catalog.fit_problem(biggest, available_ram=machine.available_ram()) is None:
         pytest.skip(f"this machine has room for {biggest.name}")
     result = run("pull", catalog.short_name(biggest), env=env)
-    assert_refused(result, "of RAM", "available", "would fit", "--force")
+    assert_refused(result, DoesNotFit, "of RAM", "available", "would fit", "--force")
     assert hub.requests == []

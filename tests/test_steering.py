@@ -11,7 +11,7 @@ from conftest import random_rows
 from edge_steer import steering, store, vectors
 from edge_steer.chat import ChatSession, format_prompt
 from edge_steer.engine import Context, Sampler, SamplerSettings
-from edge_steer.errors import UserError
+from edge_steer.errors import BadInput, NotFound
 
 GREEDY = SamplerSettings(temperature=0)
 
@@ -77,9 +77,9 @@ def test_names_resolve_in_the_store(demo_model, files) -> None:
     target.write_bytes(Path(files["a"]).read_bytes())
     steer = steering.build(demo_model, ["cheer:0.5"], "4-9")
     assert steer.strengths() == {"cheer": 0.5} and steer.layers == (4, 9)
-    with pytest.raises(UserError, match="unknown vector 'nope'"):
+    with pytest.raises(NotFound, match="unknown vector 'nope'"):
         steering.build(demo_model, ["nope"], None)
-    with pytest.raises(UserError, match="outside the model's steerable blocks 1-17"):
+    with pytest.raises(BadInput, match="outside the model's steerable blocks 1-17"):
         steering.build(demo_model, [], "0-40")
 
 

@@ -116,7 +116,7 @@ def test_chat_trains_on_first_use_then_reuses(tmp_path, monkeypatch) -> None:
 
 
 def test_library_refuses_path_like_names(demo_model) -> None:
-    from edge_steer.errors import UserError
+    from edge_steer.errors import BadInput
 
-    with pytest.raises(UserError, match="bad vector name"):
+    with pytest.raises(BadInput, match="bad vector name"):
         library.train_and_store(demo_model, "a/b", [("x", "y")] * 2, train.TrainOptions())

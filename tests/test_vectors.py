@@ -7,7 +7,7 @@ import pytest
 from conftest import write_raw
 
 from edge_steer import vectors
-from edge_steer.errors import UserError
+from edge_steer.errors import BadInput, DamagedFile
 
 
 def make(layers=(1, 2, 3), n_embd=8, seed=0) -> vectors.ControlVector:
@@ -47,35 +47,35 @@ def test_write_is_atomic_and_leaves_no_temp(tmp_path) -> None:
 )
 def test_bad_files_are_refused(tmp_path, directions, message) -> None:
     path = write_raw(tmp_path / "bad.gguf", {f"direction.{n}": d for n, d in directions.items()})
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DamagedFile, match=message):
         vectors.read(path)
 
 
 def test_other_tensors_and_models_are_refused(tmp_path) -> None:
     path = write_raw(tmp_path / "x.gguf", {"token_embd.weight": np.ones(4, np.float32)})
-    with pytest.raises(UserError, match="unexpected tensor"):
+    with pytest.raises(DamagedFile, match="unexpected tensor"):
         vectors.read(path)
     path = write_raw(tmp_path / "m.gguf", {"direction.1": np.ones(4, np.float32)}, "llama")
-    with pytest.raises(UserError, match="not a control vector"):
+    with pytest.raises(BadInput, match="not a control vector"):
         vectors.read(path)
 
 
 def test_not_gguf_and_truncated(tmp_path) -> None:
     (tmp_path / "a.gguf").write_text("hello")
-    with pytest.raises(UserError, match="not a GGUF"):
+    with pytest.raises(DamagedFile, match="not a GGUF"):
         vectors.read(tmp_path / "a.gguf")
     data = vectors.write(make(), tmp_path / "b.gguf").read_bytes()
     (tmp_path / "b.gguf").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="damaged"):
+    with pytest.raises(DamagedFile, match="damaged"):
         vectors.read(tmp_path / "b.gguf")
 
 
 def test_check_fits() -> None:
     vec = make(layers=(1, 5), n_embd=8)
     vectors.check_fits(vec, n_layer=6, n_embd=8, source="v")
-    with pytest.raises(UserError, match="n_embd 8 but the model has 16"):
+    with pytest.raises(BadInput, match="n_embd 8 but the model has 16"):
         vectors.check_fits(vec, n_layer=6, n_embd=16, source="v")
-    with pytest.raises(UserError, match=r"direction\.5"):
+    with pytest.raises(BadInput, match=r"direction\.5"):
         vectors.check_fits(vec, n_layer=5, n_embd=8, source="v")
 
 
@@ -104,5 +104,5 @@ def test_parse_specs(spec, expected) -> None:
 
 @pytest.mark.parametrize("spec", ["lazy:abc", ":1", "lazy:1:2", "lazy:nan", "lazy:inf", ":"])
 def test_malformed_specs(spec) -> None:
-    with pytest.raises(UserError, match="bad vector spec"):
+    with pytest.raises(BadInput, match="bad vector spec"):
         vectors.parse_specs([spec])

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_steer import hardware, hub
+from edge_steer import files, gguffile, hub, machine, offload
 from edge_steer.engine import Context, Model, Sampler, SamplerSettings
 from tools.tiny_models import write_tiny_model
 
@@ -48,7 +48,7 @@ def steering_rows(model: Model, block: int) -> np.ndarray:
 
 
 def measure(path: Path, gpu: str, moe: str, block: int, threads: int) -> dict:
-    plan = hardware.plan_model(path, gpu, moe, 2048)
+    plan = offload.plan_model(path, gpu, moe, 2048)
     model = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors)
     tokens = model.tokenize(PROMPT)
     with Context(model, n_ctx=2048, threads=threads, capture=True) as ctx:
@@ -72,7 +72,7 @@ def measure(path: Path, gpu: str, moe: str, block: int, threads: int) -> dict:
         "n_gpu_layers": plan.gpu_layers,
         "moe_layers": plan.moe_layers,
         "overridden": len(model.overridden),
-        "buffers": {k: hardware.size_text(v) for k, v in model.buffers.items()},
+        "buffers": {k: files.size_text(v) for k, v in model.buffers.items()},
         "bare": bare,
         "steered": steered,
         "shift_error": float(
@@ -108,7 +108,7 @@ def relative(a: np.ndarray, b: np.ndarray) -> float:
 
 def check(name: str, workdir: Path, threads: int) -> list[dict]:
     path = model_path(name, workdir)
-    weights = hardware.read_weights(path)
+    weights = offload.read_weights(gguffile.read_header(path))
     block = max(1, weights.n_layer // 2)
     splits = [("0", "none"), ("all", "none")]
     if weights.is_moe:
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    print("devices:", [(d.name, d.kind, hardware.size_text(d.total)) for d in hardware.devices()])
+    print("devices:", [(d.name, d.kind, files.size_text(d.total)) for d in machine.devices()])
     with tempfile.TemporaryDirectory() as tmp:
         rows = [r for name in args.models.split(",") for r in check(name, Path(tmp), args.threads)]
     cols = (

@@ -29,13 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge_steer import bench, dataset, evaluate, hub, train, vectors  # noqa: E402
-from edge_steer.engine import Context, Model  # noqa: E402
-from edge_steer.errors import UserError  # noqa: E402
+from edge_steer.engine import Model  # noqa: E402
+from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
 
 PARTS = ("eval", "bench")  # README blocks, each between its own markers, rewritten alone
 TINY = {"tiny-dense": False, "tiny-moe": True}  # name -> MoE
-EVAL_CTX = 1024
 
 
 def log(text: str) -> None:
@@ -79,7 +78,7 @@ def eval_model(model: Model, args: argparse.Namespace) -> dict:
         vector = train.train(model, pairs, train.TrainOptions(threads=args.threads), name=name)
         rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
         personas = None if args.no_baseline else dataset.persona_prefixes(concept, model)[0]
-        with Context(model, n_ctx=EVAL_CTX, threads=args.threads) as ctx:
+        with evaluate.context(model, settings, args.threads) as ctx:
             result = evaluate.sweep(ctx, rows, span, concept.probes, settings, personas=personas)
         sweeps[name] = result
         rows_out.append(_eval_row(name, vector, result))
@@ -341,7 +340,7 @@ def _plot(sweeps: dict, model_name: str, name: str, args: argparse.Namespace) ->
     target = args.out / f"eval-{name}.png"
     try:
         path = plot.write(target, sweeps, f"built-in concepts on {model_name}")
-    except UserError as exc:  # the plot extra is missing: keep the figures anyway
+    except EdgeSteerError as exc:  # the plot extra is missing: keep the figures anyway
         log(f"no plot: {exc}")
         return None
     return os.path.relpath(path, args.readme.resolve().parent)

@@ -1,141 +1,15 @@
-"""What this machine has (RAM, disk, cores, llama.cpp backends and devices) and how to split a
-model between GPU and CPU memory (layers, MoE experts) so that it fits."""
+"""How to split a model between GPU and CPU memory (layers, MoE experts) so that it fits,
+planned from the GGUF header before llama.cpp loads anything."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-
-
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (Linux); empty elsewhere."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return {}
-    values = {}
-    for line in lines:
-        key, _, rest = line.partition(":")
-        fields = rest.split()
-        if fields and fields[0].isdigit():
-            values[key] = int(fields[0]) * (1024 if fields[-1] == "kB" else 1)
-    return values
-
-
-def total_ram() -> int:
-    """Physical memory in bytes."""
-    info = _meminfo()
-    if "MemTotal" in info:
-        return info["MemTotal"]
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def available_ram() -> int:
-    """Memory a new process can use without swapping, in bytes (page cache counts as free)."""
-    info = _meminfo()
-    if "MemAvailable" in info:
-        return info["MemAvailable"]
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError):
-        return total_ram()
-
-
-def free_disk(path: Path) -> int:
-    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-# -- backends and devices ------------------------------------------------------------------
-
-GiB = 1 << 30
-VRAM_ENV = "EDGE_STEER_VRAM"  # plan as if this much GPU memory were free (limit or rehearse)
-
-
-@dataclass(frozen=True)
-class Device:
-    """A ggml backend device: 'cpu', 'gpu' (discrete or Apple), 'igpu', 'accel'."""
-
-    name: str
-    description: str
-    kind: str
-    free: int
-    total: int
-
-
-def devices() -> list[Device]:
-    """Every device the installed llama.cpp build can use, with free and total memory."""
-    from . import ggml
-
-    return [Device(*found) for found in ggml.devices()]
-
-
-def gpus() -> list[Device]:
-    """The devices llama.cpp offloads layers to: discrete GPUs, else integrated ones."""
-    found = devices()
-    return [d for d in found if d.kind == "gpu"] or [d for d in found if d.kind == "igpu"]
-
-
-def backends() -> dict[str, dict[str, str]]:
-    """Compiled-in backends (CPU, CUDA, Metal, ...) and the feature flags each reports."""
-    from . import ggml
-
-    return ggml.backends()
-
-
-def cpu_features() -> list[str]:
-    """CPU features this llama.cpp build uses (AVX2, NEON, ...), as its CPU backend says."""
-    flags = backends().get("CPU", {})
-    return [name if value == "1" else f"{name}={value}" for name, value in flags.items()]
-
-
-def free_vram() -> int:
-    """Bytes free on the offload GPUs together (llama.cpp splits layers by free memory);
-    0 without a GPU. $EDGE_STEER_VRAM (e.g. 10GiB) overrides it."""
-    budget = os.environ.get(VRAM_ENV)
-    if budget:
-        return parse_size(budget, VRAM_ENV)
-    return sum(d.free for d in gpus())
-
-
-def parse_size(text: str, what: str) -> int:
-    """'10GiB', '512MiB', '10G' or plain bytes -> bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise UserError(f"{what}={text!r} is not a size: write e.g. 10GiB, 512MiB or bytes")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return int(float(match.group(1)) * 1024**power)
-
-
-def gpu_build_command(system: str, machine: str) -> str:
-    """The pip line that rebuilds llama-cpp-python with GPU support: Metal on Apple Silicon,
-    CUDA elsewhere (NVIDIA; README names Vulkan for other GPUs). Same version as installed."""
-    from importlib.metadata import version
-
-    flag = "-DGGML_METAL=on" if (system, machine) == ("Darwin", "arm64") else "-DGGML_CUDA=on"
-    return (
-        f'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir '
-        f"llama-cpp-python=={version('llama-cpp-python')}"
-    )
-
-
-# -- splitting a model between GPU and CPU memory -------------------------------------------
+from . import gguffile, machine
+from .errors import BadInput, DamagedFile
+from .files import size_text
 
 EXPERT_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # the pattern of llama.cpp's --cpu-moe
 RESERVE = 512 << 20  # GPU runtime, cuBLAS workspace, fragmentation: what `auto` leaves free
@@ -184,52 +58,52 @@ class Weights:
         return self.kv_per_token * n_ctx + compute + RESERVE
 
 
-def read_weights(path: Path) -> Weights:
-    """Sizes and shapes from the GGUF header (memory-mapped; no weights are read)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-
-    def meta(key: str, default: object = None):
-        field = reader.get_field(key)
-        return field.contents() if field is not None else default
-
-    arch = meta("general.architecture", "llama")
-    n_layer = meta(f"{arch}.block_count")
-    if not isinstance(n_layer, int) or n_layer < 1:
-        raise UserError(f"{path}: no {arch}.block_count in its metadata: cannot plan offloading")
+def read_weights(header: gguffile.Header) -> Weights:
+    """Sizes and shapes from a GGUF header (no weights are read)."""
+    arch = header.architecture or "llama"
+    n_layer = header.arch_int("block_count")
+    if n_layer is None or not 1 <= n_layer <= len(header.tensors):
+        raise DamagedFile(
+            f"{header.path}: no {arch}.block_count in its metadata: cannot plan offloading"
+        )
     blocks, experts = [0] * n_layer, [0] * n_layer
     output = embeddings = n_vocab = 0
     tied = True
-    for tensor in reader.tensors:
-        size, block = int(tensor.n_bytes), _BLOCK.match(tensor.name)
+    for tensor in header.tensors:
+        size, block = tensor.n_bytes, _BLOCK.match(tensor.name)
         if block:
             if int(block.group(1)) < n_layer:  # extra (MTP) blocks are not loaded by default
                 (experts if _EXPERT.search(tensor.name) else blocks)[int(block.group(1))] += size
         elif tensor.name.startswith("token_embd."):
             embeddings += size
-            n_vocab = max(n_vocab, int(tensor.shape[-1]))
+            n_vocab = max(n_vocab, tensor.shape[-1])
         else:
             output += size
             tied &= tensor.name != "output.weight"
-    per_layer = _per_layer(meta(f"{arch}.attention.head_count", 1), n_layer)
-    n_embd = meta(f"{arch}.embedding_length", 0)
-    k = meta(f"{arch}.attention.key_length", n_embd // max(per_layer))
-    v = meta(f"{arch}.attention.value_length", k)
-    kv_heads = _per_layer(meta(f"{arch}.attention.head_count_kv", per_layer), n_layer)
+
+    def meta(key: str, default: object) -> object:
+        return header.get(f"{arch}.{key}", default)
+
+    per_layer = _per_layer(meta("attention.head_count", 1), n_layer)
+    n_embd = header.arch_int("embedding_length") or 0
+    k = meta("attention.key_length", n_embd // max(max(per_layer), 1))
+    v = meta("attention.value_length", k)
+    kv_heads = _per_layer(meta("attention.head_count_kv", per_layer), n_layer)
     return Weights(
         blocks=tuple(blocks),
         experts=tuple(experts),
         output=output + (embeddings if tied else 0),
-        kv_per_token=2 * (k + v) * sum(kv_heads),
+        kv_per_token=2 * (int(k) + int(v)) * sum(kv_heads),  # type: ignore[call-overload]
         n_vocab=n_vocab,
         n_head=max(per_layer),
     )
 
 
-def _per_layer(value: int | list[int], n_layer: int) -> list[int]:
+def _per_layer(value: object, n_layer: int) -> list[int]:
     """A head count that GGUF stores either once or per layer."""
-    return list(value) if isinstance(value, list) else [int(value)] * n_layer
+    if isinstance(value, list) and len(value) == n_layer:
+        return [int(v) for v in value]
+    return [int(value) if isinstance(value, int) else 1] * n_layer
 
 
 def expert_patterns(moe_layers: int, n_layer: int) -> list[str]:
@@ -282,7 +156,7 @@ def _parse_count(option: str, text: str | None, words: tuple[str, ...]) -> int |
         return value
     if value.isdigit():
         return int(value)
-    raise UserError(f"{option} {text}: use {', '.join(words)} or a number of layers (0 or more)")
+    raise BadInput(f"{option} {text}: use {', '.join(words)} or a number of layers (0 or more)")
 
 
 @dataclass(frozen=True)
@@ -358,14 +232,14 @@ def _auto_moe(weights: Weights, free: int, context: int, gpu_layers: int | None)
 def _check_counts(weights: Weights, gpu: int | str | None, moe: int | str | None) -> None:
     top, n = weights.n_layer + 1, weights.n_layer
     if isinstance(gpu, int) and gpu > top:
-        raise UserError(
+        raise BadInput(
             f"--gpu-layers {gpu}: the model has {top} layers to offload ({n} blocks + output): "
             f"use 0-{top}, all or auto"
         )
     if isinstance(moe, int) and moe > n:
-        raise UserError(f"--moe-offload {moe}: the model has {n} layers: use 0-{n}, none or all")
+        raise BadInput(f"--moe-offload {moe}: the model has {n} layers: use 0-{n}, none or all")
     if moe not in (None, "auto", 0) and not weights.is_moe:
-        raise UserError(
+        raise BadInput(
             f"--moe-offload {moe}: the model has no expert tensors (not a mixture of experts): "
             "leave the option out"
         )
@@ -401,14 +275,9 @@ def _experts(moe_layers: int, n_layer: int) -> str:
     return f"experts of the first {moe_layers} of {n_layer} layers"
 
 
-def size_text(size: int) -> str:
-    """Bytes for people: GiB, or MiB below 0.1 GiB."""
-    return f"{size / GiB:.1f} GiB" if size >= GiB // 10 else f"{size / (1 << 20):.1f} MiB"
-
-
 def plan_model(path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int) -> Offload:
     """plan_offload for a GGUF file, this machine's free VRAM and an n_ctx-token context."""
-    weights = read_weights(path)
+    weights = read_weights(gguffile.read_header(path))
     return plan_offload(
-        weights, gpu_option, moe_option, free=free_vram(), context=weights.context(n_ctx)
+        weights, gpu_option, moe_option, free=machine.free_vram(), context=weights.context(n_ctx)
     )

@@ -2,46 +2,40 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from .cli import (
-    DEFAULT_MODEL,
-    ForceOpt,
-    GpuOpt,
+from ..errors import BadInput
+from .options import (
+    LOAD,
     JsonOpt,
     LayersOpt,
-    ModelOpt,
-    MoeOpt,
     RetrainOpt,
-    ThreadsOpt,
-    _load_model,
-    _progress,
-    _vector_file,
-    app,
     clean_errors,
     err,
+    load_model,
     out,
+    print_json,
+    progress_bar,
+    with_options,
 )
-from .errors import UserError
 
 if TYPE_CHECKING:
-    from .evaluate import Sweep
+    from rich.table import Table
 
-EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
+    from ..evaluate import Sweep
 
 
-@app.command("eval")
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+
+
 @clean_errors
+@with_options(LOAD)
 def eval_command(
     vector: Annotated[str, typer.Argument(help="Vector NAME or PATH (no strength).")],
-    model: ModelOpt = DEFAULT_MODEL,
     strengths: Annotated[
         str | None,
         typer.Option(
@@ -71,26 +65,24 @@ def eval_command(
     save: Annotated[
         bool, typer.Option("--save/--no-save", help="Store the recommended range in the vector.")
     ] = True,
-    threads: ThreadsOpt = None,
-    gpu_layers: GpuOpt = None,
-    moe_offload: MoeOpt = None,
     retrain: RetrainOpt = False,
-    force: ForceOpt = False,
     as_json: JsonOpt = False,
+    *,
+    opts,
 ) -> None:
     """Measure a vector's effect and fluency cost over strengths; recommend a range."""
-    from . import dataset, evaluate, steering
+    from .. import dataset, evaluate, steering
 
     points = evaluate.parse_strengths(strengths or evaluate.DEFAULT_STRENGTHS)
     if samples < 0 or sample_tokens < 1:
-        raise UserError("--samples must be 0 or more and --sample-tokens at least 1")
+        raise BadInput("--samples must be 0 or more and --sample-tokens at least 1")
     if plot:
-        from . import plot as plotting
+        from .. import plot as plotting
 
         plotting.require()
     probe_set = dataset.load_probes_jsonl(probes) if probes else None
     _vector_name(vector)  # a bad spec fails before the model loads
-    loaded = _load_model(model, gpu_layers, moe_offload, EVAL_CTX, force)
+    loaded = load_model(opts, evaluate.EVAL_CTX)
     path, vec = _load(vector, loaded, retrain)
     concept = str(vec.metadata.get("concept") or path.stem)
     probe_set = probe_set or _builtin_probes(concept)
@@ -102,7 +94,7 @@ def eval_command(
         sample_tokens=sample_tokens,
         sampler=replace(evaluate.SAMPLING, seed=seed),
     )
-    result = _sweep(loaded, vec, span, probe_set, settings, prefixes, threads, concept)
+    result = _sweep(loaded, vec, span, probe_set, settings, prefixes, opts.threads, concept)
     layer_text = f"{span[0]}-{span[1]}" if span else "all"
     if save:
         evaluate.save(path, result, loaded, layer_text)
@@ -112,39 +104,39 @@ def eval_command(
     report["saved"] = str(path) if save else None
     report["plot"] = plot
     if as_json:
-        print(json.dumps(report))
+        print_json(report)
     else:
         _render(result, report)
 
 
 def _load(spec: str, model, retrain: bool):
     """The vector's file and contents (built-in concepts are trained on first use)."""
-    from . import vectors
+    from .. import runtime, vectors
 
-    path = Path(_vector_file(model, _vector_name(spec), retrain))
+    with progress_bar() as on_progress:
+        path = runtime.vector_file(
+            model, _vector_name(spec), retrain=retrain, on_progress=on_progress
+        )
     vector = vectors.read(path)
     vectors.check_fits(vector, model.n_layer, model.n_embd, str(path))
     return path, vector
 
 
 def _vector_name(spec: str) -> str:
-    from . import vectors
+    from .. import vectors
 
     name, _ = vectors.parse_spec(spec)
     if name != spec.strip():
-        raise UserError(f"give the vector without a strength ({name}): --strengths sets them")
+        raise BadInput(f"give the vector without a strength ({name}): --strengths sets them")
     return name
 
 
 def _sweep(model, vector, span, probes, settings, prefixes, threads, concept) -> Sweep:
-    from . import evaluate, vectors
-    from .engine import Context
+    from .. import evaluate, vectors
 
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
-    with (
-        Context(model, n_ctx=EVAL_CTX, threads=threads) as ctx,
-        _progress(f"evaluating {concept!r} on {model.name}") as progress,
-    ):
+    label = f"evaluating {concept!r} on {model.name}"
+    with evaluate.context(model, settings, threads) as ctx, progress_bar() as on_progress:
         return evaluate.sweep(
             ctx,
             rows,
@@ -152,15 +144,15 @@ def _sweep(model, vector, span, probes, settings, prefixes, threads, concept) ->
             probes,
             settings,
             personas=prefixes,
-            progress=progress,
+            progress=lambda done, total: on_progress(label, done, total),
         )
 
 
 def _builtin_probes(concept: str):
-    from . import dataset
+    from .. import dataset
 
     if concept.lower() not in dataset.builtin_names():
-        raise UserError(
+        raise BadInput(
             f"no probes for concept {concept!r}: pass --probes FILE.jsonl with one "
             '{"prompt": ..., "positive": ..., "negative": ...} per line'
         )
@@ -169,7 +161,7 @@ def _builtin_probes(concept: str):
 
 def _personas(model, concept: str, personas: str | None):
     """(positive, negative) persona words and their prompt texts, as used in training."""
-    from . import dataset
+    from .. import dataset
 
     if personas:
         positive, _, negative = personas.partition(",")
@@ -177,7 +169,7 @@ def _personas(model, concept: str, personas: str | None):
     elif concept.lower() in dataset.builtin_names():
         definition = dataset.load_builtin(concept)
     else:
-        raise UserError(
+        raise BadInput(
             f"--baseline needs persona words for the custom concept {concept!r}: "
             "add --personas 'POSITIVE,NEGATIVE', e.g. --personas 'sarcastic,sincere'"
         )
@@ -186,7 +178,7 @@ def _personas(model, concept: str, personas: str | None):
 
 
 def _report(result, model, path, concept, span, words, prefixes, n_probes) -> dict:
-    from . import evaluate
+    from .. import evaluate
 
     recommended = evaluate.recommend(result)
 
@@ -234,6 +226,9 @@ def _in_range(strength: float, span: tuple[float, float] | None) -> bool:
 
 
 def _render(result: Sweep, report: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
     out.print(
         f"[bold]{escape(report['concept'])}[/] on {escape(report['model_name'])} · "
         f"{report['probes']} probes · "
@@ -265,6 +260,8 @@ def _render(result: Sweep, report: dict) -> None:
 
 
 def _baseline_table(report: dict) -> Table:
+    from rich.table import Table
+
     table = Table(title="the persona as a prompt instead of a vector (unsteered)")
     for column in ("prompt", "effect (nats)", "ratio", "degenerate", "vector at same sign"):
         table.add_column(column, justify="left" if column == "prompt" else "right")
@@ -283,6 +280,8 @@ def _baseline_table(report: dict) -> Table:
 
 
 def _verdict(report: dict) -> None:
+    from rich.markup import escape
+
     span, verdict = report["recommended"], report["verdict"]
     max_ratio, min_effect = report["max_ppl_ratio"], report["min_effect"]
     name, model = escape(report["concept"]), escape(report["model_name"])
@@ -322,6 +321,8 @@ def _verdict(report: dict) -> None:
 
 
 def chart(result: Sweep, limit: float, width: int = 18) -> Table:
+    from rich.table import Table
+
     """Unicode bars: effect (diverging from 0) and perplexity ratio (from 1, `limit` marked)."""
     effects = [result.effect(p) for p in result.points]
     ratios = [result.ppl_ratio(p) for p in result.points]

@@ -2,47 +2,42 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from .cli import (
-    DEFAULT_MODEL,
-    ForceOpt,
-    GpuOpt,
+from .options import (
+    LOAD,
     JsonOpt,
-    ModelOpt,
-    MoeOpt,
-    ThreadsOpt,
-    _load_model,
-    _progress,
-    app,
     clean_errors,
     err,
+    load_model,
     out,
+    print_json,
+    progress_bar,
+    with_options,
 )
 
 
-@app.command("bench")
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_command)
+
+
 @clean_errors
+@with_options(LOAD)
 def bench_command(
-    model: ModelOpt = DEFAULT_MODEL,
     reps: Annotated[int, typer.Option("--reps", "-r", help="Measured repetitions.")] = 5,
     pp: Annotated[int, typer.Option("--pp", help="Prompt tokens for the pp test.")] = 512,
     tg: Annotated[int, typer.Option("--tg", help="Tokens to generate for the tg test.")] = 128,
     concept: Annotated[str, typer.Option("--concept", help="Concept to train.")] = "happy",
     pairs: Annotated[int, typer.Option("--pairs", help="Training pairs.")] = 128,
     ctx: Annotated[int, typer.Option("--ctx", help="Context size in tokens.")] = 4096,
-    threads: ThreadsOpt = None,
-    gpu_layers: GpuOpt = None,
-    moe_offload: MoeOpt = None,
-    force: ForceOpt = False,
     as_json: JsonOpt = False,
+    *,
+    opts,
 ) -> None:
     """Tokens/s with no, one and three vectors, against a bare llama_decode loop; training."""
-    from . import bench, dataset
+    from .. import bench, dataset
 
     dataset.load_builtin(concept)  # unknown names fail now, not after minutes of measuring
     settings = bench.BenchSettings(
@@ -52,22 +47,25 @@ def bench_command(
         concept=concept,
         pairs=pairs,
         n_ctx=ctx,
-        threads=threads,
-        gpu_layers=gpu_layers or "auto",
-        moe_offload=moe_offload or "auto",
+        threads=opts.threads,
+        gpu_layers=opts.gpu_layers or "auto",
+        moe_offload=opts.moe_offload or "auto",
     )
-    loaded = _load_model(model, gpu_layers, moe_offload, ctx, force)
-    with _progress(f"benchmarking {loaded.name}") as progress:
-        report = bench.run(loaded, settings, progress)
+    loaded = load_model(opts, ctx)
+    label = f"benchmarking {loaded.name}"
+    with progress_bar() as on_progress:
+        report = bench.run(loaded, settings, lambda done, total: on_progress(label, done, total))
     for warning in report["warnings"]:
         err.print(f"[bold yellow]warning:[/] {warning}")
     if as_json:
-        print(json.dumps(report))
+        print_json(report)
     else:
         render(report)
 
 
 def render(report: dict) -> None:
+    from rich.table import Table
+
     b, s = report["backend"], report["settings"]
     out.print(
         f"[bold]{report['model']}[/] · {b['model_bytes'] / 2**20:.0f} MiB · "

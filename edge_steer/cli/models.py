@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
-from . import catalog, download, hardware, hub
-from .cli import ForceOpt, JsonOpt, app, clean_errors, err, out
+from ..files import size_text
+from .options import JsonOpt, clean_errors, err, out, resolve_model
 
 models_app = typer.Typer(
     no_args_is_help=True, help="The model catalog: what can be pulled, and what is downloaded."
@@ -33,80 +22,20 @@ OfflineOpt = Annotated[
 ]
 
 
-class RichBar:
-    """What huggingface_hub asks of its `tqdm_class` (keyword construction, update, close, a
-    context manager), drawn by rich on stderr with size, speed and ETA."""
-
-    def __init__(self, *_, total: int | None = None, initial: int = 0, desc: str = "", **__):
-        self._progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-        )
-        self._task = self._progress.add_task(desc, total=total, completed=initial)
-        self._progress.start()
-
-    def update(self, n: int = 1) -> None:
-        self._progress.advance(self._task, n)
-
-    @property
-    def n(self) -> int:
-        return int(self._progress.tasks[0].completed)
-
-    @property
-    def total(self) -> int | None:
-        total = self._progress.tasks[0].total
-        return None if total is None else int(total)
-
-    @total.setter
-    def total(self, value: int | None) -> None:
-        self._progress.update(self._task, total=value)
-
-    def ignore(self, *_, **__) -> None:
-        """Xet downloads also report network bytes and speed text; the bar shows bytes written."""
-
-    update_transfer = set_postfix_str = set_transfer_postfix_str = refresh = ignore
-
-    def close(self) -> None:
-        self._progress.stop()
-
-    def __enter__(self) -> RichBar:
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.close()
-
-
-def resolve(
-    model: str,
-    *,
-    offline: bool = False,
-    force: bool = False,
-    use_gpu: bool = True,
-    ctx: int = catalog.DEFAULT_CTX,
-) -> Path:
-    """hub.resolve_model, telling the user on stderr what it downloads, with a progress bar."""
-    return hub.resolve_model(
-        model,
-        offline=offline,
-        force=force,
-        use_gpu=use_gpu,
-        ctx=ctx,
-        say=lambda message: err.print(f"[dim]{escape(message)}[/]"),
-        tqdm_class=RichBar,
-    )
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Go ahead even if RAM or disk looks too small.")
+]
 
 
 @clean_errors
 def pull(name: SpecArg, offline: OfflineOpt = False, force: ForceOpt = False) -> None:
     """Download a model (catalog name or hf:REPO/FILE) into the Hugging Face cache, verified."""
-    out.print(str(resolve(name, force=force, offline=offline)))
+    out.print(str(resolve_model(name, force=force, offline=offline)))
 
 
-def _describe(entry: catalog.Entry) -> dict:
+def _describe(entry) -> dict:
+    from .. import catalog, download, machine
+
     path = download.cached_path(download.source(entry.name))
     return {
         "name": catalog.short_name(entry),
@@ -123,7 +52,7 @@ def _describe(entry: catalog.Entry) -> dict:
         "context": entry.context,
         "ram_needed": entry.ram_needed(),
         "fits": catalog.fit_problem(
-            entry, available_ram=hardware.available_ram(), free_vram=hardware.free_vram()
+            entry, available_ram=machine.available_ram(), free_vram=machine.free_vram()
         )
         is None,
         "downloaded": path is not None,
@@ -133,17 +62,21 @@ def _describe(entry: catalog.Entry) -> dict:
 
 
 def _size(info: dict) -> str:
-    return ("" if info["size_exact"] else "~") + catalog.fmt(info["size"])
+    return ("" if info["size_exact"] else "~") + size_text(info["size"], decimal=True)
 
 
 @models_app.command("list")
 @clean_errors
 def list_models(as_json: JsonOpt = False) -> None:
     """The catalog: sizes, RAM needed at 4096 tokens of context, what fits and what is here."""
+    from .. import catalog, hub
+
     rows = [_describe(e) for e in catalog.entries()]
     if as_json:
         print(json.dumps(rows))
         return
+    from rich.table import Table
+
     table = Table("name", "model", "size", "RAM", "fits", "downloaded", box=None)
     for r in rows:
         active = f", {r['active_params_b']}B active" if r["active_params_b"] else ""
@@ -151,25 +84,29 @@ def list_models(as_json: JsonOpt = False) -> None:
             r["name"],
             f"{r['title']} ({r['params_b']}B{active})",
             _size(r),
-            catalog.fmt(r["ram_needed"]),
+            size_text(r["ram_needed"], decimal=True),
             "yes" if r["fits"] else "no",
             "yes" if r["downloaded"] else "",
         )
     out.print(table)
-    err.print(f"[dim]default {catalog.default_name()} · ~ size not pinned, checked at download[/]")
+    err.print(f"[dim]default {hub.default_model()} · ~ size not pinned, checked at download[/]")
 
 
 @models_app.command("info")
 @clean_errors
 def info(name: NameArg, as_json: JsonOpt = False) -> None:
     """Everything the catalog knows about one model file, and whether it is downloaded."""
+    from rich.markup import escape
+
+    from .. import catalog
+
     data = _describe(catalog.lookup(name))
     if as_json:
         print(json.dumps(data))
         return
     for key, value in data.items():
         if key in ("size", "ram_needed"):
-            value = f"{value} bytes ({catalog.fmt(value)})"
+            value = f"{value} bytes ({size_text(value, decimal=True)})"
         out.print(f"[bold]{key}[/]: {escape(str(value))}")
 
 
@@ -177,6 +114,8 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
 @clean_errors
 def rm(name: SpecArg) -> None:
     """Delete a downloaded model file from the cache."""
+    from .. import download
+
     src = download.source(name)
     if not download.remove(src):
         err.print(f"[dim]{src.name} is not downloaded[/]")
@@ -184,5 +123,6 @@ def rm(name: SpecArg) -> None:
     out.print(f"removed {src.name}")
 
 
-app.command("pull")(pull)
-app.add_typer(models_app, name="models")
+def register(app: typer.Typer) -> None:
+    app.command("pull")(pull)
+    app.add_typer(models_app, name="models")

@@ -3,43 +3,46 @@ GPU build when only the CPU backend is compiled in."""
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Iterable
 from importlib.metadata import version
 
-from rich.table import Table
+import typer
 
-from . import catalog, hardware
-from .cli import JsonOpt, app, clean_errors, out
+from ..files import size_text
+from .options import JsonOpt, clean_errors, out, print_json
 
 GPU_BACKENDS_ABSENT = {"CPU", "BLAS", "RPC"}  # backends that put no weights on a GPU
 
 
 def report() -> dict:
     """Build, CPU, memory and devices as one JSON-ready dict."""
-    backends = hardware.backends()
+    from .. import machine
+
+    backends = machine.backends()
     gpu_backends = [name for name in backends if name not in GPU_BACKENDS_ABSENT]
     command = None
     if not gpu_backends:
-        command = hardware.gpu_build_command(platform.system(), platform.machine())
+        command = machine.gpu_build_command(platform.system(), platform.machine())
     return {
         "build": {
             "llama_cpp_python": version("llama-cpp-python"),
             "backends": list(backends),
             "gpu_backends": gpu_backends,
         },
-        "cpu": {"cores": hardware.cpu_cores(), "features": hardware.cpu_features()},
-        "ram": {"total": hardware.total_ram(), "available": hardware.available_ram()},
-        "devices": [vars(d) for d in hardware.devices()],
-        "vram_free": hardware.free_vram(),
+        "cpu": {"cores": machine.cpu_cores(), "features": machine.cpu_features()},
+        "ram": {"total": machine.total_ram(), "available": machine.available_ram()},
+        "devices": [vars(d) for d in machine.devices()],
+        "vram_free": machine.free_vram(),
         "gpu_build_command": command,
     }
 
 
-def model_fits(entries: Iterable[catalog.Entry], available_ram: int, vram_free: int) -> list[dict]:
+def model_fits(entries: Iterable, available_ram: int, vram_free: int) -> list[dict]:
     """Where each catalog build runs here: 'gpu' (all of it in free VRAM), 'gpu+cpu' (split,
     e.g. experts in RAM), 'cpu', or 'no': the same test `pull` applies before downloading."""
+    from .. import catalog
+
     rows = []
     for entry in entries:
         needed = entry.ram_needed()
@@ -54,20 +57,27 @@ def model_fits(entries: Iterable[catalog.Entry], available_ram: int, vram_free: 
     return rows
 
 
-@app.command()
+def register(app: typer.Typer) -> None:
+    app.command()(doctor)
+
+
 @clean_errors
 def doctor(as_json: JsonOpt = False) -> None:
     """Show the llama.cpp build, devices and memory, and which models fit."""
+    from .. import catalog
+
     info = report()
     info["models"] = model_fits(catalog.entries(), info["ram"]["available"], info["vram_free"])
     if as_json:
-        print(json.dumps(info))
+        print_json(info)
         return
     _render(info)
 
 
 def _render(info: dict) -> None:
-    size = hardware.size_text
+    from rich.table import Table
+
+    size = size_text
     build = info["build"]
     gpu = ", ".join(build["gpu_backends"]) or "none compiled in"
     out.print(

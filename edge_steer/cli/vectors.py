@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
-from . import cli_models, convert, hub, steering, store, vectors
-from .cli import JsonOpt, clean_errors, err, out
-from .errors import UserError
+from .. import files, hub, store
+from ..errors import BadInput, EdgeSteerError
+from ..files import size_text
+from .options import JsonOpt, clean_errors, err, out, resolve_model
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -52,29 +52,33 @@ def convert_command(
     layers: LayersKeepOpt = None,
 ) -> None:
     """Convert a control vector between formats, with explicit layer numbering."""
-    shape = hub.model_shape(cli_models.resolve(model)) if model else None
+    from .. import convert, vectors
+
+    shape = hub.model_shape(resolve_model(model)) if model else None
     vector, notes = convert.load(
-        source, layer_base=layer_base, shift=shift, n_layer=shape[1] if shape else None
+        source, layer_base=layer_base, shift=shift, n_layer=shape.n_layer if shape else None
     )
     for note in notes:
         err.print(f"[yellow]note:[/] {note}")
-    vector = _keep_layers(vector, layers, shape[1] if shape else None)
+    vector = _keep_layers(vector, layers, shape.n_layer if shape else None)
     _set_metadata(vector, model_hint, source_note, method, scale_rule)
     if shape:
-        vectors.check_fits(vector, shape[1], shape[2], str(source))
-        vector.model_hint = model_hint or vector.model_hint or shape[0]
+        vectors.check_fits(vector, shape.n_layer, shape.n_embd, str(source))
+        vector.model_hint = model_hint or vector.model_hint or shape.architecture
     convert.save(vector, output)
     out.print(f"wrote {output}: {_summary(vector)}")
 
 
-def _keep_layers(vector, layers: str | None, n_layer: int | None) -> vectors.ControlVector:
+def _keep_layers(vector, layers: str | None, n_layer: int | None):
+    from .. import steering
+
     span = steering.parse_layers(layers, n_layer or max(vector.layers) + 1)
     if span is None:
         return vector
     first, last = span
     kept = {n: d for n, d in vector.directions.items() if first <= n <= last}
     if not kept:
-        raise UserError(f"no directions in blocks {layers}: the file has {_span(vector.layers)}")
+        raise BadInput(f"no directions in blocks {layers}: the file has {_span(vector.layers)}")
     vector.directions = kept
     vector.metadata.update(layer_first=first, layer_last=last)
     return vector
@@ -105,7 +109,7 @@ def list_command(as_json: JsonOpt = False) -> None:
     for row in rows:
         strengths = row.get("recommended")
         span = f"{strengths[0]:+g} .. {strengths[1]:+g}" if strengths else ""
-        table.add_row(*(str(row[c]) for c in columns[:4]), span, _size(row["size_bytes"]))
+        table.add_row(*(str(row[c]) for c in columns[:4]), span, size_text(row["size_bytes"]))
     out.print(table)
 
 
@@ -113,9 +117,11 @@ def _row(path: Path) -> dict:
     """One stored file for `list`; a damaged one is listed with its error, not skipped."""
     row = {"name": path.stem, "path": str(path), "size_bytes": path.stat().st_size}
     shared = path.parent == store.vectors_dir()
+    from .. import vectors
+
     try:
         vector = vectors.read(path)
-    except UserError as exc:
+    except EdgeSteerError as exc:
         return row | {"model": "?", "concept": "", "layers": "", "error": str(exc)}
     meta = vector.metadata
     model = "any" if shared else str(meta.get("model_name") or path.parent.name)
@@ -138,9 +144,13 @@ def info_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Metadata and per-layer norms of one vector."""
+    import numpy as np
+
     path = _one(name, model)
     vector = _load(path)
-    norms = {n: float(np.linalg.norm(vector.directions[n])) for n in vector.layers}
+    norms = {
+        n: float(np.linalg.norm(vector.directions[n].astype(np.float64))) for n in vector.layers
+    }
     if as_json:
         doc = {
             "path": str(path),
@@ -170,22 +180,24 @@ def _one(name: str, model: str | None) -> Path:
     found = _find(name, model)
     if len(found) > 1:
         places = ", ".join(str(p.parent.name) for p in found)
-        raise UserError(
+        raise BadInput(
             f"{len(found)} stored vectors are named {name!r} (models {places}): "
             "pass --model or a path"
         )
     return found[0]
 
 
-def _load(path: Path) -> vectors.ControlVector:
+def _load(path: Path):
     """Our GGUF as it is; anything else through the converter (block numbering assumed)."""
+    from .. import convert, vectors
+
     return vectors.read(path) if path.suffix == ".gguf" else convert.load(path)[0]
 
 
 def _find(name: str, model: str | None) -> list[Path]:
-    if store.looks_like_path(name) and Path(name).expanduser().is_file():
+    if files.looks_like_path(name) and Path(name).expanduser().is_file():
         return [Path(name).expanduser()]
-    return store.find_vectors(name, cli_models.resolve(model) if model else None)
+    return store.find_vectors(name, resolve_model(model) if model else None)
 
 
 @app.command("rm")
@@ -198,7 +210,7 @@ def rm_command(
     doomed = [path for name in names for path in _find(name, model)]
     outside = [p for p in doomed if not store.is_stored(p)]
     if outside:
-        raise UserError(
+        raise BadInput(
             f"{outside[0]} is not in the store {store.vectors_dir()}: delete it yourself"
         )
     for path in dict.fromkeys(doomed):
@@ -214,26 +226,28 @@ def mix_command(
     model: ModelCheckOpt = None,
 ) -> None:
     """Write the weighted sum of vectors (all made for one model) as a new vector."""
+    from .. import convert, vectors
+
     terms = vectors.parse_mix(expression)
     weighted = [(name, _load(_one(name, model)), weight) for name, weight in terms]
     mixed = vectors.mix(weighted)
     if model:
-        arch, n_layer, n_embd = hub.model_shape(cli_models.resolve(model))
-        vectors.check_fits(mixed, n_layer, n_embd, expression)
-        mixed.model_hint = mixed.model_hint or arch
+        shape = hub.model_shape(resolve_model(model))
+        vectors.check_fits(mixed, shape.n_layer, shape.n_embd, expression)
+        mixed.model_hint = mixed.model_hint or shape.architecture
     convert.save(mixed, output)
     out.print(f"wrote {output}: {_summary(mixed)}")
 
 
-def _recommended(vector: vectors.ControlVector) -> list[float] | None:
+def _recommended(vector) -> list[float] | None:
     """The strength range `edge-steer eval` stored in the file, if it was evaluated."""
-    from .evaluate import recommended_range
+    from ..evaluate import recommended_range
 
     found = recommended_range(vector)
     return list(found) if found else None
 
 
-def _summary(vector: vectors.ControlVector) -> str:
+def _summary(vector) -> str:
     hint = f"for {vector.model_hint}, " if vector.model_hint else ""
     return f"{hint}blocks {_span(vector.layers)}, n_embd {vector.n_embd}"
 
@@ -244,5 +258,5 @@ def _span(layers: list[int]) -> str:
     return ",".join(map(str, layers))
 
 
-def _size(n: int) -> str:
-    return f"{n / 1024:.0f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
+def register(parent: typer.Typer) -> None:
+    parent.add_typer(app, name="vectors")

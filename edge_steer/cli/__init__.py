@@ -1,0 +1,44 @@
+"""The `edge-steer` command line: one Typer app; each module in this package registers its
+commands on it (as `llm` plugins do with `register_commands`). Command modules import the
+library and `options`, never each other."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from . import bench, doctor, evaluate, generate, models, train, vectors
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Steer local GGUF language models with control vectors, natively in llama.cpp.",
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"edge-steer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Steer local GGUF language models with control vectors, natively in llama.cpp."""
+
+
+for module in (generate, train, models, vectors, evaluate, bench, doctor):
+    module.register(app)
+
+
+def main() -> None:
+    app(prog_name="edge-steer")

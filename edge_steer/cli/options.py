@@ -1,0 +1,288 @@
+"""What every command shares: consoles, option types, error handling, progress, loading.
+
+Commands import from here and from the library, never from each other. Heavy modules (the
+engine, numpy, huggingface_hub) are imported inside functions, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from types import SimpleNamespace
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.markup import escape
+
+from ..errors import EdgeSteerError
+from .console import err, out
+
+F = TypeVar("F", bound=Callable)
+
+
+def fail(exc: EdgeSteerError) -> typer.Exit:
+    """Print one red line for `exc`; the exit that goes with its class (see errors.py)."""
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")
+    return typer.Exit(exc.exit_code)
+
+
+def clean_errors(func: F) -> F:
+    """Our errors -> one red line on stderr and the class's exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EdgeSteerError as exc:
+            raise fail(exc) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def note(message: str) -> None:
+    """A dim line on stderr: what `auto` chose, what is being downloaded."""
+    err.print(f"[dim]{escape(message)}[/]")
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar with ETA on stderr, shown only once something reports progress;
+    yields the `on_progress(label, done, total)` callback the library takes."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            if not tasks:
+                bar.start()
+            tasks[label] = bar.add_task(escape(label), total=total)
+        bar.update(tasks[label], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+        for label in tasks:
+            err.print(f"[dim]{escape(label)}: done[/]")
+
+
+# -- options shared by several commands -----------------------------------------------------
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Catalog name (mistral:q4_k_m, mixtral:q3_k_m, demo: `edge-steer models list`), "
+        "hf:REPO/FILE, or a GGUF path. Downloaded on first use. "
+        "Default: $EDGE_STEER_MODEL, else mistral:q4_k_m.",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
+LayersOpt = Annotated[
+    str | None, typer.Option("--layers", help="Steer only blocks A-B (inclusive, as direction.N).")
+]
+RetrainOpt = Annotated[
+    bool, typer.Option("--retrain", help="Train built-in concept vectors again, even if stored.")
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", "-t", help="CPU threads (default: all).")
+]
+
+
+def _group(**params: tuple[Any, Any]) -> dict[str, tuple[Any, Any]]:
+    return params
+
+
+# name -> (annotation, default); commands take them through `with_options`
+LOAD = _group(
+    model=(ModelOpt, None),
+    threads=(ThreadsOpt, None),
+    gpu_layers=(
+        Annotated[
+            str | None,
+            typer.Option(
+                "--gpu-layers", "-ngl", help="Layers on the GPU: N, all or auto (default: auto)."
+            ),
+        ],
+        None,
+    ),
+    moe_offload=(
+        Annotated[
+            str | None,
+            typer.Option(
+                "--moe-offload",
+                help="MoE experts kept in CPU RAM: none, all, N (first N layers) or auto "
+                "(default).",
+            ),
+        ],
+        None,
+    ),
+    force=(
+        Annotated[
+            bool, typer.Option("--force", help="Go ahead even if RAM or disk looks too small.")
+        ],
+        False,
+    ),
+)
+STEER = _group(
+    vector=(
+        Annotated[
+            list[str],
+            typer.Option(
+                "--vector", "-v", help="NAME_OR_PATH[:STRENGTH], repeatable or comma-separated."
+            ),
+        ],
+        [],
+    ),
+    layers=(LayersOpt, None),
+    retrain=(RetrainOpt, False),
+    ctx=(Annotated[int, typer.Option("--ctx", "-c", help="Context size in tokens.")], 4096),
+)
+# llama.cpp's own defaults (llama-cli / llama-completion), so that `--temp 0` gives their tokens
+SAMPLING = _group(
+    temp=(Annotated[float, typer.Option("--temp", help="Temperature; 0 = greedy.")], 0.8),
+    top_k=(Annotated[int, typer.Option("--top-k", help="0 = off.")], 40),
+    top_p=(Annotated[float, typer.Option("--top-p", help="1.0 = off.")], 0.95),
+    min_p=(Annotated[float, typer.Option("--min-p", help="0.0 = off.")], 0.05),
+    repeat_penalty=(
+        Annotated[float, typer.Option("--repeat-penalty", help="1.0 = off.")],
+        1.0,
+    ),
+    repeat_last_n=(
+        Annotated[int, typer.Option("--repeat-last-n", help="Tokens the penalty looks back.")],
+        64,
+    ),
+    seed=(
+        Annotated[
+            int | None, typer.Option("--seed", "-s", help="Sampling seed (default: random).")
+        ],
+        None,
+    ),
+)
+
+
+def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
+    """Add shared option groups to a command: Typer sees them as the command's own options,
+    the command receives them together as `opts` (one list of options, no copies per command)."""
+    names = [name for group in groups for name in group]
+
+    def decorate(func: F) -> F:
+        hints = typing.get_type_hints(func, include_extras=True)  # in func's own module
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(func).parameters.values()
+            if p.name != "opts"
+        ]
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=ann, default=dflt)
+            for group in groups
+            for name, (ann, dflt) in group.items()
+        ]
+
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            opts = SimpleNamespace(**{name: kwargs.pop(name) for name in names})
+            return func(**kwargs, opts=opts)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # Typer must read the new signature, not the original
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def sampler_settings(opts: SimpleNamespace):
+    """SamplerSettings from the SAMPLING options."""
+    from ..engine import SamplerSettings
+
+    return SamplerSettings(
+        temperature=opts.temp,
+        top_k=opts.top_k,
+        top_p=opts.top_p,
+        min_p=opts.min_p,
+        repeat_penalty=opts.repeat_penalty,
+        repeat_last_n=opts.repeat_last_n,
+        seed=opts.seed,
+    )
+
+
+def resolve_model(model: str | None, **options: Any):
+    """hub.resolve_model, telling the user on stderr what it downloads, with a progress bar."""
+    from .. import hub
+    from .download_bar import RichBar
+
+    return hub.resolve_model(model, say=note, tqdm_class=RichBar, **options)
+
+
+def _loading(opts: SimpleNamespace) -> dict[str, Any]:
+    """The LOAD options as runtime keywords, reporting on stderr."""
+    from .download_bar import RichBar
+
+    return {
+        "gpu_layers": opts.gpu_layers,
+        "moe_offload": opts.moe_offload,
+        "force": opts.force,
+        "on_note": note,
+        "download_bar": RichBar,
+    }
+
+
+def load_model(opts: SimpleNamespace, ctx: int):
+    """runtime.load_model for the LOAD options, with notes and download bars on stderr."""
+    from .. import runtime
+
+    return runtime.load_model(opts.model, ctx=ctx, **_loading(opts))
+
+
+def load_steered(opts: SimpleNamespace):
+    """runtime.load for the LOAD and STEER options: model, context and steering, with notes,
+    download bars and a training progress bar on stderr."""
+    from .. import runtime
+
+    with progress_bar() as on_progress:
+        return runtime.load(
+            opts.model,
+            vectors=opts.vector,
+            layers=opts.layers,
+            ctx=opts.ctx,
+            threads=opts.threads,
+            retrain=opts.retrain,
+            on_progress=on_progress,
+            **_loading(opts),
+        )
+
+
+def print_json(data: object) -> None:
+    import json
+
+    print(json.dumps(data))
+
+
+def stream(pieces: Iterable[str], quiet: bool) -> str:
+    """Print text pieces as they come (unless `quiet`); return the whole text."""
+    text = []
+    for piece in pieces:
+        text.append(piece)
+        if not quiet:
+            out.print(piece, end="", markup=False)
+    if not quiet:
+        out.print()
+    return "".join(text)

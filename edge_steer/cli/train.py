@@ -1,0 +1,74 @@
+"""`edge-steer train`: train a control vector on the model itself and store it."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from ..errors import BadInput
+from .options import LOAD, LayersOpt, clean_errors, err, load_model, out, progress_bar, with_options
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+
+
+@clean_errors
+@with_options(LOAD)
+def train(
+    name: Annotated[str, typer.Argument(help="Concept name: built-in (lazy, happy, ...) or new.")],
+    positive: Annotated[
+        str | None, typer.Option("--positive", help="Persona words, comma-separated.")
+    ] = None,
+    negative: Annotated[
+        str | None, typer.Option("--negative", help="Opposite persona words, paired by position.")
+    ] = None,
+    pairs: Annotated[
+        str | None, typer.Option("--pairs", help="JSONL of {positive, negative} prompts.")
+    ] = None,
+    method: Annotated[str, typer.Option("--method", help="pca-diff, pca-center or mean-diff.")] = (
+        "pca-diff"
+    ),
+    layers: LayersOpt = None,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", help="Also write the vector here (.gguf or .npz)."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Shuffles the training pairs.")] = 0,
+    limit: Annotated[
+        int, typer.Option("--limit", help="Most persona x continuation pairs to train on.")
+    ] = 128,
+    *,
+    opts,
+) -> None:
+    """Train a control vector on the model itself and store it for `--vector NAME`."""
+    from .. import convert, library, steering, vectors
+    from .. import train as training
+
+    if method not in training.METHODS:
+        raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
+    loaded = load_model(opts, training.TrainOptions.batch)
+    span = steering.parse_layers(layers, loaded.n_layer)
+    data = library.contrast_pairs(
+        loaded,
+        name,
+        positive=positive,
+        negative=negative,
+        pairs_file=pairs,
+        seed=seed,
+        limit=limit,
+    )
+    options = training.TrainOptions(method=method, layers=span, threads=opts.threads)
+    start = time.perf_counter()
+    label = f"training {name!r} on {loaded.name} ({len(data)} pairs)"
+    with progress_bar() as on_progress:
+        path = library.train_and_store(
+            loaded, name, data, options, lambda done, total: on_progress(label, done, total)
+        )
+    err.print(f"[dim]trained in {time.perf_counter() - start:.1f}s[/]")
+    out.print(f"stored {path}")
+    if output:
+        convert.save(vectors.read(path), output)
+        out.print(f"wrote {output}")

@@ -1,0 +1,133 @@
+"""What this machine has: RAM, disk, cores, and the llama.cpp backends and devices it can use."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (Linux); empty elsewhere."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return {}
+    values = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            values[key] = int(fields[0]) * (1024 if fields[-1] == "kB" else 1)
+    return values
+
+
+def total_ram() -> int:
+    """Physical memory in bytes."""
+    info = _meminfo()
+    if "MemTotal" in info:
+        return info["MemTotal"]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_ram() -> int:
+    """Memory a new process can use without swapping, in bytes (page cache counts as free)."""
+    info = _meminfo()
+    if "MemAvailable" in info:
+        return info["MemAvailable"]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):
+        return total_ram()
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+# -- backends and devices ------------------------------------------------------------------
+
+VRAM_ENV = "EDGE_STEER_VRAM"  # plan as if this much GPU memory were free (limit or rehearse)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A ggml backend device: 'cpu', 'gpu' (discrete or Apple), 'igpu', 'accel'."""
+
+    name: str
+    description: str
+    kind: str
+    free: int
+    total: int
+
+
+def devices() -> list[Device]:
+    """Every device the installed llama.cpp build can use, with free and total memory."""
+    from . import ggml
+
+    return [Device(*found) for found in ggml.devices()]
+
+
+def gpus() -> list[Device]:
+    """The devices llama.cpp offloads layers to: discrete GPUs, else integrated ones."""
+    found = devices()
+    return [d for d in found if d.kind == "gpu"] or [d for d in found if d.kind == "igpu"]
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """Compiled-in backends (CPU, CUDA, Metal, ...) and the feature flags each reports."""
+    from . import ggml
+
+    return ggml.backends()
+
+
+def cpu_features() -> list[str]:
+    """CPU features this llama.cpp build uses (AVX2, NEON, ...), as its CPU backend says."""
+    flags = backends().get("CPU", {})
+    return [name if value == "1" else f"{name}={value}" for name, value in flags.items()]
+
+
+def free_vram() -> int:
+    """Bytes free on the offload GPUs together (llama.cpp splits layers by free memory);
+    0 without a GPU. $EDGE_STEER_VRAM (e.g. 10GiB) overrides it."""
+    budget = os.environ.get(VRAM_ENV)
+    if budget:
+        return parse_size(budget, VRAM_ENV)
+    return sum(d.free for d in gpus())
+
+
+def parse_size(text: str, what: str) -> int:
+    """'10GiB', '512MiB', '10G' or plain bytes -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise BadInput(f"{what}={text!r} is not a size: write e.g. 10GiB, 512MiB or bytes")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * 1024**power)
+
+
+def gpu_build_command(system: str, machine: str) -> str:
+    """The pip line that rebuilds llama-cpp-python with GPU support: Metal on Apple Silicon,
+    CUDA elsewhere (NVIDIA; README names Vulkan for other GPUs). Same version as installed."""
+    from importlib.metadata import version
+
+    flag = "-DGGML_METAL=on" if (system, machine) == ("Darwin", "arm64") else "-DGGML_CUDA=on"
+    return (
+        f'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir '
+        f"llama-cpp-python=={version('llama-cpp-python')}"
+    )

@@ -1,0 +1,208 @@
+"""Load a model and open a steered context from plain options.
+
+The CLI, the server and scripts all start here. Nothing in this module prints: what a person
+should hear goes through callbacks (`on_note` for one-line notes such as the offload split,
+`on_progress(label, done, total)` for training, `download_bar` for a tqdm-like class that
+huggingface_hub drives while downloading).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+# llama.cpp's libraries must be loaded before numpy's: with numpy loaded first, a CUDA build of
+# llama-cpp-python (OpenMP, GCC's libgomp) segfaulted inside llama_model_load_from_file on an
+# H100 machine, even with no layers on the GPU. Every path that loads a model comes through here.
+import llama_cpp  # noqa: F401
+
+from . import catalog, hub, library, offload, steering, vectors
+from .engine import Context, Model, Sampler, SamplerSettings
+from .errors import BadInput
+from .files import size_text
+
+Note = Callable[[str], None]
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+DEFAULT_CTX = catalog.DEFAULT_CTX
+VectorSpecs = str | Iterable[str] | Mapping[str, float]
+
+
+def _quiet(*_args: object) -> None:
+    pass
+
+
+def load_model(
+    model: str | Path | None = None,
+    *,
+    gpu_layers: str | int | None = None,
+    moe_offload: str | int | None = None,
+    ctx: int = DEFAULT_CTX,
+    force: bool = False,
+    offline: bool = False,
+    on_note: Note = _quiet,
+    download_bar: type | None = None,
+) -> Model:
+    """Resolve `model` (catalog name, hf:REPO/FILE or path; default $EDGE_STEER_MODEL or
+    `mistral:q4_k_m`), download it once if needed, split it between GPU and CPU memory
+    (`gpu_layers`: N, "all", "auto"; `moe_offload`: "none", "all", N, "auto") and load it."""
+    gpu_text = None if gpu_layers is None else str(gpu_layers)
+    moe_text = None if moe_offload is None else str(moe_offload)
+    path = hub.resolve_model(
+        None if model is None else str(model),
+        offline=offline,
+        force=force,
+        use_gpu=offload.parse_gpu_layers(gpu_text) != 0,
+        ctx=ctx,
+        say=on_note,
+        tqdm_class=download_bar,
+    )
+    plan = offload.plan_model(path, gpu_text, moe_text, ctx)
+    for note in plan.notes:
+        on_note(note)
+    loaded = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors)
+    if plan.cpu_tensors or plan.gpu_bytes:
+        where = ", ".join(f"{name} {size_text(size)}" for name, size in loaded.buffers.items())
+        on_note(f"weights: {where}; {len(loaded.overridden)} tensors kept in CPU memory")
+    return loaded
+
+
+def vector_file(
+    model: Model, name: str, *, retrain: bool = False, on_progress: Progress = _quiet
+) -> Path:
+    """The file of vector `name` for `model`: a path, a stored vector, or (a built-in concept
+    this model has none of yet, or `retrain`) one trained now and stored."""
+    label = f"training {name!r} on {model.name}"
+    return library.resolve(
+        model, name, retrain=retrain, progress=lambda done, total: on_progress(label, done, total)
+    )
+
+
+def steer(
+    model: Model,
+    vectors_: VectorSpecs = (),
+    *,
+    layers: str | None = None,
+    retrain: bool = False,
+    on_progress: Progress = _quiet,
+) -> steering.Steering:
+    """The steering for `vectors_`: "happy:0.8,lazy:-1", ["happy:0.8"] or {"happy": 0.8};
+    names are files, stored vectors or built-in concepts (trained on first use)."""
+    return steering.build(
+        model,
+        _specs(vectors_),
+        layers,
+        lambda name: vector_file(model, name, retrain=retrain, on_progress=on_progress),
+    )
+
+
+def _specs(given: VectorSpecs) -> list[str]:
+    if isinstance(given, str):
+        return [given]
+    if isinstance(given, Mapping):
+        return [f"{name}:{strength}" for name, strength in given.items()]
+    return list(given)
+
+
+def check_ctx(ctx: int) -> None:
+    if ctx < 16:
+        raise BadInput(f"--ctx {ctx} is too small: use at least 16 tokens")
+
+
+def open_context(
+    model: Model,
+    steering_: steering.Steering | None = None,
+    *,
+    ctx: int = DEFAULT_CTX,
+    threads: int | None = None,
+) -> Context:
+    """A generation context of `ctx` tokens on `model`, with `steering_` applied."""
+    check_ctx(ctx)
+    context = Context(model, n_ctx=ctx, threads=threads)
+    if steering_ is not None:
+        steering_.apply(context)
+    return context
+
+
+@dataclass
+class Steered:
+    """A loaded model, one context and the steering on it: what `load` returns."""
+
+    model: Model
+    context: Context
+    steering: steering.Steering
+
+    def stream(
+        self, prompt: str, *, max_tokens: int = 256, **sampling: float | int | None
+    ) -> Iterator[str]:
+        """Continue `prompt`, yielding text as it comes. `sampling`: SamplerSettings fields
+        (temperature, top_k, top_p, min_p, repeat_penalty, seed)."""
+        sampler = Sampler(self.model, SamplerSettings(**sampling))  # type: ignore[arg-type]
+        try:
+            tokens = self.model.tokenize(prompt)
+            yield from self.context.generate(tokens, sampler, max_tokens=max_tokens)
+        finally:
+            sampler.close()
+
+    def generate(self, prompt: str, *, max_tokens: int = 256, **sampling: float | int | None):
+        """The continuation of `prompt` as one string (see `stream`)."""
+        return "".join(self.stream(prompt, max_tokens=max_tokens, **sampling))
+
+    def set_vector(self, name: str, strength: float) -> None:
+        """Add, re-weight (or with 0, remove) one vector; takes effect on the next call."""
+        self.steering.set(name, strength)
+        self.steering.apply(self.context)
+
+    def describe(self) -> str:
+        return vectors.describe(self.steering.strengths())
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()
+
+    def __enter__(self) -> Steered:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    vectors: VectorSpecs = (),
+    layers: str | None = None,
+    ctx: int = DEFAULT_CTX,
+    threads: int | None = None,
+    gpu_layers: str | int | None = None,
+    moe_offload: str | int | None = None,
+    retrain: bool = False,
+    force: bool = False,
+    offline: bool = False,
+    on_note: Note = _quiet,
+    on_progress: Progress = _quiet,
+    download_bar: type | None = None,
+) -> Steered:
+    """Load `model` and open one context steered by `vectors`: the one call a script needs.
+
+    >>> steered = load("demo", vectors={"happy": 1.5})
+    >>> steered.generate("The best thing about mornings is", max_tokens=20, temperature=0)
+    """
+    check_ctx(ctx)  # before minutes of loading, not after
+    loaded = load_model(
+        model,
+        gpu_layers=gpu_layers,
+        moe_offload=moe_offload,
+        ctx=ctx,
+        force=force,
+        offline=offline,
+        on_note=on_note,
+        download_bar=download_bar,
+    )
+    try:
+        steering_ = steer(loaded, vectors, layers=layers, retrain=retrain, on_progress=on_progress)
+        context = open_context(loaded, steering_, ctx=ctx, threads=threads)
+    except BaseException:
+        loaded.close()
+        raise
+    return Steered(loaded, context, steering_)

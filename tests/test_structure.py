@@ -1,0 +1,121 @@
+"""The shape of the code: no import cycles, command modules that do not import each other, a
+command line that starts without llama.cpp, and llama.cpp loaded before numpy."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "edge_steer"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """edge_steer modules that `path` imports anywhere in it (top level or in a function)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            base = f"{base}.{node.module}" if node.level and node.module else node.module or base
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+    return {m for m in found if m in modules and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports(p, modules) for p in paths}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(edges):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_in_edge_steer() -> None:
+    edges = graph()
+    assert len(edges) > 20 and edges["edge_steer.runtime"]  # the graph is really read
+    cycle = find_cycle(edges)
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_command_modules_never_import_each_other() -> None:
+    edges = graph()
+    commands = {
+        m
+        for m in edges
+        if m.startswith("edge_steer.cli.")
+        and "register" in (PACKAGE / "cli" / f"{m.rpartition('.')[2]}.py").read_text()
+    }
+    assert {"edge_steer.cli.generate", "edge_steer.cli.vectors"} <= commands
+    for module in commands:
+        assert not edges[module] & commands, (module, edges[module] & commands)
+
+
+def loaded_modules(*args: str) -> list[str]:
+    """sys.modules, in the order imports started, after running the CLI with `args`."""
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = ['edge-steer', *{list(args)!r}]\n"
+        "try:\n    runpy.run_module('edge_steer', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('\\n'.join(sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["--version"], ["vectors", "list"], ["chat", "--help"]]
+)
+def test_the_cli_starts_without_llama_cpp(args, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("EDGE_STEER_HOME", str(tmp_path))
+    modules = loaded_modules(*args)
+    assert "edge_steer.cli" in modules
+    assert "llama_cpp" not in modules and "edge_steer.engine" not in modules
+
+
+def test_loading_a_model_loads_llama_cpp_before_numpy(tiny_dense_path) -> None:
+    """A CUDA build of llama-cpp-python segfaulted when numpy's libraries came first."""
+    modules = loaded_modules("generate", "--model", str(tiny_dense_path), "-p", "Hi", "-n", "1")
+    assert "edge_steer.engine" in modules
+    assert modules.index("llama_cpp.llama_cpp") < modules.index("numpy")
