@@ -275,9 +275,11 @@ def _bare_tg(ctx: Context, prompt: list[int], n: int) -> Run:
 
 
 def _training(model: Model, settings: BenchSettings, threads: int, step):
-    """Train `concept` on `pairs` pairs: capture (timed), directions (timed), and plain prompt
-    processing of the same prompts in a context of the same shape (timed)."""
-    pairs = library.contrast_pairs(model, settings.concept, limit=settings.pairs)
+    """Train `concept` on `pairs` pairs as `train` does: capture (timed), directions and
+    strength calibration (timed), and plain prompt processing of the same prompts in a
+    context of the same shape (timed)."""
+    name = settings.concept
+    pairs = library.contrast_pairs(model, name, limit=settings.pairs)
     prompts = [p for pair in pairs for p in pair]
     options = train.TrainOptions(threads=threads)
     tokens = [model.tokenize(p, parse_special=True) for p in prompts]
@@ -289,7 +291,8 @@ def _training(model: Model, settings: BenchSettings, threads: int, step):
         start = time.perf_counter()
         states = train.hidden_states(model, prompts, options)
         middle = time.perf_counter()
-        train.from_states(model, states[0::2], states[1::2], options, name=settings.concept)
+        vector = train.from_states(model, states[0::2], states[1::2], options, name=name)
+        train.calibrated(model, vector, options)
         end = time.perf_counter()
         plain_s = _plain(model, tokens, options)
         if rep:

@@ -44,6 +44,9 @@ class Concept:
     base_template: str
     probes: tuple[Probe, ...] = ()
     description: str = ""
+    # (positive, negative) texts that show the trait, for base models: a persona word alone
+    # gives a base model little to contrast (README: How vectors are trained)
+    examples: tuple[tuple[str, str], ...] = ()
 
 
 class ChatFormatter(Protocol):
@@ -98,6 +101,7 @@ def _builtin(key: str) -> Concept:
         base_template=data["base_template"],
         probes=tuple(Probe(p["prompt"], p["positive"], p["negative"]) for p in data["probes"]),
         description=data.get("description", ""),
+        examples=tuple((e["positive"], e["negative"]) for e in data.get("examples", ())),
     )
     _check_concept(concept)
     return concept
@@ -118,6 +122,13 @@ def suffixes() -> list[str]:
 def neutral_text() -> str:
     """Plain factual prose, for measuring how much steering costs in fluency (perplexity)."""
     return (_data_dir() / "neutral.txt").read_text(encoding="utf-8")
+
+
+@cache
+def calibration_text() -> str:
+    """Other neutral prose, held in: training calibrates strength on it, so that `eval`'s
+    perplexity (on `neutral_text`) stays an out-of-sample measurement."""
+    return (_data_dir() / "calibration.txt").read_text(encoding="utf-8")
 
 
 # -- custom concepts -----------------------------------------------------------------------
@@ -167,6 +178,9 @@ def _check_concept(concept: Concept) -> None:
     for word in concept.positive + concept.negative:
         if "{" in word or "}" in word:
             raise BadInput(f"{where}: persona {word!r} contains a brace: remove it")
+    for pair in concept.examples:
+        if not all(isinstance(text, str) and text.strip() for text in pair):
+            raise BadInput(f"{where}: every example needs a non-empty positive and negative text")
 
 
 def _render(template: str, persona: str, where: str) -> str:
@@ -190,14 +204,26 @@ def contrast_pairs(
     """(positive, negative) prompt texts: every persona pair x every suffix.
 
     Instruct models get the persona instruction as a user turn in their own chat format;
-    base models (no usable template) get a plain-text preamble. Both prompts of a pair share
-    the suffix, so they differ only in the persona word. The list is shuffled with `seed`
-    (so a `limit` keeps a spread of personas and suffixes) and then cut to `limit`.
+    base models (no usable template) get a plain-text preamble and, where the concept has
+    them, one of its example texts that show the trait (rotating through them), so the
+    contrast lies in text and not in one word. Both prompts of a pair share the suffix. The
+    list is shuffled with `seed` (so a `limit` keeps a spread of personas and suffixes) and
+    then cut to `limit`.
     """
     if limit is not None and limit < 1:
         raise BadInput(f"the number of training pairs must be at least 1, not {limit}")
-    heads = persona_prefixes(concept, model)
-    pairs = [(pos + s, neg + s) for pos, neg in heads for s in _suffixes()]
+    chat = _chat_prefixes(concept, model)
+    heads = chat or _base_prefixes(concept)
+    shows = (
+        [("", "")]
+        if chat or not concept.examples
+        else [(f"{pos} ", f"{neg} ") for pos, neg in concept.examples]
+    )
+    pairs = [
+        (pos + shows[(i + j) % len(shows)][0] + s, neg + shows[(i + j) % len(shows)][1] + s)
+        for i, (pos, neg) in enumerate(heads)
+        for j, s in enumerate(_suffixes())
+    ]
     random.Random(seed).shuffle(pairs)
     return pairs if limit is None else pairs[:limit]
 
@@ -206,8 +232,12 @@ def persona_prefixes(concept: Concept, model: ChatFormatter) -> list[tuple[str, 
     """The prompt text before the suffix for each persona pair: the model's chat format, or
     the base-model preamble for all pairs if the template fails for any persona. Evaluation
     uses the first pair as the prompt-instead-of-a-vector baseline."""
+    return _chat_prefixes(concept, model) or _base_prefixes(concept)
+
+
+def _base_prefixes(concept: Concept) -> list[tuple[str, str]]:
     where = f"concept {concept.name!r} base_template"
-    return _chat_prefixes(concept, model) or [
+    return [
         (_render(concept.base_template, p, where), _render(concept.base_template, n, where))
         for p, n in zip(concept.positive, concept.negative, strict=True)
     ]

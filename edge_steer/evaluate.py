@@ -218,6 +218,12 @@ class Sweep:
     def ppl_ratio(self, point: Point) -> float:
         return point.perplexity / self.reference.perplexity
 
+    def effect_per_cost(self, point: Point) -> float | None:
+        """Nats of effect per nat of added perplexity (the log of the ratio), to compare a
+        vector with the persona prompt; None where the cost is too small to measure."""
+        cost = math.log(self.ppl_ratio(point))
+        return self.effect(point) / cost if cost > 1e-3 else None
+
     def nearest(self, strength: float) -> Point | None:
         """The measured point closest to `strength` on the same side of 0."""
         side = [p for p in self.points if p.strength * strength > 0]

@@ -109,7 +109,28 @@ def free_vram() -> int:
     budget = os.environ.get(VRAM_ENV)
     if budget:
         return parse_size(budget, VRAM_ENV)
+    if not gpu_backend_libraries():
+        return 0  # a CPU-only build: no need to load llama.cpp to know (models list stays fast)
     return sum(d.free for d in gpus())
+
+
+CPU_ONLY_LIBRARIES = {"ggml", "ggml-base", "ggml-cpu", "ggml-rpc", "ggml-blas", "llama", "mtmd"}
+
+
+def gpu_backend_libraries() -> list[str]:
+    """The ggml backend libraries next to libllama that can drive a GPU (ggml-cuda,
+    ggml-metal, ggml-vulkan, ...): every backend is a library of its own. Unknown layout:
+    assume there may be one."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return ["unknown"]
+    folder = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    if not folder.is_dir():
+        return ["unknown"]
+    stems = {p.name.split(".")[0].removeprefix("lib") for p in folder.iterdir()}
+    return sorted(s for s in stems if s.startswith("ggml") and s not in CPU_ONLY_LIBRARIES)
 
 
 def parse_size(text: str, what: str) -> int:

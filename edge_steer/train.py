@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import calibrate, vectors
 from .engine import Context, Model
 from .errors import BadInput
 from .vectors import ControlVector
@@ -35,6 +36,7 @@ class TrainOptions:
     layers: tuple[int, int] | None = None  # steered blocks; None = default_layers(model)
     batch: int = 512
     threads: int | None = None
+    budget: float | None = calibrate.BUDGET  # perplexity ratio at +/-1; None: no calibration
 
 
 def default_layers(n_layer: int) -> tuple[int, int]:
@@ -122,7 +124,22 @@ def train(
     if len(pairs) < 2:
         raise BadInput(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
     states = hidden_states(model, [p for pair in pairs for p in pair], options, progress)
-    return from_states(model, states[0::2], states[1::2], options, name=name)
+    vector = from_states(model, states[0::2], states[1::2], options, name=name)
+    return calibrated(model, vector, options)
+
+
+def calibrated(model: Model, vector: ControlVector, options: TrainOptions) -> ControlVector:
+    """The vector scaled so that +/-1 costs `options.budget` in perplexity (calibrate.py);
+    the file holds the scaled directions, so llama.cpp's --control-vector-scaled F:1.0 means
+    what --vector F:1.0 means."""
+    if options.budget is None:
+        return vector
+    rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+    span = (vector.layers[0], vector.layers[-1])
+    found = calibrate.calibrate(model, rows, span, budget=options.budget, threads=options.threads)
+    result = vector.scaled(found.scale)
+    result.metadata.update(found.metadata())
+    return result
 
 
 def from_states(

@@ -1,7 +1,8 @@
 """Every built-in concept on Gemma 3 270M: does its vector work, and which range is stored?
 
 The expected outcomes are measured facts about this small model with the default training (128
-pairs, default blocks), not wishes: a concept that does not work both ways is listed as such.
+pairs, default blocks, calibrated strength), not wishes: the weaker concepts are listed with
+the effect they really reach.
 The README's Results table shows the same concepts over -2..2 with the full neutral text.
 """
 
@@ -12,15 +13,16 @@ import pytest
 from edge_steer import dataset, evaluate, train, vectors
 
 THREADS = 2
-EXPECTED = {  # concept -> (verdict at -1/+1, recommended range over -1, 0, +1)
-    "concise": ("negative only", (-1.0, 0.0)),
-    "confident": ("works", (-1.0, 1.0)),
-    "creative": ("works", (-1.0, 1.0)),
-    "formal": ("works", (-1.0, 1.0)),
-    "happy": ("works", (-1.0, 1.0)),
-    "honest": ("negative only", (-1.0, 0.0)),
-    "lazy": ("works", (-1.0, 1.0)),
-    "trippy": ("works", (-1.0, 1.0)),
+EXPECTED = {  # concept -> the smallest |effect| in nats at -1 and at +1, as measured (rounded
+    # down) with calibrated strength; every concept now works both ways over -1, 0, +1
+    "concise": 2.0,
+    "confident": 1.5,
+    "creative": 2.0,
+    "formal": 2.0,
+    "happy": 2.0,
+    "honest": 0.3,  # the weakest: -1.1 / +0.4 nats (README: Results)
+    "lazy": 2.0,
+    "trippy": 2.0,
 }
 
 
@@ -54,15 +56,13 @@ def test_expectations_cover_every_builtin_concept() -> None:
 def test_builtin_concept_on_gemma(name, demo_model, trained, tmp_path) -> None:
     settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=0, neutral_tokens=200)
     result = sweep(demo_model, trained(name), settings)
-    verdict, span = EXPECTED[name]
     effects = {p.strength: result.effect(p) for p in result.points}
-    assert evaluate.verdict(result) == verdict, effects
-    assert evaluate.recommend(result) == span, effects
-    if verdict == "works":  # the right sign at both -1 and +1, by a usable margin
-        assert effects[-1.0] <= -evaluate.MIN_EFFECT and effects[1.0] >= evaluate.MIN_EFFECT
+    assert evaluate.verdict(result) == "works", effects
+    assert evaluate.recommend(result) == (-1.0, 1.0), effects  # within x1.25 perplexity
+    assert effects[-1.0] <= -EXPECTED[name] and effects[1.0] >= EXPECTED[name], effects
     path = vectors.write(trained(name), tmp_path / f"{name}.gguf")
     evaluate.save(path, result, demo_model, "all")
-    assert evaluate.recommended_range(vectors.read(path)) == span
+    assert evaluate.recommended_range(vectors.read(path)) == (-1.0, 1.0)
 
 
 def test_absurd_strength_degenerates_and_falls_outside_the_range(demo_model, trained) -> None:

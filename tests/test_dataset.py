@@ -172,17 +172,39 @@ def test_contrast_pairs_on_base_model_differ_only_in_persona(demo_model):
     assert seen == {(i, s) for i in range(len(concept.positive)) for s in suffixes}
 
 
+def test_base_model_pairs_show_the_trait_in_text(demo_model):
+    """Concepts with examples: each base-model pair is persona preamble + one example of its
+    own pole + the shared suffix; every example is used, and pairs stay paired by index."""
+    concept = dataset.load_builtin("honest")
+    assert len(concept.examples) >= 8
+    pairs = dataset.contrast_pairs(concept, demo_model)
+    used = set()
+    for pos, neg in pairs:
+        found = [
+            k
+            for k, (ep, en) in enumerate(concept.examples)
+            if f"\n\n{ep} " in pos and f"\n\n{en} " in neg
+        ]
+        assert len(found) == 1, (pos, neg)
+        used.add(found[0])
+        assert (
+            pos.rsplit(concept.examples[found[0]][0], 1)[1]
+            == neg.rsplit(concept.examples[found[0]][1], 1)[1]
+        )  # the same suffix
+    assert used == set(range(len(concept.examples)))
+
+
 def test_contrast_pairs_end_on_the_same_token(demo_model):
     """The trainer reads the last token's state: it must be the shared suffix's last token."""
     for name in REQUIRED:
         for pos, neg in dataset.contrast_pairs(dataset.load_builtin(name), demo_model, limit=40):
             tp, tn = demo_model.tokenize(pos), demo_model.tokenize(neg)
-            assert tp[-2:] == tn[-2:], (pos, neg)
-            assert len(tp) < 48
+            assert tp[-1] == tn[-1], (pos, neg)
+            assert len(tp) < 96
 
 
 def test_contrast_pairs_are_deterministic_per_seed(demo_model):
-    concept = dataset.load_builtin("lazy")
+    concept = dataset.load_builtin("happy")  # no examples: pairs differ in the persona only
     first = dataset.contrast_pairs(concept, demo_model, seed=3)
     assert first == dataset.contrast_pairs(concept, demo_model, seed=3)
     assert first != dataset.contrast_pairs(concept, demo_model, seed=4)

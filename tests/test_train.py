@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_steer import dataset, evaluate, library, train, vectors
+from edge_steer import calibrate, dataset, evaluate, library, train, vectors
 from edge_steer.engine import Context, Model
 
 TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
@@ -120,3 +120,36 @@ def test_library_refuses_path_like_names(demo_model) -> None:
 
     with pytest.raises(BadInput, match="bad vector name"):
         library.train_and_store(demo_model, "a/b", [("x", "y")] * 2, train.TrainOptions())
+
+
+def test_plus_and_minus_one_cost_the_calibrated_budget_on_gemma(demo_model, happy) -> None:
+    """Measured again from the file's own directions, at both signs: the worse one costs
+    BUDGET in calibration-text perplexity, within TOLERANCE (2%, the search's stopping rule;
+    a search that runs out of steps may end a little further, so 4% is allowed here)."""
+    assert happy.metadata["scale_rule"] == "calibrated"
+    rows = vectors.combine([(happy, 1.0)], demo_model.n_layer, demo_model.n_embd)
+    span = (happy.layers[0], happy.layers[-1])
+    text, tokens = dataset.calibration_text(), calibrate.TOKENS
+    with Context(demo_model, n_ctx=tokens + 16, n_batch=tokens + 16) as ctx:
+        ppl = {}
+        for sign in (0.0, 1.0, -1.0):
+            ctx.set_steering(rows * np.float32(sign) if sign else None, *span)
+            ppl[sign] = evaluate.perplexity(ctx, text, window=tokens, limit=tokens)
+    worse = max(ppl[1.0], ppl[-1.0]) / ppl[0.0]
+    assert abs(np.log(worse) - np.log(calibrate.BUDGET)) <= 0.04, (ppl, happy.metadata)
+    assert float(happy.metadata["calibration_budget"]) == calibrate.BUDGET
+    points = str(happy.metadata["calibration_points"]).split(",")
+    assert 1 <= len(points) <= calibrate.STEPS
+
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_tiny_models_calibrate_too(tiny_dense_path, tiny_moe_path, moe) -> None:
+    with Model(tiny_moe_path if moe else tiny_dense_path) as model:
+        pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), model, limit=24)
+        plain = train.train(model, pairs, train.TrainOptions(budget=None), name="happy")
+        vec = train.train(model, pairs, train.TrainOptions(), name="happy")
+    factor = float(vec.metadata["calibration_scale"])
+    assert np.isfinite(factor) and factor > 0
+    for n in vec.layers:
+        assert np.allclose(vec.directions[n], plain.directions[n] * factor, rtol=1e-5, atol=1e-7)
+    assert "scale_rule" not in plain.metadata or plain.metadata["scale_rule"] == "separation"

@@ -3,9 +3,7 @@ GPU build when only the CPU backend is compiled in."""
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Iterable
-from importlib.metadata import version
 
 import typer
 
@@ -17,6 +15,9 @@ GPU_BACKENDS_ABSENT = {"CPU", "BLAS", "RPC"}  # backends that put no weights on 
 
 def report() -> dict:
     """Build, CPU, memory and devices as one JSON-ready dict."""
+    import platform
+    from importlib.metadata import version
+
     from .. import machine
 
     backends = machine.backends()

@@ -100,7 +100,7 @@ def eval_command(
         evaluate.save(path, result, loaded, layer_text)
     if plot:
         plotting.write(plot, {concept: result}, f"{concept} on {loaded.name} (blocks {layer_text})")
-    report = _report(result, loaded, path, concept, span, words, prefixes, len(probe_set))
+    report = _report(result, loaded, vec, path, concept, span, words, prefixes, len(probe_set))
     report["saved"] = str(path) if save else None
     report["plot"] = plot
     if as_json:
@@ -177,7 +177,11 @@ def _personas(model, concept: str, personas: str | None):
     return words, dataset.persona_prefixes(definition, model)[0]
 
 
-def _report(result, model, path, concept, span, words, prefixes, n_probes) -> dict:
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _report(result, model, vector, path, concept, span, words, prefixes, n_probes) -> dict:
     from .. import evaluate
 
     recommended = evaluate.recommend(result)
@@ -189,6 +193,7 @@ def _report(result, model, path, concept, span, words, prefixes, n_probes) -> di
             "margin": round(p.margin, 4),
             "perplexity": round(p.perplexity, 4),
             "ppl_ratio": round(result.ppl_ratio(p), 4),
+            "effect_per_cost": _rounded(result.effect_per_cost(p)),
             "degenerate": p.degenerate,
             "sample": p.sample,
         }
@@ -201,6 +206,9 @@ def _report(result, model, path, concept, span, words, prefixes, n_probes) -> di
         "model": str(model.path),
         "model_name": model.name,
         "vector": str(path),
+        "calibration": {
+            key: vector.metadata.get(f"calibration_{key}") for key in ("budget", "scale")
+        },
         "concept": concept,
         "layers": list(span) if span else None,
         "probes": n_probes,
@@ -235,7 +243,8 @@ def _render(result: Sweep, report: dict) -> None:
         f"blocks {'-'.join(map(str, report['layers'])) if report['layers'] else 'all'}"
     )
     table = Table(title="effect on held-out probes and cost on neutral text")
-    for column in ("strength", "effect (nats)", "perplexity", "ratio", "degenerate", "range"):
+    columns = ("strength", "effect (nats)", "perplexity", "ratio", "effect/cost", "degenerate")
+    for column in (*columns, "range"):
         table.add_column(column, justify="right")
     for p in report["points"]:
         style = (
@@ -248,11 +257,18 @@ def _render(result: Sweep, report: dict) -> None:
             f"{p['effect']:+.2f}",
             f"{p['perplexity']:.2f}",
             f"x{p['ppl_ratio']:.3f}",
+            "" if p["effect_per_cost"] is None else f"{p['effect_per_cost']:+.1f}",
             f"{p['degenerate']:.0%}",
             "✓" if p["in_range"] else "",
             style=style,
         )
     out.print(table)
+    calibration = report["calibration"]
+    if calibration["scale"] is not None:
+        out.print(
+            f"[dim]calibrated: ±1 = x{calibration['budget']} perplexity on held-in text "
+            f"(scale {calibration['scale']:g}); effect/cost = nats per nat of perplexity[/]"
+        )
     out.print(chart(result, report["max_ppl_ratio"]))
     if report["baseline"]:
         out.print(_baseline_table(report))
