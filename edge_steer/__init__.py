@@ -1,7 +1,7 @@
 """edge-steer: steer local GGUF language models with control vectors, natively in llama.cpp.
 
     import edge_steer
-    steered = edge_steer.load("demo", vectors={"happy": 1.5})
+    steered = edge_steer.load("demo", vectors={"happy": 1.0})
     print(steered.generate("The best thing about mornings is", max_tokens=40, temperature=0))
 
 Names are imported on first use, so `import edge_steer` (and `edge-steer --help`) stays fast

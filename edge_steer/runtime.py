@@ -185,7 +185,7 @@ def load(
 ) -> Steered:
     """Load `model` and open one context steered by `vectors`: the one call a script needs.
 
-    >>> steered = load("demo", vectors={"happy": 1.5})
+    >>> steered = load("demo", vectors={"happy": 1.0})
     >>> steered.generate("The best thing about mornings is", max_tokens=20, temperature=0)
     """
     check_ctx(ctx)  # before minutes of loading, not after
