@@ -417,8 +417,8 @@ class Context:
             targets.extend(tokens[start:])
             counts.append(len(tokens) - start)
         self._decode()
-        self.forget(0)
         logps = self._log_probs(np.asarray(targets))
+        self.forget(0)
         return np.split(logps, np.cumsum(counts)[:-1])
 
     def _log_probs(self, targets: np.ndarray) -> np.ndarray:
