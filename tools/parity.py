@@ -1,0 +1,169 @@
+"""Parity with llama.cpp's own binary: greedy `edge-steer generate` against `llama-completion`
+built from the same vendored llama.cpp, on the same machine, with and without a vector.
+
+    python tools/parity.py [--model demo] [--vector happy] [--cache ~/.cache/edge-steer/parity]
+
+Downloads the sdist of the installed llama-cpp-python version (pip download), builds only
+the `llama-completion` target with CMake into the cache folder (once; about 10 minutes on 2
+cores), trains or finds the vector for the model, then runs both programs greedily
+(`--temp 0 --repeat-penalty 1.0`) with the file at strength 0, +1 and -1
+(`--control-vector-scaled FILE S` there, `--vector FILE:S` here) and compares the text.
+Exits 1 on any difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tarfile
+from importlib.metadata import version
+from pathlib import Path
+
+PROMPT = "The best thing about mornings is"
+TOKENS = 32
+
+
+def build(cache: Path) -> Path:
+    """llama-completion from the installed llama-cpp-python's vendored llama.cpp."""
+    release = version("llama-cpp-python")
+    binary = cache / f"build-{release}" / "bin" / "llama-completion"
+    if binary.is_file():
+        return binary
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"llama_cpp_python-{release}.tar.gz"
+    if not sdist.is_file():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-python",
+                "-d",
+                str(cache),
+                f"llama-cpp-python=={release}",
+            ],
+            check=True,
+        )
+    source = cache / f"llama_cpp_python-{release}"
+    if not source.is_dir():
+        with tarfile.open(sdist) as archive:
+            archive.extractall(cache, filter="data")
+    llama = source / "vendor" / "llama.cpp"
+    out = binary.parent.parent
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(llama),
+            "-B",
+            str(out),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF",
+        ],
+        check=True,
+    )
+    subprocess.run(["cmake", "--build", str(out), "--target", "llama-completion", "-j"], check=True)
+    return binary
+
+
+def ours(model: str, vector: Path | None, strength: float) -> str:
+    spec = ["--vector", f"{vector}:{strength}"] if vector else []
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_steer",
+            "generate",
+            "-m",
+            model,
+            "-p",
+            PROMPT,
+            "--temp",
+            "0",
+            "--repeat-penalty",
+            "1.0",
+            "-n",
+            str(TOKENS),
+            *spec,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def theirs(binary: Path, model_path: str, vector: Path | None, strength: float) -> str:
+    spec = ["--control-vector-scaled", str(vector), str(strength)] if vector else []
+    result = subprocess.run(
+        [
+            str(binary),
+            "-m",
+            model_path,
+            "-p",
+            PROMPT,
+            "--temp",
+            "0",
+            "--repeat-penalty",
+            "1.0",
+            "-n",
+            str(TOKENS),
+            "-no-cnv",
+            "--no-warmup",
+            "-c",
+            "4096",
+            *spec,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--vector", default="happy")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/edge-steer/parity")
+    args = parser.parse_args()
+    binary = build(args.cache)
+    pull = [sys.executable, "-m", "edge_steer", "pull", args.model]
+    model_path = subprocess.run(pull, check=True, capture_output=True, text=True).stdout.strip()
+    ours(args.model, None, 0)  # trains nothing; makes sure the model is assembled
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_steer",
+            "train",
+            args.vector,
+            "-m",
+            args.model,
+            "-o",
+            str(args.cache / f"{args.vector}.gguf"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    vector = args.cache / f"{args.vector}.gguf"
+    same = True
+    for strength in (0.0, 1.0, -1.0):
+        used = vector if strength else None
+        a, b = ours(args.model, used, strength), theirs(binary, model_path, used, strength)
+        match = a.strip() == b.strip()[len(PROMPT) :].strip() or b.strip().endswith(a.strip())
+        same &= match
+        print(
+            f"strength {strength:+g}: {'same' if match else 'DIFFERENT'}\n  edge-steer: {a!r}\n"
+            f"  llama.cpp:  {b!r}"
+        )
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
