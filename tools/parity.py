@@ -7,7 +7,7 @@ Downloads the sdist of the installed llama-cpp-python version (pip download), bu
 the `llama-completion` target with CMake into the cache folder (once; about 10 minutes on 2
 cores), trains or finds the vector for the model, then runs both programs greedily
 (`--temp 0 --repeat-penalty 1.0`) with the file at strength 0, +1 and -1
-(`--control-vector-scaled FILE S` there, `--vector FILE:S` here) and compares the text.
+(`--control-vector-scaled FILE:S` there, `--vector FILE:S` here) and compares the text.
 Exits 1 on any difference.
 """
 
@@ -99,7 +99,7 @@ def ours(model: str, vector: Path | None, strength: float) -> str:
 
 
 def theirs(binary: Path, model_path: str, vector: Path | None, strength: float) -> str:
-    spec = ["--control-vector-scaled", str(vector), str(strength)] if vector else []
+    spec = ["--control-vector-scaled", f"{vector}:{strength}"] if vector else []
     result = subprocess.run(
         [
             str(binary),
