@@ -203,13 +203,13 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """llama.cpp sampler chain settings; temperature <= 0 means greedy."""
+    """llama.cpp sampler chain settings, with llama.cpp's defaults; temperature <= 0 is greedy."""
 
     temperature: float = 0.8
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
-    repeat_penalty: float = 1.1
+    repeat_penalty: float = 1.0  # off, as in llama.cpp
     repeat_last_n: int = 64
     seed: int | None = None
 

@@ -98,13 +98,6 @@ class Tensor:
     offset: int
     n_bytes: int
 
-    @property
-    def n_elements(self) -> int:
-        count = 1
-        for n in self.shape:
-            count *= n
-        return count
-
 
 @dataclass(frozen=True)
 class Header:

@@ -17,7 +17,7 @@ from pathlib import Path
 # H100 machine, even with no layers on the GPU. Every path that loads a model comes through here.
 import llama_cpp  # noqa: F401
 
-from . import catalog, hub, library, offload, steering, vectors
+from . import catalog, hub, library, offload, steering
 from .engine import Context, Model, Sampler, SamplerSettings
 from .errors import BadInput
 from .files import size_text
@@ -152,9 +152,6 @@ class Steered:
         """Add, re-weight (or with 0, remove) one vector; takes effect on the next call."""
         self.steering.set(name, strength)
         self.steering.apply(self.context)
-
-    def describe(self) -> str:
-        return vectors.describe(self.steering.strengths())
 
     def close(self) -> None:
         self.context.close()
