@@ -137,6 +137,11 @@ class Steered:
     ) -> Iterator[str]:
         """Continue `prompt`, yielding text as it comes. `sampling`: SamplerSettings fields
         (temperature, top_k, top_p, min_p, repeat_penalty, seed)."""
+        known = set(SamplerSettings.__dataclass_fields__)
+        if unknown := sorted(set(sampling) - known):
+            raise BadInput(
+                f"unknown sampling option {unknown[0]!r}: use {', '.join(sorted(known))}"
+            )
         sampler = Sampler(self.model, SamplerSettings(**sampling))  # type: ignore[arg-type]
         try:
             tokens = self.model.tokenize(prompt)

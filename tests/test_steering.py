@@ -106,3 +106,20 @@ def test_chat_reuses_the_kv_cache_between_turns(demo_model) -> None:
         assert (
             ctx.stats.prompt_tokens < len(format_prompt(demo_model, session.conversation())[0]) // 2
         )
+
+
+def test_runtime_load_steers_and_refuses_unknown_sampling_options(tiny_dense_path, tmp_path):
+    from edge_steer import runtime
+    from edge_steer.errors import BadInput as Bad
+
+    rng = np.random.default_rng(3)
+    path = vectors.write(
+        vectors.ControlVector({2: rng.normal(size=64).astype(np.float32) * 40}), tmp_path / "v.gguf"
+    )
+    with runtime.load(tiny_dense_path, vectors={str(path): 1.0}, ctx=128) as steered:
+        steered_text = steered.generate("Hello", max_tokens=8, temperature=0)
+        steered.set_vector(str(path), 0)
+        plain = steered.generate("Hello", max_tokens=8, temperature=0)
+        with pytest.raises(Bad, match="unknown sampling option 'temp'"):
+            steered.generate("Hello", temp=0)
+    assert steered_text != plain
