@@ -110,7 +110,6 @@ def test_chat_reuses_the_kv_cache_between_turns(demo_model) -> None:
 
 def test_runtime_load_steers_and_refuses_unknown_sampling_options(tiny_dense_path, tmp_path):
     from edge_steer import runtime
-    from edge_steer.errors import BadInput as Bad
 
     rng = np.random.default_rng(3)
     path = vectors.write(
@@ -120,6 +119,6 @@ def test_runtime_load_steers_and_refuses_unknown_sampling_options(tiny_dense_pat
         steered_text = steered.generate("Hello", max_tokens=8, temperature=0)
         steered.set_vector(str(path), 0)
         plain = steered.generate("Hello", max_tokens=8, temperature=0)
-        with pytest.raises(Bad, match="unknown sampling option 'temp'"):
+        with pytest.raises(BadInput, match="unknown sampling option 'temp'"):
             steered.generate("Hello", temp=0)
     assert steered_text != plain
