@@ -72,58 +72,25 @@ def build(cache: Path) -> Path:
     return binary
 
 
+# the same greedy run on both sides: no repetition penalty, llama.cpp's default elsewhere
+GREEDY = ["-p", PROMPT, "--temp", "0", "--repeat-penalty", "1.0", "-n", str(TOKENS)]
+
+
+def edge_steer(*args: str) -> str:
+    """stdout of `edge-steer ARGS` run by this Python."""
+    command = [sys.executable, "-m", "edge_steer", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
 def ours(model: str, vector: Path | None, strength: float) -> str:
     spec = ["--vector", f"{vector}:{strength}"] if vector else []
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_steer",
-            "generate",
-            "-m",
-            model,
-            "-p",
-            PROMPT,
-            "--temp",
-            "0",
-            "--repeat-penalty",
-            "1.0",
-            "-n",
-            str(TOKENS),
-            *spec,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    return edge_steer("generate", "-m", model, *GREEDY, *spec)
 
 
 def theirs(binary: Path, model_path: str, vector: Path | None, strength: float) -> str:
     spec = ["--control-vector-scaled", f"{vector}:{strength}"] if vector else []
-    result = subprocess.run(
-        [
-            str(binary),
-            "-m",
-            model_path,
-            "-p",
-            PROMPT,
-            "--temp",
-            "0",
-            "--repeat-penalty",
-            "1.0",
-            "-n",
-            str(TOKENS),
-            "-no-cnv",
-            "--no-warmup",
-            "-c",
-            "4096",
-            *spec,
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return result.stdout
+    command = [str(binary), "-m", model_path, *GREEDY, "-no-cnv", "--no-warmup", "-c", "4096"]
+    return subprocess.run([*command, *spec], check=True, capture_output=True, text=True).stdout
 
 
 def main() -> int:
@@ -133,23 +100,9 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/edge-steer/parity")
     args = parser.parse_args()
     binary = build(args.cache)
-    pull = [sys.executable, "-m", "edge_steer", "pull", args.model]
-    model_path = subprocess.run(pull, check=True, capture_output=True, text=True).stdout.strip()
-    ours(args.model, None, 0)  # trains nothing; makes sure the model is assembled
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edge_steer",
-            "train",
-            args.vector,
-            "-m",
-            args.model,
-            "-o",
-            str(args.cache / f"{args.vector}.gguf"),
-        ],
-        check=True,
-        capture_output=True,
+    model_path = edge_steer("pull", args.model).strip()
+    edge_steer(
+        "train", args.vector, "-m", args.model, "-o", str(args.cache / f"{args.vector}.gguf")
     )
     vector = args.cache / f"{args.vector}.gguf"
     same = True
