@@ -81,13 +81,18 @@ def _search(cost, budget: float, reference: float) -> Calibration:
     target = math.log(math.log(budget))
     points: list[tuple[float, float]] = []
     scale = FIRST_SCALE
+
+    def miss(ratio: float) -> float:
+        """How far a measured ratio is from the budget, in log terms."""
+        return abs(math.log(max(ratio, 1e-9)) - math.log(budget))
+
     for _ in range(STEPS):
         ratio = cost(scale)
         points.append((scale, ratio))
-        if abs(math.log(max(ratio, 1e-9)) - math.log(budget)) <= TOLERANCE:
+        if miss(ratio) <= TOLERANCE:
             break
         scale = _next_scale(points, target)
-    best = min(points, key=lambda p: abs(math.log(max(p[1], 1e-9)) - math.log(budget)))
+    best = min(points, key=lambda p: miss(p[1]))
     return Calibration(best[0], budget, tuple(points), reference)
 
 

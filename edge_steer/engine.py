@@ -218,6 +218,7 @@ class Sampler:
     """A llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist)."""
 
     def __init__(self, model: Model, settings: SamplerSettings):
+        self.window = settings.repeat_last_n  # tokens the penalties look back on
         self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = ll.llama_sampler_chain_add
         s = settings
@@ -238,12 +239,15 @@ class Sampler:
         seed = ll.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
         add(self.ptr, ll.llama_sampler_init_dist(seed))
 
-    def sample(self, ctx: Context) -> int:
-        """Pick the next token from the last logits (llama.cpp also records it for penalties)."""
-        return ll.llama_sampler_sample(self.ptr, ctx.ptr, -1)
+    def sample(self, ctx: Context, row: int = -1) -> int:
+        """Pick the next token from the logits of batch row `row` (default: the last one);
+        llama.cpp also records it for the penalties."""
+        return ll.llama_sampler_sample(self.ptr, ctx.ptr, row)
 
-    def accept(self, tokens: Sequence[int]) -> None:
-        for token in tokens:
+    def accept_prompt(self, prompt: Sequence[int]) -> None:
+        """Record the prompt's last `repeat_last_n` tokens, as the penalties would have seen
+        them had they been sampled."""
+        for token in prompt[-self.window :] if self.window > 0 else ():
             ll.llama_sampler_accept(self.ptr, token)
 
     def close(self) -> None:
@@ -460,7 +464,7 @@ class Context:
         """Stream text pieces after `prompt`; stops on EOG, `max_tokens` or a full context.
         Tokens stay in the KV cache, so a later `ingest` reuses them."""
         self.stats = stats = GenerationStats(self.ingest(prompt))
-        sampler.accept(prompt[-64:])
+        sampler.accept_prompt(prompt)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for _ in range(max_tokens):
             if len(self.tokens) >= self.n_ctx:
@@ -498,7 +502,7 @@ class Context:
         outputs: list[list[int]] = [[] for _ in prompts]
         step = {seq: p[-1] for seq, p in enumerate(prompts)}
         for sampler, prompt in zip(samplers, prompts, strict=True):
-            sampler.accept(prompt[-64:])
+            sampler.accept_prompt(prompt)
         for _ in range(max_tokens):
             self.batch.clear()
             rows = {}
@@ -508,7 +512,7 @@ class Context:
             self._decode()
             step = {}
             for seq, row in rows.items():
-                token = ll.llama_sampler_sample(samplers[seq].ptr, self.ptr, row)
+                token = samplers[seq].sample(self, row)
                 if not self.model.is_eog(token):
                     outputs[seq].append(token)
                     step[seq] = token
