@@ -23,9 +23,14 @@ from .console import err, out
 F = TypeVar("F", bound=Callable)
 
 
-def fail(exc: EdgeSteerError) -> typer.Exit:
-    """Print one red line for `exc`; the exit that goes with its class (see errors.py)."""
+def print_error(exc: EdgeSteerError) -> None:
+    """One red line on stderr: the error's own message, naming the problem and the fix."""
     err.print(f"[bold red]error:[/] {escape(str(exc))}")
+
+
+def fail(exc: EdgeSteerError) -> typer.Exit:
+    """Print `exc`; the exit that goes with its class (see errors.py)."""
+    print_error(exc)
     return typer.Exit(exc.exit_code)
 
 

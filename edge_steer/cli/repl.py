@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import time
 
-from rich.markup import escape
-
 from ..errors import BadInput, EdgeSteerError
-from .options import err, out, stream
+from .options import err, out, print_error, stream
 
 HELP = """[bold]/vector NAME STRENGTH[/]  set a vector live (0 removes it); history is re-evaluated
 [bold]/vectors[/]               show the active vectors
@@ -96,7 +94,7 @@ def _command(session, line: str) -> bool:
         else:
             err.print(f"[red]unknown command {word}[/]: /help lists them")
     except EdgeSteerError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        print_error(exc)
     return False
 
 
