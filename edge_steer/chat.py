@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 from .engine import Context, Model, Sampler, SamplerSettings
@@ -22,21 +22,23 @@ def format_prompt(model: Model, messages: list[dict[str, str]]) -> tuple[list[in
     return model.tokenize(text, parse_special=True), ()
 
 
-def until_stop(pieces: Iterator[str], stops: tuple[str, ...]) -> Iterator[str]:
-    """Pass text through until a stop string, holding back what could be its beginning."""
+def until_stop(pieces: Iterator[str], stops: tuple[str, ...]) -> Generator[str, None, bool]:
+    """Pass text through until a stop string, holding back what could be its beginning.
+    Returns (to `yield from`) whether a stop string ended it."""
     pending = ""
     for piece in pieces:
         pending += piece
         hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
         if hits:
             yield pending[: min(hits)]
-            return
+            return True
         hold = max(
             (n for s in stops for n in range(len(s), 0, -1) if pending.endswith(s[:n])), default=0
         )
         yield pending[: len(pending) - hold]
         pending = pending[len(pending) - hold :]
     yield pending
+    return False
 
 
 def transcript(messages: list[dict[str, str]]) -> str:

@@ -8,6 +8,7 @@ Steering is llama.cpp's own `llama_set_adapter_cvec`: no Python runs per token f
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import os
 import re
@@ -25,7 +26,7 @@ from .errors import BadInput, EngineError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
 _VERBOSE = os.environ.get("EDGE_STEER_VERBOSE", "") not in ("", "0")
-_recording: list[str] | None = None  # every line while a model loads (Model.load_log)
+_recording: list[str] | None = None  # every line while a model or context is made
 
 
 @ll.llama_log_callback
@@ -65,19 +66,15 @@ class Model:
     """
 
     def __init__(self, path: str | Path, *, gpu_layers: int = 0, cpu_tensors: Sequence[str] = ()):
-        global _recording
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         self._overrides = _override_array(cpu_tensors)  # llama.cpp keeps the pointer
         if self._overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(self._overrides)
-        LOG_TAIL.clear()
-        _recording = []
-        try:
+        with _recorded_log() as log:
             self.ptr = ll.llama_model_load_from_file(str(self.path).encode(), params)
-        finally:
-            self.load_log, _recording = tuple(_recording), None
+        self.load_log = tuple(log)
         if not self.ptr:
             raise EngineError(f"llama.cpp could not load {self.path}: {_last_error()}")
         self.vocab = ll.llama_model_get_vocab(self.ptr)
@@ -100,10 +97,7 @@ class Model:
     @property
     def buffers(self) -> dict[str, int]:
         """Weight bytes per buffer (CPU_Mapped, CUDA0, Metal, ...), as llama.cpp allocated."""
-        sizes: dict[str, int] = {}
-        for match in filter(None, (_BUFFER.match(line) for line in self.load_log)):
-            sizes[match[1]] = sizes.get(match[1], 0) + round(float(match[2]) * (1 << 20))
-        return sizes
+        return _buffer_sizes(self.load_log, _BUFFER)
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -168,6 +162,28 @@ class Model:
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 _BUFFER = re.compile(r"\w+: +(\S+) model buffer size = +([\d.]+) MiB")
+_CONTEXT_BUFFER = re.compile(r"\w+: +(\S+ +(?:KV|output|compute)) buffer size = +([\d.]+) MiB")
+
+
+@contextlib.contextmanager
+def _recorded_log() -> Iterator[list[str]]:
+    """Every line llama.cpp logs inside the block (how much it allocated, and where)."""
+    global _recording
+    LOG_TAIL.clear()
+    _recording = lines = []
+    try:
+        yield lines
+    finally:
+        _recording = None
+
+
+def _buffer_sizes(log: Sequence[str], pattern: re.Pattern[str]) -> dict[str, int]:
+    """Bytes per buffer named by `pattern`'s first group, from llama.cpp's "= N MiB" lines."""
+    sizes: dict[str, int] = {}
+    for match in filter(None, (pattern.match(line) for line in log)):
+        name = " ".join(match[1].split())
+        sizes[name] = sizes.get(name, 0) + round(float(match[2]) * (1 << 20))
+    return sizes
 
 
 class _Override(ctypes.Structure):
@@ -211,6 +227,8 @@ class SamplerSettings:
     min_p: float = 0.05
     repeat_penalty: float = 1.0  # off, as in llama.cpp
     repeat_last_n: int = 64
+    frequency_penalty: float = 0.0  # OpenAI's, off
+    presence_penalty: float = 0.0  # OpenAI's, off
     seed: int | None = None
 
 
@@ -222,13 +240,15 @@ class Sampler:
         self.ptr = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = ll.llama_sampler_chain_add
         s = settings
-        if s.repeat_penalty != 1.0:
-            add(
-                self.ptr,
-                ll.llama_sampler_init_penalties(
-                    model.n_vocab, s.repeat_last_n, s.repeat_penalty, 0, 0
-                ),
+        if (s.repeat_penalty, s.frequency_penalty, s.presence_penalty) != (1.0, 0.0, 0.0):
+            penalties = ll.llama_sampler_init_penalties(
+                model.n_vocab,
+                s.repeat_last_n,
+                s.repeat_penalty,
+                s.frequency_penalty,
+                s.presence_penalty,
             )
+            add(self.ptr, penalties)
         if s.temperature <= 0:
             add(self.ptr, ll.llama_sampler_init_greedy())
             return
@@ -312,8 +332,9 @@ class Context:
         self._capture: _Capture | None = _Capture(model.n_layer, model.n_embd) if capture else None
         if self._capture is not None:
             params.cb_eval = self._capture.callback  # referenced by self._capture
-        LOG_TAIL.clear()
-        self.ptr = ll.llama_init_from_model(model.ptr, params)
+        with _recorded_log() as log:
+            self.ptr = ll.llama_init_from_model(model.ptr, params)
+        self.buffers = _buffer_sizes(log, _CONTEXT_BUFFER)  # "CPU KV", "CUDA0 compute", ...
         if not self.ptr:
             raise EngineError(f"could not create a llama.cpp context: {_last_error()}")
         self.n_ctx = ll.llama_n_ctx(self.ptr)
@@ -379,7 +400,7 @@ class Context:
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}: "
                 "raise --ctx or shorten the conversation (/clear)"
             )
-        same = min(self._cached_prefix(tokens), len(tokens) - 1)
+        same = min(self.cached_prefix(tokens), len(tokens) - 1)
         self.forget(same)
         self._append(tokens[same:])
         return len(tokens) - same
@@ -440,7 +461,7 @@ class Context:
             out[lo : lo + step] = picked - top - np.log(total)
         return out
 
-    def _cached_prefix(self, tokens: Sequence[int]) -> int:
+    def cached_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` the KV cache already holds."""
         same = 0
         for a, b in zip(self.tokens, tokens, strict=False):

@@ -1,0 +1,95 @@
+"""`edge-steer serve`: the OpenAI-compatible server with per-request steering."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..errors import BadInput
+from .options import (
+    LOAD,
+    LayersOpt,
+    clean_errors,
+    err,
+    note,
+    progress_bar,
+    resolve_model,
+    with_options,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+
+
+@clean_errors
+@with_options(LOAD)
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel", "-np", help="Lanes: requests generated at once, each its own context."
+        ),
+    ] = 1,
+    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context size of each lane.")] = 4096,
+    preset: Annotated[
+        list[str],
+        typer.Option("--preset", help="NAME=SPEC, listed as a model, e.g. calm=happy:0.5."),
+    ] = [],  # noqa: B006 (Typer reads the default; it is never mutated)
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="EDGE_STEER_API_KEY", help="Require `Authorization: Bearer KEY`."
+        ),
+    ] = None,
+    allow_train: Annotated[
+        bool,
+        typer.Option(
+            "--allow-train", help="Train a built-in concept a request names but the store lacks."
+        ),
+    ] = False,
+    queue: Annotated[
+        int, typer.Option("--queue", help="Requests that may wait for a lane; then 503.")
+    ] = 32,
+    layers: LayersOpt = None,
+    *,
+    opts,
+) -> None:
+    """Serve the model over an OpenAI-compatible API, steering each request on its own."""
+    try:
+        from ..server import startup
+    except ImportError as exc:
+        raise BadInput(
+            f"the server needs the `server` extra ({exc.name} is missing): "
+            "pip install 'edge-steer[server]'"
+        ) from None
+    path = resolve_model(opts.model, ctx=ctx * parallel, force=opts.force)
+    options = startup.ServeOptions(
+        path=path,
+        model_id=startup.model_id(opts.model, path),
+        host=host,
+        port=port,
+        parallel=parallel,
+        ctx=ctx,
+        threads=opts.threads,
+        gpu_layers=opts.gpu_layers,
+        moe_offload=opts.moe_offload,
+        layers=layers,
+        presets=startup.parse_presets(preset),
+        allow_train=allow_train,
+        api_key=api_key,
+        queue_size=queue,
+        force=opts.force,
+    )
+    with progress_bar() as on_progress:
+        startup.serve(
+            options,
+            on_note=note,
+            on_progress=on_progress,
+            on_listening=lambda url: err.print(
+                f"listening on [bold]{url}[/] (playground: {url}/, API: {url}/v1); Ctrl-C stops"
+            ),
+        )

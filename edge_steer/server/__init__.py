@@ -1,0 +1,11 @@
+"""`edge-steer serve`: an OpenAI-compatible HTTP server that steers each request differently.
+
+- `pool.py`      the vectors a request may name: stored ones that fit, presets, trainable
+                 built-ins; never file paths
+- `requests.py`  OpenAI request bodies -> checked jobs; OpenAI-style errors
+- `lanes.py`     the engine thread: one llama.cpp context per lane, all on one model,
+                 interleaved token by token; a bounded queue
+- `app.py`       the Starlette app: routes, SSE streaming, auth, the playground page
+
+Needs the `server` extra (uvicorn, starlette); nothing here is imported by other commands.
+"""

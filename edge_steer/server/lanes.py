@@ -1,0 +1,191 @@
+"""The engine thread: every llama.cpp context of the server, driven from one thread.
+
+Contexts of one model must not decode from several threads at once, and each context carries
+its own control vector, so per-request steering means one context per lane, all owned here.
+Lanes take turns token by token, so a new request never stalls or cuts off a running stream
+for longer than one token (or one prompt chunk). Steering is set once per request, when it
+starts on a lane; a lane's cached KV prefix is reused only under identical steering.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+
+from ..chat import until_stop
+from ..engine import Context, Sampler
+from ..errors import EdgeSteerError, EngineError
+from .pool import VectorPool
+from .requests import Job
+
+IDLE_WAIT = 0.1  # seconds the idle engine thread blocks on the queue between checks
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # "stop" or "length", as OpenAI names them
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: EdgeSteerError
+
+
+Event = Piece | Finished | Failed
+
+
+class Busy(Exception):
+    """Every lane is taken and the queue is full: answer 503 with Retry-After."""
+
+
+@dataclass
+class Ticket:
+    """A job in flight: events go to `deliver` (thread-safe); `cancel` frees its lane."""
+
+    job: Job
+    deliver: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Lane:
+    context: Context
+    steering: dict[str, float] = field(default_factory=dict)
+    ticket: Ticket | None = None
+    steps: Generator[str, None, str] | None = None
+
+
+class Lanes:
+    """`contexts` driven by one thread, fed from a queue of at most `queue_size` jobs."""
+
+    def __init__(
+        self,
+        contexts: Sequence[Context],
+        pool: VectorPool,
+        *,
+        layers: tuple[int, int] | None = None,
+        queue_size: int = 32,
+    ):
+        self.lanes = [Lane(context) for context in contexts]
+        self.pool = pool
+        self.first, self.last = layers or (1, pool.model.n_layer - 1)
+        self.queue_size = queue_size
+        self.waiting: queue.Queue[Ticket] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="edge-steer-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def submit(self, ticket: Ticket) -> None:
+        """Queue `ticket`, or raise Busy when every lane is taken and `queue_size` wait."""
+        if self.waiting.qsize() + self.busy_lanes() >= len(self.lanes) + self.queue_size:
+            raise Busy
+        self.waiting.put_nowait(ticket)
+
+    def busy_lanes(self) -> int:
+        return sum(lane.ticket is not None for lane in self.lanes)
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._admit()
+            for lane in self.lanes:
+                if lane.ticket is not None:
+                    self._step(lane)
+        for lane in self.lanes:
+            if lane.ticket is not None:
+                self._finish(lane, Failed(EngineError("the server is shutting down")))
+
+    def _admit(self) -> None:
+        """Start waiting jobs on free lanes; block briefly only when nothing runs."""
+        while (free := [lane for lane in self.lanes if lane.ticket is None]) and not (
+            self._stop.is_set()
+        ):
+            idle = len(free) == len(self.lanes)
+            try:
+                ticket = self.waiting.get(timeout=IDLE_WAIT) if idle else self.waiting.get_nowait()
+            except queue.Empty:
+                return
+            if not ticket.cancelled.is_set():
+                self._start(_best_lane(free, ticket.job), ticket)
+
+    def _start(self, lane: Lane, ticket: Ticket) -> None:
+        try:
+            rows = self.pool.rows(ticket.job.steering)  # may train a built-in on first use
+            lane.context.set_steering(rows, self.first, self.last)  # empties the KV if changed
+        except EdgeSteerError as exc:
+            ticket.deliver(Failed(exc))
+            return
+        lane.steering = dict(ticket.job.steering)
+        lane.ticket, lane.steps = ticket, _steps(lane.context, ticket.job)
+
+    def _step(self, lane: Lane) -> None:
+        """One token (or one prompt chunk) for the lane's job."""
+        assert lane.ticket is not None and lane.steps is not None
+        if lane.ticket.cancelled.is_set():
+            self._finish(lane, None)  # the client went away: free the lane now
+            return
+        try:
+            text = next(lane.steps)
+        except StopIteration as done:
+            job, stats = lane.ticket.job, lane.context.stats
+            self._finish(lane, Finished(done.value, len(job.prompt), stats.generated))
+            return
+        except EdgeSteerError as exc:
+            lane.context.forget(0)
+            self._finish(lane, Failed(exc))
+            return
+        if text:
+            lane.ticket.deliver(Piece(text))
+
+    def _finish(self, lane: Lane, event: Event | None) -> None:
+        assert lane.ticket is not None and lane.steps is not None
+        lane.steps.close()
+        if event is not None:
+            lane.ticket.deliver(event)
+        lane.ticket = lane.steps = None
+
+
+def _best_lane(free: list[Lane], job: Job) -> Lane:
+    """The free lane whose cache already holds most of this prompt under the same steering."""
+
+    def reusable(lane: Lane) -> int:
+        if lane.steering != job.steering:
+            return -1
+        return lane.context.cached_prefix(job.prompt)
+
+    return max(free, key=reusable)
+
+
+def _steps(ctx: Context, job: Job) -> Generator[str, None, str]:
+    """Text pieces of `job` on `ctx`, one token per step, after the prompt in n_batch chunks
+    (the same chunks `generate` decodes, so the tokens match the CLI's); returns the finish
+    reason."""
+    for end in range(ctx.n_batch, len(job.prompt), ctx.n_batch):
+        ctx.ingest(job.prompt[:end])
+        yield ""  # let the other lanes have a turn
+    sampler = Sampler(ctx.model, job.settings)
+    try:
+        pieces = ctx.generate(job.prompt, sampler, max_tokens=job.max_tokens)
+        hit_stop = yield from until_stop(pieces, job.stops)
+    finally:
+        sampler.close()
+    full = len(ctx.tokens) >= ctx.n_ctx
+    return "stop" if hit_stop or not (full or ctx.stats.generated >= job.max_tokens) else "length"

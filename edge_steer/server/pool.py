@@ -1,0 +1,166 @@
+"""The vectors requests may name, for the one model being served.
+
+Only names: stored vectors that fit the model, built-in concepts (trained on first use when
+the server allows it) and presets. A request can never make the server open a path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import dataset, files, library, store, vectors
+from ..engine import Model
+from ..errors import EdgeSteerError, NotFound
+from ..evaluate import recommended_range
+from .requests import ApiError
+
+MAX_STRENGTH = 10.0  # calibrated vectors: ±1 clearly steered, ±2 strong, far past ±5 gibberish
+DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated
+
+
+@dataclass
+class VectorPool:
+    """Vectors by name for `model`, loaded once; presets are named steering specs."""
+
+    model: Model
+    allow_train: bool = False
+    presets: dict[str, dict[str, float]] = field(default_factory=dict)
+    loaded: dict[str, vectors.ControlVector] = field(default_factory=dict)
+
+    def check(self, steering: Mapping[str, float], param: str = "steering") -> dict[str, float]:
+        """The request's steering, validated: known names, finite strengths in range. Reads
+        stored files here, in the request, so that a bad file is the client's 4xx."""
+        checked: dict[str, float] = {}
+        for name, strength in steering.items():
+            _check_strength(name, strength, param)
+            if strength != 0:  # 0 only switches a vector off: it need not exist
+                self._ensure_known(name, param)
+            checked[name] = float(strength)
+        return checked
+
+    def _ensure_known(self, name: str, param: str) -> None:
+        if name in self.loaded:
+            return
+        if not name or files.looks_like_path(name):
+            raise ApiError(
+                f"steering names vectors, not files: {name!r}; GET /v1/vectors lists them",
+                param=param,
+                code="invalid_vector_name",
+            )
+        try:
+            path = store.resolve_vector(name, self.model.path)
+        except NotFound:
+            if self._trainable(name):
+                return  # trained by the engine thread on first use
+            raise self._unknown(name, param) from None
+        self.loaded[name] = self._read(name, path, param)
+
+    def _read(self, name: str, path: Path, param: str) -> vectors.ControlVector:
+        try:
+            vector = vectors.read(path)
+            vectors.check_fits(vector, self.model.n_layer, self.model.n_embd, name)
+        except EdgeSteerError as exc:
+            raise ApiError(str(exc), param=param, code="vector_for_another_model") from None
+        return vector
+
+    def _trainable(self, name: str) -> bool:
+        return self.allow_train and name.lower() in dataset.builtin_names()
+
+    def _unknown(self, name: str, param: str) -> ApiError:
+        elsewhere = [p for p in store.stored_vectors() if p.stem == name]
+        if elsewhere:
+            return ApiError(
+                f"vector {name!r} was made for another model, not {self.model.name}: "
+                f"train it for this one (edge-steer train {name} --model ...)",
+                param=param,
+                code="vector_for_another_model",
+            )
+        hint = (
+            "; start the server with --allow-train to train built-in concepts on first use"
+            if name.lower() in dataset.builtin_names()
+            else ""
+        )
+        return ApiError(
+            f"unknown vector {name!r}: GET /v1/vectors lists this model's vectors{hint}",
+            param=param,
+            code="unknown_vector",
+        )
+
+    def rows(self, steering: Mapping[str, float]) -> np.ndarray | None:
+        """The summed steering rows, training missing built-ins first (engine thread only:
+        training decodes on the model)."""
+        if not steering:
+            return None
+        for name in steering:
+            if name not in self.loaded:
+                self.loaded[name] = vectors.read(library.resolve(self.model, name))
+        weighted = [(self.loaded[name], strength) for name, strength in steering.items()]
+        return vectors.combine(weighted, self.model.n_layer, self.model.n_embd)
+
+    def catalogue(self) -> list[dict[str, object]]:
+        """GET /v1/vectors: what fits this model, with the strength range to offer."""
+        listed: dict[str, dict[str, object]] = {}
+        mine = store.model_vectors_dir(self.model.path)
+        for path in [*sorted(mine.glob("*.gguf")), *sorted(store.vectors_dir().glob("*.gguf"))]:
+            if path.stem not in listed and (entry := self._entry(path)):
+                listed[path.stem] = entry
+        if self.allow_train:
+            for name in dataset.builtin_names():
+                listed.setdefault(name, _untrained(name))
+        return list(listed.values())
+
+    def _entry(self, path: Path) -> dict[str, object] | None:
+        try:
+            vector = vectors.read(path)
+            vectors.check_fits(vector, self.model.n_layer, self.model.n_embd, path.name)
+        except EdgeSteerError:
+            return None  # damaged or made for another model: not offered
+        evaluated = recommended_range(vector)
+        return {
+            "id": path.stem,
+            "object": "vector",
+            "concept": vector.metadata.get("concept"),
+            "layers": [min(vector.layers), max(vector.layers)] if vector.layers else None,
+            "calibrated": vector.metadata.get("scale_rule") == "calibrated",
+            "recommended": list(evaluated or DEFAULT_RANGE),
+            "evaluated": evaluated is not None,
+            "trained": True,
+            "max_strength": MAX_STRENGTH,
+        }
+
+
+def _untrained(name: str) -> dict[str, object]:
+    return {
+        "id": name,
+        "object": "vector",
+        "concept": name,
+        "layers": None,
+        "calibrated": True,
+        "recommended": list(DEFAULT_RANGE),
+        "evaluated": False,
+        "trained": False,  # the first request that names it waits for training
+        "max_strength": MAX_STRENGTH,
+    }
+
+
+def _check_strength(name: object, strength: object, param: str) -> None:
+    if not isinstance(name, str):
+        raise ApiError("steering names must be strings", param=param, code="invalid_steering")
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+        raise ApiError(
+            f"strength of {name!r} must be a number, got {strength!r}",
+            param=param,
+            code="invalid_steering",
+        )
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        raise ApiError(
+            f"strength {strength} of {name!r} is out of range: use a finite number between "
+            f"-{MAX_STRENGTH:g} and {MAX_STRENGTH:g} (±1 is clearly steered, ±2 strong)",
+            param=param,
+            code="invalid_steering",
+        )

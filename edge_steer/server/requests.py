@@ -1,0 +1,293 @@
+"""OpenAI request bodies -> checked generation jobs, and OpenAI-style errors.
+
+Every mistake a client can make is an `ApiError` with a 4xx status, because the `openai`
+client retries 5xx answers: a bad request must fail once, clearly, and leave the server be.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from .. import chat, vectors
+from ..engine import Model, SamplerSettings
+from ..errors import BadInput, EdgeSteerError
+
+if TYPE_CHECKING:
+    from .pool import VectorPool
+
+Kind = Literal["chat", "completion"]
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_STOPS = 4  # as OpenAI
+
+
+class ApiError(EdgeSteerError):
+    """An error answered as OpenAI does: {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.http_status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def as_api_error(exc: EdgeSteerError) -> ApiError:
+    """Any of our errors in OpenAI's shape, keeping its class's HTTP status."""
+    if isinstance(exc, ApiError):
+        return exc
+    kind = "invalid_request_error" if exc.http_status < 500 else "server_error"
+    return ApiError(str(exc), status=exc.http_status, code=type(exc).__name__, kind=kind)
+
+
+@dataclass
+class Served:
+    """What requests are checked against: the model, its names, its vectors, its lanes."""
+
+    pool: VectorPool
+    model_id: str
+    aliases: frozenset[str] = frozenset()
+    n_ctx: int = 4096
+
+    @property
+    def model(self) -> Model:
+        return self.pool.model
+
+    def names(self) -> list[str]:
+        return [self.model_id, *self.pool.presets]
+
+
+@dataclass
+class Job:
+    """One checked request, ready for a lane."""
+
+    kind: Kind
+    model: str  # as the client named it; echoed back
+    prompt: list[int]
+    max_tokens: int
+    settings: SamplerSettings
+    steering: dict[str, float] = field(default_factory=dict)
+    stops: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False
+
+
+def parse(body: object, kind: Kind, served: Served) -> Job:
+    """Check an OpenAI chat or completion body; raise ApiError naming the bad field."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object", code="invalid_json")
+    _refuse_unsupported(body)
+    model_name = body.get("model")
+    if not isinstance(model_name, str) or not model_name:
+        raise ApiError("`model` is required: GET /v1/models lists them", param="model")
+    steering = _steering(model_name, body.get("steering"), served)
+    prompt, stops = _chat_prompt(body, served) if kind == "chat" else _text_prompt(body, served)
+    if len(prompt) >= served.n_ctx:
+        raise ApiError(
+            f"the prompt is {len(prompt)} tokens but a lane's context holds {served.n_ctx}: "
+            "shorten it, or restart the server with a larger --ctx",
+            param="messages" if kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+    default = served.n_ctx - len(prompt) if kind == "chat" else COMPLETION_MAX_TOKENS
+    stream_options = body.get("stream_options") or {}
+    return Job(
+        kind=kind,
+        model=model_name,
+        prompt=prompt,
+        max_tokens=_max_tokens(body, default),
+        settings=_settings(body),
+        steering=steering,
+        stops=tuple(dict.fromkeys([*stops, *_stops(body.get("stop"))])),
+        stream=_flag(body, "stream"),
+        include_usage=isinstance(stream_options, dict)
+        and bool(stream_options.get("include_usage")),
+    )
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    """Fields we cannot honour fail loudly rather than being silently ignored."""
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise ApiError("only n=1 is supported: send one request per choice", param="n")
+    refused = {
+        "logprobs": body.get("logprobs") not in (None, False, 0),
+        "echo": bool(body.get("echo")),
+        "best_of": body.get("best_of") not in (None, 1),
+        "suffix": body.get("suffix") is not None,
+        "tools": bool(body.get("tools")) or bool(body.get("functions")),
+    }
+    for name, present in refused.items():
+        if present:
+            raise ApiError(f"`{name}` is not supported by edge-steer serve", param=name)
+
+
+def resolve_model(model_name: str, served: Served) -> tuple[dict[str, float], str]:
+    """`MODEL`, `PRESET` or either with `+SPEC`: the preset's steering and the suffix."""
+    base, _, suffix = model_name.partition("+")
+    if base in served.pool.presets:
+        return dict(served.pool.presets[base]), suffix
+    if base == served.model_id or base in served.aliases:
+        return {}, suffix
+    raise ApiError(
+        f"unknown model {base!r}: this server serves {', '.join(map(repr, served.names()))}",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _steering(model_name: str, field_value: object, served: Served) -> dict[str, float]:
+    """Preset, then the model-name suffix, then the body's `steering` field; later wins."""
+    steering, suffix = resolve_model(model_name, served)
+    steering.update(served.pool.check(spec_strengths(suffix, "model"), "model"))
+    if isinstance(field_value, str):
+        field_value = spec_strengths(field_value, "steering")
+    if field_value is not None and not isinstance(field_value, dict):
+        raise ApiError(
+            '`steering` must be an object such as {"happy": 0.8} or a spec "happy:0.8,lazy:-1"',
+            param="steering",
+            code="invalid_steering",
+        )
+    steering.update(served.pool.check(field_value or {}))
+    return {name: s for name, s in steering.items() if s != 0}
+
+
+def spec_strengths(spec: str, param: str) -> dict[str, float]:
+    """ "happy:0.8,lazy:-1" -> {"happy": 0.8, "lazy": -1.0}; repeats add up, as on the CLI."""
+    try:
+        pairs = vectors.parse_specs([spec])
+    except BadInput as exc:
+        raise ApiError(str(exc), param=param, code="invalid_steering") from None
+    totals: dict[str, float] = {}
+    for name, strength in pairs:
+        totals[name] = totals.get(name, 0.0) + strength
+    return totals
+
+
+def _chat_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tuple[str, ...]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("`messages` must be a non-empty list", param="messages")
+    plain = [_message(m, i) for i, m in enumerate(messages)]
+    tokens, stops = chat.format_prompt(served.model, plain)
+    return tokens, tuple(stops)
+
+
+def _message(message: object, index: int) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ApiError(f"{where} must be an object with a `role`", param=where)
+    role = {"developer": "system"}.get(message["role"], message["role"])
+    if role not in ("system", "user", "assistant"):
+        raise ApiError(f"{where}: role {role!r} is not supported", param=where)
+    content = message.get("content")
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise ApiError(f"{where}: only text content parts are supported", param=where)
+        content = "".join(str(p.get("text", "")) for p in content)
+    if not isinstance(content, str):
+        raise ApiError(f"{where}: `content` must be a string", param=where)
+    return {"role": role, "content": content}
+
+
+def _text_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tuple[str, ...]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # one prompt in a list, as some clients send it
+    if isinstance(prompt, str) and prompt:
+        return served.model.tokenize(prompt), ()
+    n_vocab = served.model.n_vocab
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in prompt)
+    ):
+        return list(prompt), ()
+    raise ApiError(
+        "`prompt` must be one non-empty string (or one list of token ids); "
+        "send one request per prompt",
+        param="prompt",
+    )
+
+
+def _max_tokens(body: Mapping[str, Any], default: int) -> int:
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(f"`{name}` must be a whole number of at least 1", param=name)
+        return value
+    return default
+
+
+def _settings(body: Mapping[str, Any]) -> SamplerSettings:
+    """OpenAI's sampling fields plus llama.cpp's (top_k, min_p, repeat_penalty)."""
+    base = SamplerSettings()
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ApiError("`seed` must be an integer", param="seed")
+    return SamplerSettings(
+        temperature=_number(body, "temperature", base.temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", base.top_p, 0.0, 1.0),
+        top_k=int(_number(body, "top_k", base.top_k, 0, 1 << 20, whole=True)),
+        min_p=_number(body, "min_p", base.min_p, 0.0, 1.0),
+        repeat_penalty=_number(body, "repeat_penalty", base.repeat_penalty, 0.01, 10.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        seed=seed,
+    )
+
+
+def _number(
+    body: Mapping[str, Any], name: str, default: float, low: float, high: float, whole=False
+) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = int if whole else int | float
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ApiError(f"`{name}` must be a {'whole ' if whole else ''}number", param=name)
+    if not low <= value <= high:
+        raise ApiError(f"`{name}` must be between {low:g} and {high:g}", param=name)
+    return float(value)
+
+
+def _stops(stop: object) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if (
+        not isinstance(stops, list)
+        or len(stops) > MAX_STOPS
+        or not all(isinstance(s, str) and s for s in stops)
+    ):
+        raise ApiError(
+            f"`stop` must be a string or up to {MAX_STOPS} non-empty strings", param="stop"
+        )
+    return stops
+
+
+def _flag(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool) and value is not None:
+        raise ApiError(f"`{name}` must be true or false", param=name)
+    return bool(value)

@@ -1,0 +1,212 @@
+"""Start the server: listen at once, load the model behind /health's 503, then serve.
+
+The model file is resolved (and downloaded) before the port opens, so that a wrong --model is
+a one-line error at the terminal. Loading, presets and lanes happen on a loader thread while
+uvicorn already answers /health; if loading fails, the server stops and the error is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import hub, runtime, steering, vectors
+from ..engine import Context
+from ..errors import BadInput, EdgeSteerError, EngineError
+from ..files import size_text
+from .app import ServerState, create_app
+from .lanes import Lanes
+from .pool import VectorPool
+from .requests import Served, spec_strengths
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeOptions:
+    path: Path  # the resolved model file
+    model_id: str  # the name clients use, e.g. "demo" or "mistral:q4_k_m"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    parallel: int = 1
+    ctx: int = runtime.DEFAULT_CTX  # per lane
+    threads: int | None = None
+    gpu_layers: str | None = None
+    moe_offload: str | None = None
+    layers: str | None = None
+    presets: dict[str, dict[str, float]] = field(default_factory=dict)
+    allow_train: bool = False
+    api_key: str | None = None
+    queue_size: int = 32
+    force: bool = False
+
+
+def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
+    """["calm=happy:0.5,lazy:1"] -> {"calm": {"happy": 0.5, "lazy": 1.0}}."""
+    presets: dict[str, dict[str, float]] = {}
+    for item in given:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or "+" in name or not spec.strip():
+            raise BadInput(f"bad preset {item!r}: use NAME=SPEC, e.g. --preset calm=happy:0.5")
+        presets[name.strip()] = {k: v for k, v in _preset_spec(item, spec).items() if v != 0}
+    return presets
+
+
+def _preset_spec(item: str, spec: str) -> dict[str, float]:
+    try:
+        return spec_strengths(spec, "preset")
+    except EdgeSteerError:
+        raise BadInput(
+            f"bad preset {item!r}: its SPEC must be NAME[:STRENGTH],... e.g. happy:0.5,lazy:-1"
+        ) from None
+
+
+def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None:
+    """What can be wrong before anything loads: counts, and the port."""
+    runtime.check_ctx(options.ctx)
+    if options.parallel < 1 or options.queue_size < 0:
+        raise BadInput("--parallel must be at least 1 and --queue at least 0")
+    if options.host not in LOOPBACK and not options.api_key:
+        on_note(
+            f"warning: --host {options.host} without --api-key: anyone who can reach port "
+            f"{options.port} can use this model; pass --api-key KEY or use a firewall"
+        )
+    with socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((options.host, options.port))
+        except OSError as exc:
+            raise BadInput(
+                f"cannot listen on {options.host}:{options.port} ({exc.strerror}): "
+                "pass another --port, or stop what uses it"
+            ) from None
+
+
+def serve(
+    options: ServeOptions,
+    *,
+    on_note: Callable[[str], None],
+    on_progress: runtime.Progress,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Run until Ctrl-C; raise the loading error, if loading failed."""
+    import uvicorn
+
+    check_options(options, on_note)
+    state = ServerState(api_key=options.api_key)
+    holder: dict[str, uvicorn.Server] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app) -> AsyncIterator[None]:
+        loader = threading.Thread(
+            target=_load,
+            args=(options, state, on_note, on_progress, lambda: _stop(holder)),
+            name="edge-steer-loader",
+            daemon=True,
+        )
+        loader.start()
+        if on_listening:
+            on_listening(f"http://{options.host}:{options.port}")
+        try:
+            yield
+        finally:
+            if state.lanes is not None:
+                state.lanes.stop()
+
+    app = create_app(state, lifespan)
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level="warning",
+        timeout_graceful_shutdown=3,
+    )
+    holder["server"] = server = uvicorn.Server(config)
+    server.run()
+    if state.error is not None:
+        raise state.error
+
+
+def _stop(holder: dict) -> None:
+    holder["server"].should_exit = True
+
+
+def _load(options, state: ServerState, on_note, on_progress, stop: Callable[[], None]) -> None:
+    try:
+        served, lanes = build(options, on_note=on_note, on_progress=on_progress)
+    except Exception as exc:  # reported by `serve` once uvicorn has stopped
+        state.error = exc if isinstance(exc, EdgeSteerError) else EngineError(f"loading: {exc}")
+        stop()
+        return
+    state.served, state.lanes = served, lanes
+    lanes.start()
+    on_note(f"ready: {served.model_id} on {len(lanes.lanes)} lane(s)")
+
+
+def build(
+    options: ServeOptions,
+    *,
+    on_note: Callable[[str], None] = lambda _: None,
+    on_progress: runtime.Progress = lambda *_: None,
+) -> tuple[Served, Lanes]:
+    """Model, vectors, presets and lanes for `options` (the engine thread not yet started)."""
+    model = runtime.load_model(
+        options.path,
+        gpu_layers=options.gpu_layers,
+        moe_offload=options.moe_offload,
+        ctx=options.ctx * options.parallel,  # every lane's KV cache counts for the fit
+        force=options.force,
+        on_note=on_note,
+    )
+    try:
+        pool = VectorPool(model, allow_train=options.allow_train)
+        for name, spec in options.presets.items():
+            _load_preset(pool, name, spec, on_progress)
+        contexts = [
+            runtime.open_context(model, ctx=options.ctx, threads=options.threads)
+            for _ in range(options.parallel)
+        ]
+    except BaseException:
+        model.close()
+        raise
+    on_note(_lane_memory(contexts))
+    served = Served(pool, options.model_id, _aliases(options), n_ctx=contexts[0].n_ctx)
+    layers = steering.parse_layers(options.layers, model.n_layer)
+    return served, Lanes(contexts, pool, layers=layers, queue_size=options.queue_size)
+
+
+def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progress) -> None:
+    """A preset's vectors, from the store or trained now (a preset is the operator's choice,
+    so built-in concepts are trained for it whatever --allow-train says)."""
+    for vector in spec:
+        if vector not in pool.loaded:
+            path = runtime.vector_file(pool.model, vector, on_progress=on_progress)
+            pool.loaded[vector] = vectors.read(path)
+            vectors.check_fits(pool.loaded[vector], pool.model.n_layer, pool.model.n_embd, vector)
+    pool.presets[name] = dict(spec)
+
+
+def _lane_memory(contexts: list[Context]) -> str:
+    sizes = contexts[0].buffers
+    parts = " + ".join(f"{kind} {size_text(size)}" for kind, size in sizes.items())
+    total = sum(sizes.values())
+    return (
+        f"lanes: {len(contexts)} x ({parts}) = {size_text(total * len(contexts))} "
+        f"for {contexts[0].n_ctx}-token contexts"
+    )
+
+
+def model_id(given: str | None, path: Path) -> str:
+    """What /v1/models calls the model: the catalog name as given (`demo`, `mistral:q4_k_m`),
+    or a file's name without .gguf; never a path."""
+    given = given or hub.default_model()
+    return path.stem if hub.looks_like_model_path(given) else given
+
+
+def _aliases(options: ServeOptions) -> frozenset[str]:
+    """Other names that mean the served model: its file name, with and without .gguf."""
+    return frozenset({options.path.name, options.path.stem, str(options.path)})

@@ -1,0 +1,246 @@
+"""`edge-steer serve` as users meet it: a real server process on loopback, driven by the
+official `openai` client and plain HTTP, on the demo model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from tools.server_process import health, running_server  # noqa: E402
+
+PROMPT = "The best thing about mornings is"
+SPECS = [{}, {"happy": 1.0}, {"happy": -1.0, "wobble": 0.8}, {"wobble": -1.5}]
+
+
+@pytest.fixture(scope="module")
+def wobble(demo_model) -> Path:
+    """A stored vector for the demo model that no built-in concept gives: a fixed random
+    direction in blocks 6-12, big enough to change greedy text."""
+    from edge_steer import store, vectors
+
+    rng = np.random.default_rng(7)
+    directions = {}
+    for layer in range(6, 13):
+        unit = rng.standard_normal(demo_model.n_embd).astype(np.float32)
+        directions[layer] = unit / np.linalg.norm(unit) * 40.0
+    vector = vectors.ControlVector(directions, metadata={"concept": "wobble"})
+    return vectors.write(vector, store.model_vectors_dir(demo_model.path) / "wobble.gguf")
+
+
+@pytest.fixture(scope="module")
+def server(demo_path, wobble) -> str:
+    args = ["--model", "demo", "--parallel", "4", "--preset", "cheerful=happy:1"]
+    with running_server(args) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def _complete(client, steering=None, **kwargs):
+    extra = {"steering": steering} if steering is not None else None
+    args = {"model": "demo", "prompt": PROMPT, "max_tokens": 24, "temperature": 0} | kwargs
+    return client.completions.create(extra_body=extra, **args)
+
+
+def test_health_and_models(server, client):
+    status, body = health(server)
+    assert status == 200 and body["lanes"] == 4
+    models = {m.id: m.model_extra["steering"] for m in client.models.list()}
+    assert models == {"demo": {}, "cheerful": {"happy": 1.0}}
+
+
+def test_vectors_lists_what_fits(server):
+    with urllib.request.urlopen(f"{server}/v1/vectors") as response:
+        listed = {v["id"]: v for v in json.load(response)["data"]}
+    assert {"happy", "wobble"} <= set(listed)
+    assert listed["happy"]["calibrated"] and listed["happy"]["trained"]
+    low, high = listed["happy"]["recommended"]
+    assert low < 0 < high
+
+
+def test_completion_usage_and_finish(client):
+    reply = _complete(client)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and reply.usage.completion_tokens == 24
+    assert reply.usage.prompt_tokens == len(client_tokens(client, PROMPT))
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 24
+    assert reply.model_extra["steering"] == {}
+
+
+def client_tokens(_client, text: str) -> list[int]:
+    from edge_steer import hub
+    from edge_steer.engine import Model
+
+    with Model(hub.resolve_model("demo")) as model:
+        return model.tokenize(text)
+
+
+def test_streaming_equals_whole_and_reports_usage(client):
+    whole = _complete(client).choices[0].text
+    chunks = list(
+        client.completions.create(
+            model="demo",
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+
+
+def test_chat_streaming_and_stop(client):
+    messages = [{"role": "user", "content": "Count from one to ten in words."}]
+    reply = client.chat.completions.create(
+        model="demo", messages=messages, max_tokens=40, temperature=0
+    )
+    text = reply.choices[0].message.content
+    assert reply.choices[0].message.role == "assistant" and text
+    stop = text.strip().split()[2]  # a word the answer really contains
+    stopped = client.chat.completions.create(
+        model="demo", messages=messages, max_tokens=40, temperature=0, stop=[stop], stream=True
+    )
+    chunks = list(stopped)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert stop not in streamed and text.startswith(streamed)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seed_reproduces_sampling(client):
+    runs = [_complete(client, temperature=1.0, seed=s).choices[0].text for s in (5, 5, 6)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_steering_by_field_suffix_and_preset_agree(client):
+    unsteered = _complete(client).choices[0].text
+    by_field = _complete(client, {"happy": 1.0})
+    by_spec = _complete(client, "happy:1")
+    by_suffix = _complete(client, model="demo+happy:1")
+    by_preset = _complete(client, model="cheerful")
+    texts = {r.choices[0].text for r in (by_field, by_spec, by_suffix, by_preset)}
+    assert len(texts) == 1 and unsteered not in texts
+    for reply in (by_field, by_spec, by_suffix, by_preset):
+        assert reply.model_extra["steering"] == {"happy": 1.0}
+    # the body field overrides the preset, name by name
+    assert _complete(client, {"happy": 0}, model="cheerful").choices[0].text == unsteered
+
+
+def _cli_generate(demo_path: Path, spec: dict[str, float]) -> str:
+    vectors = [f"--vector={name}:{strength}" for name, strength in spec.items()]
+    command = ["edge-steer", "generate", "--model", str(demo_path), "-p", PROMPT]
+    command += ["-n", "24", "--temp", "0", "--json", *vectors]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)["text"]
+
+
+def test_concurrent_requests_match_sequential_cli(client, demo_path):
+    """4 greedy requests at once, 4 steering specs: each gets exactly the tokens that
+    `edge-steer generate --temp 0` gives with its spec, run one after another."""
+    expected = [_cli_generate(demo_path, spec) for spec in SPECS]
+    assert len(set(expected)) == len(SPECS)  # the specs really differ
+    with ThreadPoolExecutor(len(SPECS)) as pool:
+        replies = list(pool.map(lambda spec: _complete(client, spec), SPECS))
+    assert [r.choices[0].text for r in replies] == expected
+    assert [r.model_extra["steering"] for r in replies] == SPECS
+
+
+BAD_REQUESTS = [
+    ({"model": "gpt-4"}, 404, "model_not_found"),
+    ({"steering": {"nope": 1}}, 400, "unknown_vector"),
+    ({"steering": {"happy": 1e9}}, 400, "invalid_steering"),
+    ({"steering": {"happy": "strong"}}, 400, "invalid_steering"),
+    ({"steering": {"/etc/passwd": 1}}, 400, "invalid_vector_name"),
+    ({"steering": {"../happy": 1}}, 400, "invalid_vector_name"),
+    ({"model": "demo+happy:x"}, 400, "invalid_steering"),
+    ({"n": 2}, 400, None),
+    ({"max_tokens": 0}, 400, None),
+    ({"temperature": -1}, 400, None),
+    ({"stop": ["a", "b", "c", "d", "e"]}, 400, None),
+    ({"prompt": "word " * 5000}, 400, "context_length_exceeded"),
+    ({"prompt": ""}, 400, None),
+]
+
+
+@pytest.mark.parametrize(("change", "status", "code"), BAD_REQUESTS)
+def test_bad_requests_are_4xx_and_the_server_keeps_serving(client, change, status, code):
+    body = {"model": "demo", "prompt": "Hi", "max_tokens": 2} | change
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.completions.create(
+            **{k: v for k, v in body.items() if k != "steering"},
+            extra_body={"steering": body.get("steering", {})},
+        )
+    assert caught.value.status_code == status
+    error = caught.value.body
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if code:
+        assert error["code"] == code
+    assert _complete(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def _post(url: str, body: object, headers: dict[str, str] | None = None):
+    """(status, JSON body, headers) of a raw POST; `body` bytes are sent as they are."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response), response.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc), exc.headers
+
+
+def test_malformed_json_and_messages(server):
+    assert _post(f"{server}/v1/completions", b"{not json")[0] == 400
+    status, body, _ = _post(f"{server}/v1/chat/completions", {"model": "demo", "messages": "hi"})
+    assert status == 400 and body["error"]["param"] == "messages"
+
+
+def test_a_client_that_disconnects_frees_its_lane(server, client):
+    stream = client.completions.create(
+        model="demo", prompt=PROMPT, max_tokens=3000, temperature=0.8, stream=True
+    )
+    next(iter(stream))
+    assert health(server)[1]["busy"] == 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while health(server)[1]["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert health(server)[1]["busy"] == 0
+
+
+def test_full_queue_is_503_with_retry_after_and_api_key_is_required(demo_path):
+    args = ["--model", "demo", "--parallel", "1", "--queue", "0", "--api-key", "k1"]
+    with running_server(args) as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
+        long = client.completions.create(model="demo", prompt=PROMPT, max_tokens=3000, stream=True)
+        next(iter(long))  # the only lane is now generating, and nothing may wait
+        body = {"model": "demo", "prompt": "Hi", "max_tokens": 1}
+        status, error, headers = _post(
+            f"{url}/v1/completions", body, {"Authorization": "Bearer k1"}
+        )
+        long.close()
+        assert status == 503 and error["error"]["code"] == "server_busy"
+        assert int(headers["Retry-After"]) > 0
+        deadline = time.monotonic() + 10  # the closed stream's lane frees itself
+        while health(url)[1]["busy"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.completions.create(**body).choices[0].finish_reason == "length"
