@@ -2,7 +2,7 @@
 
 - `pool.py`      the vectors a request may name: stored ones that fit, presets, trainable
                  built-ins; never file paths
-- `requests.py`  OpenAI request bodies -> checked jobs; OpenAI-style errors
+- `requests.py`  OpenAI request bodies -> checked jobs; `api_error.py` errors in OpenAI's shape
 - `lanes.py`     the engine thread: one llama.cpp context per lane, all on one model,
                  interleaved token by token; a bounded queue
 - `app.py`       the Starlette app: routes, SSE streaming, auth, the playground page

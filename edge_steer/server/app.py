@@ -25,8 +25,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..errors import EdgeSteerError
+from .api_error import ApiError, as_api_error
 from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket
-from .requests import ApiError, Job, Kind, Served, as_api_error, parse
+from .requests import Job, Kind, Served, parse
 
 RETRY_AFTER_SECONDS = 2
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there

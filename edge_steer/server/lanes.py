@@ -130,8 +130,8 @@ class Lanes:
         try:
             rows = self.pool.rows(ticket.job.steering)  # may train a built-in on first use
             lane.context.set_steering(rows, self.first, self.last)  # empties the KV if changed
-        except EdgeSteerError as exc:
-            ticket.deliver(Failed(exc))
+        except Exception as exc:  # the engine thread must outlive any one request
+            ticket.deliver(Failed(_as_error(exc)))
             return
         lane.steering = dict(ticket.job.steering)
         lane.ticket, lane.steps = ticket, _steps(lane.context, ticket.job)
@@ -148,9 +148,9 @@ class Lanes:
             job, stats = lane.ticket.job, lane.context.stats
             self._finish(lane, Finished(done.value, len(job.prompt), stats.generated))
             return
-        except EdgeSteerError as exc:
+        except Exception as exc:  # the engine thread must outlive any one request
             lane.context.forget(0)
-            self._finish(lane, Failed(exc))
+            self._finish(lane, Failed(_as_error(exc)))
             return
         if text:
             lane.ticket.deliver(Piece(text))
@@ -161,6 +161,10 @@ class Lanes:
         if event is not None:
             lane.ticket.deliver(event)
         lane.ticket = lane.steps = None
+
+
+def _as_error(exc: Exception) -> EdgeSteerError:
+    return exc if isinstance(exc, EdgeSteerError) else EngineError(f"generation failed: {exc}")
 
 
 def _best_lane(free: list[Lane], job: Job) -> Lane:

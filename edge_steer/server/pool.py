@@ -17,7 +17,7 @@ from .. import dataset, files, library, store, vectors
 from ..engine import Model
 from ..errors import EdgeSteerError, NotFound
 from ..evaluate import recommended_range
-from .requests import ApiError
+from .api_error import ApiError
 
 MAX_STRENGTH = 10.0  # calibrated vectors: ±1 clearly steered, ±2 strong, far past ±5 gibberish
 DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated

@@ -1,60 +1,22 @@
-"""OpenAI request bodies -> checked generation jobs, and OpenAI-style errors.
-
-Every mistake a client can make is an `ApiError` with a 4xx status, because the `openai`
-client retries 5xx answers: a bad request must fail once, clearly, and leave the server be.
-"""
+"""OpenAI request bodies -> checked generation jobs; each mistake is an `ApiError` naming
+the field it found wrong."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from .. import chat, vectors
 from ..engine import Model, SamplerSettings
-from ..errors import BadInput, EdgeSteerError
-
-if TYPE_CHECKING:
-    from .pool import VectorPool
+from ..errors import BadInput
+from .api_error import ApiError
+from .pool import VectorPool
 
 Kind = Literal["chat", "completion"]
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOPS = 4  # as OpenAI
-
-
-class ApiError(EdgeSteerError):
-    """An error answered as OpenAI does: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int = 400,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.http_status, self.param, self.code, self.kind = status, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": str(self),
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def as_api_error(exc: EdgeSteerError) -> ApiError:
-    """Any of our errors in OpenAI's shape, keeping its class's HTTP status."""
-    if isinstance(exc, ApiError):
-        return exc
-    kind = "invalid_request_error" if exc.http_status < 500 else "server_error"
-    return ApiError(str(exc), status=exc.http_status, code=type(exc).__name__, kind=kind)
 
 
 @dataclass
