@@ -39,7 +39,19 @@ def wobble(demo_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(demo_path, wobble) -> str:
+def alien():
+    """A stored vector made for another model (64 wide): requests must not get it."""
+    from edge_steer import store, vectors
+
+    vector = vectors.ControlVector({1: np.ones(64, dtype=np.float32)}, metadata={"concept": "x"})
+    path = vectors.write(vector, store.vectors_dir() / "0123456789abcdef" / "alien.gguf")
+    yield path
+    path.unlink()
+    path.parent.rmdir()
+
+
+@pytest.fixture(scope="module")
+def server(demo_path, wobble, alien) -> str:
     args = ["--model", "demo", "--parallel", "4", "--preset", "cheerful=happy:1"]
     with running_server(args) as url:
         yield url
@@ -165,6 +177,8 @@ def test_concurrent_requests_match_sequential_cli(client, demo_path):
 BAD_REQUESTS = [
     ({"model": "gpt-4"}, 404, "model_not_found"),
     ({"steering": {"nope": 1}}, 400, "unknown_vector"),
+    ({"steering": {"formal": 1}}, 400, "unknown_vector"),  # built-in, untrained, no --allow-train
+    ({"steering": {"alien": 1}}, 400, "vector_for_another_model"),
     ({"steering": {"happy": 1e9}}, 400, "invalid_steering"),
     ({"steering": {"happy": "strong"}}, 400, "invalid_steering"),
     ({"steering": {"/etc/passwd": 1}}, 400, "invalid_vector_name"),
@@ -225,12 +239,17 @@ def test_a_client_that_disconnects_frees_its_lane(server, client):
     assert health(server)[1]["busy"] == 0
 
 
-def test_full_queue_is_503_with_retry_after_and_api_key_is_required(demo_path):
+def test_allow_train_queue_and_api_key(demo_path):
+    """--allow-train trains a built-in on first use; a full queue is 503 with Retry-After;
+    --api-key is required."""
     args = ["--model", "demo", "--parallel", "1", "--queue", "0", "--api-key", "k1"]
+    args += ["--allow-train"]
     with running_server(args) as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
+        trained = _complete(client, {"formal": 1.0}, max_tokens=4)
+        assert trained.model_extra["steering"] == {"formal": 1.0}
         long = client.completions.create(model="demo", prompt=PROMPT, max_tokens=3000, stream=True)
         next(iter(long))  # the only lane is now generating, and nothing may wait
         body = {"model": "demo", "prompt": "Hi", "max_tokens": 1}
