@@ -233,10 +233,21 @@ def test_a_client_that_disconnects_frees_its_lane(server, client):
     next(iter(stream))
     assert health(server)[1]["busy"] == 1
     stream.close()
-    deadline = time.monotonic() + 10
-    while health(server)[1]["busy"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_idle(server)
     assert health(server)[1]["busy"] == 0
+    # the same without streaming: the client gives up waiting for the whole answer
+    body = {"model": "demo", "prompt": PROMPT, "max_tokens": 3000, "temperature": 0.8}
+    request = urllib.request.Request(f"{server}/v1/completions", data=json.dumps(body).encode())
+    with pytest.raises(TimeoutError):
+        urllib.request.urlopen(request, timeout=2)
+    _wait_idle(server)
+    assert health(server)[1]["busy"] == 0
+
+
+def _wait_idle(url: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while health(url)[1]["busy"] and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def test_allow_train_queue_and_api_key(demo_path):
@@ -259,7 +270,5 @@ def test_allow_train_queue_and_api_key(demo_path):
         long.close()
         assert status == 503 and error["error"]["code"] == "server_busy"
         assert int(headers["Retry-After"]) > 0
-        deadline = time.monotonic() + 10  # the closed stream's lane frees itself
-        while health(url)[1]["busy"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_idle(url)  # the closed stream's lane frees itself
         assert client.completions.create(**body).choices[0].finish_reason == "length"
