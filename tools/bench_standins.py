@@ -34,6 +34,10 @@ from tools import standins
 CTX = 4096
 PP, TG = 512, 128
 MIB = 1 << 20
+PROBES = (
+    {"prompt": "Tell me about your day.", "positive": "cheerful", "negative": "gloomy"},
+    {"prompt": "How do you feel about the weather?", "positive": "joyful", "negative": "sad"},
+)
 
 
 def _say(text: str) -> None:
@@ -216,30 +220,24 @@ def measure(key: str, out: Path, threads: int, reps: int, pairs: int, train_limi
         [*edge, *hi, "-n", "8", "--temp", "0", "--vector", f"{name}:1.0", *t]
     )
     if spec.hp.n_expert:
-        result["eval"] = command(
-            [
-                *edge,
-                "eval",
-                name,
-                "--model",
-                str(path),
-                "--strengths",
-                "-1,1",
-                "--samples",
-                "1",
-                "--sample-tokens",
-                "8",
-                "--no-save",
-                *t,
-            ]
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            probes = Path(tmp) / "probes.jsonl"  # a new concept has no built-in probes
+            probes.write_text("".join(json.dumps(p) + "\n" for p in PROBES))
+            cheap = ["--strengths", "-1,1", "--samples", "1", "--sample-tokens", "8", "--no-save"]
+            result["eval"] = command(
+                [*edge, "eval", name, "--model", str(path), "--probes", str(probes), *cheap, *t]
+            )
     fits = model_fits([entry], available_ram=1 << 50, vram_free=0)[0]
-    peak = max(result["child_peak_rss"], result["startup"]["peak_rss"])
+    predicted = entry.ram_needed(CTX)
+    raw = max(result["startup"]["peak_rss"], result["generate_steered"]["peak_rss"])
+    working = result["child"]["memory_after_generation"]["VmHWM"]
     result["fit"] = {
-        "predicted_ram": entry.ram_needed(CTX),
+        "predicted_ram": predicted,
         "doctor_needs": fits["needed"],
-        "measured_peak_rss": peak,
-        "error": round(entry.ram_needed(CTX) / peak - 1, 4),
+        "peak_rss_whole_command": raw,
+        "peak_rss_working_set": working,
+        "error_vs_working_set": round(predicted / working - 1, 4),
+        "error_vs_whole_command": round(predicted / raw - 1, 4),
     }
     return result
 
@@ -248,21 +246,23 @@ def table(results: list[dict], threads: int) -> str:
     """The README's Markdown table."""
     gb = 1e9
     rows = [
-        "| stand-in | file | load | `generate -n 1` | peak RSS (ctx 4096) | fit check | "
-        f"pp{PP} | tg{TG} | capture | train (pairs) | train RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stand-in | file | load | `generate -n 1` | peak RSS: command / working set | fit check "
+        f"| pp{PP} | tg{TG} | capture / plain pp | train (pairs) | train peak RSS | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        c = r["child"]
+        c, f = r["child"], r["fit"]
         pp, tg = c[f"pp{PP}_tps"], c[f"tg{TG}_tps"]
         rows.append(
             f"| {r['standin']} | {r['file_bytes'] / gb:.2f} GB | {c['load_s']:.1f} s "
-            f"| {r['startup']['wall_s']:.1f} s | {r['fit']['measured_peak_rss'] / gb:.2f} GB "
-            f"| {r['fit']['predicted_ram'] / gb:.2f} GB ({r['fit']['error']:+.1%}) "
+            f"| {r['startup']['wall_s']:.1f} s "
+            f"| {f['peak_rss_whole_command'] / gb:.2f} / {f['peak_rss_working_set'] / gb:.2f} GB "
+            f"| {f['predicted_ram'] / gb:.2f} GB ({f['error_vs_working_set']:+.1%}) "
             f"| {max(pp):.1f} tok/s | {max(tg):.2f} tok/s "
-            f"| {c['capture']['capture_tps']:.1f} tok/s "
+            f"| {c['capture']['capture_tps']:.1f} / {c['capture']['plain_pp_tps']:.1f} tok/s "
             f"| {r['train']['wall_s']:.0f} s ({r['train_pairs']}) "
-            f"| {r['train']['peak_rss'] / gb:.2f} GB |"
+            f"| {r['train']['peak_rss'] / gb:.2f} GB "
+            f"| {c['loadavg_before']}-{c['loadavg_after']} |"
         )
     return "\n".join(rows) + f"\n\n{threads} threads."
 
