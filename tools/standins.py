@@ -138,10 +138,11 @@ class Planned:
     @property
     def nbytes(self) -> int:
         block, size = gguf.GGML_QUANT_SIZES[self.qtype]
-        n = int(np.prod(self.spec.shape))
-        if n % block:
-            raise ValueError(f"{self.spec.name}: {n} values are not whole {self.qtype.name} blocks")
-        return n // block * size
+        row = self.spec.shape[-1]  # ggml quantizes rows: ne[0] must be whole blocks
+        if row % block:
+            kind = self.qtype.name
+            raise ValueError(f"{self.spec.name}: rows of {row} are not whole {kind} blocks")
+        return int(np.prod(self.spec.shape)) // block * size
 
 
 def plan(spec: Spec) -> list[Planned]:
