@@ -143,13 +143,19 @@ def child(path: Path, threads: int, reps: int, capture_pairs: int) -> dict:
 
 
 def working_set(path: Path, threads: int) -> dict:
-    """Memory alone, cheaply: load, drop the file pages, then pp512 and tg8 at --ctx 4096."""
+    """Memory alone, cheaply: load, drop the file pages, then pp512 and tg8 at --ctx 4096
+    (and the logits are finite)."""
+    import numpy as np
+
     from edge_steer import bench
     from edge_steer.engine import Context, Model
 
     model = Model(path)
     result = {"memory_after_load": _status(), "file_pages_dropped": _drop_file_pages(path)}
     with Context(model, n_ctx=CTX, n_batch=bench.BATCH, threads=threads) as ctx:
+        ctx.ingest(model.tokenize(bench.PROMPT))
+        result["logits_finite"] = bool(np.isfinite(ctx.logits()).all())
+        ctx.forget(0)
         bench.engine_pp(ctx, None, bench.text_tokens(model, PP))
         bench.engine_tg(ctx, None, model.tokenize(bench.PROMPT), 8)
         result["memory_after_generation"] = _status()
