@@ -22,13 +22,14 @@ import os
 import re
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
 import gguf
 import numpy as np
 
-__all__ = ["write_tiny_model"]
+__all__ = ["Hparams", "TensorSpec", "add_hparams", "add_tokenizer", "layout", "write_tiny_model"]
 
 # --- shapes -----------------------------------------------------------------
 
@@ -167,8 +168,10 @@ def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _build_vocab() -> tuple[list[str], list[int], list[str]]:
-    """Return (tokens, token_types, merges) for the gguf tokenizer keys."""
+def _build_vocab(n_vocab: int | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Return (tokens, token_types, merges) for the gguf tokenizer keys. With `n_vocab`, pad
+    with unused `[control_N]` tokens (as Mistral v0.3 reserves them) to exactly that size, so
+    full-size stand-ins get a real model's vocabulary width and output-layer shape."""
     byte_tokens = list(_bytes_to_unicode().values())
     n_merges = TARGET_VOCAB - len(SPECIAL_TOKENS) - len(byte_tokens)
     merges = _learn_merges(_CORPUS, n_merges)
@@ -176,62 +179,141 @@ def _build_vocab() -> tuple[list[str], list[int], list[str]]:
     assert len(set(tokens)) == len(tokens), "duplicate token text"
     types = [int(gguf.TokenType.UNKNOWN), *[int(gguf.TokenType.CONTROL)] * 4]
     types += [int(gguf.TokenType.NORMAL)] * (len(tokens) - len(SPECIAL_TOKENS))
+    if n_vocab is not None:
+        if n_vocab < len(tokens):
+            raise ValueError(f"n_vocab {n_vocab}: the tokenizer needs at least {len(tokens)}")
+        pad = n_vocab - len(tokens)
+        tokens += [f"[control_{i}]" for i in range(pad)]
+        types += [int(gguf.TokenType.UNUSED)] * pad
     return tokens, types, [f"{a} {b}" for a, b in merges]
+
+
+def add_tokenizer(w: gguf.GGUFWriter, n_vocab: int | None = None) -> int:
+    """Write the byte-level BPE tokenizer and Mistral chat template into `w`; return the
+    vocabulary size (the learned one, or `n_vocab` when padded to it)."""
+    tokens, types, merges = _build_vocab(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(TOKENIZER_PRE)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(UNK_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    return len(tokens)
+
+
+def vocab_size() -> int:
+    """The learned (unpadded) vocabulary size."""
+    return len(_build_vocab()[0])
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """The llama-architecture hyperparameters a GGUF header carries."""
+
+    n_vocab: int
+    n_layer: int
+    n_embd: int = N_EMBD
+    n_ff: int = N_FF
+    n_head: int = N_HEAD
+    n_head_kv: int = N_HEAD_KV
+    n_ctx_train: int = N_CTX_TRAIN
+    n_expert: int = 0
+    n_expert_used: int = 0
+
+
+def add_hparams(w: gguf.GGUFWriter, name: str, file_type: int, hp: Hparams) -> None:
+    """Write the general and llama.* keys llama.cpp reads to build the graph."""
+    w.add_name(name)
+    w.add_file_type(file_type)
+    w.add_vocab_size(hp.n_vocab)
+    w.add_context_length(hp.n_ctx_train)
+    w.add_embedding_length(hp.n_embd)
+    w.add_block_count(hp.n_layer)
+    w.add_feed_forward_length(hp.n_ff)
+    w.add_head_count(hp.n_head)
+    w.add_head_count_kv(hp.n_head_kv)
+    w.add_layer_norm_rms_eps(RMS_EPS)
+    w.add_rope_dimension_count(hp.n_embd // hp.n_head)
+    w.add_rope_freq_base(ROPE_FREQ_BASE)
+    if hp.n_expert:
+        w.add_expert_count(hp.n_expert)
+        w.add_expert_used_count(hp.n_expert_used)
 
 
 # --- weights ----------------------------------------------------------------
 
 
-def _tensors(
-    rng: np.random.Generator, n_vocab: int, n_layer: int, moe: bool
-) -> list[tuple[str, np.ndarray]]:
-    """Random weights in gguf numpy order (reverse of ggml ne): a ggml
-    {n_in, n_out} matrix is a numpy (n_out, n_in) array."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """One weight of a llama-architecture GGUF: its name, numpy shape (reverse of ggml's ne:
+    a ggml {n_in, n_out} matrix is a numpy (n_out, n_in) array) and the spread of its random
+    values (1/sqrt(fan_in) keeps every block's output O(1); pre-norms do the rest)."""
 
-    def mat(*shape: int, std: float) -> np.ndarray:
-        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16)
+    name: str
+    shape: tuple[int, ...]
+    std: float
+    kind: str  # "norm" (ones, F32), "router" (F32) or "matrix"
 
-    def norm() -> np.ndarray:
-        return np.ones(N_EMBD, dtype=np.float32)
 
-    # 1/sqrt(fan_in) keeps every block's output O(1); pre-norms do the rest.
-    s_embd = N_EMBD**-0.5
-    s_ff = N_FF**-0.5
-    out: list[tuple[str, np.ndarray]] = [
-        ("token_embd.weight", mat(n_vocab, N_EMBD, std=1.0)),
-    ]
-    for i in range(n_layer):
+def layout(hp: Hparams) -> list[TensorSpec]:
+    """Every tensor llama.cpp's llama architecture loads, in the order GGUF files list them;
+    merged `ffn_*_exps` expert tensors when `hp.n_expert`."""
+    e, f, head_dim = hp.n_embd, hp.n_ff, hp.n_embd // hp.n_head
+    s_embd, s_ff = e**-0.5, f**-0.5
+
+    def mat(name: str, *shape: int, std: float) -> TensorSpec:
+        return TensorSpec(name, shape, std, "matrix")
+
+    def norm(name: str) -> TensorSpec:
+        return TensorSpec(name, (e,), 1.0, "norm")
+
+    out = [mat("token_embd.weight", hp.n_vocab, e, std=1.0)]
+    for i in range(hp.n_layer):
         p = f"blk.{i}."
         out += [
-            (p + "attn_norm.weight", norm()),
-            (p + "attn_q.weight", mat(N_HEAD * HEAD_DIM, N_EMBD, std=s_embd)),
-            (p + "attn_k.weight", mat(N_HEAD_KV * HEAD_DIM, N_EMBD, std=s_embd)),
-            (p + "attn_v.weight", mat(N_HEAD_KV * HEAD_DIM, N_EMBD, std=s_embd)),
-            (p + "attn_output.weight", mat(N_EMBD, N_HEAD * HEAD_DIM, std=s_embd)),
-            (p + "ffn_norm.weight", norm()),
+            norm(p + "attn_norm.weight"),
+            mat(p + "attn_q.weight", hp.n_head * head_dim, e, std=s_embd),
+            mat(p + "attn_k.weight", hp.n_head_kv * head_dim, e, std=s_embd),
+            mat(p + "attn_v.weight", hp.n_head_kv * head_dim, e, std=s_embd),
+            mat(p + "attn_output.weight", e, hp.n_head * head_dim, std=s_embd),
+            norm(p + "ffn_norm.weight"),
         ]
-        if moe:
+        if hp.n_expert:
+            n = hp.n_expert
             out += [
-                # Router: ggml {n_embd, n_expert}. Kept F32 like real Mixtral GGUFs.
-                (
-                    p + "ffn_gate_inp.weight",
-                    (rng.standard_normal((N_EXPERT, N_EMBD), dtype=np.float32)),
-                ),
-                (p + "ffn_gate_exps.weight", mat(N_EXPERT, N_FF, N_EMBD, std=s_embd)),
-                (p + "ffn_up_exps.weight", mat(N_EXPERT, N_FF, N_EMBD, std=s_embd)),
-                (p + "ffn_down_exps.weight", mat(N_EXPERT, N_EMBD, N_FF, std=s_ff)),
+                # Router: ggml {n_embd, n_expert}, F32 like real Mixtral GGUFs.
+                TensorSpec(p + "ffn_gate_inp.weight", (n, e), 1.0, "router"),
+                mat(p + "ffn_gate_exps.weight", n, f, e, std=s_embd),
+                mat(p + "ffn_up_exps.weight", n, f, e, std=s_embd),
+                mat(p + "ffn_down_exps.weight", n, e, f, std=s_ff),
             ]
         else:
             out += [
-                (p + "ffn_gate.weight", mat(N_FF, N_EMBD, std=s_embd)),
-                (p + "ffn_up.weight", mat(N_FF, N_EMBD, std=s_embd)),
-                (p + "ffn_down.weight", mat(N_EMBD, N_FF, std=s_ff)),
+                mat(p + "ffn_gate.weight", f, e, std=s_embd),
+                mat(p + "ffn_up.weight", f, e, std=s_embd),
+                mat(p + "ffn_down.weight", e, f, std=s_ff),
             ]
-    out += [
-        ("output_norm.weight", norm()),
-        # Larger output scale so logits are clearly non-uniform.
-        ("output.weight", mat(n_vocab, N_EMBD, std=3.0 * s_embd)),
-    ]
+    # Larger output scale so logits are clearly non-uniform.
+    out += [norm("output_norm.weight"), mat("output.weight", hp.n_vocab, e, std=3.0 * s_embd)]
+    return out
+
+
+def _tensors(rng: np.random.Generator, hp: Hparams) -> list[tuple[str, np.ndarray]]:
+    """Random F16 weights (F32 norms and router), deterministic per `rng`."""
+    out = []
+    for t in layout(hp):
+        if t.kind == "norm":
+            data = np.ones(t.shape, dtype=np.float32)
+        elif t.kind == "router":
+            data = rng.standard_normal(t.shape, dtype=np.float32)
+        else:
+            data = (rng.standard_normal(t.shape, dtype=np.float32) * t.std).astype(np.float16)
+        out.append((t.name, data))
     return out
 
 
@@ -248,43 +330,25 @@ def write_tiny_model(
         raise ValueError("n_layer must be >= 1")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens, types, merges = _build_vocab()
-    n_vocab = len(tokens)
+    n_vocab = vocab_size()
 
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         w = gguf.GGUFWriter(tmp_name, "llama")
-        w.add_name("tiny-mixtral" if moe else "tiny-mistral")
-        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        w.add_vocab_size(n_vocab)
-        w.add_context_length(N_CTX_TRAIN)
-        w.add_embedding_length(N_EMBD)
-        w.add_block_count(n_layer)
-        w.add_feed_forward_length(N_FF)
-        w.add_head_count(N_HEAD)
-        w.add_head_count_kv(N_HEAD_KV)
-        w.add_layer_norm_rms_eps(RMS_EPS)
-        w.add_rope_dimension_count(HEAD_DIM)
-        w.add_rope_freq_base(ROPE_FREQ_BASE)
-        if moe:
-            w.add_expert_count(N_EXPERT)
-            w.add_expert_used_count(N_EXPERT_USED)
-
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(TOKENIZER_PRE)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
-        w.add_bos_token_id(BOS_ID)
-        w.add_eos_token_id(EOS_ID)
-        w.add_unk_token_id(UNK_ID)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        w.add_chat_template(CHAT_TEMPLATE)
+        hp = Hparams(
+            n_vocab,
+            n_layer,
+            n_expert=N_EXPERT if moe else 0,
+            n_expert_used=N_EXPERT_USED if moe else 0,
+        )
+        add_hparams(
+            w, "tiny-mixtral" if moe else "tiny-mistral", int(gguf.LlamaFileType.MOSTLY_F16), hp
+        )
+        add_tokenizer(w)
 
         rng = np.random.default_rng(seed)
-        for name, data in _tensors(rng, n_vocab, n_layer, moe):
+        for name, data in _tensors(rng, hp):
             w.add_tensor(name, data)
 
         w.write_header_to_file()
