@@ -130,6 +130,8 @@ class Lanes:
         try:
             rows = self.pool.rows(ticket.job.steering)  # may train a built-in on first use
             lane.context.set_steering(rows, self.first, self.last)  # empties the KV if changed
+            if not ticket.job.cache_prompt:
+                lane.context.forget(0)  # the prompt in one pass, exactly as the CLI decodes it
         except Exception as exc:  # the engine thread must outlive any one request
             ticket.deliver(Failed(_as_error(exc)))
             return

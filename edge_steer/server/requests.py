@@ -49,6 +49,7 @@ class Job:
     stops: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    cache_prompt: bool = True  # reuse a lane's cached prefix (exact CLI tokens: False)
 
 
 def parse(body: object, kind: Kind, served: Served) -> Job:
@@ -79,6 +80,7 @@ def parse(body: object, kind: Kind, served: Served) -> Job:
         steering=steering,
         stops=tuple(dict.fromkeys([*stops, *_stops(body.get("stop"))])),
         stream=_flag(body, "stream"),
+        cache_prompt=_flag(body, "cache_prompt", default=True),
         include_usage=isinstance(stream_options, dict)
         and bool(stream_options.get("include_usage")),
     )
@@ -248,8 +250,10 @@ def _stops(stop: object) -> list[str]:
     return stops
 
 
-def _flag(body: Mapping[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if not isinstance(value, bool) and value is not None:
+def _flag(body: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
         raise ApiError(f"`{name}` must be true or false", param=name)
-    return bool(value)
+    return value
