@@ -104,14 +104,23 @@ def cpu_features() -> list[str]:
 
 
 def free_vram() -> int:
-    """Bytes free on the offload GPUs together (llama.cpp splits layers by free memory);
-    0 without a GPU. $EDGE_STEER_VRAM (e.g. 10GiB) overrides it."""
+    """Bytes free on the offload devices together: GPUs and registered RPC workers' devices
+    (llama.cpp splits layers by free memory); 0 without any. $EDGE_STEER_VRAM (e.g. 10GiB)
+    overrides it."""
     budget = os.environ.get(VRAM_ENV)
     if budget:
         return parse_size(budget, VRAM_ENV)
-    if not gpu_backend_libraries():
+    if not gpu_backend_libraries() and not rpc_servers():
         return 0  # a CPU-only build: no need to load llama.cpp to know (models list stays fast)
     return sum(d.free for d in gpus())
+
+
+def rpc_servers() -> list[str]:
+    """RPC workers registered in this process (none unless llama.cpp is already loaded)."""
+    import sys
+
+    loaded = sys.modules.get(f"{__package__}.ggml")
+    return list(loaded.RPC_SERVERS) if loaded else []
 
 
 CPU_ONLY_LIBRARIES = {"ggml", "ggml-base", "ggml-cpu", "ggml-rpc", "ggml-blas", "llama", "mtmd"}
