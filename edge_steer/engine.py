@@ -61,14 +61,24 @@ class Model:
     `gpu_layers` is llama.cpp's n_gpu_layers (the output layer counts as one; -1 = all).
     Weights whose names match a `cpu_tensors` regex stay in CPU memory whatever `gpu_layers`
     says (llama.cpp tensor buffer overrides; how MoE experts stay in RAM). Where llama.cpp
-    put things is read back from its own load log: `overridden` and `buffers`.
+    put things is read back from its own load log: `overridden`, `buffers`, `layer_devices`.
+    `repack=False` keeps CPU weights in plain buffers (no AVX/NEON re-layout): slower, but
+    the same kernels an RPC worker's CPU runs, so results match a worker bit for bit.
     """
 
-    def __init__(self, path: str | Path, *, gpu_layers: int = 0, cpu_tensors: Sequence[str] = ()):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        gpu_layers: int = 0,
+        cpu_tensors: Sequence[str] = (),
+        repack: bool = True,
+    ):
         global _recording
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
+        params.use_extra_bufts = repack
         self._overrides = _override_array(cpu_tensors)  # llama.cpp keeps the pointer
         if self._overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(self._overrides)
@@ -104,6 +114,14 @@ class Model:
         for match in filter(None, (_BUFFER.match(line) for line in self.load_log)):
             sizes[match[1]] = sizes.get(match[1], 0) + round(float(match[2]) * (1 << 20))
         return sizes
+
+    @property
+    def layer_devices(self) -> dict[str, int]:
+        """Device name (CPU, CUDA0, RPC0, ...) -> how many blocks llama.cpp assigned to it."""
+        counts: dict[str, int] = {}
+        for match in filter(None, (_ASSIGNED.match(line) for line in self.load_log)):
+            counts[match[1]] = counts.get(match[1], 0) + 1
+        return counts
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -167,6 +185,7 @@ class Model:
 
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+_ASSIGNED = re.compile(r"\w+: layer +\d+ assigned to device (\S+),")
 _BUFFER = re.compile(r"\w+: +(\S+) model buffer size = +([\d.]+) MiB")
 
 
