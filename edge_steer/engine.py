@@ -64,6 +64,9 @@ class Model:
     put things is read back from its own load log: `overridden`, `buffers`, `layer_devices`.
     `repack=False` keeps CPU weights in plain buffers (no AVX/NEON re-layout): slower, but
     the same kernels an RPC worker's CPU runs, so results match a worker bit for bit.
+    `devices` (ggml device names) limits offloading to those; None means this machine's
+    GPUs, never the RPC workers an earlier load registered (llama.cpp would use those too,
+    and abort the process if one is gone).
     """
 
     def __init__(
@@ -73,12 +76,18 @@ class Model:
         gpu_layers: int = 0,
         cpu_tensors: Sequence[str] = (),
         repack: bool = True,
+        devices: Sequence[str] | None = None,
     ):
         global _recording
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         params.use_extra_bufts = repack
+        if devices is None and ggml.RPC_SERVERS:
+            devices = [d.name for d in machine.gpus()]
+        self._devices = _device_array(devices)  # llama.cpp keeps the pointer
+        if self._devices is not None:
+            params.devices = ctypes.addressof(self._devices)
         self._overrides = _override_array(cpu_tensors)  # llama.cpp keeps the pointer
         if self._overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(self._overrides)
@@ -203,6 +212,16 @@ def _override_array(patterns: Sequence[str]) -> ctypes.Array | None:
     cpu = ggml.cpu_buffer_type()
     entries = [_Override(p.encode(), cpu) for p in patterns] + [_Override(None, None)]
     return (_Override * len(entries))(*entries)
+
+
+def _device_array(names: Sequence[str] | None) -> ctypes.Array | None:
+    """A NULL-terminated array of ggml devices, for llama_model_params.devices."""
+    if names is None:
+        return None
+    found = [ggml.device_by_name(name) for name in names]
+    if not all(found):
+        raise BadInput(f"no ggml device named {names[found.index(None)]!r}")
+    return (ctypes.c_void_p * (len(found) + 1))(*found, None)
 
 
 def _last_error() -> str:

@@ -4,6 +4,7 @@ planned from the GGUF header before llama.cpp loads anything."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,9 +276,11 @@ def _experts(moe_layers: int, n_layer: int) -> str:
     return f"experts of the first {moe_layers} of {n_layer} layers"
 
 
-def plan_model(path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int) -> Offload:
-    """plan_offload for a GGUF file, this machine's free VRAM and an n_ctx-token context."""
+def plan_model(
+    path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int, rpc: Sequence[str] = ()
+) -> Offload:
+    """plan_offload for a GGUF file, the free memory of this machine's GPUs and of the RPC
+    workers `rpc` (host:port), and an n_ctx-token context."""
     weights = read_weights(gguffile.read_header(path))
-    return plan_offload(
-        weights, gpu_option, moe_option, free=machine.free_vram(), context=weights.context(n_ctx)
-    )
+    free = machine.free_vram(rpc)
+    return plan_offload(weights, gpu_option, moe_option, free=free, context=weights.context(n_ctx))

@@ -169,11 +169,14 @@ def _on_abort(message: bytes | None) -> None:
     """ggml is about to abort the process (a worker died mid-run, or its handshake failed):
     say so in one line and exit with an error code instead of a core dump."""
     text = (message or b"").decode(errors="replace").strip().rpartition(": ")[2]
-    workers = ", ".join(_watched) or "?"
-    sys.stderr.write(
-        f"error: lost an RPC worker ({workers}): llama.cpp says {text!r}; the worker stopped or "
-        "the network dropped: restart `edge-steer worker` there and run again\n"
-    )
+    if "RPC" in text or "connect" in text:
+        sys.stderr.write(
+            f"error: lost an RPC worker ({', '.join(_watched)}): llama.cpp says {text!r}; the "
+            "worker stopped or the network dropped: restart `edge-steer worker` there and run "
+            "again\n"
+        )
+    else:
+        sys.stderr.write(f"error: llama.cpp aborted: {text}\n")
     sys.stderr.flush()
     os._exit(1)
 
@@ -294,8 +297,7 @@ def run_worker(
             child.join(5)
     if child.exitcode != 0:
         raise EngineError(
-            f"the RPC server on {host}:{port} stopped (exit {child.exitcode}): see its output "
-            "above"
+            f"the RPC server on {host}:{port} stopped (exit {child.exitcode}): see its output above"
         )
     return 0
 

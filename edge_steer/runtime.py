@@ -60,20 +60,33 @@ def load_model(
         offline=offline,
         force=force,
         use_gpu=offload.parse_gpu_layers(gpu_text) != 0,
+        rpc=[str(w) for w in workers],
         ctx=ctx,
         say=on_note,
         tqdm_class=download_bar,
     )
-    plan = offload.plan_model(path, gpu_text, moe_text, ctx)
+    plan = offload.plan_model(path, gpu_text, moe_text, ctx, [str(w) for w in workers])
     for note in plan.notes:
         on_note(note)
-    loaded = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors)
+    loaded = Model(
+        path,
+        gpu_layers=plan.gpu_layers,
+        cpu_tensors=plan.cpu_tensors,
+        devices=_devices(workers),
+    )
     if plan.cpu_tensors or plan.gpu_bytes:
         where = ", ".join(f"{name} {size_text(size)}" for name, size in loaded.buffers.items())
         on_note(f"weights: {where}; {len(loaded.overridden)} tensors kept in CPU memory")
     if workers:
         on_note(f"layers: {_split(loaded)}")
     return loaded
+
+
+def _devices(workers: list[rpc_.Endpoint]) -> list[str] | None:
+    """This machine's GPUs and the workers' devices (None: this machine's GPUs only)."""
+    from . import machine
+
+    return [d.name for d in machine.offload_devices([str(w) for w in workers])] if workers else None
 
 
 def _split(model: Model) -> str:
