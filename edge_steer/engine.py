@@ -713,6 +713,7 @@ def bare_decode(ctx: Context, prompt: Sequence[int], n_gen: int) -> tuple[float,
             array = (ll.llama_token * len(chunk))(*chunk)  # referenced until decode returns
             ctx._check(ll.llama_decode(ctx.ptr, ll.llama_batch_get_one(array, len(chunk))))
         raw, sample, decode = ctx.ptr, ll.llama_sampler_sample, ll.llama_decode
+        ll.llama_synchronize(raw)  # asynchronous backends (CUDA, RPC) may still be computing
         middle = time.perf_counter()
         for _ in range(n_gen):
             one[0] = token = sample(sampler, raw, -1)
