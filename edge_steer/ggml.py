@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -96,8 +97,12 @@ def cpu_buffer_type() -> int:
 DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel", "meta")  # enum ggml_backend_dev_type
 
 
-def devices() -> list[tuple[str, str, str, int, int]]:
-    """(name, description, type, free bytes, total bytes) of every device ggml registered."""
+def devices(rpc: Sequence[str] | None = None) -> list[tuple[str, str, str, int, int]]:
+    """(name, description, type, free bytes, total bytes) of every device ggml registered.
+
+    Asking an RPC device (RPC0: description host:port) for its memory connects to its worker,
+    and llama.cpp aborts the process if the worker is gone: only those whose endpoint is in
+    `rpc` (None: all) are asked; the others report 0 bytes."""
     _ensure_backends()
     get = _symbol("ggml_backend_dev_get", (ctypes.c_size_t,), ctypes.c_void_p)
     text = {
@@ -111,8 +116,9 @@ def devices() -> list[tuple[str, str, str, int, int]]:
     for i in range(_symbol("ggml_backend_dev_count", (), ctypes.c_size_t)()):
         dev = get(i)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        memory(dev, ctypes.byref(free), ctypes.byref(total))
         names = [(text[f](dev) or b"").decode(errors="replace") for f in ("name", "description")]
+        if rpc is None or not names[0].startswith("RPC") or names[1] in rpc:
+            memory(dev, ctypes.byref(free), ctypes.byref(total))
         kind_name = DEVICE_TYPES[k] if 0 <= (k := kind(dev)) < len(DEVICE_TYPES) else "unknown"
         found.append((names[0], names[1], kind_name, free.value, total.value))
     return found

@@ -78,17 +78,18 @@ class Device:
     total: int
 
 
-def devices() -> list[Device]:
-    """Every device the installed llama.cpp build can use, with free and total memory."""
+def devices(rpc: Sequence[str] | None = None) -> list[Device]:
+    """Every device the installed llama.cpp build can use, with free and total memory (of RPC
+    workers' devices only for the workers in `rpc`; None: all)."""
     from . import ggml
 
-    return [Device(*found) for found in ggml.devices()]
+    return [Device(*found) for found in ggml.devices(rpc)]
 
 
 def gpus() -> list[Device]:
     """This machine's devices llama.cpp offloads layers to: discrete GPUs, else integrated
     ones (RPC workers' devices are not this machine's: see `offload_devices`)."""
-    found = [d for d in devices() if not is_rpc(d.name)]
+    found = [d for d in devices(rpc=()) if not is_rpc(d.name)]
     return [d for d in found if d.kind == "gpu"] or [d for d in found if d.kind == "igpu"]
 
 
@@ -108,7 +109,7 @@ def rpc_servers() -> list[str]:
 def offload_devices(rpc: Sequence[str] = ()) -> list[Device]:
     """Where layers may go: this machine's GPUs, then the devices of the RPC workers `rpc`
     (host:port, registered beforehand), in the order llama.cpp fills them."""
-    remote = [d for d in devices() if is_rpc(d.name) and d.description in rpc]
+    remote = [d for d in devices(rpc) if is_rpc(d.name) and d.description in rpc]
     return gpus() + remote
 
 

@@ -35,6 +35,10 @@ SECURITY_WARNING = (
 )
 
 
+class WorkerBusy(NetworkError):
+    """The worker accepted the connection but did not answer: it serves another client."""
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str
@@ -106,7 +110,7 @@ def hello(endpoint: Endpoint, timeout: float = PROBE_TIMEOUT) -> tuple[int, int,
             size = struct.unpack("<Q", _receive(sock, 8))[0]
             reply = _receive(sock, size) if size == _HELLO_REPLY else b""
         except (OSError, EOFError):
-            raise NetworkError(
+            raise WorkerBusy(
                 f"RPC worker {endpoint} accepted the connection but did not answer within "
                 f"{timeout:g} s: is it an `edge-steer worker`, and is another client using it? "
                 "(a worker serves one client at a time)"
@@ -148,7 +152,10 @@ def check_protocol(endpoint: Endpoint, version: tuple[int, int, int]) -> None:
 def connect(given: str | Sequence[str] | None, timeout: float = PROBE_TIMEOUT) -> list[Endpoint]:
     """Check that every worker answers with a matching protocol, then register its devices
     with llama.cpp (once per endpoint and process). Returns the endpoints; none given, none
-    done."""
+    done.
+
+    A worker registered earlier is asked again (it may have stopped since), but its silence
+    is taken for this process's own live connection: a worker serves one client at a time."""
     endpoints = parse_endpoints(given)
     if not endpoints:
         return []
@@ -156,8 +163,12 @@ def connect(given: str | Sequence[str] | None, timeout: float = PROBE_TIMEOUT) -
     from . import ggml
 
     for endpoint in endpoints:
-        if str(endpoint) not in ggml.RPC_SERVERS:
-            check_protocol(endpoint, hello(endpoint, timeout))
+        known = str(endpoint) in ggml.RPC_SERVERS
+        try:
+            check_protocol(endpoint, hello(endpoint, min(timeout, 1.0) if known else timeout))
+        except WorkerBusy:
+            if not known:
+                raise
     _install_abort_hook(endpoints)
     for endpoint in endpoints:
         if not ggml.rpc_add_server(str(endpoint)):
@@ -231,7 +242,7 @@ def serving_devices(names: Sequence[str]) -> list[str]:
     rpc-server chooses)."""
     from . import machine
 
-    known = [d for d in machine.devices() if not d.name.startswith("RPC")]
+    known = [d for d in machine.devices(rpc=()) if not machine.is_rpc(d.name)]
     if not names:
         gpus = [d.name for d in known if d.kind in ("gpu", "igpu")]
         return gpus or [d.name for d in known if d.kind == "cpu"][:1]

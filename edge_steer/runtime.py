@@ -93,7 +93,7 @@ def _split(model: Model) -> str:
     """Blocks per device as llama.cpp placed them, RPC devices named by their worker."""
     from .machine import devices
 
-    where = {d.name: d.description for d in devices() if d.name.startswith("RPC")}
+    where = {d.name: d.description for d in devices(rpc=()) if d.name.startswith("RPC")}
     return ", ".join(
         f"{count} on {name}" + (f" ({where[name]})" if name in where else "")
         for name, count in model.layer_devices.items()

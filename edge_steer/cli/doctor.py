@@ -29,7 +29,7 @@ def rpc_report(given: str | None) -> dict:
             entry["error"] = str(exc)
         else:
             entry["devices"] = [
-                vars(d) for d in machine.devices() if d.description == str(endpoint)
+                vars(d) for d in machine.devices([str(endpoint)]) if d.description == str(endpoint)
             ]
         workers.append(entry)
     return {
