@@ -62,13 +62,32 @@ class Model:
     `gpu_layers` is llama.cpp's n_gpu_layers (the output layer counts as one; -1 = all).
     Weights whose names match a `cpu_tensors` regex stay in CPU memory whatever `gpu_layers`
     says (llama.cpp tensor buffer overrides; how MoE experts stay in RAM). Where llama.cpp
-    put things is read back from its own load log: `overridden` and `buffers`.
+    put things is read back from its own load log: `overridden`, `buffers`, `layer_devices`.
+    `repack=False` keeps CPU weights in plain buffers (no AVX/NEON re-layout): slower, but
+    the same kernels an RPC worker's CPU runs, so results match a worker bit for bit.
+    `devices` (ggml device names) limits offloading to those; None means this machine's
+    GPUs, never the RPC workers an earlier load registered (llama.cpp would use those too,
+    and abort the process if one is gone).
     """
 
-    def __init__(self, path: str | Path, *, gpu_layers: int = 0, cpu_tensors: Sequence[str] = ()):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        gpu_layers: int = 0,
+        cpu_tensors: Sequence[str] = (),
+        repack: bool = True,
+        devices: Sequence[str] | None = None,
+    ):
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
+        params.use_extra_bufts = repack
+        if devices is None and ggml.RPC_SERVERS:
+            devices = [d.name for d in machine.gpus()]
+        self._devices = _device_array(devices)  # llama.cpp keeps the pointer
+        if self._devices is not None:
+            params.devices = ctypes.addressof(self._devices)
         self._overrides = _override_array(cpu_tensors)  # llama.cpp keeps the pointer
         if self._overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(self._overrides)
@@ -98,6 +117,14 @@ class Model:
     def buffers(self) -> dict[str, int]:
         """Weight bytes per buffer (CPU_Mapped, CUDA0, Metal, ...), as llama.cpp allocated."""
         return _buffer_sizes(self.load_log, _BUFFER)
+
+    @property
+    def layer_devices(self) -> dict[str, int]:
+        """Device name (CPU, CUDA0, RPC0, ...) -> how many blocks llama.cpp assigned to it."""
+        counts: dict[str, int] = {}
+        for match in filter(None, (_ASSIGNED.match(line) for line in self.load_log)):
+            counts[match[1]] = counts.get(match[1], 0) + 1
+        return counts
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
@@ -161,6 +188,7 @@ class Model:
 
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+_ASSIGNED = re.compile(r"\w+: layer +\d+ assigned to device (\S+),")
 _BUFFER = re.compile(r"\w+: +(\S+) model buffer size = +([\d.]+) MiB")
 _CONTEXT_BUFFER = re.compile(r"\w+: +(\S+ +(?:KV|output|compute)) buffer size = +([\d.]+) MiB")
 
@@ -200,6 +228,16 @@ def _override_array(patterns: Sequence[str]) -> ctypes.Array | None:
     cpu = ggml.cpu_buffer_type()
     entries = [_Override(p.encode(), cpu) for p in patterns] + [_Override(None, None)]
     return (_Override * len(entries))(*entries)
+
+
+def _device_array(names: Sequence[str] | None) -> ctypes.Array | None:
+    """A NULL-terminated array of ggml devices, for llama_model_params.devices."""
+    if names is None:
+        return None
+    found = [ggml.device_by_name(name) for name in names]
+    if not all(found):
+        raise BadInput(f"no ggml device named {names[found.index(None)]!r}")
+    return (ctypes.c_void_p * (len(found) + 1))(*found, None)
 
 
 def _last_error() -> str:
@@ -696,6 +734,7 @@ def bare_decode(ctx: Context, prompt: Sequence[int], n_gen: int) -> tuple[float,
             array = (ll.llama_token * len(chunk))(*chunk)  # referenced until decode returns
             ctx._check(ll.llama_decode(ctx.ptr, ll.llama_batch_get_one(array, len(chunk))))
         raw, sample, decode = ctx.ptr, ll.llama_sampler_sample, ll.llama_decode
+        ll.llama_synchronize(raw)  # asynchronous backends (CUDA, RPC) may still be computing
         middle = time.perf_counter()
         for _ in range(n_gen):
             one[0] = token = sample(sampler, raw, -1)

@@ -8,7 +8,7 @@ problem and the fix in one line.
 | NotFound      | a model, vector or file that does not exist        | 2    | 404  |
 | DamagedFile   | a file that exists but is truncated or corrupt     | 2    | 422  |
 | DoesNotFit    | this machine lacks the RAM, VRAM or disk for it    | 3    | 507  |
-| NetworkError  | the Hugging Face Hub could not be reached          | 1    | 502  |
+| NetworkError  | the Hugging Face Hub or an RPC worker: no answer   | 1    | 502  |
 | EngineError   | llama.cpp failed (decode, context, load)           | 1    | 500  |
 """
 
@@ -51,7 +51,8 @@ class DoesNotFit(EdgeSteerError):
 
 
 class NetworkError(EdgeSteerError, ConnectionError):
-    """A download failed on the way: no connection, a timeout, an HTTP error from the Hub."""
+    """A download failed on the way (no connection, a timeout, an HTTP error from the Hub), or
+    an RPC worker (`--rpc`) could not be reached or did not answer."""
 
     exit_code = 1
     http_status = 502

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -96,8 +97,12 @@ def cpu_buffer_type() -> int:
 DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel", "meta")  # enum ggml_backend_dev_type
 
 
-def devices() -> list[tuple[str, str, str, int, int]]:
-    """(name, description, type, free bytes, total bytes) of every device ggml registered."""
+def devices(rpc: Sequence[str] | None = None) -> list[tuple[str, str, str, int, int]]:
+    """(name, description, type, free bytes, total bytes) of every device ggml registered.
+
+    Asking an RPC device (RPC0: description host:port) for its memory connects to its worker,
+    and llama.cpp aborts the process if the worker is gone: only those whose endpoint is in
+    `rpc` (None: all) are asked; the others report 0 bytes."""
     _ensure_backends()
     get = _symbol("ggml_backend_dev_get", (ctypes.c_size_t,), ctypes.c_void_p)
     text = {
@@ -111,8 +116,9 @@ def devices() -> list[tuple[str, str, str, int, int]]:
     for i in range(_symbol("ggml_backend_dev_count", (), ctypes.c_size_t)()):
         dev = get(i)
         free, total = ctypes.c_size_t(), ctypes.c_size_t()
-        memory(dev, ctypes.byref(free), ctypes.byref(total))
         names = [(text[f](dev) or b"").decode(errors="replace") for f in ("name", "description")]
+        if rpc is None or not names[0].startswith("RPC") or names[1] in rpc:
+            memory(dev, ctypes.byref(free), ctypes.byref(total))
         kind_name = DEVICE_TYPES[k] if 0 <= (k := kind(dev)) < len(DEVICE_TYPES) else "unknown"
         found.append((names[0], names[1], kind_name, free.value, total.value))
     return found
@@ -150,3 +156,74 @@ def _ensure_backends() -> None:
     """Builds with dynamically loaded backends register nothing until asked to load them."""
     if _symbol("ggml_backend_reg_count", (), ctypes.c_size_t)() == 0:
         _symbol("ggml_backend_load_all", (), None)()
+
+
+# -- RPC backend (llama-cpp-python built with -DGGML_RPC=on) ---------------------------------
+
+# RPC_PROTO_MAJOR/MINOR_VERSION of ggml-rpc.h in the llama.cpp each llama-cpp-python vendors;
+# the worker's HELLO must match it. Versions missing here are left to llama.cpp's own check.
+RPC_PROTOCOL = {"0.3.36": (7, 0)}
+RPC_SERVERS: list[str] = []  # endpoints registered in this process (llama.cpp keeps them all)
+_ADD_SERVER_T = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
+_START_SERVER_T = ctypes.CFUNCTYPE(
+    None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p
+)
+ABORT_CALLBACK_T = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+
+
+def _rpc_proc(name: str) -> int | None:
+    """The address of an RPC backend function, found through ggml's backend registry (the
+    RPC library exports nothing the dynamic linker can promise across builds)."""
+    _ensure_backends()
+    by_name = _symbol("ggml_backend_reg_by_name", (ctypes.c_char_p,), ctypes.c_void_p)
+    reg = by_name(b"RPC")
+    if not reg:
+        return None
+    proc = _symbol(
+        "ggml_backend_reg_get_proc_address", (ctypes.c_void_p, ctypes.c_char_p), ctypes.c_void_p
+    )
+    return proc(reg, name.encode()) or None
+
+
+def has_rpc() -> bool:
+    """Whether this llama.cpp build has the RPC backend compiled in."""
+    return _rpc_proc("ggml_backend_rpc_add_server") is not None
+
+
+def rpc_add_server(endpoint: str) -> bool:
+    """Ask `endpoint` for its devices and register them with ggml, so that llama.cpp offloads
+    to them like GPUs. False if the worker reports no device. The worker must answer: an
+    unreachable one makes llama.cpp abort the process."""
+    address = _rpc_proc("ggml_backend_rpc_add_server")
+    if address is None:
+        raise RuntimeError("this llama.cpp build has no RPC backend")
+    reg = _ADD_SERVER_T(address)(endpoint.encode())
+    if not reg:
+        return False
+    if endpoint not in RPC_SERVERS:  # registering twice would list its devices twice
+        _symbol("ggml_backend_register", (ctypes.c_void_p,), None)(reg)
+        RPC_SERVERS.append(endpoint)
+    return True
+
+
+def device_by_name(name: str) -> int | None:
+    _ensure_backends()
+    return _symbol("ggml_backend_dev_by_name", (ctypes.c_char_p,), ctypes.c_void_p)(name.encode())
+
+
+def rpc_start_server(endpoint: str, cache_dir: str | None, threads: int, names: list[str]) -> None:
+    """Serve `endpoint` with the named devices until the process ends; returns only when
+    llama.cpp could not start (bad endpoint, port taken, a device that will not open)."""
+    address = _rpc_proc("ggml_backend_rpc_start_server")
+    if address is None:
+        raise RuntimeError("this llama.cpp build has no RPC backend")
+    found = [device_by_name(name) for name in names]
+    devices = (ctypes.c_void_p * len(found))(*found)  # referenced for the whole call
+    cache = cache_dir.encode() if cache_dir else None
+    _START_SERVER_T(address)(endpoint.encode(), cache, threads, len(found), devices)
+
+
+def set_abort_callback(callback: ctypes._CFuncPtr | None) -> None:
+    """Run `callback(message)` before ggml aborts the process (a GGML_ABORT anywhere). The
+    caller keeps the callback object referenced for as long as it is installed."""
+    _symbol("ggml_set_abort_callback", (ABORT_CALLBACK_T,), ctypes.c_void_p)(callback)

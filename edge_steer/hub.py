@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def resolve_model(
     offline: bool = False,
     force: bool = False,
     use_gpu: bool = True,
+    rpc: Sequence[str] = (),
     ctx: int = catalog.DEFAULT_CTX,
     say: download.Say = download.quiet,
     tqdm_class: type | None = None,
@@ -30,8 +32,9 @@ def resolve_model(
     """A catalog name (`mistral:q4_k_m`, `demo`), `hf:REPO/FILE` or a GGUF path -> a checked file.
 
     Catalog models are checked against this machine's RAM (plus free GPU memory with
-    `use_gpu`) first, for `ctx` tokens of context (`force` skips that and the disk check), then
-    downloaded on first use; `say` tells the user what is about to happen."""
+    `use_gpu`, and that of the RPC workers `rpc`) first, for `ctx` tokens of context (`force`
+    skips that and the disk check), then downloaded on first use; `say` tells the user what is
+    about to happen."""
     spec = spec or default_model()
     if looks_like_model_path(spec):
         path = Path(spec).expanduser()
@@ -42,7 +45,7 @@ def resolve_model(
         problem = catalog.fit_problem(
             src.entry,
             available_ram=machine.available_ram(),
-            free_vram=machine.free_vram() if use_gpu else 0,
+            free_vram=machine.free_vram(rpc) if use_gpu else 0,
             ctx=ctx,
         )
         if problem:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,17 +78,39 @@ class Device:
     total: int
 
 
-def devices() -> list[Device]:
-    """Every device the installed llama.cpp build can use, with free and total memory."""
+def devices(rpc: Sequence[str] | None = None) -> list[Device]:
+    """Every device the installed llama.cpp build can use, with free and total memory (of RPC
+    workers' devices only for the workers in `rpc`; None: all)."""
     from . import ggml
 
-    return [Device(*found) for found in ggml.devices()]
+    return [Device(*found) for found in ggml.devices(rpc)]
 
 
 def gpus() -> list[Device]:
-    """The devices llama.cpp offloads layers to: discrete GPUs, else integrated ones."""
-    found = devices()
+    """This machine's devices llama.cpp offloads layers to: discrete GPUs, else integrated
+    ones (RPC workers' devices are not this machine's: see `offload_devices`)."""
+    found = [d for d in devices(rpc=()) if not is_rpc(d.name)]
     return [d for d in found if d.kind == "gpu"] or [d for d in found if d.kind == "igpu"]
+
+
+def is_rpc(name: str) -> bool:
+    """An RPC worker's device (RPC0, RPC1, ...), as ggml names them."""
+    return name.startswith("RPC")
+
+
+def rpc_servers() -> list[str]:
+    """RPC workers registered in this process (none unless llama.cpp is already loaded)."""
+    import sys
+
+    loaded = sys.modules.get(f"{__package__}.ggml")
+    return list(loaded.RPC_SERVERS) if loaded else []
+
+
+def offload_devices(rpc: Sequence[str] = ()) -> list[Device]:
+    """Where layers may go: this machine's GPUs, then the devices of the RPC workers `rpc`
+    (host:port, registered beforehand), in the order llama.cpp fills them."""
+    remote = [d for d in devices(rpc) if is_rpc(d.name) and d.description in rpc]
+    return gpus() + remote
 
 
 def backends() -> dict[str, dict[str, str]]:
@@ -103,15 +126,16 @@ def cpu_features() -> list[str]:
     return [name if value == "1" else f"{name}={value}" for name, value in flags.items()]
 
 
-def free_vram() -> int:
-    """Bytes free on the offload GPUs together (llama.cpp splits layers by free memory);
-    0 without a GPU. $EDGE_STEER_VRAM (e.g. 10GiB) overrides it."""
+def free_vram(rpc: Sequence[str] = ()) -> int:
+    """Bytes free on the offload devices together: GPUs, and the devices of the RPC workers
+    `rpc` (llama.cpp splits layers by free memory); 0 without any. $EDGE_STEER_VRAM (e.g.
+    10GiB) overrides it."""
     budget = os.environ.get(VRAM_ENV)
     if budget:
         return parse_size(budget, VRAM_ENV)
-    if not gpu_backend_libraries():
+    if not gpu_backend_libraries() and not rpc:
         return 0  # a CPU-only build: no need to load llama.cpp to know (models list stays fast)
-    return sum(d.free for d in gpus())
+    return sum(d.free for d in offload_devices(rpc))
 
 
 CPU_ONLY_LIBRARIES = {"ggml", "ggml-base", "ggml-cpu", "ggml-rpc", "ggml-blas", "llama", "mtmd"}

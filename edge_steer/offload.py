@@ -4,6 +4,7 @@ planned from the GGUF header before llama.cpp loads anything."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +172,13 @@ class Offload:
 
 
 def plan_offload(
-    weights: Weights, gpu_option: str | None, moe_option: str | None, *, free: int, context: int
+    weights: Weights,
+    gpu_option: str | None,
+    moe_option: str | None,
+    *,
+    free: int,
+    context: int,
+    where: str = "GPU",
 ) -> Offload:
     """Resolve --gpu-layers and --moe-offload for one model and `free` GPU bytes (0: no GPU).
 
@@ -194,28 +201,29 @@ def plan_offload(
     else:
         layers = top if gpu == "all" else int(gpu)
         moe_layers = _auto_moe(weights, free, context, layers) if fixed_moe is None else fixed_moe
-    notes = _notes(weights, gpu, moe, layers, moe_layers, free, context)
+    notes = _notes(weights, gpu, moe, layers, moe_layers, free, context, where)
     return _offload(weights, layers, moe_layers, notes, gpu_bytes=True)
 
 
-def _notes(weights: Weights, gpu, moe, layers: int, moe_layers: int, free: int, context: int):
-    """One line per choice `auto` made, and a warning when fixed counts will not fit."""
+def _notes(weights: Weights, gpu, moe, layers, moe_layers, free, context, where: str):
+    """One line per choice `auto` made, and a warning when fixed counts will not fit;
+    `where` names the offload devices (GPU, or GPU/RPC with workers)."""
     used, top = weights.on_gpu(layers, moe_layers), weights.n_layer + 1
     gpu_text, free_text = size_text(used), size_text(free)
     notes = []
     if moe in (None, "auto") and weights.is_moe:
-        split = f"{_experts(moe_layers, weights.n_layer)} on CPU, {gpu_text} on GPU"
-        notes.append(f"moe-offload auto: {split if layers else 'no layers on the GPU: none'}")
+        split = f"{_experts(moe_layers, weights.n_layer)} on CPU, {gpu_text} on {where}"
+        notes.append(f"moe-offload auto: {split if layers else f'no layers on {where}: none'}")
     elif moe == "auto":
         notes.append("moe-offload auto: not a mixture-of-experts model: nothing to offload")
     if gpu in (None, "auto"):
         notes.append(
-            f"gpu-layers auto: {layers} of {top} layers on GPU ({gpu_text} of weights "
+            f"gpu-layers auto: {layers} of {top} layers on {where} ({gpu_text} of weights "
             f"+ {size_text(context)} for the context; {free_text} free)"
         )
     elif layers and used + context > free:
         notes.append(
-            f"--gpu-layers {gpu}: about {size_text(used + context)} needed on the GPU but "
+            f"--gpu-layers {gpu}: about {size_text(used + context)} needed on {where} but "
             f"{free_text} is free; llama.cpp may fail to allocate: try --gpu-layers auto"
         )
     return tuple(notes)
@@ -275,9 +283,17 @@ def _experts(moe_layers: int, n_layer: int) -> str:
     return f"experts of the first {moe_layers} of {n_layer} layers"
 
 
-def plan_model(path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int) -> Offload:
-    """plan_offload for a GGUF file, this machine's free VRAM and an n_ctx-token context."""
+def plan_model(
+    path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int, rpc: Sequence[str] = ()
+) -> Offload:
+    """plan_offload for a GGUF file, the free memory of this machine's GPUs and of the RPC
+    workers `rpc` (host:port), and an n_ctx-token context."""
     weights = read_weights(gguffile.read_header(path))
     return plan_offload(
-        weights, gpu_option, moe_option, free=machine.free_vram(), context=weights.context(n_ctx)
+        weights,
+        gpu_option,
+        moe_option,
+        free=machine.free_vram(rpc),
+        context=weights.context(n_ctx),
+        where="GPU/RPC" if rpc else "GPU",
     )

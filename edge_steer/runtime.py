@@ -18,6 +18,7 @@ from pathlib import Path
 import llama_cpp  # noqa: F401
 
 from . import catalog, hub, library, offload, steering
+from . import rpc as rpc_
 from .engine import Context, Model, Sampler, SamplerSettings
 from .errors import BadInput
 from .files import size_text
@@ -40,12 +41,18 @@ def load_model(
     ctx: int = DEFAULT_CTX,
     force: bool = False,
     offline: bool = False,
+    rpc: str | Iterable[str] | None = None,
     on_note: Note = _quiet,
     download_bar: type | None = None,
 ) -> Model:
     """Resolve `model` (catalog name, hf:REPO/FILE or path; default $EDGE_STEER_MODEL or
     `mistral:q4_k_m`), download it once if needed, split it between GPU and CPU memory
-    (`gpu_layers`: N, "all", "auto"; `moe_offload`: "none", "all", N, "auto") and load it."""
+    (`gpu_layers`: N, "all", "auto"; `moe_offload`: "none", "all", N, "auto") and load it.
+    `rpc`: "host:port,..." of `edge-steer worker`s whose devices count as GPUs (None reads
+    $EDGE_STEER_RPC); each is checked and registered before anything loads."""
+    workers = rpc_.connect(None if rpc is None else list(_specs(rpc)))
+    if workers:
+        on_note(f"rpc: {len(workers)} worker(s) answered: {', '.join(map(str, workers))}")
     gpu_text = None if gpu_layers is None else str(gpu_layers)
     moe_text = None if moe_offload is None else str(moe_offload)
     path = hub.resolve_model(
@@ -53,18 +60,44 @@ def load_model(
         offline=offline,
         force=force,
         use_gpu=offload.parse_gpu_layers(gpu_text) != 0,
+        rpc=[str(w) for w in workers],
         ctx=ctx,
         say=on_note,
         tqdm_class=download_bar,
     )
-    plan = offload.plan_model(path, gpu_text, moe_text, ctx)
+    plan = offload.plan_model(path, gpu_text, moe_text, ctx, [str(w) for w in workers])
     for note in plan.notes:
         on_note(note)
-    loaded = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors)
+    loaded = Model(
+        path,
+        gpu_layers=plan.gpu_layers,
+        cpu_tensors=plan.cpu_tensors,
+        devices=_devices(workers),
+    )
     if plan.cpu_tensors or plan.gpu_bytes:
         where = ", ".join(f"{name} {size_text(size)}" for name, size in loaded.buffers.items())
         on_note(f"weights: {where}; {len(loaded.overridden)} tensors kept in CPU memory")
+    if workers:
+        on_note(f"layers: {_split(loaded)}")
     return loaded
+
+
+def _devices(workers: list[rpc_.Endpoint]) -> list[str] | None:
+    """This machine's GPUs and the workers' devices (None: this machine's GPUs only)."""
+    from . import machine
+
+    return [d.name for d in machine.offload_devices([str(w) for w in workers])] if workers else None
+
+
+def _split(model: Model) -> str:
+    """Blocks per device as llama.cpp placed them, RPC devices named by their worker."""
+    from .machine import devices
+
+    where = {d.name: d.description for d in devices(rpc=()) if d.name.startswith("RPC")}
+    return ", ".join(
+        f"{count} on {name}" + (f" ({where[name]})" if name in where else "")
+        for name, count in model.layer_devices.items()
+    )
 
 
 def vector_file(
@@ -181,6 +214,7 @@ def load(
     retrain: bool = False,
     force: bool = False,
     offline: bool = False,
+    rpc: str | Iterable[str] | None = None,
     on_note: Note = _quiet,
     on_progress: Progress = _quiet,
     download_bar: type | None = None,
@@ -198,6 +232,7 @@ def load(
         ctx=ctx,
         force=force,
         offline=offline,
+        rpc=rpc,
         on_note=on_note,
         download_bar=download_bar,
     )

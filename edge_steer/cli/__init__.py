@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import bench, doctor, evaluate, generate, models, serve, train, vectors
+from . import bench, doctor, evaluate, generate, models, serve, train, vectors, worker
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -36,7 +36,7 @@ def _main(
     """Steer local GGUF language models with control vectors, natively in llama.cpp."""
 
 
-for module in (generate, train, models, vectors, evaluate, bench, doctor, serve):
+for module in (generate, train, models, vectors, evaluate, bench, doctor, serve, worker):
     module.register(app)
 
 

@@ -8,9 +8,35 @@ from collections.abc import Iterable
 import typer
 
 from ..files import size_text
-from .options import JsonOpt, clean_errors, out, print_json
+from .options import JsonOpt, RpcOpt, clean_errors, out, print_json
 
 GPU_BACKENDS_ABSENT = {"CPU", "BLAS", "RPC"}  # backends that put no weights on a GPU
+
+
+def rpc_report(given: str | None) -> dict:
+    """Whether the build has RPC (else the rebuild command), and each worker's devices with
+    free and total memory, or why it could not be asked."""
+    from .. import machine, rpc
+    from ..errors import EdgeSteerError
+
+    supported = rpc.supported()
+    workers = []
+    for endpoint in rpc.parse_endpoints(given) if supported else []:
+        entry: dict = {"endpoint": str(endpoint), "devices": [], "error": None}
+        try:
+            rpc.connect(str(endpoint))
+        except EdgeSteerError as exc:
+            entry["error"] = str(exc)
+        else:
+            entry["devices"] = [
+                vars(d) for d in machine.devices([str(endpoint)]) if d.description == str(endpoint)
+            ]
+        workers.append(entry)
+    return {
+        "supported": supported,
+        "rebuild_command": None if supported else rpc.rebuild_command(),
+        "workers": workers,
+    }
 
 
 def report() -> dict:
@@ -21,7 +47,9 @@ def report() -> dict:
     from .. import machine
 
     backends = machine.backends()
-    gpu_backends = [name for name in backends if name not in GPU_BACKENDS_ABSENT]
+    gpu_backends = [
+        name for name in backends if name not in GPU_BACKENDS_ABSENT and not name.startswith("RPC[")
+    ]  # RPC[host:port]: a registered worker, listed under rpc
     command = None
     if not gpu_backends:
         command = machine.gpu_build_command(platform.system(), platform.machine())
@@ -63,11 +91,12 @@ def register(app: typer.Typer) -> None:
 
 
 @clean_errors
-def doctor(as_json: JsonOpt = False) -> None:
-    """Show the llama.cpp build, devices and memory, and which models fit."""
+def doctor(as_json: JsonOpt = False, rpc: RpcOpt = None) -> None:
+    """Show the llama.cpp build, devices and memory, RPC workers, and which models fit."""
     from .. import catalog
 
-    info = report()
+    info = {"rpc": rpc_report(rpc or "")}
+    info.update(report())  # after the workers registered: their devices and memory count
     info["models"] = model_fits(catalog.entries(), info["ram"]["available"], info["vram_free"])
     if as_json:
         print_json(info)
@@ -91,12 +120,13 @@ def _render(info: dict) -> None:
     ram, vram = info["ram"], info["vram_free"]
     out.print(
         f"[bold]memory[/]   {size(ram['total'])} RAM, {size(ram['available'])} available; "
-        + (f"{size(vram)} free on GPUs" if vram else "no GPU memory")
+        + (f"{size(vram)} free on GPUs and RPC workers" if vram else "no GPU memory")
     )
     devices = Table("device", "type", "description", "free", "total", box=None)
     for d in info["devices"]:
         devices.add_row(d["name"], d["kind"], d["description"], size(d["free"]), size(d["total"]))
     out.print(devices)
+    _render_rpc(info["rpc"])
     if info["gpu_build_command"]:
         out.print("[bold]GPU build[/] (only the CPU backend is compiled in):")
         out.print(info["gpu_build_command"], markup=False)
@@ -105,3 +135,23 @@ def _render(info: dict) -> None:
         for m in info["models"]:
             table.add_row(m["name"], size(m["size"]), size(m["needed"]), m["runs_on"])
         out.print(table)
+
+
+def _render_rpc(info: dict) -> None:
+    if not info["supported"]:
+        out.print("[bold]rpc[/]      not in this build; rebuild llama-cpp-python with:")
+        out.print(info["rebuild_command"], markup=False)
+        return
+    out.print(
+        "[bold]rpc[/]      built in; "
+        + (f"{len(info['workers'])} worker(s) from --rpc" if info["workers"] else "no --rpc given")
+    )
+    for worker in info["workers"]:
+        if worker["error"]:
+            out.print(f"  {worker['endpoint']}: [red]{worker['error']}[/]", highlight=False)
+        for d in worker["devices"]:
+            out.print(
+                f"  {worker['endpoint']}: {d['name']} {size_text(d['free'])} free of "
+                f"{size_text(d['total'])}",
+                highlight=False,
+            )

@@ -110,6 +110,18 @@ ThreadsOpt = Annotated[
 ]
 
 
+RpcOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rpc",
+        envvar="EDGE_STEER_RPC",
+        help="HOST:PORT[,HOST:PORT...] of `edge-steer worker`s whose devices take layers "
+        "like GPUs (no authentication: trusted networks only).",
+        show_default=False,
+    ),
+]
+
+
 def _group(**params: tuple[Any, Any]) -> dict[str, tuple[Any, Any]]:
     return params
 
@@ -144,6 +156,7 @@ LOAD = _group(
         ],
         False,
     ),
+    rpc=(RpcOpt, None),
 )
 STEER = _group(
     vector=(
@@ -245,6 +258,7 @@ def _loading(opts: SimpleNamespace) -> dict[str, Any]:
         "gpu_layers": opts.gpu_layers,
         "moe_offload": opts.moe_offload,
         "force": opts.force,
+        "rpc": opts.rpc or "",
         "on_note": note,
         "download_bar": RichBar,
     }

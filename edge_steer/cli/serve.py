@@ -66,7 +66,10 @@ def serve(
             f"the server needs the `server` extra ({exc.name} is missing): "
             "pip install 'edge-steer[server]'"
         ) from None
-    path = resolve_model(opts.model, ctx=ctx * parallel, force=opts.force)
+    from .. import rpc
+
+    workers = [str(worker) for worker in rpc.connect(opts.rpc or "")]  # their memory counts
+    path = resolve_model(opts.model, ctx=ctx * parallel, force=opts.force, rpc=workers)
     options = startup.ServeOptions(
         path=path,
         model_id=startup.model_id(opts.model, path),
@@ -83,6 +86,7 @@ def serve(
         api_key=api_key,
         queue_size=queue,
         force=opts.force,
+        rpc=opts.rpc or "",
     )
     with progress_bar() as on_progress:
         startup.serve(

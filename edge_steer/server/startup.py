@@ -43,6 +43,7 @@ class ServeOptions:
     api_key: str | None = None
     queue_size: int = 32
     force: bool = False
+    rpc: str = ""  # HOST:PORT,... of `edge-steer worker`s
 
 
 def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
@@ -160,6 +161,7 @@ def build(
         moe_offload=options.moe_offload,
         ctx=options.ctx * options.parallel,  # every lane's KV cache counts for the fit
         force=options.force,
+        rpc=options.rpc,
         on_note=on_note,
     )
     try:
