@@ -3,10 +3,12 @@ official `openai` client and plain HTTP, on the demo model."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -238,9 +240,11 @@ def test_a_client_that_disconnects_frees_its_lane(server, client):
     assert health(server)[1]["busy"] == 0
     # the same without streaming: the client gives up waiting for the whole answer
     body = {"model": "demo", "prompt": PROMPT, "max_tokens": 3000, "temperature": 0.8}
-    request = urllib.request.Request(f"{server}/v1/completions", data=json.dumps(body).encode())
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(server).netloc, timeout=2)
+    connection.request("POST", "/v1/completions", json.dumps(body))
     with pytest.raises(TimeoutError):
-        urllib.request.urlopen(request, timeout=2)
+        connection.getresponse()
+    connection.close()
     _wait_idle(server)
     assert health(server)[1]["busy"] == 0
 

@@ -147,7 +147,7 @@ async def _generate(request: Request, kind: Kind) -> Response:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError("the request body is not valid JSON", code="invalid_json") from None
     job = parse(body, kind, served)
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client went away
     ticket = Ticket(job, _deliverer(asyncio.get_running_loop(), events))
     try:
         lanes.submit(ticket)
@@ -179,17 +179,15 @@ def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callab
 
 
 async def _collect(
-    request: Request, reply: _Reply, events: asyncio.Queue[Event], ticket: Ticket
+    request: Request, reply: _Reply, events: asyncio.Queue[Event | None], ticket: Ticket
 ) -> Response:
     pieces: list[str] = []
+    watcher = asyncio.create_task(_watch_disconnect(request, events))
     try:
         while True:
-            try:
-                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody is listening any more
-                continue
+            event = await events.get()
+            if event is None:
+                return Response(status_code=499)  # nobody is listening any more
             if isinstance(event, Piece):
                 pieces.append(event.text)
             elif isinstance(event, Failed):
@@ -197,11 +195,19 @@ async def _collect(
             else:
                 return JSONResponse(reply.whole("".join(pieces), event))
     finally:
+        watcher.cancel()
         ticket.cancel()
 
 
+async def _watch_disconnect(request: Request, events: asyncio.Queue[Event | None]) -> None:
+    """Tell `_collect` (with None) when a client waiting for a whole answer goes away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL)
+    events.put_nowait(None)
+
+
 async def _stream(
-    reply: _Reply, events: asyncio.Queue[Event], ticket: Ticket
+    reply: _Reply, events: asyncio.Queue[Event | None], ticket: Ticket
 ) -> AsyncIterator[str]:
     try:
         if reply.kind == "chat":
