@@ -277,3 +277,15 @@ def test_allow_train_queue_and_api_key(demo_path):
         assert int(headers["Retry-After"]) > 0
         _wait_idle(url)  # the closed stream's lane frees itself
         assert client.completions.create(**body).choices[0].finish_reason == "length"
+
+
+def test_a_damaged_stored_vector_is_422(client, wobble):
+    broken = wobble.with_name("broken.gguf")
+    broken.write_bytes(wobble.read_bytes()[:100])  # truncated
+    try:
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            _complete(client, {"broken": 1.0}, max_tokens=2)
+        assert caught.value.body["code"] == "damaged_vector"
+    finally:
+        broken.unlink()
+    assert _complete(client, max_tokens=2).choices[0].finish_reason == "length"

@@ -63,6 +63,9 @@ class VectorPool:
     def _read(self, name: str, path: Path, param: str) -> vectors.ControlVector:
         try:
             vector = vectors.read(path)
+        except EdgeSteerError as exc:  # damaged on disk: the request cannot use it
+            raise ApiError(str(exc), status=422, param=param, code="damaged_vector") from None
+        try:
             vectors.check_fits(vector, self.model.n_layer, self.model.n_embd, name)
         except EdgeSteerError as exc:
             raise ApiError(str(exc), param=param, code="vector_for_another_model") from None
