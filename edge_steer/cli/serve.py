@@ -68,6 +68,7 @@ def serve(
         ) from None
     from .. import rpc
 
+    presets = startup.parse_presets(preset)  # before minutes of downloading, not after
     workers = [str(worker) for worker in rpc.connect(opts.rpc or "")]  # their memory counts
     path = resolve_model(opts.model, ctx=ctx * parallel, force=opts.force, rpc=workers)
     options = startup.ServeOptions(
@@ -81,7 +82,7 @@ def serve(
         gpu_layers=opts.gpu_layers,
         moe_offload=opts.moe_offload,
         layers=layers,
-        presets=startup.parse_presets(preset),
+        presets=presets,
         allow_train=allow_train,
         api_key=api_key,
         queue_size=queue,
