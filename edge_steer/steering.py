@@ -77,9 +77,6 @@ def build(
     resolve: Callable[[str], Path] | None = None,
 ) -> Steering:
     steering = Steering(model, parse_layers(layers, model.n_layer), resolve=resolve)
-    totals: dict[str, float] = {}
-    for name, strength in vectors.parse_specs(specs):
-        totals[name] = totals.get(name, 0.0) + strength  # happy:1,happy:0.5 means happy:1.5
-    for name, strength in totals.items():
+    for name, strength in vectors.spec_strengths(specs).items():
         steering.set(name, strength)
     return steering

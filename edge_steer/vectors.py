@@ -224,6 +224,14 @@ def parse_specs(specs: Iterable[str]) -> list[tuple[str, float]]:
     return [parse_spec(part) for spec in specs for part in spec.split(",") if part.strip()]
 
 
+def spec_strengths(specs: Iterable[str]) -> dict[str, float]:
+    """Specs -> {name: strength}; a name given twice adds up (happy:1,happy:0.5 = happy:1.5)."""
+    totals: dict[str, float] = {}
+    for name, strength in parse_specs(specs):
+        totals[name] = totals.get(name, 0.0) + strength
+    return totals
+
+
 def describe(weighted: Mapping[str, float]) -> str:
     return ", ".join(f"{name}:{strength:+g}" for name, strength in weighted.items()) or "none"
 

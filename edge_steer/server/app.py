@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -41,7 +40,6 @@ class ServerState:
     served: Served | None = None
     lanes: Lanes | None = None
     error: EdgeSteerError | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
 
     def running(self) -> tuple[Served, Lanes]:
         if self.served is None or self.lanes is None:

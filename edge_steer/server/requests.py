@@ -137,13 +137,9 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
 def spec_strengths(spec: str, param: str) -> dict[str, float]:
     """ "happy:0.8,lazy:-1" -> {"happy": 0.8, "lazy": -1.0}; repeats add up, as on the CLI."""
     try:
-        pairs = vectors.parse_specs([spec])
+        return vectors.spec_strengths([spec])
     except BadInput as exc:
         raise ApiError(str(exc), param=param, code="invalid_steering") from None
-    totals: dict[str, float] = {}
-    for name, strength in pairs:
-        totals[name] = totals.get(name, 0.0) + strength
-    return totals
 
 
 def _chat_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tuple[str, ...]]:
