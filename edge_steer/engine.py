@@ -25,6 +25,7 @@ from . import ggml, machine
 from .errors import BadInput, EngineError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
+SCORED_TOGETHER = 8  # texts `Context.score` decodes side by side, in any context
 _VERBOSE = os.environ.get("EDGE_STEER_VERBOSE", "") not in ("", "0")
 _recording: list[str] | None = None  # every line while a model or context is made
 
@@ -65,6 +66,9 @@ class Model:
     put things is read back from its own load log: `overridden`, `buffers`, `layer_devices`.
     `repack=False` keeps CPU weights in plain buffers (no AVX/NEON re-layout): slower, but
     the same kernels an RPC worker's CPU runs, so results match a worker bit for bit.
+    `mmap=False` reads the file instead of mapping it (llama.cpp's --no-mmap): what
+    `repack.should_map` advises when most CPU weights get repacked, which would otherwise
+    be held twice.
     `devices` (ggml device names) limits offloading to those; None means this machine's
     GPUs, never the RPC workers an earlier load registered (llama.cpp would use those too,
     and abort the process if one is gone).
@@ -78,11 +82,14 @@ class Model:
         cpu_tensors: Sequence[str] = (),
         repack: bool = True,
         devices: Sequence[str] | None = None,
+        mmap: bool = True,
     ):
         self.path = Path(path)
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         params.use_extra_bufts = repack
+        if not mmap:
+            params.load_mode = ll.LLAMA_LOAD_MODE_NONE
         if devices is None and ggml.RPC_SERVERS:
             devices = [d.name for d in machine.gpus()]
         self._devices = _device_array(devices)  # llama.cpp keeps the pointer
@@ -457,14 +464,16 @@ class Context:
         """For each (tokens, start): log P(tokens[i] | tokens[:i]) for every i >= start
         (1 <= start < len(tokens)), each from an empty cache.
 
-        Texts share batches as separate sequences (up to the context's n_seq), so many short
-        ones cost about what one long one does; logits are kept only for scored positions,
-        and the last token is never decoded (nothing predicts past it)."""
+        Texts share batches as separate sequences (up to SCORED_TOGETHER, whatever the
+        context's n_seq: llama.cpp's numbers shift with batch shape, by up to 0.07 nats a
+        token, and a score should not depend on how many samples a context was made for), so
+        many short ones cost about what one long one does; logits are kept only for scored
+        positions, and the last token is never decoded (nothing predicts past it)."""
         for tokens, start in texts:
             if not 1 <= start < len(tokens) <= self.n_batch:
                 raise BadInput(f"cannot score {len(tokens)} tokens from position {start}")
         scores: list[np.ndarray] = [np.empty(0)] * len(texts)
-        for group in self._groups([tokens[:-1] for tokens, _ in texts]):
+        for group in self._groups([tokens[:-1] for tokens, _ in texts], SCORED_TOGETHER):
             logps = self._score_group([texts[i] for i in group])
             for index, values in zip(group, logps, strict=True):
                 scores[index] = values
@@ -486,18 +495,46 @@ class Context:
 
     def _log_probs(self, targets: np.ndarray) -> np.ndarray:
         """log-softmax of the last batch's output rows, at `targets` (one per row), in blocks
-        of rows so that a 262k vocabulary never needs more than ~32 MiB of scratch."""
+        of rows so that a 262k vocabulary never needs more than ~16 MiB of scratch. float32
+        throughout: numpy's pairwise sum keeps the normaliser's relative error near 1e-7."""
         n_vocab = self.model.n_vocab
         logits = np.ctypeslib.as_array(ll.llama_get_logits(self.ptr), shape=(len(targets), n_vocab))
         out = np.empty(len(targets), dtype=np.float64)
-        step = max(1, (32 << 20) // (4 * n_vocab))
+        step = max(1, (16 << 20) // (4 * n_vocab))
+        scratch = np.empty((min(step, len(targets)), n_vocab), dtype=np.float32)
         for lo in range(0, len(targets), step):
             rows = logits[lo : lo + step]
+            shifted = scratch[: len(rows)]
             top = rows.max(axis=1)
-            total = np.exp(rows - top[:, None]).sum(axis=1, dtype=np.float64)
+            np.exp(np.subtract(rows, top[:, None], out=shifted), out=shifted)
             picked = rows[np.arange(len(rows)), targets[lo : lo + step]]
-            out[lo : lo + step] = picked - top - np.log(total)
+            out[lo : lo + step] = picked - top - np.log(shifted.sum(axis=1))
         return out
+
+    def next_token_probs(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """(n, n_vocab) next-token probabilities after each sequence, each from an empty
+        cache, many sequences per decode."""
+        n_vocab = self.model.n_vocab
+        out = np.empty((len(sequences), n_vocab), dtype=np.float32)
+        for group in self._groups(sequences):
+            self.decode_packed(group, sequences)
+            logits = ll.llama_get_logits(self.ptr)
+            rows = np.ctypeslib.as_array(logits, shape=(len(group), n_vocab))
+            shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
+            out[group] = shifted / shifted.sum(axis=1, keepdims=True)
+        self.forget(0)
+        return out
+
+    def decode_packed(self, group: Sequence[int], sequences: Sequence[Sequence[int]]) -> None:
+        """Decode sequences[i] for each i in `group` side by side from an empty cache, as
+        sequence ids 0.., with logits kept only at each one's last token."""
+        self.forget(0)
+        self.batch.clear()
+        for seq, index in enumerate(group):
+            last = len(sequences[index]) - 1
+            for pos, token in enumerate(sequences[index]):
+                self.batch.add(token, pos, seq, pos == last)
+        self._decode()
 
     def cached_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` the KV cache already holds."""
@@ -611,10 +648,14 @@ class Context:
                 results[index] = states
         return results  # type: ignore[return-value]
 
-    def _groups(self, sequences: Sequence[Sequence[int]]) -> Iterator[list[int]]:
+    def _groups(
+        self, sequences: Sequence[Sequence[int]], most: int | None = None
+    ) -> Iterator[list[int]]:
+        """Indices of `sequences` packed into batches: at most n_batch tokens and the
+        context's n_seq (or `most`) sequences each."""
         group: list[int] = []
         used = 0
-        n_seq = ll.llama_n_seq_max(self.ptr)
+        n_seq = min(ll.llama_n_seq_max(self.ptr), most or ll.llama_n_seq_max(self.ptr))
         for i, seq in enumerate(sequences):
             if not seq:
                 raise BadInput("cannot capture hidden states of an empty prompt")
@@ -752,11 +793,5 @@ def prefill(ctx: Context, sequences: Sequence[Sequence[int]]) -> None:
     """Decode prompts packed exactly as `capture` packs them and keep nothing: plain
     prompt processing, the baseline that capture's speed is measured against."""
     for group in ctx._groups(sequences):
-        ctx.forget(0)
-        ctx.batch.clear()
-        for seq_id, index in enumerate(group):
-            last = len(sequences[index]) - 1
-            for pos, token in enumerate(sequences[index]):
-                ctx.batch.add(token, pos, seq_id, pos == last)
-        ctx._decode()
+        ctx.decode_packed(group, sequences)
     ctx.forget(0)

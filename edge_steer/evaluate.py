@@ -21,10 +21,11 @@ import numpy as np
 
 from . import dataset, store, vectors
 from .dataset import Probe
-from .engine import Context, Model, Sampler, SamplerSettings
+from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings
 from .errors import BadInput
 
 EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
+SAMPLE_PROMPT = 128  # tokens kept for each sample's prompt (persona prefix included)
 MAX_PPL_RATIO = 1.25  # the recommended range keeps perplexity within this of unsteered
 MIN_EFFECT = 0.1  # nats: a smaller change of the mean probe margin is not a usable effect
 REPEAT_NGRAM = 4  # tokens; see `is_degenerate`
@@ -187,7 +188,9 @@ class EvalSettings:
     sample_tokens: int = 32
     sampler: SamplerSettings = SAMPLING
     window: int = 256
-    neutral_tokens: int | None = 512  # scored tokens of the neutral text (None: all ~1000)
+    # scored tokens of the neutral text (None: all ~1000). Not fewer: a persona prompt's cost
+    # shows only after the first window (happy: x1.01 on 256 tokens, x1.06 on 512 and on all)
+    neutral_tokens: int | None = 512
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,10 @@ class Sweep:
 def context(model: Model, settings: EvalSettings, threads: int | None = None) -> Context:
     """A context that holds what a sweep decodes: a probe, a perplexity window, or every
     sampled continuation side by side."""
-    return Context(model, n_ctx=EVAL_CTX, threads=threads, n_seq=max(1, settings.samples))
+    side_by_side = settings.samples * (SAMPLE_PROMPT + settings.sample_tokens)
+    n_ctx = max(EVAL_CTX, side_by_side)
+    n_seq = max(SCORED_TOGETHER, settings.samples)  # probes are scored alike at any --samples
+    return Context(model, n_ctx=n_ctx, threads=threads, n_seq=n_seq)
 
 
 def measure(

@@ -135,3 +135,13 @@ def test_repl_vectors_command_shows_the_recommended_range(calm, tiny_dense_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"{path}: recommended -1..+1.5 (works on {tiny_dense.name})" in result.stderr
+
+
+def test_many_long_samples_get_a_context_that_holds_them(calm, tiny_dense_path):
+    path, probes = calm  # 32 samples x 48 tokens side by side: more than the default context
+    result = run(
+        *f"eval {path} --model {tiny_dense_path} --probes {probes} --strengths 0 "
+        "--samples 32 --sample-tokens 48 --no-save --threads 1 --json".split()
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["points"][0]["degenerate"] is not None

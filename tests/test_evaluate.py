@@ -154,3 +154,14 @@ def test_side_by_side_scoring_and_sampling_match_one_at_a_time(demo_model) -> No
         assert len(a) == len(b) > 0 and np.allclose(a, b, atol=0.1)
     assert [tokens[0] for tokens in batched] == first
     assert all(len(tokens) == 8 for tokens in batched) and all(c == copies[0] for c in copies)
+
+
+def test_eval_scores_probes_alike_whatever_the_sample_count(demo_model) -> None:
+    from edge_steer import dataset
+
+    probes = dataset.load_builtin("happy").probes[:6]
+    margins = []
+    for samples in (0, 16):  # contexts for 1 and 16 sequences side by side
+        with evaluate.context(demo_model, evaluate.EvalSettings(samples=samples), 2) as ctx:
+            margins.append(evaluate.probe_margin(ctx, probes))
+    assert margins[0] == margins[1]
