@@ -3,12 +3,14 @@ planned from the GGUF header before llama.cpp loads anything."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import gguffile, machine
+from . import gguffile, machine, repack
 from .errors import BadInput, DamagedFile
 from .files import size_text
 
@@ -169,6 +171,19 @@ class Offload:
     cpu_tensors: tuple[str, ...]  # tensor-name regexes kept in CPU memory
     gpu_bytes: int  # estimated weight bytes on the GPU
     notes: tuple[str, ...] = ()
+    mmap: bool = True  # map the file (False: read it, as llama.cpp would repack much of it)
+
+    def on_cpu(self, name: str, n_layer: int) -> bool:
+        """Whether weight `name` stays in CPU memory under this plan."""
+        if self.gpu_bytes == 0:
+            return True
+        block = _BLOCK.match(name)
+        if block is None:
+            return name.startswith("token_embd.")  # the output layer is offloaded first
+        index = int(block.group(1))
+        if _EXPERT.search(name) and index < self.moe_layers:
+            return True
+        return index < n_layer - (self.gpu_layers - 1)
 
 
 def plan_offload(
@@ -288,8 +303,9 @@ def plan_model(
 ) -> Offload:
     """plan_offload for a GGUF file, the free memory of this machine's GPUs and of the RPC
     workers `rpc` (host:port), and an n_ctx-token context."""
-    weights = read_weights(gguffile.read_header(path))
-    return plan_offload(
+    header = gguffile.read_header(path)
+    weights = read_weights(header)
+    plan = plan_offload(
         weights,
         gpu_option,
         moe_option,
@@ -297,3 +313,6 @@ def plan_model(
         context=weights.context(n_ctx),
         where="GPU/RPC" if rpc else "GPU",
     )
+    on_cpu = functools.partial(plan.on_cpu, n_layer=weights.n_layer)
+    repacked = repack.repacked_bytes(header, machine.cpu_features(), on_cpu)
+    return dataclasses.replace(plan, mmap=repack.should_map(header, repacked))

@@ -73,6 +73,7 @@ def load_model(
         gpu_layers=plan.gpu_layers,
         cpu_tensors=plan.cpu_tensors,
         devices=_devices(workers),
+        mmap=plan.mmap,
     )
     if plan.cpu_tensors or plan.gpu_bytes:
         where = ", ".join(f"{name} {size_text(size)}" for name, size in loaded.buffers.items())

@@ -293,3 +293,29 @@ def test_steering_on_the_gpu_with_experts_on_the_cpu(tiny_moe_path) -> None:
         scale = float(np.abs(a).max())
         assert np.allclose(a, c, atol=0.02 * scale) and np.allclose(b, d, atol=0.02 * scale)
         assert np.allclose(d[:, 3] - c[:, 3], rows[3], atol=0.02 * scale)
+
+
+def test_plan_says_which_weights_stay_in_cpu_memory():
+    # 3 of 5 layers offloaded: output, blocks 3 and 2; experts of blocks 0-2 kept on the CPU
+    plan = offload.Offload(gpu_layers=3, moe_layers=3, cpu_tensors=(), gpu_bytes=1)
+    on_cpu = {
+        name: plan.on_cpu(name, n_layer=4)
+        for name in (
+            "token_embd.weight",
+            "output.weight",
+            "blk.1.attn_q.weight",
+            "blk.2.attn_q.weight",
+            "blk.2.ffn_up_exps.weight",
+            "blk.3.ffn_up_exps.weight",
+        )
+    }
+    assert on_cpu == {
+        "token_embd.weight": True,
+        "output.weight": False,
+        "blk.1.attn_q.weight": True,
+        "blk.2.attn_q.weight": False,
+        "blk.2.ffn_up_exps.weight": True,
+        "blk.3.ffn_up_exps.weight": False,
+    }
+    cpu_only = offload.Offload(gpu_layers=5, moe_layers=0, cpu_tensors=(), gpu_bytes=0)
+    assert cpu_only.on_cpu("output.weight", n_layer=4)  # no GPU: everything stays

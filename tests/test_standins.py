@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from edge_steer import catalog, gguffile, machine
+from edge_steer import catalog, gguffile, machine, offload, repack, runtime
 from edge_steer.engine import Context, Model
 from tools import standins
 from tools.tiny_models import Hparams
@@ -54,6 +54,31 @@ def test_small_standin_loads_with_the_planned_layout(key, small_dir):
         logits = ctx.logits()
         assert np.isfinite(logits).all() and logits.std() > 0
     assert standins.write(spec, small_dir) == path  # a complete file is reused
+
+
+@pytest.mark.parametrize("key", ["mistral-q4_0", "mistral-q4_k_m", "mixtral-q2_k"])
+def test_repack_rules_predict_the_bytes_llama_cpp_repacks(key, small_dir):
+    # the rule table against llama.cpp's own CPU_REPACK buffer, on whatever CPU runs this
+    path = standins.write(small(key), small_dir)
+    header = gguffile.read_header(path)
+    predicted = repack.repacked_bytes(header, machine.cpu_features(), lambda _name: True)
+    with Model(path) as model:
+        assert predicted == pytest.approx(model.buffers.get("CPU_REPACK", 0), abs=32 << 10)
+
+
+def test_a_mostly_repacked_model_is_read_once_not_mapped(small_dir):
+    path = standins.write(small("mistral-q4_0"), small_dir)
+    header = gguffile.read_header(path)
+    repacked = repack.repacked_bytes(header, machine.cpu_features(), lambda _name: True)
+    if not repacked:
+        pytest.skip("this CPU's llama.cpp build repacks no Q4_0 weights")
+    assert offload.plan_model(path, None, None, 256).mmap is False
+    with runtime.load_model(str(path), ctx=256) as model:
+        # llama.cpp's "CPU" buffer is read from the file; "CPU_Mapped" would be the mapping
+        assert "CPU_Mapped" not in model.buffers and "CPU" in model.buffers
+        assert model.buffers["CPU"] + model.buffers["CPU_REPACK"] < 1.05 * header.file_size
+    q2k = standins.write(small("mixtral-q2_k"), small_dir)
+    assert offload.plan_model(q2k, None, None, 256).mmap is ("AVX512" not in machine.cpu_features())
 
 
 def test_quant_blocks_are_finite_with_small_mean_and_the_asked_spread():

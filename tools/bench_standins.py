@@ -84,16 +84,24 @@ def _drop_file_pages(path: Path) -> int:
 # -- the child: everything in one loaded model ---------------------------------------------------
 
 
+def _load_as_commands_do(path: Path):
+    """The model on the CPU, mapped or read as `edge-steer` commands decide (repack.py)."""
+    from edge_steer import offload
+    from edge_steer.engine import Model
+
+    return Model(path, mmap=offload.plan_model(path, "0", None, CTX).mmap)
+
+
 def child(path: Path, threads: int, reps: int, capture_pairs: int) -> dict:
     """Load, speed, steering and capture measurements in this process."""
     import numpy as np
 
     from edge_steer import bench, library, steering, train
-    from edge_steer.engine import Context, Model
+    from edge_steer.engine import Context
 
     result: dict = {"loadavg_before": _load()}
     start = time.perf_counter()
-    model = Model(path)
+    model = _load_as_commands_do(path)
     result["load_s"] = round(time.perf_counter() - start, 2)
     result["buffers_mib"] = {k: round(v / MIB) for k, v in model.buffers.items()}
     result["memory_after_load"] = _status()
@@ -148,9 +156,9 @@ def working_set(path: Path, threads: int) -> dict:
     import numpy as np
 
     from edge_steer import bench
-    from edge_steer.engine import Context, Model
+    from edge_steer.engine import Context
 
-    model = Model(path)
+    model = _load_as_commands_do(path)
     result = {"memory_after_load": _status(), "file_pages_dropped": _drop_file_pages(path)}
     with Context(model, n_ctx=CTX, n_batch=bench.BATCH, threads=threads) as ctx:
         ctx.ingest(model.tokenize(bench.PROMPT))

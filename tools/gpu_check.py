@@ -49,7 +49,7 @@ def steering_rows(model: Model, block: int) -> np.ndarray:
 
 def measure(path: Path, gpu: str, moe: str, block: int, threads: int) -> dict:
     plan = offload.plan_model(path, gpu, moe, 2048)
-    model = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors)
+    model = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors, mmap=plan.mmap)
     tokens = model.tokenize(PROMPT)
     with Context(model, n_ctx=2048, threads=threads, capture=True) as ctx:
         (bare,) = ctx.capture([tokens])
