@@ -291,8 +291,7 @@ def _training(model: Model, settings: BenchSettings, threads: int, step):
         start = time.perf_counter()
         states = train.hidden_states(model, prompts, options)
         middle = time.perf_counter()
-        vector = train.from_states(model, states[0::2], states[1::2], options, name=name)
-        train.calibrated(model, vector, options)
+        train.finish(model, states[0::2], states[1::2], pairs, options, name=name)
         end = time.perf_counter()
         plain_s = _plain(model, tokens, options)
         if rep:

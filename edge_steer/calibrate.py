@@ -54,10 +54,11 @@ def calibrate(
     span: tuple[int, int],
     *,
     budget: float = BUDGET,
+    first: float = FIRST_SCALE,
     threads: int | None = None,
 ) -> Calibration:
     """The factor for `rows` (the vector by block, as trained) at which the worse of +/-1
-    raises calibration-text perplexity by `budget`."""
+    raises calibration-text perplexity by `budget`; the search starts at `first`."""
     text = dataset.calibration_text()
     with Context(model, n_ctx=TOKENS + 16, n_batch=TOKENS + 16, threads=threads) as ctx:
 
@@ -73,14 +74,14 @@ def calibrate(
             worse[:] = [max(ratios, key=ratios.__getitem__)]
             return max(ratios.values())
 
-        return _search(cost, budget, reference)
+        return _search(cost, budget, reference, first)
 
 
-def _search(cost, budget: float, reference: float) -> Calibration:
-    """Secant steps on y = log(log ratio) against x = log(scale), from FIRST_SCALE."""
+def _search(cost, budget: float, reference: float, first: float) -> Calibration:
+    """Secant steps on y = log(log ratio) against x = log(scale), from `first`."""
     target = math.log(math.log(budget))
     points: list[tuple[float, float]] = []
-    scale = FIRST_SCALE
+    scale = first
 
     def miss(ratio: float) -> float:
         """How far a measured ratio is from the budget, in log terms."""

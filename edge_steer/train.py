@@ -1,4 +1,5 @@
-"""Contrast pairs -> hidden states -> per-block directions -> sign -> scale -> ControlVector.
+"""Contrast pairs -> hidden states -> blocks and method (choose.py) -> per-block directions
+-> sign -> scale -> calibrated strength -> ControlVector.
 
 Everything runs on the GGUF being steered (quantized, any backend), through the engine's
 capture API: the state read from `l_out-N` (output of block N) becomes `direction.N`.
@@ -13,38 +14,37 @@ in total, about GAIN times the contrast the model itself draws between the two p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import calibrate, vectors
+from . import calibrate, choose, vectors
 from .engine import Context, Model
 from .errors import BadInput
 from .vectors import ControlVector
 
 METHODS = ("pca-diff", "pca-center", "mean-diff")
+DEFAULT_METHOD = "pca-diff"
 GAIN = 1.0
 SEQUENCES = 64  # prompts decoded side by side in one llama_decode
-DEFAULT_SPAN = (0.5, 0.85)  # fractions of depth, from the sweep in the README
+DEFAULT_SPAN = (0.5, 0.85)  # fractions of depth, when too few pairs to choose (choose.py)
 
 Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    method: str = "pca-diff"
-    layers: tuple[int, int] | None = None  # steered blocks; None = default_layers(model)
+    method: str | None = None  # None: chosen from held-in validation (choose.py)
+    layers: tuple[int, int] | None = None  # steered blocks; None: chosen likewise
     batch: int = 512
     threads: int | None = None
     budget: float | None = calibrate.BUDGET  # perplexity ratio at +/-1; None: no calibration
 
 
 def default_layers(n_layer: int) -> tuple[int, int]:
-    """Blocks from half to 85% of the depth: there steering moved held-out probes most per
-    unit of perplexity (Gemma 3 270M: 9-14 of 0-17; Mistral 7B: 16-26 of 0-31)."""
-    first = max(1, round(n_layer * DEFAULT_SPAN[0]))
-    last = min(n_layer - 1, max(first, round(n_layer * DEFAULT_SPAN[1]) - 1))
-    return first, last
+    """Blocks from half to 85% of the depth (Gemma 3 270M: 9-14 of 0-17; Mistral 7B: 16-26 of
+    0-31): the span when there are too few pairs to choose one on held-in pairs."""
+    return choose.span_blocks(n_layer, DEFAULT_SPAN)
 
 
 def hidden_states(
@@ -124,8 +124,58 @@ def train(
     if len(pairs) < 2:
         raise BadInput(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
     states = hidden_states(model, [p for pair in pairs for p in pair], options, progress)
-    vector = from_states(model, states[0::2], states[1::2], options, name=name)
+    return finish(model, states[0::2], states[1::2], pairs, options, name=name)
+
+
+def finish(
+    model: Model,
+    pos: np.ndarray,
+    neg: np.ndarray,
+    pairs: Sequence[tuple[str, str]],
+    options: TrainOptions,
+    *,
+    name: str,
+) -> ControlVector:
+    """Everything after reading the states of `pairs`: choose blocks and method, direct,
+    calibrate."""
+    options, how = chosen(model, pos, neg, pairs, options)
+    vector = from_states(model, pos, neg, options, name=name)
+    vector.metadata.update(how)
     return calibrated(model, vector, options)
+
+
+def chosen(
+    model: Model,
+    pos: np.ndarray,
+    neg: np.ndarray,
+    pairs: Sequence[tuple[str, str]],
+    options: TrainOptions,
+) -> tuple[TrainOptions, dict[str, str | float]]:
+    """Options with the method and blocks they leave open chosen on held-in pairs
+    (choose.py), and metadata saying how; the defaults when there are too few pairs to
+    hold some back."""
+    if options.method and options.layers:
+        return options, {"chosen_by": "given"}
+    if len(pos) < choose.MIN_PAIRS:
+        method = options.method or DEFAULT_METHOD
+        layers = options.layers or default_layers(model.n_layer)
+        return replace(options, method=method, layers=layers), {"chosen_by": "default"}
+    best, tried = choose.choose(
+        model,
+        pos,
+        neg,
+        pairs,
+        method=options.method,
+        layers=options.layers,
+        budget=options.budget or calibrate.BUDGET,
+        threads=options.threads,
+    )
+    how: dict[str, str | float] = {
+        "chosen_by": "validation",
+        "candidates": " ".join(c.describe() for c in tried),  # method:blocks:xscale:effect
+        "chosen_scale": round(best.scale, 6),  # where calibration starts looking
+    }
+    return replace(options, method=best.method, layers=best.layers), how
 
 
 def calibrated(model: Model, vector: ControlVector, options: TrainOptions) -> ControlVector:
@@ -136,7 +186,10 @@ def calibrated(model: Model, vector: ControlVector, options: TrainOptions) -> Co
         return vector
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     span = (vector.layers[0], vector.layers[-1])
-    found = calibrate.calibrate(model, rows, span, budget=options.budget, threads=options.threads)
+    start = vector.metadata.get("chosen_scale", calibrate.FIRST_SCALE)
+    found = calibrate.calibrate(
+        model, rows, span, budget=options.budget, first=float(start), threads=options.threads
+    )
     result = vector.scaled(found.scale)
     result.metadata.update(found.metadata())
     return result
@@ -147,7 +200,8 @@ def from_states(
 ) -> ControlVector:
     """The vector from paired states: direction.N comes from l_out-N, for the steered blocks."""
     first, last = options.layers or default_layers(model.n_layer)
-    units = unit_directions(pos, neg, options.method)
+    method = options.method or DEFAULT_METHOD
+    units = unit_directions(pos, neg, method)
     gaps = separations(pos, neg, units)
     blocks = range(first, last + 1)
     scale = GAIN / len(blocks)
@@ -156,7 +210,7 @@ def from_states(
         model.architecture,
         {
             "concept": name,
-            "method": options.method,
+            "method": method,
             "scale_rule": "separation",
             "scale_gain": GAIN,
             "scale_blocks": len(blocks),

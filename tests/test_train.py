@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_steer import calibrate, dataset, evaluate, library, train, vectors
+from edge_steer import calibrate, choose, dataset, evaluate, library, train, vectors
 from edge_steer.engine import Context, Model
 
 TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
@@ -44,9 +44,35 @@ def test_moe_model_trains_unchanged(tiny_moe_path) -> None:
     with Model(tiny_moe_path) as moe:
         pairs = dataset.contrast_pairs(dataset.load_builtin("lazy"), moe, limit=16)
         vec = train.train(moe, pairs, train.TrainOptions(), name="lazy")
-    first, last = train.default_layers(moe.n_layer)
-    assert vec.layers == list(range(first, last + 1))
+        spans = {choose.span_blocks(moe.n_layer, span) for span in choose.SPANS}
+    assert vec.metadata["chosen_by"] == "validation"
+    assert (vec.layers[0], vec.layers[-1]) in spans
     assert all(np.isfinite(d).all() and d.any() for d in vec.directions.values())
+
+
+def test_reproduced_is_the_share_of_the_persona_effect() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.dirichlet(np.ones(16), size=6).astype(np.float32)  # (pos, neg) x 3 pairs
+    persona = base[0::2] - base[1::2]
+    up, down = base[1::2] + 0.5 * persona, base[0::2] - 0.5 * persona  # halfway both ways
+    assert choose.reproduced(base, up, down) == pytest.approx(0.5, rel=1e-5)
+    assert choose.reproduced(base, base[1::2], base[0::2]) == 0.0  # no push, no effect
+    wrong = choose.reproduced(base, base[1::2] - persona, base[0::2] + persona)
+    assert wrong == pytest.approx(-1.0, rel=1e-5)  # pushed the other way
+    same = np.repeat(base[:1], 2, axis=0)
+    assert choose.reproduced(same, same[1:], same[:1]) == 0.0  # no persona effect at all
+
+
+def test_given_or_too_few_pairs_skip_the_choice(tiny_dense) -> None:
+    options = train.TrainOptions(method="mean-diff", layers=(2, 3))
+    states = train.hidden_states(tiny_dense, TEXTS, options)
+    pos, neg = states[0::2], states[1::2]  # 4 pairs: fewer than choose.MIN_PAIRS
+    pairs = list(zip(TEXTS[0::2], TEXTS[1::2], strict=True))
+    given = train.chosen(tiny_dense, pos, neg, pairs, options)
+    assert given == (options, {"chosen_by": "given"})
+    defaults, how = train.chosen(tiny_dense, pos, neg, pairs, train.TrainOptions())
+    assert how == {"chosen_by": "default"} and defaults.method == train.DEFAULT_METHOD
+    assert defaults.layers == train.default_layers(tiny_dense.n_layer)
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +179,12 @@ def test_tiny_models_calibrate_too(tiny_dense_path, tiny_moe_path, moe) -> None:
     for n in vec.layers:
         assert np.allclose(vec.directions[n], plain.directions[n] * factor, rtol=1e-5, atol=1e-7)
     assert "scale_rule" not in plain.metadata or plain.metadata["scale_rule"] == "separation"
+
+
+def test_blocks_and_method_are_the_best_held_in_candidate(happy) -> None:
+    tried = str(happy.metadata["candidates"]).split()  # method:first-last:xscale:share
+    assert happy.metadata["chosen_by"] == "validation" and len(tried) == 4
+    method, blocks, _scale, _share = max(tried, key=lambda c: float(c.rsplit(":", 1)[1])).split(":")
+    first, last = happy.metadata["layer_first"], happy.metadata["layer_last"]
+    assert (happy.metadata["method"], f"{first}-{last}") == (method, blocks)
+    assert happy.layers == list(range(int(first), int(last) + 1))

@@ -10,6 +10,12 @@ import typer
 from ..errors import BadInput
 from .options import LOAD, LayersOpt, clean_errors, err, load_model, out, progress_bar, with_options
 
+_HOW = {
+    "validation": "chosen on held-in pairs",
+    "default": "defaults: too few pairs to hold some back",
+    "given": "as given",
+}
+
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
@@ -28,9 +34,13 @@ def train(
     pairs: Annotated[
         str | None, typer.Option("--pairs", help="JSONL of {positive, negative} prompts.")
     ] = None,
-    method: Annotated[str, typer.Option("--method", help="pca-diff, pca-center or mean-diff.")] = (
-        "pca-diff"
-    ),
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="pca-diff, pca-center or mean-diff (default: chosen on held-in pairs).",
+        ),
+    ] = None,
     layers: LayersOpt = None,
     output: Annotated[
         str | None,
@@ -47,7 +57,7 @@ def train(
     from .. import convert, library, steering, vectors
     from .. import train as training
 
-    if method not in training.METHODS:
+    if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
     loaded = load_model(opts, training.TrainOptions.batch)
     span = steering.parse_layers(layers, loaded.n_layer)
@@ -67,7 +77,11 @@ def train(
         path = library.train_and_store(
             loaded, name, data, options, lambda done, total: on_progress(label, done, total)
         )
-    err.print(f"[dim]trained in {time.perf_counter() - start:.1f}s[/]")
+    meta = vectors.read(path).metadata
+    err.print(
+        f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get('layer_first')}-"
+        f"{meta.get('layer_last')}, {meta.get('method')} ({_HOW.get(meta.get('chosen_by'), '')})[/]"
+    )
     out.print(f"stored {path}")
     if output:
         convert.save(vectors.read(path), output)
