@@ -158,11 +158,14 @@ class Lanes:
             lane.ticket.deliver(Piece(text))
 
     def _finish(self, lane: Lane, event: Event | None) -> None:
+        """Free the lane, then tell the client: once it has its answer, its next request
+        must find the lane free (with --queue 0 it would otherwise get a 503)."""
         assert lane.ticket is not None and lane.steps is not None
+        ticket = lane.ticket
         lane.steps.close()
-        if event is not None:
-            lane.ticket.deliver(event)
         lane.ticket = lane.steps = None
+        if event is not None:
+            ticket.deliver(event)
 
 
 def _as_error(exc: Exception) -> EdgeSteerError:
