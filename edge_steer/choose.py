@@ -136,9 +136,8 @@ def _budget_scale(cost: Callable[[float], float], budget: float) -> float:
 
 def choose(
     model: Model,
-    pos: np.ndarray,
-    neg: np.ndarray,
-    prompts: Sequence[tuple[str, str]],
+    units: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    prompts: Sequence[str],
     *,
     method: str | None = None,
     layers: tuple[int, int] | None = None,
@@ -146,17 +145,9 @@ def choose(
     threads: int | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """The best candidate and all that were tried; a given `method` or `layers` is kept.
-    `prompts` are the (positive, negative) prompt texts of the pairs `pos` and `neg` hold."""
-    from . import train  # train imports this module
-
-    fit, held = split(len(pos))
-
-    def units(name: str) -> tuple[np.ndarray, np.ndarray]:
-        directions = train.unit_directions(pos[fit], neg[fit], name)
-        return directions, train.separations(pos[fit], neg[fit], directions)
-
+    `units(method)` gives directions and gaps from the training pairs, `prompts` the held-in
+    pairs' (positive, negative) texts, interleaved."""
     methods = [method] if method else list(METHODS)
     spans = [layers] if layers else sorted({span_blocks(model.n_layer, s) for s in SPANS})
-    judged = [text for i in held[:PAIRS] for text in prompts[i]]
-    found = candidates(model, units, judged, methods, spans, budget=budget, threads=threads)
+    found = candidates(model, units, prompts, methods, spans, budget=budget, threads=threads)
     return max(found, key=lambda c: c.effect), found

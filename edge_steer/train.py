@@ -160,11 +160,16 @@ def chosen(
         method = options.method or DEFAULT_METHOD
         layers = options.layers or default_layers(model.n_layer)
         return replace(options, method=method, layers=layers), {"chosen_by": "default"}
+    fit, held = choose.split(len(pos))
+
+    def units(method: str) -> tuple[np.ndarray, np.ndarray]:
+        directions = unit_directions(pos[fit], neg[fit], method)
+        return directions, separations(pos[fit], neg[fit], directions)
+
     best, tried = choose.choose(
         model,
-        pos,
-        neg,
-        pairs,
+        units,
+        [text for i in held[: choose.PAIRS] for text in pairs[i]],
         method=options.method,
         layers=options.layers,
         budget=options.budget or calibrate.BUDGET,

@@ -12,7 +12,7 @@ import pytest
 from test_cli import assert_clean_error, run
 
 from edge_steer import dataset, evaluate, vectors
-from edge_steer.engine import Context
+from edge_steer.engine import SCORED_TOGETHER, Context
 from edge_steer.evaluate import Point, Sweep
 
 PROBES = [
@@ -55,7 +55,8 @@ def test_eval_json_reports_what_it_measured_and_stores_it(calm, tiny_dense_path,
     # the same measurement in-process: the CLI applied this vector at strength 1 on its blocks
     rows = vectors.combine([(vectors.read(path), 1.0)], tiny_dense.n_layer, tiny_dense.n_embd)
     margins = {}
-    with Context(tiny_dense, n_ctx=1024, threads=1) as ctx:
+    # scored side by side as eval scores them: llama.cpp's numbers move with batch shape
+    with Context(tiny_dense, n_ctx=1024, threads=1, n_seq=SCORED_TOGETHER) as ctx:
         for strength in (0, 1):
             ctx.set_steering(rows * strength if strength else None)
             margins[strength] = evaluate.probe_margin(ctx, dataset.load_probes_jsonl(probes))

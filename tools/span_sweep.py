@@ -22,12 +22,20 @@ from edge_steer import choose, dataset, evaluate, hub, train, vectors
 from edge_steer.engine import Model
 
 
+def _candidate(text: str) -> choose.Candidate:
+    """A candidate back from its `describe()` text (method:first-last:xscale:share)."""
+    method, blocks, scale, share = text.split(":")
+    first, last = (int(n) for n in blocks.split("-"))
+    return choose.Candidate(method, (first, last), float(scale[1:]), float(share))
+
+
 def sweep_concept(model: Model, name: str, args: argparse.Namespace) -> list[dict]:
     pairs = dataset.contrast_pairs(dataset.load_builtin(name), model, limit=args.pairs)
     options = train.TrainOptions(threads=args.threads)
     states = train.hidden_states(model, [p for pair in pairs for p in pair], options)
     pos, neg = states[0::2], states[1::2]
-    _, tried = choose.choose(model, pos, neg, pairs, threads=args.threads)
+    _, how = train.chosen(model, pos, neg, pairs, options)
+    tried = [_candidate(text) for text in str(how["candidates"]).split()]
     settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=args.samples)
     probes = dataset.load_builtin(name).probes
     rows_out = []
