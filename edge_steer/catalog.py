@@ -48,7 +48,8 @@ class Entry:
         return self.name.partition(":")[0]
 
     def ram_needed(self, ctx: int = DEFAULT_CTX) -> int:
-        """Weights (memory-mapped, so the file size) + f16 KV cache for `ctx` tokens + overhead."""
+        """Weights (the file size: mapped, or read once where llama.cpp repacks them; repack.py)
+        + f16 KV cache for `ctx` tokens + overhead."""
         return self.size + self.kv_bytes_per_token * ctx + OVERHEAD
 
 
