@@ -79,7 +79,6 @@ def calibrate(
 
 def _search(cost, budget: float, reference: float, first: float) -> Calibration:
     """Secant steps on y = log(log ratio) against x = log(scale), from `first`."""
-    target = math.log(math.log(budget))
     points: list[tuple[float, float]] = []
     scale = first
 
@@ -92,20 +91,26 @@ def _search(cost, budget: float, reference: float, first: float) -> Calibration:
         points.append((scale, ratio))
         if miss(ratio) <= TOLERANCE:
             break
-        scale = _next_scale(points, target)
+        scale = _next_scale(points, budget)
     best = min(points, key=lambda p: miss(p[1]))
     return Calibration(best[0], budget, tuple(points), reference)
 
 
-def _next_scale(points: list[tuple[float, float]], target: float) -> float:
-    usable = [(math.log(s), math.log(math.log(r))) for s, r in points if r > 1.0005]
+def extrapolate(scale: float, log_ratio: float, budget: float, power: float = POWER) -> float:
+    """The scale at which log(perplexity ratio), measured as `log_ratio` at `scale`, would
+    reach log(budget) if it grows like scale**power."""
+    target = math.log(math.log(budget))
+    return math.exp(math.log(scale) + (target - math.log(log_ratio)) / power)
+
+
+def _next_scale(points: list[tuple[float, float]], budget: float) -> float:
+    usable = [(s, math.log(r)) for s, r in points if r > 1.0005]
     if not usable:
         return points[-1][0] * 4  # no measurable cost yet: push much harder
-    if len(usable) == 1:
-        power = POWER
-        x, y = usable[0]
-    else:
-        (x0, y0), (x, y) = usable[-2], usable[-1]
+    power = POWER
+    if len(usable) > 1:
+        (s0, c0), (s1, c1) = usable[-2], usable[-1]
+        x0, y0, x, y = math.log(s0), math.log(c0), math.log(s1), math.log(c1)
         power = (y - y0) / (x - x0) if x != x0 else POWER
         power = min(max(power, 0.5), 4.0)
-    return math.exp(x + (target - y) / power)
+    return extrapolate(*usable[-1], budget, power)

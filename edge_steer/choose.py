@@ -123,7 +123,7 @@ def candidates(
 
 def _budget_scale(cost: Callable[[float], float], budget: float) -> float:
     """The scale where the cost would reach log(budget), from one measured push (pushed 4x
-    harder while the cost is too small to measure), extrapolated with calibrate.POWER."""
+    harder while the cost is too small to measure), extrapolated as calibration does."""
     push = TRIAL_SCALE
     measured = cost(push)
     for _ in range(2):
@@ -131,7 +131,7 @@ def _budget_scale(cost: Callable[[float], float], budget: float) -> float:
             break
         push *= 4
         measured = cost(push)
-    return push * (math.log(budget) / max(measured, MIN_COST)) ** (1 / calibrate.POWER)
+    return calibrate.extrapolate(push, max(measured, MIN_COST), budget)
 
 
 def choose(

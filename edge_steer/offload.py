@@ -20,6 +20,12 @@ _EXPERT = re.compile(EXPERT_REGEX)
 _BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
+def first_offloaded(n_layer: int, gpu_layers: int) -> int:
+    """The first block llama.cpp puts on the GPU for `gpu_layers` (n_gpu_layers): the output
+    layer counts as one, then the blocks from the last one down."""
+    return max(n_layer - (gpu_layers - 1), 0)
+
+
 @dataclass(frozen=True)
 class Weights:
     """A GGUF's weight bytes by where llama.cpp can place them, read before loading it.
@@ -48,7 +54,7 @@ class Weights:
         `moe_layers` blocks kept in CPU memory."""
         if gpu_layers <= 0:
             return 0
-        first = max(self.n_layer - (gpu_layers - 1), 0)
+        first = first_offloaded(self.n_layer, gpu_layers)
         return self.output + sum(
             self.blocks[i] + (self.experts[i] if i >= moe_layers else 0)
             for i in range(first, self.n_layer)
@@ -183,7 +189,7 @@ class Offload:
         index = int(block.group(1))
         if _EXPERT.search(name) and index < self.moe_layers:
             return True
-        return index < n_layer - (self.gpu_layers - 1)
+        return index < first_offloaded(n_layer, self.gpu_layers)
 
 
 def plan_offload(

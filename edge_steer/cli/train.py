@@ -77,12 +77,13 @@ def train(
         path = library.train_and_store(
             loaded, name, data, options, lambda done, total: on_progress(label, done, total)
         )
-    meta = vectors.read(path).metadata
+    stored = vectors.read(path)
+    meta = stored.metadata
     err.print(
         f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get('layer_first')}-"
         f"{meta.get('layer_last')}, {meta.get('method')} ({_HOW.get(meta.get('chosen_by'), '')})[/]"
     )
     out.print(f"stored {path}")
     if output:
-        convert.save(vectors.read(path), output)
+        convert.save(stored, output)
         out.print(f"wrote {output}")
