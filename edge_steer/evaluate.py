@@ -30,7 +30,7 @@ MAX_PPL_RATIO = 1.25  # the recommended range keeps perplexity within this of un
 MIN_EFFECT = 0.1  # nats: a smaller change of the mean probe margin is not a usable effect
 REPEAT_NGRAM = 4  # tokens; see `is_degenerate`
 DEGENERATE_COVERAGE = 0.5
-DEFAULT_STRENGTHS = "-2..2:0.5"
+DEFAULT_STRENGTHS = "-2..2:1"  # and `refine`: see `halves_over_limit`
 DEFAULT_STEP = 0.5
 MAX_STRENGTHS = 41
 # the CLI's sampling without the repetition penalty, which would hide the very loops counted
@@ -191,6 +191,8 @@ class EvalSettings:
     # scored tokens of the neutral text (None: all ~1000). Not fewer: a persona prompt's cost
     # shows only after the first window (happy: x1.01 on 256 tokens, x1.06 on 512 and on all)
     neutral_tokens: int | None = 512
+    # also measure `halves_over_limit` (the CLI's default sweep does; given strengths do not)
+    refine: bool = False
 
 
 @dataclass(frozen=True)
@@ -274,23 +276,52 @@ def sweep(
     progress: Progress | None = None,
 ) -> Sweep:
     """Measure `rows` (the vector at strength 1, by block) at every strength, steering blocks
-    `span`; then, given `personas` (positive and negative prompt texts), the unsteered model
-    prompted with each instead: the baseline people compare steering against."""
+    `span` (and at `halves_over_limit` with `settings.refine`); then, given `personas`
+    (positive and negative prompt texts), the unsteered model prompted with each instead:
+    the baseline people compare steering against."""
     strengths = sorted({*settings.strengths, 0.0})  # effects and costs are relative to 0
-    total = len(strengths) + (2 if personas else 0)
-    points = []
-    for strength in strengths:
+    planned = len(strengths) + (2 if personas else 0)
+    done: list[Point] = []
+
+    def measured(point: Point) -> Point:
+        done.append(point)
+        if progress:
+            progress(len(done), planned)
+        return point
+
+    def steered(strength: float) -> Point:
         ctx.set_steering(rows * np.float32(strength) if strength else None, *span)
-        points.append(measure(ctx, probes, settings, strength))
-        if progress:
-            progress(len(points), total)
+        return measured(measure(ctx, probes, settings, strength))
+
+    points = [steered(s) for s in strengths]
+    if settings.refine:
+        extra = halves_over_limit(Sweep(tuple(points)))
+        planned += len(extra)
+        points = sorted(points + [steered(s) for s in extra], key=lambda p: p.strength)
     ctx.set_steering(None)
-    baseline = []
-    for sign, prefix in zip((1.0, -1.0), personas or (), strict=False):
-        baseline.append(measure(ctx, probes, settings, sign, prefix))
-        if progress:
-            progress(len(points) + len(baseline), total)
+    baseline = [
+        measured(measure(ctx, probes, settings, sign, prefix))
+        for sign, prefix in zip((1.0, -1.0), personas or (), strict=False)
+    ]
     return Sweep(tuple(points), tuple(baseline))
+
+
+def halves_over_limit(result: Sweep) -> list[float]:
+    """Half of each side's innermost strength where that one is already over MAX_PPL_RATIO.
+
+    With the default grid of 1, a strong vector (one converted from another tool, or trained
+    with --scale) would otherwise have no measured strength in range on that side, and `eval`
+    would recommend nothing for it while 0.5 works."""
+    extra = []
+    for side in (-1.0, 1.0):
+        inner = min(
+            (p for p in result.points if p.strength * side > 0),
+            key=lambda p: abs(p.strength),
+            default=None,
+        )
+        if inner is not None and result.ppl_ratio(inner) > MAX_PPL_RATIO:
+            extra.append(inner.strength / 2)
+    return extra
 
 
 # -- what the sweep says -----------------------------------------------------------------------

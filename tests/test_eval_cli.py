@@ -84,6 +84,20 @@ def test_eval_table_chart_and_plot_without_saving(calm, tiny_dense_path, tmp_pat
     assert path.read_bytes() == before  # --no-save leaves the vector alone
 
 
+def test_default_sweep_is_whole_steps_and_halves_a_first_step_over_the_limit(
+    calm, tiny_dense_path
+) -> None:
+    path, probes = calm
+    result = run(
+        *f"eval {path} --model {tiny_dense_path} --probes {probes} --samples 0 --threads 1 "
+        "--no-save --json".split()
+    )
+    assert result.returncode == 0, result.stderr
+    ratio = {p["strength"]: p["ppl_ratio"] for p in json.loads(result.stdout)["points"]}
+    halves = {s / 2 for s in (-1, 1) if ratio[s] > evaluate.MAX_PPL_RATIO}
+    assert set(ratio) == {-2, -1, 0, 1, 2} | halves
+
+
 @pytest.mark.parametrize(
     ("args", "words"),
     [

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from conftest import random_rows
 
 from edge_steer import evaluate, vectors
 from edge_steer.errors import BadInput
@@ -165,3 +168,23 @@ def test_eval_scores_probes_alike_whatever_the_sample_count(demo_model) -> None:
         with evaluate.context(demo_model, evaluate.EvalSettings(samples=samples), 2) as ctx:
             margins.append(evaluate.probe_margin(ctx, probes))
     assert margins[0] == margins[1]
+
+
+def test_refine_measures_half_of_a_strength_already_over_the_limit(demo_model) -> None:
+    from edge_steer import dataset
+
+    rows = random_rows(demo_model, {layer: 60.0 for layer in range(6, 11)})  # x1.8 at +1
+    settings = evaluate.EvalSettings(strengths=(-0.05, 1.0), samples=0, neutral_tokens=64)
+    probes = dataset.load_builtin("happy").probes[:4]
+    sweeps = {}
+    for refine in (False, True):
+        with evaluate.context(demo_model, settings, 2) as ctx:
+            sweeps[refine] = evaluate.sweep(
+                ctx, rows, (1, demo_model.n_layer - 1), probes, replace(settings, refine=refine)
+            )
+    plain, refined = sweeps[False], sweeps[True]
+    assert plain.ppl_ratio(plain.points[-1]) > evaluate.MAX_PPL_RATIO  # +1 is over the limit
+    assert plain.ppl_ratio(plain.points[0]) < evaluate.MAX_PPL_RATIO  # -0.05 is not
+    assert [p.strength for p in refined.points] == [-0.05, 0, 0.5, 1]  # only +1 is halved
+    assert refined.points[-1] == plain.points[-1]  # the same measurement, plus one point
+    assert refined.ppl_ratio(refined.points[2]) < plain.ppl_ratio(plain.points[-1])

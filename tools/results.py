@@ -123,7 +123,9 @@ EVAL_LEGEND = (
     "text; degenerate = share of sampled continuations that loop (`evaluate.is_degenerate`); "
     "prompt = the unsteered model given the persona as a prompt instead of a vector; "
     "recommended = `evaluate.recommend` (perplexity within "
-    f"{evaluate.MAX_PPL_RATIO}x, effect of the right sign and at least {evaluate.MIN_EFFECT} nats)."
+    f"{evaluate.MAX_PPL_RATIO}x, effect of the right sign and at least {evaluate.MIN_EFFECT} nats)"
+    " over the strengths {strengths} (`edge-steer eval`'s default is whole steps, "
+    f"{evaluate.DEFAULT_STRENGTHS})."
 )
 RANDOM_NOTE = (
     " (random weights: this only shows that the pipeline runs on a model of this shape; "
@@ -282,7 +284,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-models", default="demo,tiny-dense,tiny-moe")
     p.add_argument("--bench-models", default="demo,tiny-dense,tiny-moe")
     p.add_argument("--concepts", default="all", help="comma list of built-in concepts, or all")
-    p.add_argument("--strengths", default=evaluate.DEFAULT_STRENGTHS)
+    p.add_argument("--strengths", default="-2..2:0.5")  # finer than eval's default
     p.add_argument("--samples", type=int, default=8, help="sampled generations per strength")
     p.add_argument("--pairs", type=int, default=128, help="training pairs per concept")
     p.add_argument("--reps", type=int, default=5, help="bench repetitions")
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edge-steer-results-") as tmp:
         if not args.no_eval:
-            body, raw = [_command_line(argv), "", EVAL_LEGEND, ""], {}
+            legend = EVAL_LEGEND.format(strengths=args.strengths)
+            body, raw = [_command_line(argv), "", legend, ""], {}
             for name in args.eval_models.split(","):
                 model = Model(model_path(name, Path(tmp)))
                 log(f"eval on {model.name}")

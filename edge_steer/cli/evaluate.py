@@ -39,7 +39,9 @@ def eval_command(
     strengths: Annotated[
         str | None,
         typer.Option(
-            "--strengths", help="A..B[:STEP] or a comma list (default -2..2:0.5); 0 is added."
+            "--strengths",
+            help="A..B[:STEP] or a comma list; 0 is added. Default -2..2:1, and ±0.5 where "
+            "±1 is already over the perplexity limit.",
         ),
     ] = None,
     layers: LayersOpt = None,
@@ -93,6 +95,7 @@ def eval_command(
         samples=samples,
         sample_tokens=sample_tokens,
         sampler=replace(evaluate.SAMPLING, seed=seed),
+        refine=strengths is None,
     )
     result = _sweep(loaded, vec, span, probe_set, settings, prefixes, opts.threads, concept)
     layer_text = f"{span[0]}-{span[1]}" if span else "all"
