@@ -280,6 +280,9 @@ def mix(weighted: Iterable[tuple[str, ControlVector, float]]) -> ControlVector:
     fingerprints = {v.metadata.get("model_fingerprint") for _, v, _ in weighted} - {None}
     if fingerprints:
         metadata["model_fingerprint"] = fingerprints.pop()
+    concepts = {v.metadata.get("concept") for _, v, _ in weighted}
+    if len(concepts) == 1 and None not in concepts and all(w > 0 for _, _, w in weighted):
+        metadata["concept"] = concepts.pop()  # still that concept: `eval` finds its probes
     hint = next((v.model_hint for _, v, _ in weighted if v.model_hint), "")
     return ControlVector({n: directions[n] for n in layers}, hint, metadata)
 

@@ -290,6 +290,10 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert mixed.layers == [1, 2, 3]
     assert np.array_equal(mixed.directions[2], np.float32(0.5) * a.directions[2] - 1)
     assert np.array_equal(mixed.directions[3], -np.ones(8, np.float32))
+    assert "concept" not in mixed.metadata  # two concepts: neither
+    for expression, concept in (("mixa*3", "happy"), ("mixa*-1", None)):
+        assert invoke("vectors", "mix", expression, "-o", str(tmp_path / "s.gguf"))[0] == 0
+        assert vectors.read(tmp_path / "s.gguf").metadata.get("concept") == concept
     vectors.write(vectors.ControlVector({1: np.ones(4, np.float32)}), store / "narrow.gguf")
     code, output = invoke("vectors", "mix", "mixa + narrow", "-o", str(tmp_path / "n.gguf"))
     assert code == 2 and "n_embd" in output and not (tmp_path / "n.gguf").exists()
