@@ -309,9 +309,9 @@ def sweep(
 def halves_over_limit(result: Sweep) -> list[float]:
     """Half of each side's innermost strength where that one is already over MAX_PPL_RATIO.
 
-    With the default grid of 1, a strong vector (one converted from another tool, or trained
-    with --scale) would otherwise have no measured strength in range on that side, and `eval`
-    would recommend nothing for it while 0.5 works."""
+    With the default grid of 1, a strong vector (one converted from another tool, or a mix
+    such as "happy*3") would otherwise have no measured strength in range on that side, and
+    `eval` would recommend nothing for it while 0.5 works."""
     extra = []
     for side in (-1.0, 1.0):
         inner = min(
