@@ -106,7 +106,7 @@ def _renumber(source: Source, base: str, shift: int) -> dict[int, np.ndarray]:
     directions, dropped, zero = {}, [], 0
     for key, array in sorted(source.arrays.items()):
         block = key + offset
-        if not np.any(array):
+        if np.isfinite(array).all() and not np.any(array):  # NaN/Inf are left to `validate`
             zero += 1
         elif block < 1:
             dropped.append(key)
