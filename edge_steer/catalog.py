@@ -134,11 +134,13 @@ def fit_problem(
     else:
         reason = f"needs {need} of RAM, {size_text(available_ram, decimal=True)} available"
     alt = smaller_fit(entry, available_ram, free_vram, ctx)
-    hint = (
-        f"{short_name(alt)} ({size_text(alt.size, decimal=True)}) would fit"
-        if alt
-        else "no catalog model fits"
-    )
+    if fits(entry, available_ram, free_vram, DEFAULT_CTX):
+        reason += f" with a {ctx}-token context"
+        hint = f"use a smaller --ctx (the default {DEFAULT_CTX} fits)"
+    elif alt:
+        hint = f"{short_name(alt)} ({size_text(alt.size, decimal=True)}) would fit"
+    else:
+        hint = "no catalog model fits"
     return f"{short_name(entry)} {reason}; {hint}, or pass --force to try anyway"
 
 

@@ -13,6 +13,7 @@ Whatever could not be detected is said in the notes `load` returns.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,11 +274,22 @@ def _rows(path: Path, array: np.ndarray, tool: str) -> Source:
 # --- writers ------------------------------------------------------------------------------
 
 
-def save(vector: vectors.ControlVector, path: str | Path) -> Path:
-    """Write GGUF (llama.cpp's format) or our npz, by the output's suffix, atomically."""
-    path = Path(path)
+def check_output(path: str | Path) -> Path:
+    """An output file name we can write: checked before minutes of training, not after."""
+    path = Path(path).expanduser()
     if path.suffix not in OUTPUT_SUFFIXES:
         raise BadInput(f"unsupported output {path.name}: use a .gguf or .npz file name")
+    if path.is_dir():
+        raise BadInput(f"output {path} is a folder: name a .gguf or .npz file in it")
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {path}: {folder} is not a writable folder")
+    return path
+
+
+def save(vector: vectors.ControlVector, path: str | Path) -> Path:
+    """Write GGUF (llama.cpp's format) or our npz, by the output's suffix, atomically."""
+    path = check_output(path)
     if path.suffix == ".gguf":
         return vectors.write(vector, path)
     return _write_npz(vector, path)

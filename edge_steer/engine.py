@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
+import math
 import os
 import re
 import time
@@ -26,6 +27,7 @@ from .errors import BadInput, EngineError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
 SCORED_TOGETHER = 8  # texts `Context.score` decodes side by side, in any context
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ: llama.cpp refuses a context with more
 _VERBOSE = os.environ.get("EDGE_STEER_VERBOSE", "") not in ("", "0")
 _recording: list[str] | None = None  # every line while a model or context is made
 
@@ -139,7 +141,7 @@ class Model:
         return buf.value.decode(errors="replace") if n >= 0 else None
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False):
-        data = text.encode()
+        data = utf8(text)
         cap = len(data) + 16
         out = (ll.llama_token * cap)()
         n = ll.llama_tokenize(self.vocab, data, len(data), out, cap, add_special, parse_special)
@@ -169,9 +171,7 @@ class Model:
         """Format a conversation with the GGUF's own template; None if llama.cpp can't."""
         if not self.chat_template:
             return None
-        keep = [
-            (m["role"].encode(), m["content"].encode()) for m in messages
-        ]  # bytes must outlive the call
+        keep = [(utf8(m["role"]), utf8(m["content"])) for m in messages]  # outlive the call
         chat = (ll.llama_chat_message * len(keep))(*(ll.llama_chat_message(r, c) for r, c in keep))
         tmpl = self.chat_template.encode()
         size = 4096 + 2 * sum(len(c) for _, c in keep)
@@ -192,6 +192,18 @@ class Model:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def utf8(text: str) -> bytes:
+    """`text` for llama.cpp. A str can hold lone surrogates (JSON's "\\ud800", or bytes that
+    were not UTF-8 in a command line): those are the caller's mistake, not a crash."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise BadInput(
+            f"the text is not valid UTF-8: character {exc.start} is a lone surrogate "
+            f"({text[exc.start]!r}); send plain UTF-8 text"
+        ) from None
 
 
 _OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
@@ -277,6 +289,29 @@ class SamplerSettings:
     seed: int | None = None
 
 
+# The range each sampler setting may take: what llama.cpp's samplers treat sensibly (OpenAI's
+# ranges where it has one). The CLI and the server both check against this table.
+SAMPLING_LIMITS: dict[str, tuple[float, float]] = {
+    "temperature": (0.0, 2.0),
+    "top_k": (0, 1 << 20),
+    "top_p": (0.0, 1.0),
+    "min_p": (0.0, 1.0),
+    "repeat_penalty": (0.01, 10.0),
+    "repeat_last_n": (0, 1 << 20),
+    "frequency_penalty": (-2.0, 2.0),
+    "presence_penalty": (-2.0, 2.0),
+}
+
+
+def out_of_range(settings: SamplerSettings) -> str | None:
+    """The first setting outside SAMPLING_LIMITS (NaN and infinities included), or None."""
+    for name, (low, high) in SAMPLING_LIMITS.items():
+        value = getattr(settings, name)
+        if not (math.isfinite(value) and low <= value <= high):
+            return name
+    return None
+
+
 class Sampler:
     """A llama.cpp sampler chain (penalties, top-k, top-p, min-p, temperature, dist)."""
 
@@ -338,6 +373,8 @@ class Batch:
 
     def add(self, token: int, pos: int, seq: int, output: bool) -> None:
         i = self.n
+        if i >= self.capacity:  # past the end is memory llama.cpp never gave us
+            raise EngineError(f"batch overflow: {self.capacity} tokens at most")
         self.raw.token[i] = token
         self.raw.pos[i] = pos
         self.raw.n_seq_id[i] = 1
@@ -368,6 +405,9 @@ class Context:
         capture: bool = False,
     ):
         self.model = model
+        if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
+            raise BadInput(f"bad context sizes: n_ctx {n_ctx}, n_batch {n_batch}, n_seq {n_seq}")
+        n_batch = min(n_batch, n_ctx)  # llama.cpp caps a batch at the context: agree with it
         params = ll.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
@@ -382,12 +422,25 @@ class Context:
         self.buffers = _buffer_sizes(log, _CONTEXT_BUFFER)  # "CPU KV", "CUDA0 compute", ...
         if not self.ptr:
             raise EngineError(f"could not create a llama.cpp context: {_last_error()}")
-        self.n_ctx = ll.llama_n_ctx(self.ptr)
-        self.n_batch = n_batch
-        self.batch = Batch(n_batch)
+        self._agree_on_sizes(n_ctx, n_batch)
+        self.batch = Batch(self.n_batch)
         self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
         self._steering: np.ndarray | None = None
         self.stats = GenerationStats()
+
+    def _agree_on_sizes(self, n_ctx: int, n_batch: int) -> None:
+        """Take the sizes llama.cpp made, which every check before a decode relies on: a
+        batch over its n_batch or n_ubatch aborts the process (GGML_ASSERT), not Python.
+        The KV cache is padded to 256 cells; the context holds what was asked, no more."""
+        made_batch, made_ubatch = ll.llama_n_batch(self.ptr), ll.llama_n_ubatch(self.ptr)
+        if made_batch != n_batch or made_ubatch != n_batch:
+            self.close()
+            raise EngineError(
+                f"llama.cpp made a batch of {made_batch} (micro-batch {made_ubatch}) "
+                f"where {n_batch} was asked"
+            )
+        self.n_ctx = min(n_ctx, ll.llama_n_ctx(self.ptr))
+        self.n_batch = n_batch
 
     # -- steering -------------------------------------------------------------------------
     def set_steering(self, rows: np.ndarray | None, first: int = 1, last: int = -1) -> None:

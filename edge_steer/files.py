@@ -33,7 +33,12 @@ def _umask() -> int:
 
 def looks_like_path(name: str) -> bool:
     """A --model or --vector value meant as a file rather than a name."""
-    return name.endswith(".gguf") or os.sep in name or "/" in name or Path(name).is_file()
+    if name.endswith(".gguf") or os.sep in name or "/" in name:
+        return True
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # too long for a file name, or a NUL byte: not a file
+        return False
 
 
 def size_text(size: int, *, decimal: bool = False) -> str:

@@ -37,6 +37,25 @@ def contrast_pairs(
     return dataset.contrast_pairs(concept, model, seed=seed, limit=limit)
 
 
+def train_vector(
+    model: Model,
+    name: str,
+    pairs: list[tuple[str, str]],
+    options: train.TrainOptions,
+    progress: train.Progress | None = None,
+) -> vectors.ControlVector:
+    """A vector trained on `model`, keyed to it, not yet stored."""
+    vectors.check_name(name)
+    vector = train.train(model, pairs, options, name=name, progress=progress)
+    vector.metadata["model_fingerprint"] = store.fingerprint(model.path)
+    return vector
+
+
+def store_vector(model: Model, name: str, vector: vectors.ControlVector) -> Path:
+    """Store (atomically replace) `model`'s vector `name`."""
+    return vectors.write(vector, stored_path(model, vectors.check_name(name)))
+
+
 def train_and_store(
     model: Model,
     name: str,
@@ -44,11 +63,7 @@ def train_and_store(
     options: train.TrainOptions,
     progress: train.Progress | None = None,
 ) -> Path:
-    if not name or files.looks_like_path(name):
-        raise BadInput(f"bad vector name {name!r}: use a short name such as 'lazy'")
-    vector = train.train(model, pairs, options, name=name, progress=progress)
-    vector.metadata["model_fingerprint"] = store.fingerprint(model.path)
-    return vectors.write(vector, stored_path(model, name))
+    return store_vector(model, name, train_vector(model, name, pairs, options, progress))
 
 
 def resolve(

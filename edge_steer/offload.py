@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import gguffile, machine, repack
-from .errors import BadInput, DamagedFile
+from .errors import BadInput, DamagedFile, DoesNotFit
 from .files import size_text
 
 EXPERT_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # the pattern of llama.cpp's --cpu-moe
@@ -296,6 +296,14 @@ def _offload(weights: Weights, layers: int, moe_layers: int, notes, *, gpu_bytes
     )
 
 
+def check_kv_fits(kv_bytes: int, n_ctx: int, room: int) -> None:
+    if kv_bytes > room:
+        raise DoesNotFit(
+            f"a {n_ctx}-token context needs {size_text(kv_bytes)} of KV cache, more than the "
+            f"{size_text(room)} of free memory here: use a smaller --ctx (or --force)"
+        )
+
+
 def _experts(moe_layers: int, n_layer: int) -> str:
     if moe_layers == 0:
         return "no experts"
@@ -305,12 +313,21 @@ def _experts(moe_layers: int, n_layer: int) -> str:
 
 
 def plan_model(
-    path: Path, gpu_option: str | None, moe_option: str | None, n_ctx: int, rpc: Sequence[str] = ()
+    path: Path,
+    gpu_option: str | None,
+    moe_option: str | None,
+    n_ctx: int,
+    rpc: Sequence[str] = (),
+    force: bool = False,
 ) -> Offload:
     """plan_offload for a GGUF file, the free memory of this machine's GPUs and of the RPC
-    workers `rpc` (host:port), and an n_ctx-token context."""
+    workers `rpc` (host:port), and an n_ctx-token context, whose KV cache must fit in memory
+    at all (unless `force`): llama.cpp would spend a minute allocating, then abort."""
     header = gguffile.read_header(path)
     weights = read_weights(header)
+    if not force:
+        room = machine.available_ram() + machine.free_vram(rpc)
+        check_kv_fits(weights.kv_per_token * n_ctx, n_ctx, room)
     plan = plan_offload(
         weights,
         gpu_option,

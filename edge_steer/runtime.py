@@ -8,6 +8,7 @@ huggingface_hub drives while downloading).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def load_model(
         say=on_note,
         tqdm_class=download_bar,
     )
-    plan = offload.plan_model(path, gpu_text, moe_text, ctx, [str(w) for w in workers])
+    plan = offload.plan_model(path, gpu_text, moe_text, ctx, [str(w) for w in workers], force)
     for note in plan.notes:
         on_note(note)
     loaded = Model(
@@ -138,9 +139,22 @@ def _specs(given: VectorSpecs) -> list[str]:
     return list(given)
 
 
+MAX_CTX = 1 << 24  # tokens; far past any model's training context, within llama.cpp's int32
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
+
+
 def check_ctx(ctx: int) -> None:
-    if ctx < 16:
-        raise BadInput(f"--ctx {ctx} is too small: use at least 16 tokens")
+    """Before anything loads: whether the context may fit is `offload.plan_model`'s check."""
+    if not 16 <= ctx <= MAX_CTX:
+        raise BadInput(f"--ctx {ctx} is out of range: use 16 to {MAX_CTX} tokens (e.g. 4096)")
+
+
+def check_threads(threads: int | None) -> None:
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise BadInput(
+            f"--threads {threads} is out of range: use 1 to {MAX_THREADS} "
+            f"(this machine has {os.cpu_count() or 1} cores; leave it out for all of them)"
+        )
 
 
 def open_context(
@@ -152,6 +166,7 @@ def open_context(
 ) -> Context:
     """A generation context of `ctx` tokens on `model`, with `steering_` applied."""
     check_ctx(ctx)
+    check_threads(threads)
     context = Context(model, n_ctx=ctx, threads=threads)
     if steering_ is not None:
         steering_.apply(context)
@@ -226,6 +241,7 @@ def load(
     >>> steered.generate("The best thing about mornings is", max_tokens=20, temperature=0)
     """
     check_ctx(ctx)  # before minutes of loading, not after
+    check_threads(threads)
     loaded = load_model(
         model,
         gpu_layers=gpu_layers,

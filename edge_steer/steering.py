@@ -44,6 +44,7 @@ class Steering:
         if strength == 0:
             self.active.pop(name, None)
             return
+        vectors.check_strengths(self.strengths() | {name: strength})
         vector = self.active[name][0] if name in self.active else self._load(name)
         self.active[name] = (vector, strength)
 

@@ -12,7 +12,7 @@ import os
 from functools import cache
 from pathlib import Path
 
-from . import files
+from . import files, vectors
 from .errors import NotFound
 
 SAMPLE_BYTES = 1 << 20
@@ -62,16 +62,31 @@ def resolve_vector(name: str, model_path: str | Path | None) -> Path:
         if not path.is_file():
             raise NotFound(f"control vector file not found: {path}")
         return path
+    vectors.check_name(name)  # before it becomes part of a path
+    found = stored_vector(name, model_path)
+    if found is None:
+        places = " or ".join(map(str, _places(model_path)))
+        raise NotFound(
+            f"unknown vector {name!r}: no {name}.gguf in {places}; "
+            "pass a .gguf path or put the file there"
+        )
+    return found
+
+
+def stored_vector(name: str, model_path: str | Path | None) -> Path | None:
+    """The store's file for a checked name (`vectors.check_name`): the model's own, else a
+    shared one; never a path outside the store."""
+    for place in _places(model_path):
+        if (place / f"{name}.gguf").is_file():
+            return place / f"{name}.gguf"
+    return None
+
+
+def _places(model_path: str | Path | None) -> list[Path]:
     places = [vectors_dir()]
     if model_path is not None:
         places.insert(0, model_vectors_dir(model_path))
-    for place in places:
-        if (place / f"{name}.gguf").is_file():
-            return place / f"{name}.gguf"
-    raise NotFound(
-        f"unknown vector {name!r}: no {name}.gguf in {' or '.join(map(str, places))}; "
-        "pass a .gguf path or put the file there"
-    )
+    return places
 
 
 def stored_vectors() -> list[Path]:

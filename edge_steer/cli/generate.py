@@ -12,6 +12,7 @@ from .options import (
     SAMPLING,
     STEER,
     JsonOpt,
+    check_max_tokens,
     clean_errors,
     load_steered,
     print_json,
@@ -40,6 +41,7 @@ def generate(
     """Continue a text (plain completion, what base models want)."""
     from ..engine import Sampler
 
+    check_max_tokens(max_tokens)
     steered = load_steered(opts)
     sampler = Sampler(steered.model, sampler_settings(opts))
     start = time.perf_counter()
@@ -67,6 +69,7 @@ def chat(
     from ..chat import ChatSession
     from .repl import repl
 
+    check_max_tokens(max_tokens)
     steered = load_steered(opts)
     session = ChatSession(
         steered.context, steered.steering, sampler_settings(opts), system, max_tokens

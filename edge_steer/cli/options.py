@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.markup import escape
 
-from ..errors import EdgeSteerError
+from ..errors import BadInput, EdgeSteerError
 from .console import err, out
 
 F = TypeVar("F", bound=Callable)
@@ -216,6 +216,7 @@ def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
         @functools.wraps(func)
         def wrapper(**kwargs):
             opts = SimpleNamespace(**{name: kwargs.pop(name) for name in names})
+            check_shared(opts)
             return func(**kwargs, opts=opts)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + shared
@@ -227,11 +228,39 @@ def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
     return decorate
 
 
-def sampler_settings(opts: SimpleNamespace):
-    """SamplerSettings from the SAMPLING options."""
-    from ..engine import SamplerSettings
+def check_shared(opts: SimpleNamespace) -> None:
+    """The shared options a command was given, checked before anything loads: a wrong
+    number is one line and exit 2 up front, not a crash or a silent no-op minutes later."""
+    from .. import runtime, vectors
 
-    return SamplerSettings(
+    if hasattr(opts, "threads"):
+        runtime.check_threads(opts.threads)
+    if hasattr(opts, "ctx"):
+        runtime.check_ctx(opts.ctx)
+    if hasattr(opts, "vector"):
+        strengths = vectors.spec_strengths(opts.vector)
+        for name in strengths:
+            vectors.check_name_or_path(name)
+        vectors.check_strengths(strengths)
+    if hasattr(opts, "temp"):
+        sampler_settings(opts)
+
+
+_SAMPLING_FLAGS = {
+    "temperature": "--temp",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repeat_penalty": "--repeat-penalty",
+    "repeat_last_n": "--repeat-last-n",
+}
+
+
+def sampler_settings(opts: SimpleNamespace):
+    """SamplerSettings from the SAMPLING options, each checked against the engine's limits."""
+    from ..engine import SAMPLING_LIMITS, SamplerSettings, out_of_range
+
+    settings = SamplerSettings(
         temperature=opts.temp,
         top_k=opts.top_k,
         top_p=opts.top_p,
@@ -240,6 +269,21 @@ def sampler_settings(opts: SimpleNamespace):
         repeat_last_n=opts.repeat_last_n,
         seed=opts.seed,
     )
+    if bad := out_of_range(settings):
+        low, high = SAMPLING_LIMITS[bad]
+        raise BadInput(
+            f"{_SAMPLING_FLAGS[bad]} {getattr(settings, bad)} is out of range: "
+            f"use {low:g} to {high:g}"
+        )
+    return settings
+
+
+def check_max_tokens(max_tokens: int) -> None:
+    if max_tokens < 1:
+        raise BadInput(
+            f"--max-tokens {max_tokens} is out of range: use 1 or more "
+            "(generation also stops at the end of the context)"
+        )
 
 
 def resolve_model(model: str | None, **options: Any):

@@ -59,6 +59,9 @@ def train(
 
     if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
+    vectors.check_name(name)
+    if output:
+        convert.check_output(output)  # before minutes of training, not after
     loaded = load_model(opts, training.TrainOptions.batch)
     span = steering.parse_layers(layers, loaded.n_layer)
     data = library.contrast_pairs(
@@ -74,16 +77,17 @@ def train(
     start = time.perf_counter()
     label = f"training {name!r} on {loaded.name} ({len(data)} pairs)"
     with progress_bar() as on_progress:
-        path = library.train_and_store(
+        vector = library.train_vector(
             loaded, name, data, options, lambda done, total: on_progress(label, done, total)
         )
-    stored = vectors.read(path)
-    meta = stored.metadata
+    if output:  # first, so that a failed write leaves the stored vector as it was
+        convert.save(vector, output)
+    path = library.store_vector(loaded, name, vector)
+    meta = vector.metadata
     err.print(
         f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get('layer_first')}-"
         f"{meta.get('layer_last')}, {meta.get('method')} ({_HOW.get(meta.get('chosen_by'), '')})[/]"
     )
     out.print(f"stored {path}")
     if output:
-        convert.save(stored, output)
         out.print(f"wrote {output}")
