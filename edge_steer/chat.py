@@ -24,21 +24,46 @@ def format_prompt(model: Model, messages: list[dict[str, str]]) -> tuple[list[in
 
 def until_stop(pieces: Iterator[str], stops: tuple[str, ...]) -> Generator[str, None, bool]:
     """Pass text through until a stop string, holding back what could be its beginning.
-    Returns (to `yield from`) whether a stop string ended it."""
-    pending = ""
+    Returns (to `yield from`) whether a stop string ended it.
+
+    Each stop is followed character by character (Knuth-Morris-Pratt), so a piece costs
+    O(len(piece)) per stop however long the stops and the text get."""
+    matchers = [_StopMatcher(stop) for stop in stops if stop]
+    pending = ""  # text not passed on yet: the longest partial match of any stop
     for piece in pieces:
-        pending += piece
-        hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if hits:
-            yield pending[: min(hits)]
-            return True
-        hold = max(
-            (n for s in stops for n in range(len(s), 0, -1) if pending.endswith(s[:n])), default=0
-        )
-        yield pending[: len(pending) - hold]
-        pending = pending[len(pending) - hold :]
+        text = pending + piece
+        for end, char in enumerate(piece, start=len(pending) + 1):
+            found = [len(m.stop) for m in matchers if m.feed(char)]
+            if found:
+                yield text[: end - max(found)]  # the longest stop ending here starts first
+                return True
+        hold = max((m.matched for m in matchers), default=0)
+        yield text[: len(text) - hold]
+        pending = text[len(text) - hold :]
     yield pending
     return False
+
+
+class _StopMatcher:
+    """How much of one stop string the text seen so far ends with."""
+
+    def __init__(self, stop: str):
+        self.stop, self.matched = stop, 0
+        self.fallback = [0] * len(stop)  # KMP: longest proper border of stop[: i + 1]
+        border = 0
+        for i in range(1, len(stop)):
+            while border and stop[i] != stop[border]:
+                border = self.fallback[border - 1]
+            border += stop[i] == stop[border]
+            self.fallback[i] = border
+
+    def feed(self, char: str) -> bool:
+        """Take the next character; True when the whole stop string has just been seen."""
+        matched = self.matched
+        while matched and self.stop[matched] != char:
+            matched = self.fallback[matched - 1]
+        self.matched = matched + (self.stop[matched] == char)
+        return self.matched == len(self.stop)
 
 
 def transcript(messages: list[dict[str, str]]) -> str:

@@ -45,7 +45,7 @@ def train_vector(
     progress: train.Progress | None = None,
 ) -> vectors.ControlVector:
     """A vector trained on `model`, keyed to it, not yet stored."""
-    vectors.check_name(name)
+    store.check_name(name)
     vector = train.train(model, pairs, options, name=name, progress=progress)
     vector.metadata["model_fingerprint"] = store.fingerprint(model.path)
     return vector
@@ -53,7 +53,7 @@ def train_vector(
 
 def store_vector(model: Model, name: str, vector: vectors.ControlVector) -> Path:
     """Store (atomically replace) `model`'s vector `name`."""
-    return vectors.write(vector, stored_path(model, vectors.check_name(name)))
+    return vectors.write(vector, stored_path(model, store.check_name(name)))
 
 
 def train_and_store(

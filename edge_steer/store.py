@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from functools import cache
 from pathlib import Path
 
-from . import files, vectors
-from .errors import NotFound
+from . import files
+from .errors import BadInput, NotFound
 
 SAMPLE_BYTES = 1 << 20
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 SAMPLES = 8
 
 
@@ -55,6 +57,25 @@ def model_vectors_dir(model_path: str | Path) -> Path:
     return vectors_dir() / fingerprint(model_path)
 
 
+def check_name(name: str) -> str:
+    """`name` if it can name a stored vector (letters, digits, `_`, `-`, `.`; at most 64,
+    starting with a letter or digit), else BadInput. Checked before any file is looked at,
+    so a name never reaches the file system as a path, and an over-long one never fails
+    there."""
+    if not NAME_PATTERN.fullmatch(name) or name.endswith(".gguf"):
+        shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
+        raise BadInput(
+            f"bad vector name {shown!r}: use up to 64 letters, digits, '_', '-' or '.', "
+            "e.g. lazy or my-style"
+        )
+    return name
+
+
+def check_name_or_path(name: str) -> str:
+    """A --vector SPEC's name: a file path as given, else a name `check_name` accepts."""
+    return name if files.looks_like_path(name) else check_name(name)
+
+
 def resolve_vector(name: str, model_path: str | Path | None) -> Path:
     """A SPEC name -> a file: a path as given, else the model's store, else the shared store."""
     if files.looks_like_path(name):
@@ -62,7 +83,7 @@ def resolve_vector(name: str, model_path: str | Path | None) -> Path:
         if not path.is_file():
             raise NotFound(f"control vector file not found: {path}")
         return path
-    vectors.check_name(name)  # before it becomes part of a path
+    check_name(name)  # before it becomes part of a path
     found = stored_vector(name, model_path)
     if found is None:
         places = " or ".join(map(str, _places(model_path)))
@@ -74,7 +95,7 @@ def resolve_vector(name: str, model_path: str | Path | None) -> Path:
 
 
 def stored_vector(name: str, model_path: str | Path | None) -> Path | None:
-    """The store's file for a checked name (`vectors.check_name`): the model's own, else a
+    """The store's file for a checked name (`check_name`): the model's own, else a
     shared one; never a path outside the store."""
     for place in _places(model_path):
         if (place / f"{name}.gguf").is_file():

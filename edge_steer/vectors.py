@@ -22,7 +22,6 @@ ARCH = "controlvector"
 MAX_FILE_BYTES = 512 * 1024 * 1024
 MAX_VALUE = 1e12  # far above any residual stream (~1e4); larger means flipped exponent bits
 META_PREFIX = "edge_steer."
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_STRENGTH = 10.0  # all vectors together: ±1 clearly steered, ±2 strong, past ±5 gibberish
 
 
@@ -219,25 +218,6 @@ def parse_spec(spec: str) -> tuple[str, float]:
             f"bad vector spec {spec!r}: use NAME_OR_PATH[:STRENGTH], e.g. lazy:-1.0 or happy"
         )
     return name, value
-
-
-def check_name(name: str) -> str:
-    """`name` if it can name a stored vector (letters, digits, `_`, `-`, `.`; at most 64,
-    starting with a letter or digit), else BadInput. Checked before any file is looked at,
-    so a name never reaches the file system as a path, and an over-long one never fails
-    there."""
-    if not NAME_PATTERN.fullmatch(name) or name.endswith(".gguf"):
-        shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
-        raise BadInput(
-            f"bad vector name {shown!r}: use up to 64 letters, digits, '_', '-' or '.', "
-            "e.g. lazy or my-style"
-        )
-    return name
-
-
-def check_name_or_path(name: str) -> str:
-    """A --vector SPEC's name: a file path as given, else a name `check_name` accepts."""
-    return name if files.looks_like_path(name) else check_name(name)
 
 
 def check_strengths(strengths: Mapping[str, float]) -> None:

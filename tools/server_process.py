@@ -13,6 +13,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import IO
 
 
 def free_port() -> int:
@@ -21,10 +23,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def health(url: str) -> tuple[int, dict]:
-    """(status, body) of GET /health; (0, {}) while nothing listens."""
+def health(url: str, key: str | None = None) -> tuple[int, dict]:
+    """(status, body) of GET /health (its details under --api-key need the `key`); (0, {})
+    while nothing listens."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+        request = urllib.request.Request(f"{url}/health", headers=headers)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
         return exc.code, json.load(exc)
@@ -32,27 +37,42 @@ def health(url: str) -> tuple[int, dict]:
         return 0, {}
 
 
+@dataclass
+class ServerProcess:
+    """A running `edge-steer serve`: its base URL, its process, and what it has printed."""
+
+    url: str
+    process: subprocess.Popen
+    log: IO[str]
+
+    def output(self) -> str:
+        """Everything the server has written to stdout and stderr so far."""
+        self.log.seek(0)  # the server appends (O_APPEND), whatever the offset
+        return self.log.read()
+
+
 @contextlib.contextmanager
-def running_server(
+def server_process(
     args: Sequence[str], *, timeout: float = 300, env: dict[str, str] | None = None
-) -> Iterator[str]:
-    """Start `edge-steer serve ARGS --port P`, wait for /health 200, yield its base URL;
-    stop it with Ctrl-C (SIGINT) afterwards, as a user would."""
+) -> Iterator[ServerProcess]:
+    """Start `edge-steer serve ARGS --port P` and wait for /health 200; stop it with Ctrl-C
+    (SIGINT) afterwards, as a user would, unless it has already stopped."""
     port = free_port()
     command = [shutil.which("edge-steer") or "edge-steer", "serve", *args, "--port", str(port)]
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed below); a pipe could fill up
+    log = tempfile.TemporaryFile("a+")  # noqa: SIM115 (closed below); a pipe could fill up
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(f"http://127.0.0.1:{port}", process, log)
     try:
         deadline = time.monotonic() + timeout
-        while health(url)[0] != 200:
+        while health(server.url)[0] != 200:
             if process.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"edge-steer serve exited {process.returncode}: {log.read()}")
+                raise RuntimeError(
+                    f"edge-steer serve exited {process.returncode}: {server.output()}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"edge-steer serve not ready after {timeout:.0f} s")
             time.sleep(0.2)
-        yield url
+        yield server
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -61,3 +81,12 @@ def running_server(
             process.kill()
             process.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def running_server(
+    args: Sequence[str], *, timeout: float = 300, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`server_process`, when only its base URL matters."""
+    with server_process(args, timeout=timeout, env=env) as server:
+        yield server.url

@@ -231,7 +231,7 @@ def with_options(*groups: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
 def check_shared(opts: SimpleNamespace) -> None:
     """The shared options a command was given, checked before anything loads: a wrong
     number is one line and exit 2 up front, not a crash or a silent no-op minutes later."""
-    from .. import runtime, vectors
+    from .. import runtime, store, vectors
 
     if hasattr(opts, "threads"):
         runtime.check_threads(opts.threads)
@@ -240,7 +240,7 @@ def check_shared(opts: SimpleNamespace) -> None:
     if hasattr(opts, "vector"):
         strengths = vectors.spec_strengths(opts.vector)
         for name in strengths:
-            vectors.check_name_or_path(name)
+            store.check_name_or_path(name)
         vectors.check_strengths(strengths)
     if hasattr(opts, "temp"):
         sampler_settings(opts)

@@ -51,6 +51,13 @@ def serve(
             "--allow-train", help="Train a built-in concept a request names but the store lacks."
         ),
     ] = False,
+    allow_host: Annotated[
+        list[str],
+        typer.Option(
+            "--allow-host",
+            help="Also answer requests for this Host name (behind a proxy); '*': any.",
+        ),
+    ] = [],  # noqa: B006 (Typer reads the default; it is never mutated)
     queue: Annotated[
         int, typer.Option("--queue", help="Requests that may wait for a lane; then 503.")
     ] = 32,
@@ -88,6 +95,7 @@ def serve(
         queue_size=queue,
         force=opts.force,
         rpc=opts.rpc or "",
+        allow_hosts=allow_host,
     )
     with progress_bar() as on_progress:
         startup.serve(

@@ -54,12 +54,12 @@ def train(
     opts,
 ) -> None:
     """Train a control vector on the model itself and store it for `--vector NAME`."""
-    from .. import convert, library, steering, vectors
+    from .. import convert, library, steering, store
     from .. import train as training
 
     if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
-    vectors.check_name(name)
+    store.check_name(name)
     if output:
         convert.check_output(output)  # before minutes of training, not after
     loaded = load_model(opts, training.TrainOptions.batch)

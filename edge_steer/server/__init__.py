@@ -6,6 +6,9 @@
 - `lanes.py`     the engine thread: one llama.cpp context per lane, all on one model,
                  interleaved token by token; a bounded queue
 - `app.py`       the Starlette app: routes, SSE streaming, auth, the playground page
+- `guard.py`     what a request must satisfy first: Host/Origin, JSON content type, body
+                 size and read time, header read time
+- `startup.py`   options -> a listening server; loading behind /health; a clean shutdown
 
 Needs the `server` extra (uvicorn, starlette); nothing here is imported by other commands.
 """

@@ -3,12 +3,15 @@
 Requests are checked here (a client's mistake is a 4xx before anything is queued), then
 handed to the engine thread (`lanes.py`) as a ticket whose events come back through an
 asyncio queue. A client that goes away cancels its ticket, which frees its lane at once.
+Checking a body (JSON, tokenizing a prompt) runs in a worker thread: a big one never holds
+up the event loop, so every other client and /health keep being answered meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import time
 import uuid
@@ -18,17 +21,19 @@ from importlib import resources
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import EdgeSteerError
-from .api_error import ApiError, as_api_error
+from .api_error import ApiError, as_api_error, log, refuse, shutting_down
+from .guard import Admission, Guard
 from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket
-from .requests import Job, Kind, Served, parse
+from .requests import Job, Kind, Served, decode, parse
 
-RETRY_AFTER_SECONDS = 2
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 
 
@@ -40,8 +45,11 @@ class ServerState:
     served: Served | None = None
     lanes: Lanes | None = None
     error: EdgeSteerError | None = None
+    closing: bool = False  # shutting down: admit nothing new
 
     def running(self) -> tuple[Served, Lanes]:
+        if self.closing:
+            raise shutting_down()
         if self.served is None or self.lanes is None:
             raise ApiError(
                 "the model is still loading: retry in a moment (GET /health says when)",
@@ -52,7 +60,9 @@ class ServerState:
         return self.served, self.lanes
 
 
-def create_app(state: ServerState, lifespan: Callable | None = None) -> Starlette:
+def create_app(
+    state: ServerState, admission: Admission, lifespan: Callable | None = None
+) -> Starlette:
     routes = [
         Route("/", playground),
         Route("/health", health),
@@ -63,8 +73,13 @@ def create_app(state: ServerState, lifespan: Callable | None = None) -> Starlett
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(Guard, admission=admission)],
         lifespan=lifespan,
-        exception_handlers={EdgeSteerError: _api_error, HTTPException: _http_error},
+        exception_handlers={
+            EdgeSteerError: _api_error,
+            HTTPException: _http_error,
+            ClientDisconnect: _gone,
+        },
     )
     app.state.server = state
     return app
@@ -72,15 +87,20 @@ def create_app(state: ServerState, lifespan: Callable | None = None) -> Starlett
 
 def _state(request: Request) -> ServerState:
     state: ServerState = request.app.state.server
-    if request.url.path.startswith("/v1/") and state.api_key:
-        given = request.headers.get("authorization", "")
-        if given != f"Bearer {state.api_key}":
-            raise ApiError(
-                "missing or wrong API key: send `Authorization: Bearer KEY` (the --api-key)",
-                status=401,
-                code="invalid_api_key",
-            )
+    if request.url.path.startswith("/v1/") and not _authorized(request, state):
+        raise ApiError(
+            "missing or wrong API key: send `Authorization: Bearer KEY` (the --api-key)",
+            status=401,
+            code="invalid_api_key",
+        )
     return state
+
+
+def _authorized(request: Request, state: ServerState) -> bool:
+    if not state.api_key:
+        return True
+    given = request.headers.get("authorization", "").encode()
+    return hmac.compare_digest(given, f"Bearer {state.api_key}".encode())
 
 
 # -- routes -------------------------------------------------------------------------------
@@ -92,20 +112,29 @@ async def playground(_request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """The status, with details only for those who may use the API (under --api-key)."""
     state: ServerState = request.app.state.server
+    body = _health(state)
+    status = 200 if body["status"] == "ok" else 503
+    if not _authorized(request, state):
+        body = {"status": body["status"]}
+    return JSONResponse(body, status_code=status)
+
+
+def _health(state: ServerState) -> dict[str, Any]:
+    if state.closing:
+        return {"status": "shutting_down"}
     if state.error is not None:
-        return JSONResponse({"status": "failed", "error": str(state.error)}, status_code=503)
+        return {"status": "failed", "error": str(state.error)}
     if state.lanes is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "loading"}
     lanes = state.lanes
-    return JSONResponse(
-        {
-            "status": "ok",
-            "lanes": len(lanes.lanes),
-            "busy": lanes.busy_lanes(),
-            "queued": lanes.waiting.qsize(),
-        }
-    )
+    return {
+        "status": "ok",
+        "lanes": len(lanes.lanes),
+        "busy": lanes.busy_lanes(),
+        "queued": lanes.waiting.qsize(),
+    }
 
 
 async def list_models(request: Request) -> Response:
@@ -140,11 +169,8 @@ async def completions(request: Request) -> Response:
 
 async def _generate(request: Request, kind: Kind) -> Response:
     served, lanes = _state(request).running()
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ApiError("the request body is not valid JSON", code="invalid_json") from None
-    job = parse(body, kind, served)
+    raw = await request.body()  # at most Admission.max_body bytes, in time (guard.py)
+    job = await run_in_threadpool(_check, raw, kind, served)
     events: asyncio.Queue[Event | None] = asyncio.Queue()  # None: the client went away
     ticket = Ticket(job, _deliverer(asyncio.get_running_loop(), events))
     try:
@@ -164,6 +190,20 @@ async def _generate(request: Request, kind: Kind) -> Response:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return await _collect(request, reply, events, ticket)
+
+
+def _check(raw: bytes, kind: Kind, served: Served) -> Job:
+    """The body as a job, or ApiError. What should never happen in checking (a bug of ours
+    meeting some odd input) is still a JSON 400 and one log line, never a traceback."""
+    try:
+        return parse(decode(raw), kind, served)
+    except EdgeSteerError:
+        raise
+    except Exception as exc:
+        raise ApiError(
+            f"the request could not be checked: {type(exc).__name__}: {exc}",
+            code="invalid_request",
+        ) from None
 
 
 def _deliverer(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Event], None]:
@@ -214,8 +254,9 @@ async def _stream(
             event = await events.get()
             if isinstance(event, Piece):
                 yield _sse(reply.chunk(event.text))
-            elif isinstance(event, Failed):
+            elif isinstance(event, Failed):  # also when the server shuts down
                 yield _sse(as_api_error(event.error).body())
+                yield "data: [DONE]\n\n"
                 return
             else:
                 yield _sse(reply.chunk(None, event.reason))
@@ -288,14 +329,21 @@ def _usage(done: Finished) -> dict[str, int]:
 # -- errors -------------------------------------------------------------------------------
 
 
-async def _api_error(_request: Request, exc: Exception) -> Response:
+async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, EdgeSteerError)
-    exc = as_api_error(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.http_status == 503 else None
-    return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+    return refuse(exc, request.method, request.url.path)
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error = ApiError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
-    return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+    response = refuse(error, request.method, request.url.path)
+    response.headers.update(exc.headers or {})
+    return response
+
+
+async def _gone(request: Request, _exc: Exception) -> Response:
+    """The client went away while sending its body: nobody to answer, nothing to log
+    but a line."""
+    log.info("%s %s: the client went away while sending the body", request.method, request.url.path)
+    return Response(status_code=499)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..chat import until_stop
 from ..engine import Context, Sampler
 from ..errors import EdgeSteerError, EngineError
+from .api_error import shutting_down
 from .pool import VectorPool
 from .requests import Job
 
@@ -84,20 +85,31 @@ class Lanes:
         self.queue_size = queue_size
         self.waiting: queue.Queue[Ticket] = queue.Queue()
         self._stop = threading.Event()
+        self._admitting = threading.Lock()  # no ticket slips in while stopping
         self._thread = threading.Thread(target=self._run, name="edge-steer-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
+        """Stop after the step in progress (one token or prompt chunk); every ticket, on a
+        lane or waiting, is answered "the server is shutting down" (503). Idempotent."""
+        with self._admitting:
+            self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        while not self.waiting.empty():
+            self.waiting.get_nowait().deliver(Failed(shutting_down()))
 
     def submit(self, ticket: Ticket) -> None:
-        """Queue `ticket`, or raise Busy when every lane is taken and `queue_size` wait."""
-        if self.waiting.qsize() + self.busy_lanes() >= len(self.lanes) + self.queue_size:
-            raise Busy
-        self.waiting.put_nowait(ticket)
+        """Queue `ticket`, or raise Busy when every lane is taken and `queue_size` wait
+        (ApiError 503 once stopping)."""
+        with self._admitting:
+            if self._stop.is_set():
+                raise shutting_down()
+            if self.waiting.qsize() + self.busy_lanes() >= len(self.lanes) + self.queue_size:
+                raise Busy
+            self.waiting.put_nowait(ticket)
 
     def busy_lanes(self) -> int:
         return sum(lane.ticket is not None for lane in self.lanes)
@@ -111,7 +123,7 @@ class Lanes:
                     self._step(lane)
         for lane in self.lanes:
             if lane.ticket is not None:
-                self._finish(lane, Failed(EngineError("the server is shutting down")))
+                self._finish(lane, Failed(shutting_down()))
 
     def _admit(self) -> None:
         """Start waiting jobs on free lanes; block briefly only when nothing runs."""

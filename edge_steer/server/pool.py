@@ -6,20 +6,18 @@ the server allows it) and presets. A request can never make the server open a pa
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .. import dataset, files, library, store, vectors
+from .. import dataset, library, store, vectors
 from ..engine import Model
-from ..errors import EdgeSteerError, NotFound
+from ..errors import BadInput, EdgeSteerError
 from ..evaluate import recommended_range
 from .api_error import ApiError
 
-MAX_STRENGTH = 10.0  # calibrated vectors: ±1 clearly steered, ±2 strong, far past ±5 gibberish
 DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated
 
 
@@ -33,8 +31,9 @@ class VectorPool:
     loaded: dict[str, vectors.ControlVector] = field(default_factory=dict)
 
     def check(self, steering: Mapping[str, float], param: str = "steering") -> dict[str, float]:
-        """The request's steering, validated: known names, finite strengths in range. Reads
-        stored files here, in the request, so that a bad file is the client's 4xx."""
+        """The request's steering, validated: known names, numeric strengths (their total is
+        capped by the caller). Reads stored files here, in the request, so that a bad file is
+        the client's 4xx."""
         checked: dict[str, float] = {}
         for name, strength in steering.items():
             _check_strength(name, strength, param)
@@ -46,18 +45,15 @@ class VectorPool:
     def _ensure_known(self, name: str, param: str) -> None:
         if name in self.loaded:
             return
-        if not name or files.looks_like_path(name):
-            raise ApiError(
-                f"steering names vectors, not files: {name!r}; GET /v1/vectors lists them",
-                param=param,
-                code="invalid_vector_name",
-            )
         try:
-            path = store.resolve_vector(name, self.model.path)
-        except NotFound:
+            store.check_name(name)  # before the file system sees it, as part of a path
+        except BadInput:
+            raise self._unknown(name, param) from None  # as for any name the store lacks
+        path = store.stored_vector(name, self.model.path)
+        if path is None:
             if self._trainable(name):
                 return  # trained by the engine thread on first use
-            raise self._unknown(name, param) from None
+            raise self._unknown(name, param)
         self.loaded[name] = self._read(name, path, param)
 
     def _read(self, name: str, path: Path, param: str) -> vectors.ControlVector:
@@ -88,8 +84,9 @@ class VectorPool:
             if name.lower() in dataset.builtin_names()
             else ""
         )
+        shown = name if len(name) <= 64 else f"{name[:64]}..."
         return ApiError(
-            f"unknown vector {name!r}: GET /v1/vectors lists this model's vectors{hint}",
+            f"unknown vector {shown!r}: GET /v1/vectors lists this model's vectors{hint}",
             param=param,
             code="unknown_vector",
         )
@@ -133,7 +130,7 @@ class VectorPool:
             "recommended": list(evaluated or DEFAULT_RANGE),
             "evaluated": evaluated is not None,
             "trained": True,
-            "max_strength": MAX_STRENGTH,
+            "max_strength": vectors.MAX_STRENGTH,
         }
 
 
@@ -147,23 +144,24 @@ def _untrained(name: str) -> dict[str, object]:
         "recommended": list(DEFAULT_RANGE),
         "evaluated": False,
         "trained": False,  # the first request that names it waits for training
-        "max_strength": MAX_STRENGTH,
+        "max_strength": vectors.MAX_STRENGTH,
     }
 
 
 def _check_strength(name: object, strength: object, param: str) -> None:
     if not isinstance(name, str):
         raise ApiError("steering names must be strings", param=param, code="invalid_steering")
+    cap = vectors.MAX_STRENGTH
     if isinstance(strength, bool) or not isinstance(strength, int | float):
         raise ApiError(
-            f"strength of {name!r} must be a number, got {strength!r}",
+            f"strength of {name!r} must be a number, got {type(strength).__name__}",
             param=param,
             code="invalid_steering",
         )
-    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+    if not -cap <= strength <= cap:  # exact for any int, where a float may overflow; NaN fails
         raise ApiError(
-            f"strength {strength} of {name!r} is out of range: use a finite number between "
-            f"-{MAX_STRENGTH:g} and {MAX_STRENGTH:g} (±1 is clearly steered, ±2 strong)",
+            f"the strength of {name!r} is out of range: use a number between -{cap:g} and "
+            f"{cap:g}, for all vectors together (±1 is clearly steered, ±2 strong)",
             param=param,
             code="invalid_steering",
         )

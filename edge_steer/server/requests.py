@@ -3,13 +3,14 @@ the field it found wrong."""
 
 from __future__ import annotations
 
-import math
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import chat, vectors
-from ..engine import Model, SamplerSettings
+from ..engine import SAMPLING_LIMITS, Model, SamplerSettings
 from ..errors import BadInput
 from .api_error import ApiError
 from .pool import VectorPool
@@ -17,6 +18,9 @@ from .pool import VectorPool
 Kind = Literal["chat", "completion"]
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # each; matching costs the engine thread O(stop) per token at worst
+MAX_DEPTH = 32  # nesting of JSON values; OpenAI's bodies need 5
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -52,10 +56,44 @@ class Job:
     cache_prompt: bool = True  # reuse a lane's cached prefix (exact CLI tokens: False)
 
 
-def parse(body: object, kind: Kind, served: Served) -> Job:
-    """Check an OpenAI chat or completion body; raise ApiError naming the bad field."""
+def decode(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object of valid text, else ApiError: nothing a client sends
+    may fail deeper down (an over-long integer, nesting past the recursion limit, a lone
+    surrogate that cannot become UTF-8 for llama.cpp)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8, 4300+ digits
+        raise ApiError("the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object", code="invalid_json")
+    for name, value in body.items():
+        _check_value(name, value)
+    return body
+
+
+def _check_value(name: str, value: object) -> None:
+    """Refuse nesting past MAX_DEPTH and lone surrogates anywhere in field `name`."""
+    param = None if LONE_SURROGATE.search(name) else name  # never echo a bad name back
+    stack = [(name, 0), (value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ApiError(f"values are nested more than {MAX_DEPTH} deep", param=param)
+        if isinstance(item, str) and LONE_SURROGATE.search(item):
+            raise ApiError(
+                "text holds a lone surrogate (\\ud800-\\udfff): send valid Unicode",
+                param=param,
+                code="invalid_text",
+            )
+        if isinstance(item, dict):
+            stack += [(part, depth + 1) for pair in item.items() for part in pair]
+        elif isinstance(item, list):
+            stack += [(part, depth + 1) for part in item]
+
+
+def parse(body: dict[str, Any], kind: Kind, served: Served) -> Job:
+    """Check an OpenAI chat or completion body (from `decode`); raise ApiError naming the
+    bad field."""
     _refuse_unsupported(body)
     model_name = body.get("model")
     if not isinstance(model_name, str) or not model_name:
@@ -75,7 +113,7 @@ def parse(body: object, kind: Kind, served: Served) -> Job:
         kind=kind,
         model=model_name,
         prompt=prompt,
-        max_tokens=_max_tokens(body, default),
+        max_tokens=min(_max_tokens(body, default), served.n_ctx),  # no more fits anyway
         settings=_settings(body),
         steering=steering,
         stops=tuple(dict.fromkeys([*stops, *_stops(body.get("stop"))])),
@@ -131,7 +169,12 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
             code="invalid_steering",
         )
     steering.update(served.pool.check(field_value or {}))
-    return {name: s for name, s in steering.items() if s != 0}
+    steering = {name: s for name, s in steering.items() if s != 0}
+    try:
+        vectors.check_strengths(steering)  # preset, suffix and field together
+    except BadInput as exc:
+        raise ApiError(str(exc), param="steering", code="invalid_steering") from None
+    return steering
 
 
 def spec_strengths(spec: str, param: str) -> dict[str, float]:
@@ -162,7 +205,10 @@ def _message(message: object, index: int) -> dict[str, str]:
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise ApiError(f"{where}: only text content parts are supported", param=where)
-        content = "".join(str(p.get("text", "")) for p in content)
+        texts = [p.get("text", "") for p in content]
+        if not all(isinstance(text, str) for text in texts):
+            raise ApiError(f"{where}: a text part's `text` must be a string", param=where)
+        content = "".join(texts)
     if not isinstance(content, str):
         raise ApiError(f"{where}: `content` must be a string", param=where)
     return {"role": role, "content": content}
@@ -200,33 +246,28 @@ def _max_tokens(body: Mapping[str, Any], default: int) -> int:
 
 
 def _settings(body: Mapping[str, Any]) -> SamplerSettings:
-    """OpenAI's sampling fields plus llama.cpp's (top_k, min_p, repeat_penalty)."""
+    """OpenAI's sampling fields plus llama.cpp's (top_k, min_p, repeat_penalty), each within
+    the engine's SAMPLING_LIMITS, as the CLI checks them."""
     base = SamplerSettings()
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError("`seed` must be an integer", param="seed")
-    return SamplerSettings(
-        temperature=_number(body, "temperature", base.temperature, 0.0, 2.0),
-        top_p=_number(body, "top_p", base.top_p, 0.0, 1.0),
-        top_k=int(_number(body, "top_k", base.top_k, 0, 1 << 20, whole=True)),
-        min_p=_number(body, "min_p", base.min_p, 0.0, 1.0),
-        repeat_penalty=_number(body, "repeat_penalty", base.repeat_penalty, 0.01, 10.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        seed=seed,
-    )
+    fields = ("temperature", "top_p", "min_p", "repeat_penalty")
+    fields += ("frequency_penalty", "presence_penalty")
+    numbers = {name: _number(body, name, getattr(base, name)) for name in fields}
+    top_k = int(_number(body, "top_k", base.top_k, whole=True))
+    return SamplerSettings(**numbers, top_k=top_k, seed=seed)
 
 
-def _number(
-    body: Mapping[str, Any], name: str, default: float, low: float, high: float, whole=False
-) -> float:
+def _number(body: Mapping[str, Any], name: str, default: float, whole: bool = False) -> float:
+    low, high = SAMPLING_LIMITS[name]
     value = body.get(name)
     if value is None:
         return default
     kinds = int if whole else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, kinds) or value != value:  # NaN
         raise ApiError(f"`{name}` must be a {'whole ' if whole else ''}number", param=name)
-    if not low <= value <= high:
+    if not low <= value <= high:  # exact for any int, where float(value) may overflow
         raise ApiError(f"`{name}` must be between {low:g} and {high:g}", param=name)
     return float(value)
 
@@ -238,10 +279,12 @@ def _stops(stop: object) -> list[str]:
     if (
         not isinstance(stops, list)
         or len(stops) > MAX_STOPS
-        or not all(isinstance(s, str) and s for s in stops)
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
     ):
         raise ApiError(
-            f"`stop` must be a string or up to {MAX_STOPS} non-empty strings", param="stop"
+            f"`stop` must be a string or up to {MAX_STOPS} strings, each of 1 to "
+            f"{MAX_STOP_CHARS} characters",
+            param="stop",
         )
     return stops
 

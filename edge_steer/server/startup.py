@@ -3,27 +3,40 @@
 The model file is resolved (and downloaded) before the port opens, so that a wrong --model is
 a one-line error at the terminal. Loading, presets and lanes happen on a loader thread while
 uvicorn already answers /health; if loading fails, the server stops and the error is raised.
+
+On SIGTERM or Ctrl-C the server admits nothing new (503), answers every open request
+"the server is shutting down" (a stream gets an error event and [DONE], a waiting client a
+503) once the engine thread has finished its step in progress, then gives the answers up to
+GRACE_SECONDS to go out before uvicorn closes what is left.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import copy
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from .. import hub, runtime, steering, vectors
 from ..engine import Context
 from ..errors import BadInput, EdgeSteerError, EngineError
 from ..files import size_text
 from .app import ServerState, create_app
+from .guard import Admission, HeaderDeadline, allowed_hosts
 from .lanes import Lanes
 from .pool import VectorPool
 from .requests import Served, spec_strengths
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+GRACE_SECONDS = 3  # for answers to go out on shutdown
 
 
 @dataclass
@@ -44,6 +57,7 @@ class ServeOptions:
     queue_size: int = 32
     force: bool = False
     rpc: str = ""  # HOST:PORT,... of `edge-steer worker`s
+    allow_hosts: list[str] = field(default_factory=list)  # Host names besides loopback's
 
 
 def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
@@ -94,9 +108,7 @@ def serve(
     on_progress: runtime.Progress,
     on_listening: Callable[[str], None] | None = None,
 ) -> None:
-    """Run until Ctrl-C; raise the loading error, if loading failed."""
-    import uvicorn
-
+    """Run until Ctrl-C or SIGTERM; raise the loading error, if loading failed."""
     check_options(options, on_note)
     state = ServerState(api_key=options.api_key)
     holder: dict[str, uvicorn.Server] = {}
@@ -118,18 +130,38 @@ def serve(
             if state.lanes is not None:
                 state.lanes.stop()
 
-    app = create_app(state, lifespan)
+    hosts = allowed_hosts(options.host, options.allow_hosts)
+    app = create_app(state, Admission(port=options.port, hosts=hosts), lifespan)
+    log_config = copy.deepcopy(LOGGING_CONFIG)  # uvicorn's, plus one line per refusal
+    log_config["loggers"]["edge_steer.server"] = {"handlers": ["default"], "level": "INFO"}
     config = uvicorn.Config(
         app,
         host=options.host,
         port=options.port,
+        http=HeaderDeadline,
         log_level="warning",
-        timeout_graceful_shutdown=3,
+        log_config=log_config,
+        timeout_graceful_shutdown=GRACE_SECONDS,
     )
-    holder["server"] = server = uvicorn.Server(config)
+    holder["server"] = server = _AnsweringServer(config, state)
     server.run()
     if state.error is not None:
         raise state.error
+
+
+class _AnsweringServer(uvicorn.Server):
+    """uvicorn's Server, answering every open request before shutting down (uvicorn would
+    wait GRACE_SECONDS for requests that cannot end by themselves, then cancel them)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.state.closing = True
+        if self.state.lanes is not None:
+            await asyncio.to_thread(self.state.lanes.stop)
+        await super().shutdown(sockets)
 
 
 def _stop(holder: dict) -> None:
