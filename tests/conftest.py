@@ -33,6 +33,22 @@ def demo_path(edge_steer_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_path(edge_steer_home: Path) -> Path:
+    """SmolLM2-135M-Instruct: a real instruct model with a chat template (`demo-chat`)."""
+    from edge_steer import hub
+
+    return hub.resolve_model("demo-chat")
+
+
+@pytest.fixture(scope="session")
+def chat_model(chat_path: Path):
+    from edge_steer.engine import Model
+
+    with Model(chat_path) as model:
+        yield model
+
+
+@pytest.fixture(scope="session")
 def demo_model(demo_path: Path):
     from edge_steer.engine import Model
 

@@ -22,7 +22,7 @@ def test_every_entry_is_well_formed(entry: catalog.Entry) -> None:
         assert re.fullmatch(r"[0-9a-f]{40}", entry.revision)  # a pinned commit, not a branch
     assert entry.file.endswith(".gguf") and entry.quant.lower() in entry.file.lower()
     assert entry.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", entry.sha256)
-    assert entry.size > 10**8 and isinstance(entry.size_exact, bool)
+    assert entry.size > 10**7 and isinstance(entry.size_exact, bool)
     assert entry.arch in ("llama", "gemma3") and entry.context >= 8192 and entry.n_layer > 0
     assert entry.params_b > (entry.active_params_b or 0) >= 0
     assert entry.kv_bytes_per_token > 0 and entry.ram_needed() > entry.size
