@@ -15,14 +15,14 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as ll
 import numpy as np
 
-from . import ggml, machine
+from . import ggml, machine, prefixes
 from .errors import BadInput, EngineError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
@@ -564,20 +564,6 @@ class Context:
             out[lo : lo + step] = picked - top - np.log(shifted.sum(axis=1))
         return out
 
-    def next_token_probs(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """(n, n_vocab) next-token probabilities after each sequence, each from an empty
-        cache, many sequences per decode."""
-        n_vocab = self.model.n_vocab
-        out = np.empty((len(sequences), n_vocab), dtype=np.float32)
-        for group in self._groups(sequences):
-            self.decode_packed(group, sequences)
-            logits = ll.llama_get_logits(self.ptr)
-            rows = np.ctypeslib.as_array(logits, shape=(len(group), n_vocab))
-            shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
-            out[group] = shifted / shifted.sum(axis=1, keepdims=True)
-        self.forget(0)
-        return out
-
     def decode_packed(self, group: Sequence[int], sequences: Sequence[Sequence[int]]) -> None:
         """Decode sequences[i] for each i in `group` side by side from an empty cache, as
         sequence ids 0.., with logits kept only at each one's last token."""
@@ -701,6 +687,101 @@ class Context:
                 results[index] = states
         return results  # type: ignore[return-value]
 
+    def capture_last(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        through: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """(n, n_layer, n_embd) states `l_out-il` at each sequence's last token, for blocks
+        0..`through` (default: all). Later blocks are not computed at all (their rows stay
+        zero): the graph ends after block `through`, output layer included. Prefixes that
+        sequences share are decoded once (`_shared_rounds`). `progress(done, total)` follows
+        each round."""
+        if self._capture is None:
+            raise RuntimeError("this context was created without capture=True")
+        through = self.model.n_layer - 1 if through is None else through
+        out = np.zeros((len(sequences), self.model.n_layer, self.model.n_embd), np.float32)
+        done = 0
+        for members in self._shared_rounds(sequences, through):
+            out[members] = self._capture.out
+            done += len(members)
+            if progress:
+                progress(done, len(sequences))
+        return out
+
+    def next_token_probs(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """(n, n_vocab) next-token probabilities after each sequence, each from an empty
+        cache, many sequences per decode, shared prefixes decoded once."""
+        n_vocab = self.model.n_vocab
+        out = np.empty((len(sequences), n_vocab), dtype=np.float32)
+        for members in self._shared_rounds(sequences):
+            logits = ll.llama_get_logits(self.ptr)
+            rows = np.ctypeslib.as_array(logits, shape=(len(members), n_vocab))
+            shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
+            out[members] = shifted / shifted.sum(axis=1, keepdims=True)
+        return out
+
+    def _shared_rounds(
+        self, sequences: Sequence[Sequence[int]], through: int | None = None
+    ) -> Iterator[list[int]]:
+        """Decode `sequences` from an empty cache in rounds, yielding each round's members
+        once their last tokens' logits (or, with `through`, captured states) are ready, in
+        member order; the cache is emptied after the last round.
+
+        Leading tokens that sequences share (a persona instruction before many
+        continuations) are decoded once per round, and every sequence of that group uses
+        those KV cells (`llama_memory_seq_cp`): only what follows is decoded per sequence
+        (prefixes.py plans the groups). Results equal decoding each sequence in full, up to
+        llama.cpp's batch-shape rounding (the same as packing them side by side)."""
+        for seq in sequences:
+            if not 1 <= len(seq) <= self.n_batch:
+                raise BadInput(f"cannot decode {len(seq)} tokens in batches of {self.n_batch}")
+        limits = prefixes.Limits(ll.llama_n_seq_max(self.ptr), self.n_batch, self.n_ctx)
+        for packed in prefixes.rounds(prefixes.groups(sequences, limits), sequences, limits):
+            self._decode_round(packed, sequences, through)
+            yield [m for group in packed for m in group.members]
+        self.forget(0)
+
+    def _decode_round(
+        self, packed: Sequence[prefixes.Group], sequences: Sequence[Sequence[int]], through
+    ) -> None:
+        """The groups' prefixes in one decode, shared with their members, then every
+        member's remaining tokens in another, outputs at each member's last token."""
+        self.forget(0)
+        ids = {m: i for i, m in enumerate(m for group in packed for m in group.members)}
+        self.batch.clear()
+        for group in packed:
+            lead = group.members[0]
+            for pos, token in enumerate(sequences[lead][: group.shared]):
+                self.batch.add(token, pos, ids[lead], False)
+        if self.batch.n:
+            self._decode_capturing([], through)
+            memory = ll.llama_get_memory(self.ptr)
+            for group in packed:
+                for member in group.members[1:]:
+                    ll.llama_memory_seq_cp(memory, ids[group.members[0]], ids[member], -1, -1)
+        self.batch.clear()
+        for group in packed:
+            for member in group.members:
+                tokens = sequences[member]
+                for pos in range(group.shared, len(tokens)):
+                    self.batch.add(tokens[pos], pos, ids[member], pos == len(tokens) - 1)
+        outputs = [i for i in range(self.batch.n) if self.batch.raw.logits[i]]
+        self._decode_capturing(outputs, through)
+
+    def _decode_capturing(self, rows: list[int], through: int | None) -> None:
+        """Decode the batch; with `through`, capture the states of batch `rows` through
+        that block into `self._capture.out` (the graph ends there)."""
+        if through is None:
+            self._decode()
+            return
+        assert self._capture is not None
+        self._capture.start(rows, self.batch.n, through)
+        self._decode()
+        self._capture.finish()
+
     def _groups(
         self, sequences: Sequence[Sequence[int]], most: int | None = None
     ) -> Iterator[list[int]]:
@@ -764,26 +845,29 @@ def _same_steering(a: np.ndarray | None, b: np.ndarray | None) -> bool:
 
 
 class _Capture:
-    """The eval callback: copies `l_out-<il>` rows of one decode into a numpy array."""
+    """The eval callback: copies `l_out-<il>` rows of one decode into a numpy array, and
+    ends the graph after block `through` when later blocks are not wanted."""
 
     def __init__(self, n_layer: int, n_embd: int):
         self.n_layer, self.n_embd = n_layer, n_embd
         self.callback = ll.ggml_backend_sched_eval_callback(self._on_eval)
         self.rows: list[int] = []
         self.n_tokens = 0
+        self.through = n_layer - 1
         self.out = np.zeros((0, n_layer, n_embd), dtype=np.float32)
         self.seen: set[int] = set()
         self.error: BaseException | None = None
 
-    def start(self, rows: list[int], n_tokens: int) -> None:
+    def start(self, rows: list[int], n_tokens: int, through: int | None = None) -> None:
         self.rows, self.n_tokens, self.seen, self.error = rows, n_tokens, set(), None
+        self.through = self.n_layer - 1 if through is None else through
         self.out = np.zeros((len(rows), self.n_layer, self.n_embd), dtype=np.float32)
 
     def finish(self) -> np.ndarray:
         if self.error is not None:
             raise self.error
-        if len(self.seen) != self.n_layer:
-            missing = sorted(set(range(self.n_layer)) - self.seen)
+        if len(self.seen) != self.through + 1:
+            missing = sorted(set(range(self.through + 1)) - self.seen)
             raise RuntimeError(f"llama.cpp produced no l_out for layers {missing}")
         return self.out
 
@@ -792,20 +876,24 @@ class _Capture:
             name = ggml.tensor_name(tensor)
             if not name.startswith(b"l_out-"):
                 return False
+            layer = int(name[6:])
             if ask:
-                return True
-            self._store(int(name[6:]), tensor)
-            return True
+                return layer <= self.through
+            self._store(layer, tensor)
+            # False ends the graph: nothing after `through` (nor the logits) is computed
+            return layer < self.through or self.through == self.n_layer - 1
         except BaseException as exc:  # an exception must not cross into C
             self.error = exc
             return False
 
     def _store(self, layer: int, tensor: int) -> None:
+        self.seen.add(layer)
+        if not self.rows:
+            return  # a decode that only fills the KV cache (shared prefixes)
         n_rows = ggml.TensorHead.from_address(tensor).ne[1]
         # the last block only computes output rows, which are exactly the wanted ones
         pick = list(range(n_rows)) if n_rows == len(self.rows) else self.rows
         self.out[:, layer, :] = ggml.tensor_rows(tensor, pick)
-        self.seen.add(layer)
 
 
 # -- baselines for benchmarks: llama.cpp driven as directly as Python can ----------------

@@ -54,23 +54,32 @@ def hidden_states(
     progress: Progress | None = None,
     steering: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(n_prompts, n_layer, n_embd) states at each prompt's last token, many per decode.
+    """(n_prompts, n_layer, n_embd) states at each prompt's last token, many per decode;
+    blocks past the deepest one `options` may steer are not computed (left zero).
 
+    Prompts that share a persona instruction decode it once (`Context.capture_last`).
     `steering` (rows by block) is applied while reading, to train on top of other vectors.
     """
     tokens = [model.tokenize(p, parse_special=True) for p in prompts]
     batch = max(options.batch, max(len(t) for t in tokens))
-    out = np.empty((len(prompts), model.n_layer, model.n_embd), dtype=np.float32)
-    with Context(
-        model, n_ctx=batch, n_batch=batch, n_seq=SEQUENCES, threads=options.threads, capture=True
+    with Context(  # cells for a full batch of prefixes and one of what follows them
+        model,
+        n_ctx=2 * batch,
+        n_batch=batch,
+        n_seq=SEQUENCES,
+        threads=options.threads,
+        capture=True,
     ) as ctx:
         ctx.set_steering(steering)
-        for start in range(0, len(tokens), SEQUENCES):
-            chunk = tokens[start : start + SEQUENCES]
-            out[start : start + len(chunk)] = np.stack([s[0] for s in ctx.capture(chunk)])
-            if progress:
-                progress(start + len(chunk), len(prompts))
-    return out
+        return ctx.capture_last(tokens, through=deepest(model, options), progress=progress)
+
+
+def deepest(model: Model, options: TrainOptions) -> int:
+    """The deepest block training may read: of the given span, else of any candidate span."""
+    if options.layers:
+        return options.layers[1]
+    spans = [*choose.SPANS, DEFAULT_SPAN]
+    return max(choose.span_blocks(model.n_layer, span)[1] for span in spans)
 
 
 def unit_directions(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
