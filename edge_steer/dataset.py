@@ -125,6 +125,24 @@ def neutral_text() -> str:
 
 
 @cache
+def chat_questions() -> list[str]:
+    """Everyday questions a chat user asks, one per line: `eval --chat` steers the replies
+    to them (never the probes, which measure the same concept another way)."""
+    text = (_data_dir() / "chat_questions.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def persona_instruction(concept: Concept, index: int = 0) -> tuple[str, str]:
+    """The positive and negative persona instruction of pair `index`, as training words
+    them for instruct models ("Act as if you're extremely happy.")."""
+    where = f"concept {concept.name!r} template"
+    return tuple(  # type: ignore[return-value]
+        _render(concept.template, words[index], where)
+        for words in (concept.positive, concept.negative)
+    )
+
+
+@cache
 def calibration_text() -> str:
     """Other neutral prose, held in: training calibrates strength on it, so that `eval`'s
     perplexity (on `neutral_text`) stays an out-of-sample measurement."""

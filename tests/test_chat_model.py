@@ -4,6 +4,9 @@ chat in the model's own format, and vectors trained on it that steer its replies
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 from test_cli import run
@@ -39,3 +42,49 @@ def test_happy_trained_on_the_chat_model_moves_its_probes(chat_model) -> None:
     assert effects == sorted(effects), f"not monotonic: {effects}"
     assert effects[3] > 0.5 and effects[1] < -0.5, effects
     assert ppl[1] / ppl[0] <= 1.25 and ppl[-1] / ppl[0] <= 1.25, ppl
+
+
+def run_long(*args: str) -> subprocess.CompletedProcess:
+    """`run`, for a command that trains a vector first (minutes on a loaded machine)."""
+    command = [sys.executable, "-m", "edge_steer", *args]
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+
+
+def test_eval_chat_measures_steered_replies(chat_path) -> None:
+    """Replies to everyday questions under happy:±1 read more like the happy (sad)
+    persona-prompted model's own, and loop no more than unsteered ones."""
+    result = run_long(
+        "eval",
+        "happy",
+        "-m",
+        "demo-chat",
+        "--chat",
+        "--strengths",
+        "-1,1",
+        "--samples",
+        "2",
+        "--no-save",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    chat = {p["strength"]: p for p in json.loads(result.stdout)["chat"]}
+    assert chat[-1.0]["persona"] < chat[0.0]["persona"] < chat[1.0]["persona"], chat
+    assert max(chat[-1.0]["degenerate"], chat[1.0]["degenerate"]) <= chat[0.0]["degenerate"] + 0.125
+    assert all(p["tokens"] > 0 and p["sample"] for p in chat.values())
+
+
+def test_eval_chat_needs_an_instruct_model(demo_path) -> None:
+    result = run(
+        "eval",
+        "happy",
+        "-m",
+        "demo",
+        "--chat",
+        "--strengths",
+        "-1,1",
+        "--samples",
+        "1",
+        "--no-save",
+    )
+    assert result.returncode == 2 and "no chat template" in result.stderr, result.stderr

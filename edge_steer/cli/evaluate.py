@@ -68,6 +68,14 @@ def eval_command(
         bool, typer.Option("--save/--no-save", help="Store the recommended range in the vector.")
     ] = True,
     retrain: RetrainOpt = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Also steer chat replies to everyday questions and score how they read "
+            "(instruct models).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     *,
     opts,
@@ -85,6 +93,10 @@ def eval_command(
     probe_set = dataset.load_probes_jsonl(probes) if probes else None
     _vector_name(vector)  # a bad spec fails before the model loads
     loaded = load_model(opts, evaluate.EVAL_CTX)
+    if chat:
+        from ..chateval import require_chat
+
+        require_chat(loaded)  # before training or sweeping, not after
     path, vec = _load(vector, loaded, retrain)
     concept = str(vec.metadata.get("concept") or path.stem)
     probe_set = probe_set or _builtin_probes(concept)
@@ -106,6 +118,9 @@ def eval_command(
     report = _report(result, loaded, vec, path, concept, span, words, prefixes, len(probe_set))
     report["saved"] = str(path) if save else None
     report["plot"] = plot
+    report["chat"] = (
+        _chat(loaded, vec, span, concept, personas, result, seed, opts) if chat else None
+    )
     if as_json:
         print_json(report)
     else:
@@ -149,6 +164,65 @@ def _sweep(model, vector, span, probes, settings, prefixes, threads, concept) ->
             personas=prefixes,
             progress=lambda done, total: on_progress(label, done, total),
         )
+
+
+def _chat(model, vector, span, concept: str, personas, result: Sweep, seed: int, opts) -> list:
+    """`chateval.chat_sweep` at the probe sweep's strengths, as JSON-ready points."""
+    from dataclasses import asdict
+
+    from .. import chateval, dataset, vectors
+
+    if personas:
+        positive, _, negative = personas.partition(",")
+        definition = dataset.from_personas(concept, positive, negative)
+    elif concept.lower() in dataset.builtin_names():
+        definition = dataset.load_builtin(concept)
+    else:
+        raise BadInput(
+            f"--chat needs persona words for the custom concept {concept!r}: add --personas "
+            "'POSITIVE,NEGATIVE', e.g. --personas 'sarcastic,sincere'"
+        )
+    rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+    strengths = [p.strength for p in result.points]
+    label = f"chat replies under {concept!r}"
+    with progress_bar() as on_progress:
+        found = chateval.chat_sweep(
+            model,
+            rows,
+            span or (1, model.n_layer - 1),
+            definition,
+            strengths,
+            seed=seed,
+            threads=opts.threads,
+            progress=lambda done, total: on_progress(label, done, total),
+        )
+    return [
+        {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(p).items()} for p in found
+    ]
+
+
+def _chat_table(report: dict) -> Table:
+    from rich.table import Table
+
+    table = Table(
+        title="chat replies to everyday questions, read by the unsteered model "
+        "(persona: nats/token more likely after the positive than the negative instruction)"
+    )
+    for column in ("strength", "persona", "vs unsteered", "tokens", "ended", "degenerate"):
+        table.add_column(column, justify="right")
+    table.add_column("first reply", justify="left", max_width=60, overflow="ellipsis", no_wrap=True)
+    reference = next(p["persona"] for p in report["chat"] if p["strength"] == 0)
+    for p in report["chat"]:
+        table.add_row(
+            f"{p['strength']:+g}",
+            f"{p['persona']:+.3f}",
+            f"{p['persona'] - reference:+.3f}",
+            f"{p['tokens']:.0f}",
+            f"{p['ended']:.0%}",
+            f"{p['degenerate']:.0%}",
+            p["sample"].replace("\n", " "),
+        )
+    return table
 
 
 def _builtin_probes(concept: str):
@@ -275,6 +349,8 @@ def _render(result: Sweep, report: dict) -> None:
     out.print(chart(result, report["max_ppl_ratio"]))
     if report["baseline"]:
         out.print(_baseline_table(report))
+    if report["chat"]:
+        out.print(_chat_table(report))
     _verdict(report)
 
 

@@ -1,0 +1,113 @@
+"""What a chat user sees under steering, measured without an outside judge.
+
+At each strength the steered model answers everyday questions (`dataset.chat_questions`,
+never the probes) in its own chat format, sampled with the same seeds at every strength.
+Each reply is then read by the *unsteered* model twice: once after the concept's positive
+persona instruction and the question, once after the negative one. The persona score is
+log P(reply | positive) - log P(reply | negative) per reply token: does the steered reply
+read like what the persona-prompted model itself writes? It should rise with the strength.
+Beside it: reply length, the share of replies that end their turn, and the share that
+degenerate into repetition (`evaluate.is_degenerate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import chat, dataset, evaluate
+from .engine import Context, Model, Sampler
+from .errors import BadInput
+
+REPLY_TOKENS = 64  # per reply: enough for a tone to show, cheap enough for every strength
+
+
+@dataclass(frozen=True)
+class ChatPoint:
+    strength: float
+    persona: float  # mean per-token log-likelihood ratio, positive vs negative persona
+    tokens: float  # mean reply length
+    ended: float  # share of replies that ended their turn within REPLY_TOKENS
+    degenerate: float  # share of replies that loop
+    sample: str  # the first reply
+
+
+def chat_sweep(
+    model: Model,
+    rows: np.ndarray,
+    span: tuple[int, int],
+    concept: dataset.Concept,
+    strengths: Sequence[float],
+    *,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ChatPoint]:
+    """Replies at each strength (0 included), scored as the module says."""
+    require_chat(model)
+    questions = dataset.chat_questions()
+    prompts = [_prompt(model, question) for question in questions]
+    personas = dataset.persona_instruction(concept)
+    n_ctx = sum(map(len, prompts)) + len(prompts) * (REPLY_TOKENS + 64)
+    found = []
+    strengths = sorted({*strengths, 0.0})
+    with Context(model, n_ctx=n_ctx, n_seq=len(prompts), threads=threads) as ctx:
+        for done, strength in enumerate(strengths, start=1):
+            ctx.set_steering(rows * np.float32(strength) if strength else None, *span)
+            replies = _replies(ctx, prompts, seed)
+            ctx.set_steering(None)
+            found.append(_point(ctx, strength, questions, replies, personas))
+            if progress:
+                progress(done, len(strengths))
+    return found
+
+
+def require_chat(model: Model) -> None:
+    if not model.chat_template:
+        raise BadInput(
+            f"{model.name} has no chat template: eval --chat measures chat replies, so it "
+            "needs an instruct model (e.g. --model demo-chat)"
+        )
+
+
+def _prompt(model: Model, text: str) -> list[int]:
+    return chat.format_prompt(model, [{"role": "user", "content": text}])[0]
+
+
+def _replies(ctx: Context, prompts: list[list[int]], seed: int) -> list[list[int]]:
+    samplers = [
+        Sampler(ctx.model, replace(evaluate.SAMPLING, seed=seed + i)) for i in range(len(prompts))
+    ]
+    try:
+        return ctx.sample_many(prompts, samplers, REPLY_TOKENS)
+    finally:
+        for sampler in samplers:
+            sampler.close()
+
+
+def _point(
+    ctx: Context,
+    strength: float,
+    questions: list[str],
+    replies: list[list[int]],
+    personas: tuple[str, str],
+) -> ChatPoint:
+    """Score `replies` with the unsteered model (`ctx` without steering)."""
+    scored = [i for i, reply in enumerate(replies) if reply]
+    per_persona = []
+    for instruction in personas:
+        heads = [_prompt(ctx.model, f"{instruction} {questions[i]}") for i in scored]
+        texts = [(head + replies[i], len(head)) for head, i in zip(heads, scored, strict=True)]
+        per_persona.append([logps.sum() for logps in ctx.score(texts)])
+    lengths = [len(replies[i]) for i in scored]
+    ratio = np.subtract(*per_persona) / np.asarray(lengths) if scored else np.zeros(0)
+    return ChatPoint(
+        strength=strength,
+        persona=float(ratio.mean()) if scored else 0.0,
+        tokens=float(np.mean([len(r) for r in replies])),
+        ended=float(np.mean([len(r) < REPLY_TOKENS for r in replies])),
+        degenerate=float(np.mean([evaluate.is_degenerate(r) for r in replies])),
+        sample=ctx.model.detokenize(replies[0]),
+    )
