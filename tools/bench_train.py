@@ -71,7 +71,7 @@ def stages(model_path: Path, concept: str, threads: int) -> dict:
     return {
         "pairs": len(pairs),
         "prompt_tokens": tokens,
-        "persona_prefixes": len(dataset.persona_prefixes(dataset.load_builtin(concept), model)),
+        "persona_pairs": len(dataset.persona_prefixes(dataset.load_builtin(concept), model)),
         "capture_s": round(captured - start, 1),
         "choice_s": round(choice - captured, 1),
         "calibration_s": round(end - choice, 1),
