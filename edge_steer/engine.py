@@ -745,7 +745,10 @@ class Context:
         self.forget(0)
 
     def _decode_round(
-        self, packed: Sequence[prefixes.Group], sequences: Sequence[Sequence[int]], through
+        self,
+        packed: Sequence[prefixes.Group],
+        sequences: Sequence[Sequence[int]],
+        through: int | None,
     ) -> None:
         """The groups' prefixes in one decode, shared with their members, then every
         member's remaining tokens in another, outputs at each member's last token."""

@@ -83,7 +83,9 @@ def _shared(prompts: Sequence[Sequence[int]], members: Sequence[int]) -> int:
     return min(min(common_length(first, prompts[m]), len(prompts[m]) - 1) for m in members)
 
 
-def rounds(found: Sequence[Group], prompts: Sequence[Sequence[int]], limits: Limits):
+def rounds(
+    found: Sequence[Group], prompts: Sequence[Sequence[int]], limits: Limits
+) -> list[list[Group]]:
     """Groups packed into rounds (in order): each round decodes its groups' prefixes in one
     llama_decode and then all members' remaining tokens in another, within `limits`."""
     packed: list[list[Group]] = []

@@ -74,6 +74,27 @@ def tiny_dense(tiny_dense_path: Path):
         yield model
 
 
+def assert_steers_probes_monotonically(model, vector, concept: str) -> None:
+    """-2..2 moves the concept's held-out probes in order, at least 0.5 nats at ±1, within
+    x1.25 perplexity on neutral text at ±1."""
+    from edge_steer import dataset, evaluate, vectors
+    from edge_steer.engine import Context
+
+    rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+    probes = dataset.load_builtin(concept).probes
+    neutral = " ".join(dataset.neutral_text().split()[:300])
+    margins, ppl = {}, {}
+    with Context(model, n_ctx=512) as ctx:
+        for strength in (-2, -1, 0, 1, 2):
+            ctx.set_steering(rows * np.float32(strength) if strength else None)
+            margins[strength] = evaluate.probe_margin(ctx, probes)
+            ppl[strength] = evaluate.perplexity(ctx, neutral)
+    effects = [margins[s] - margins[0] for s in (-2, -1, 0, 1, 2)]
+    assert effects == sorted(effects), f"not monotonic: {effects}"
+    assert effects[3] > 0.5 and effects[1] < -0.5, effects
+    assert ppl[1] / ppl[0] <= 1.25 and ppl[-1] / ppl[0] <= 1.25, ppl
+
+
 def random_rows(model, layers: dict[int, float], seed: int = 0) -> np.ndarray:
     """An (n_layer, n_embd) steering array with random directions of the given norms."""
     rng = np.random.default_rng(seed)

@@ -8,11 +8,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
+from conftest import assert_steers_probes_monotonically
 from test_cli import run
 
-from edge_steer import dataset, evaluate, train, vectors
-from edge_steer.engine import Context
+from edge_steer import dataset, train
 
 
 def test_demo_chat_is_an_instruct_model_that_ends_its_turn(chat_path) -> None:
@@ -29,19 +28,7 @@ def test_happy_trained_on_the_chat_model_moves_its_probes(chat_model) -> None:
     pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), chat_model, limit=64)
     vector = train.train(chat_model, pairs, train.TrainOptions(), name="happy")
     assert vector.metadata["chosen_by"] == "validation"
-    rows = vectors.combine([(vector, 1.0)], chat_model.n_layer, chat_model.n_embd)
-    probes = dataset.load_builtin("happy").probes
-    neutral = " ".join(dataset.neutral_text().split()[:300])
-    margins, ppl = {}, {}
-    with Context(chat_model, n_ctx=512) as ctx:
-        for strength in (-2, -1, 0, 1, 2):
-            ctx.set_steering(rows * np.float32(strength) if strength else None)
-            margins[strength] = evaluate.probe_margin(ctx, probes)
-            ppl[strength] = evaluate.perplexity(ctx, neutral)
-    effects = [margins[s] - margins[0] for s in (-2, -1, 0, 1, 2)]
-    assert effects == sorted(effects), f"not monotonic: {effects}"
-    assert effects[3] > 0.5 and effects[1] < -0.5, effects
-    assert ppl[1] / ppl[0] <= 1.25 and ppl[-1] / ppl[0] <= 1.25, ppl
+    assert_steers_probes_monotonically(chat_model, vector, "happy")
 
 
 def run_long(*args: str) -> subprocess.CompletedProcess:

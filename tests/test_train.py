@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_steers_probes_monotonically
 
 from edge_steer import calibrate, choose, dataset, evaluate, library, train, vectors
 from edge_steer.engine import Context, Model
@@ -94,19 +95,7 @@ def test_sign_is_right_for_every_layer_on_held_out_pairs(demo_model, happy) -> N
 
 
 def test_happy_vector_moves_held_out_probes_monotonically(demo_model, happy) -> None:
-    probes = dataset.load_builtin("happy").probes
-    neutral = " ".join(dataset.neutral_text().split()[:300])
-    rows = vectors.combine([(happy, 1.0)], demo_model.n_layer, demo_model.n_embd)
-    margins, ppl = {}, {}
-    with Context(demo_model, n_ctx=512) as ctx:
-        for strength in (-2, -1, 0, 1, 2):
-            ctx.set_steering(rows * strength if strength else None)
-            margins[strength] = evaluate.probe_margin(ctx, probes)
-            ppl[strength] = evaluate.perplexity(ctx, neutral)
-    effects = [margins[s] - margins[0] for s in (-2, -1, 0, 1, 2)]
-    assert effects == sorted(effects), f"not monotonic: {effects}"
-    assert effects[3] > 0.5 and effects[1] < -0.5, effects
-    assert ppl[1] / ppl[0] <= 1.25 and ppl[-1] / ppl[0] <= 1.25, ppl
+    assert_steers_probes_monotonically(demo_model, happy, "happy")
 
 
 def test_chat_trains_on_first_use_then_reuses(tmp_path, monkeypatch) -> None:

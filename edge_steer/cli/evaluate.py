@@ -170,18 +170,9 @@ def _chat(model, vector, span, concept: str, personas, result: Sweep, seed: int,
     """`chateval.chat_sweep` at the probe sweep's strengths, as JSON-ready points."""
     from dataclasses import asdict
 
-    from .. import chateval, dataset, vectors
+    from .. import chateval, vectors
 
-    if personas:
-        positive, _, negative = personas.partition(",")
-        definition = dataset.from_personas(concept, positive, negative)
-    elif concept.lower() in dataset.builtin_names():
-        definition = dataset.load_builtin(concept)
-    else:
-        raise BadInput(
-            f"--chat needs persona words for the custom concept {concept!r}: add --personas "
-            "'POSITIVE,NEGATIVE', e.g. --personas 'sarcastic,sincere'"
-        )
+    definition = _definition(concept, personas, "--chat")
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     strengths = [p.strength for p in result.points]
     label = f"chat replies under {concept!r}"
@@ -240,18 +231,24 @@ def _personas(model, concept: str, personas: str | None):
     """(positive, negative) persona words and their prompt texts, as used in training."""
     from .. import dataset
 
-    if personas:
-        positive, _, negative = personas.partition(",")
-        definition = dataset.from_personas(concept, positive, negative)
-    elif concept.lower() in dataset.builtin_names():
-        definition = dataset.load_builtin(concept)
-    else:
-        raise BadInput(
-            f"--baseline needs persona words for the custom concept {concept!r}: "
-            "add --personas 'POSITIVE,NEGATIVE', e.g. --personas 'sarcastic,sincere'"
-        )
+    definition = _definition(concept, personas, "--baseline")
     words = (definition.positive[0], definition.negative[0])
     return words, dataset.persona_prefixes(definition, model)[0]
+
+
+def _definition(concept: str, personas: str | None, flag: str):
+    """The concept's persona words: --personas, or the built-in concept's."""
+    from .. import dataset
+
+    if personas:
+        positive, _, negative = personas.partition(",")
+        return dataset.from_personas(concept, positive, negative)
+    if concept.lower() in dataset.builtin_names():
+        return dataset.load_builtin(concept)
+    raise BadInput(
+        f"{flag} needs persona words for the custom concept {concept!r}: "
+        "add --personas 'POSITIVE,NEGATIVE', e.g. --personas 'sarcastic,sincere'"
+    )
 
 
 def _rounded(value: float | None) -> float | None:
