@@ -138,12 +138,14 @@ def test_layers_are_on_the_workers(remote, workers) -> None:
     assert sum(size for name, size in remote.buffers.items() if name.startswith("RPC")) > 0
 
 
-def test_greedy_text_and_logits_match_the_local_run(remote, plain, demo_model) -> None:
+def test_greedy_matches_same_kernels_and_local_logits(remote, plain, demo_model) -> None:
     text, logits = greedy(remote)
     plain_text, plain_logits = greedy(plain)
-    local_text, local_logits = greedy(demo_model)
-    assert text == plain_text == local_text
-    assert np.array_equal(logits, plain_logits)  # the same kernels: bit for bit
+    _, local_logits = greedy(demo_model)
+    assert text == plain_text  # the same kernels: the same text and logits, bit for bit
+    assert np.array_equal(logits, plain_logits)
+    # the local run's repacked kernels round differently: on some CPUs (an AMD EPYC here) a
+    # greedy near-tie then flips the local text after a dozen tokens, so compare the logits
     scale = float(np.abs(local_logits).max())
     assert float(np.abs(logits - local_logits).max()) <= TOL_LOGITS * scale
 
