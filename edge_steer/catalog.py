@@ -133,11 +133,10 @@ def fit_problem(
         reason = f"needs {need} of memory, {have}"
     else:
         reason = f"needs {need} of RAM, {size_text(available_ram, decimal=True)} available"
-    alt = smaller_fit(entry, available_ram, free_vram, ctx)
     if fits(entry, available_ram, free_vram, DEFAULT_CTX):
         reason += f" with a {ctx}-token context"
         hint = f"use a smaller --ctx (the default {DEFAULT_CTX} fits)"
-    elif alt:
+    elif alt := smaller_fit(entry, available_ram, free_vram, ctx):
         hint = f"{short_name(alt)} ({size_text(alt.size, decimal=True)}) would fit"
     else:
         hint = "no catalog model fits"

