@@ -142,7 +142,7 @@ def test_no_room_is_one_clear_error(tmp_path, monkeypatch):
 def test_full_size_mistral_q4_0_loads():
     spec = standins.SPECS["mistral-q4_0"]
     need = standins.data_size(spec) + standins.DISK_MARGIN
-    missing = not (standins.DEFAULT_OUT / spec.filename).exists()
+    missing = not (standins.DEFAULT_OUT / spec.filename()).exists()
     if missing and machine.free_disk(standins.DEFAULT_OUT) < need:
         pytest.skip("not enough free disk for a 4 GB stand-in")
     path = standins.write(spec)
@@ -150,3 +150,42 @@ def test_full_size_mistral_q4_0_loads():
         assert (model.n_layer, model.n_embd, model.n_vocab) == (32, 4096, 32768)
         ctx.ingest(model.tokenize("Hello"))
         assert np.isfinite(ctx.logits()).all()
+
+
+def _proto_field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (sizes here stay below 2**14: two varint bytes)."""
+    size = len(payload)
+    head = bytes([size]) if size < 128 else bytes([size & 0x7F | 0x80, size >> 7])
+    return bytes([number << 3 | 2]) + head + payload
+
+
+def _sentencepiece_model(pieces: list[tuple[str, float, int]]) -> bytes:
+    """A ModelProto holding `pieces` (piece, score, type), as sentencepiece writes them."""
+    out = b""
+    for piece, score, kind in pieces:
+        body = _proto_field(1, piece.encode()) + b"\x15" + np.float32(score).tobytes()
+        out += _proto_field(1, body + bytes([3 << 3, kind]))
+    return out
+
+
+def test_a_sentencepiece_vocabulary_tokenizes_as_llama_does(small_dir, tmp_path) -> None:
+    """--tokenizer: the stand-in carries the real model's vocabulary (a SentencePiece .model,
+    here a small one written by hand) and llama.cpp tokenizes with it."""
+    from tools import sentencepiece_vocab
+
+    special = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3)]
+    byte_pieces = [(f"<0x{b:02X}>", 0.0, 6) for b in range(256)]
+    # llama.cpp's SentencePiece tokenizer merges pairs into pieces that exist: every prefix
+    words = ["▁", *"helowrd", *(w[:n] for w in ("▁hello", "▁world") for n in range(2, 7))]
+    normal = [(w, -float(i), 1) for i, w in enumerate(words)]
+    filler = [(f"▁x{i}", -100.0 - i, 1) for i in range(SMALL.n_vocab - 259 - len(words))]
+    model_file = tmp_path / "tokenizer.model"
+    model_file.write_bytes(_sentencepiece_model(special + byte_pieces + normal + filler))
+    vocab = sentencepiece_vocab.read(model_file)
+    assert len(vocab.pieces) == SMALL.n_vocab and vocab.types[:4] == [2, 3, 3, 6]
+    path = standins.write(small("mistral-q4_0"), small_dir, tokenizer=model_file)
+    assert path.name.endswith("-sp.gguf")
+    with Model(path) as model:
+        tokens = model.tokenize("hello world")
+        assert tokens == [1, vocab.pieces.index("▁hello"), vocab.pieces.index("▁world")]
+        assert model.detokenize(tokens).strip() == "hello world"

@@ -7,12 +7,16 @@ type llama.cpp's quantizer (src/llama-quant.cpp, llama-cpp-python 0.3.36) gives 
 file's ftype. Quant blocks are random bytes with fp16 scales set so that each weight matrix
 has a 1/sqrt(fan_in) spread and (via dmin, where the block type has one) zero mean:
 activations stay finite through all 32 blocks.
-The tokenizer is tools/tiny_models.py's byte-level BPE, padded to the real vocabulary size.
+The tokenizer is tools/tiny_models.py's byte-level BPE, padded to the real vocabulary size,
+or with `--tokenizer` the real model's own SentencePiece vocabulary (tools/sentencepiece_vocab.py
+says where to find it): prompts then become as many tokens as on the real model, which is what
+training and prompt-speed figures need.
 
 Files stream to disk tensor by tensor in chunks (never the whole file in memory), under a
 temporary name renamed when complete, so an existing file is complete and reused at once.
 
     python tools/standins.py {mistral-q4_0,mistral-q4_k_m,mixtral-q2_k,mixtral-q4_k_m} [--out DIR]
+        [--tokenizer mistral_common/data/mistral_instruct_tokenizer_240323.model.v3]
 """
 
 from __future__ import annotations
@@ -32,7 +36,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.tiny_models import Hparams, TensorSpec, add_hparams, add_tokenizer, layout
+from tools import sentencepiece_vocab
+from tools.tiny_models import (
+    BOS_ID,
+    CHAT_TEMPLATE,
+    EOS_ID,
+    UNK_ID,
+    Hparams,
+    TensorSpec,
+    add_hparams,
+    add_tokenizer,
+    layout,
+)
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -64,9 +79,9 @@ class Spec:
     ftype: FT
     hp: Hparams
 
-    @property
-    def filename(self) -> str:
-        return f"{self.key}.standin-v{VERSION}.gguf"
+    def filename(self, tokenizer: Path | None = None) -> str:
+        """With a real tokenizer the file differs, and so does its name."""
+        return f"{self.key}.standin-v{VERSION}{'-sp' if tokenizer else ''}.gguf"
 
 
 MISTRAL = Hparams(
@@ -225,10 +240,13 @@ class NoRoom(Exception):
     """The disk cannot hold the file."""
 
 
-def write(spec: Spec, out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
-    """Write `spec`'s stand-in into `out` (or reuse a complete one) and return its path.
+def write(
+    spec: Spec, out: Path = DEFAULT_OUT, seed: int = 0, tokenizer: Path | None = None
+) -> Path:
+    """Write `spec`'s stand-in into `out` (or reuse a complete one) and return its path;
+    `tokenizer`: a SentencePiece .model to use instead of the byte-level BPE.
     Raises NoRoom when the disk lacks its size plus a margin."""
-    path = Path(out) / spec.filename
+    path = Path(out) / spec.filename(tokenizer)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +260,7 @@ def write(spec: Spec, out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        _write_file(spec, Path(tmp), np.random.default_rng(seed))
+        _write_file(spec, Path(tmp), np.random.default_rng(seed), tokenizer)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
@@ -251,12 +269,15 @@ def write(spec: Spec, out: Path = DEFAULT_OUT, seed: int = 0) -> Path:
     return path
 
 
-def _write_file(spec: Spec, tmp: Path, rng: np.random.Generator) -> None:
+def _write_file(spec: Spec, tmp: Path, rng: np.random.Generator, tokenizer: Path | None) -> None:
     """Header, KV and tensor infos through gguf.GGUFWriter, then the data streamed after it."""
     tensors = plan(spec)
     w = gguf.GGUFWriter(tmp, "llama")
     add_hparams(w, f"{spec.title} stand-in (random weights)", int(spec.ftype), spec.hp)
-    add_tokenizer(w, spec.hp.n_vocab)
+    if tokenizer:
+        add_sentencepiece_tokenizer(w, tokenizer, spec.hp.n_vocab)
+    else:
+        add_tokenizer(w, spec.hp.n_vocab)
     for p in tensors:
         w.add_tensor_info(p.spec.name, p.spec.shape, np.dtype(np.float32), p.nbytes, p.qtype)
     w.write_header_to_file()
@@ -271,6 +292,24 @@ def _write_file(spec: Spec, tmp: Path, rng: np.random.Generator) -> None:
     w.close()
 
 
+def add_sentencepiece_tokenizer(w: gguf.GGUFWriter, model: Path, n_vocab: int) -> None:
+    """The real model's SentencePiece vocabulary (llama.cpp's "llama" tokenizer) and the
+    Mistral chat template; its size must be the stand-in's."""
+    vocab = sentencepiece_vocab.read(model)
+    if len(vocab.pieces) != n_vocab:
+        raise SystemExit(f"{model}: {len(vocab.pieces)} tokens, the stand-in needs {n_vocab}")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab.pieces)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+    w.add_unk_token_id(UNK_ID)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
 def _free_disk(folder: Path) -> int:
     from edge_steer import machine
 
@@ -282,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", choices=sorted(SPECS), nargs="+")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", type=Path, help="the real model's SentencePiece .model")
     args = parser.parse_args(argv)
     for key in args.model:
         try:
-            path = write(SPECS[key], args.out, args.seed)
+            path = write(SPECS[key], args.out, args.seed, args.tokenizer)
         except NoRoom as e:
             print(f"skipped: {e}", file=sys.stderr)
             return NO_ROOM
