@@ -66,7 +66,8 @@ def stages(model_path: Path, concept: str, threads: int) -> dict:
         chosen, how = train.chosen(model, pos, neg, pairs, options)
         choice = time.perf_counter()
         vector = train.from_states(model, pos, neg, chosen, name=concept)
-        train.calibrated(model, vector, chosen)
+        vector.metadata.update(how)  # calibration starts from the choice's scale, as in train
+        calibrated = train.calibrated(model, vector, chosen)
         end = time.perf_counter()
     return {
         "pairs": len(pairs),
@@ -76,6 +77,7 @@ def stages(model_path: Path, concept: str, threads: int) -> dict:
         "choice_s": round(choice - captured, 1),
         "calibration_s": round(end - choice, 1),
         "candidates": how.get("candidates"),
+        "calibration_points": calibrated.metadata.get("calibration_points"),
     }
 
 
