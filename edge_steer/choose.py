@@ -122,14 +122,16 @@ def candidates(
 
 
 def _budget_scale(cost: Callable[[float], float], budget: float) -> float:
-    """The scale where the cost would reach log(budget), from one measured push (pushed 4x
-    harder while the cost is too small to measure), extrapolated as calibration does."""
+    """The scale where the cost would reach log(budget), from one measured push,
+    extrapolated as calibration does. While the cost is too small to measure, the next push
+    is where the budget would be reached were it MIN_COST: as far as is known to be safe,
+    one step instead of several fixed ones (each costs two perplexity measurements)."""
     push = TRIAL_SCALE
     measured = cost(push)
     for _ in range(2):
         if measured >= MIN_COST:
             break
-        push *= 4
+        push = calibrate.extrapolate(push, MIN_COST, budget)
         measured = cost(push)
     return calibrate.extrapolate(push, max(measured, MIN_COST), budget)
 
