@@ -188,9 +188,12 @@ class EvalSettings:
     sample_tokens: int = 32
     sampler: SamplerSettings = SAMPLING
     window: int = 256
-    # scored tokens of the neutral text (None: all ~1000). Not fewer: a persona prompt's cost
-    # shows only after the first window (happy: x1.01 on 256 tokens, x1.06 on 512 and on all)
-    neutral_tokens: int | None = 512
+    # scored tokens of the neutral text (None: all ~1500): enough to cover its six kinds of
+    # text (explanation, story, dialogue, instructions, news, letter; neutral.txt puts one of
+    # each first), because a vector's cost differs by kind and the recommended range must
+    # hold on text it never saw. Not fewer: a persona prompt's cost shows only after the
+    # first window (happy: x1.01 on 256 tokens, x1.06 on 512 and on all)
+    neutral_tokens: int | None = 768
     # also measure `halves_over_limit` (the CLI's default sweep does; given strengths do not)
     refine: bool = False
 

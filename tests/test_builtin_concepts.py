@@ -8,6 +8,9 @@ The README's Results table shows the same concepts over -2..2 with the full neut
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from edge_steer import dataset, evaluate, train, vectors
@@ -24,7 +27,7 @@ EXPECTED = {  # concept -> the smallest |effect| in nats at -1 and at +1, as mea
     "happy": 4.5,  # -6.58 / +7.54
     "honest": 1.7,  # the weakest: -2.17 / +1.83
     "lazy": 3.1,  # -3.32 / +3.38
-    "trippy": 2.4,  # -3.54 / +3.92
+    "trippy": 2.9,  # -3.07 / +3.40: blocks 9-14 (5-11 before the choice's retry step)
 }
 
 
@@ -71,9 +74,33 @@ def test_absurd_strength_degenerates_and_falls_outside_the_range(demo_model, tra
     settings = evaluate.EvalSettings(strengths=(0.0, 1.0, 32.0), samples=4, neutral_tokens=200)
     result = sweep(demo_model, trained("happy"), settings)
     zero, one, absurd = result.points
-    # at most one of four loops at 0 and +1: on some CPUs a sample becomes a bullet list
-    # ("* evaporation\n* transpiration\n* ...") whose repeated pattern counts as a loop
-    assert zero.degenerate <= 0.25 and one.degenerate <= 0.25
+    # +1 adds at most one looping sample of four to the base model's own: Gemma 270M loops
+    # now and then unsteered too (a dialogue opening filled with repeated "<strong>" tags; on
+    # some CPUs a bullet list, "* evaporation\n* transpiration\n* ...")
+    assert zero.degenerate < 1 and one.degenerate <= zero.degenerate + 0.25
     assert absurd.degenerate == 1.0, absurd.sample  # e.g. "exciting new season exciting new ..."
     assert result.ppl_ratio(absurd) > 10 * evaluate.MAX_PPL_RATIO
     assert evaluate.recommend(result) == (0.0, 1.0)
+
+
+HELD_OUT = Path(__file__).parent / "data" / "heldout_neutral.txt"  # eval never reads this
+
+
+@pytest.mark.parametrize("name", ["happy", "trippy"])
+def test_recommended_range_holds_on_text_eval_never_saw(name, demo_model, trained) -> None:
+    """`eval`'s default sweep recommends a range from its own neutral text; at the range's
+    ends, perplexity on other text (a story, a dialogue, instructions, news, written for this
+    test) must stay within the same limit."""
+    settings = evaluate.EvalSettings(samples=0, refine=True)  # what `edge-steer eval` runs
+    vector = trained(name)
+    result = sweep(demo_model, vector, settings)
+    span = evaluate.recommend(result)
+    assert span is not None, [(p.strength, result.ppl_ratio(p)) for p in result.points]
+    rows = vectors.combine([(vector, 1.0)], demo_model.n_layer, demo_model.n_embd)
+    text = HELD_OUT.read_text(encoding="utf-8")
+    with evaluate.context(demo_model, settings, THREADS) as ctx:
+        unsteered = evaluate.perplexity(ctx, text)
+        for end in span:
+            ctx.set_steering(rows * np.float32(end), 1, demo_model.n_layer - 1)
+            ratio = evaluate.perplexity(ctx, text) / unsteered
+            assert ratio <= evaluate.MAX_PPL_RATIO, (end, ratio, span)

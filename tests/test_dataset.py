@@ -108,10 +108,16 @@ def test_suffixes_are_many_short_and_distinct():
     assert "mutating the copy" not in dataset.suffixes()
 
 
-def test_neutral_text_is_plain_prose_of_the_right_size():
+def test_neutral_text_mixes_kinds_of_text_first():
+    """eval scores the first 768 tokens: they must hold a story, a dialogue, instructions,
+    news and a letter besides explanations, in calm words."""
     text = dataset.neutral_text()
-    assert 600 <= words(text) <= 1000
-    assert text.count("\n\n") >= 4  # several topics, one per paragraph
+    assert 1000 <= words(text) <= 1600
+    first = text.split("\n\n")[:6]
+    assert any('"' in p for p in first)  # dialogue
+    assert any(p.startswith("Dear ") for p in first)  # a letter
+    assert any(p.startswith("To ") for p in first)  # instructions
+    assert sum(words(p) for p in first) < 600  # about 740 tokens on Gemma: inside the 768
     assert "!" not in text
 
 

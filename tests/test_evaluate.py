@@ -64,7 +64,7 @@ def test_neutral_prompts_are_sentence_openings() -> None:
     prompts = evaluate.neutral_prompts(10)
     assert len(prompts) == 10 and len(set(prompts)) == 10
     assert prompts[0] == "Water moves through the environment in"
-    assert prompts[1] == "The printing press with movable type"  # the next paragraph's first
+    assert prompts[1] == "Maria left the office a little"  # the next paragraph's first
     assert all(len(p.split()) == 6 for p in prompts)
 
 
