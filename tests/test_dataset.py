@@ -248,6 +248,20 @@ def test_contrast_pairs_use_the_chat_template_for_instruct_models():
         assert suffix in dataset.suffixes()
 
 
+def test_instruct_pairs_open_the_reply_with_an_example_where_the_concept_allows():
+    """On instruct models the example follows the persona turn (the reply shows the trait);
+    a concept with "chat_examples": false (honest) keeps the reply to the suffix alone."""
+    stub = ChatStub()
+    concise = dataset.load_builtin("concise")
+    for pos, neg in dataset.contrast_pairs(concise, stub, limit=40):
+        shown = [k for k, (ep, en) in enumerate(concise.examples) if f"{ep} " in pos]
+        assert len(shown) == 1 and f"{concise.examples[shown[0]][1]} " in neg, (pos, neg)
+    honest = dataset.load_builtin("honest")
+    assert honest.examples and not honest.chat_examples
+    for pos, _ in dataset.contrast_pairs(honest, stub, limit=40):
+        assert not any(ep in pos for ep, _ in honest.examples)
+
+
 def test_contrast_pairs_fall_back_to_base_format_when_any_persona_fails():
     concept = dataset.load_builtin("happy")
     pairs = dataset.contrast_pairs(concept, ChatStub(refuse="gloomy"))
