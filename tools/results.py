@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import bench, dataset, evaluate, hub, train, vectors  # noqa: E402
+from edge_steer import bench, chateval, dataset, evaluate, hub, train, vectors  # noqa: E402
 from edge_steer.engine import Model  # noqa: E402
 from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
@@ -82,11 +82,32 @@ def eval_model(model: Model, args: argparse.Namespace) -> dict:
             result = evaluate.sweep(ctx, rows, span, concept.probes, settings, personas=personas)
         sweeps[name] = result
         rows_out.append(_eval_row(name, vector, result))
+        if model.chat_template and args.chat_strengths:
+            rows_out[-1]["chat"] = _chat_points(model, rows, span, concept, args)
         log(
             f"  {model.name} {name}: {evaluate.verdict(result)}, "
             f"range {evaluate.recommend(result)} ({time.perf_counter() - start:.0f}s)"
         )
     return {"rows": rows_out, "sweeps": sweeps}
+
+
+def _chat_points(
+    model: Model, rows, span: tuple[int, int], concept: dataset.Concept, args: argparse.Namespace
+) -> list[dict]:
+    """`eval --chat`'s replies and scores at `--chat-strengths` (0 included)."""
+    strengths = evaluate.parse_strengths(args.chat_strengths)
+    found = chateval.chat_sweep(model, rows, span, concept, strengths, threads=args.threads)
+    return [
+        {
+            "strength": p.strength,
+            "persona": round(p.persona, 4),
+            "tokens": round(p.tokens, 1),
+            "ended": p.ended,
+            "degenerate": p.degenerate,
+            "sample": p.sample,
+        }
+        for p in found
+    ]
 
 
 def _eval_row(name: str, vector: vectors.ControlVector, result: evaluate.Sweep) -> dict:
@@ -164,6 +185,47 @@ def eval_markdown(name: str, model_name: str, rows: list[dict], plot: str | None
     lines += ["", *_eval_notes(rows)]
     if plot:
         lines += ["", f"![eval on {model_name}]({plot})"]
+    return lines
+
+
+CHAT_LEGEND = (
+    "What a chat user sees (`edge-steer eval --chat`): the steered model answers the eight "
+    "questions of `concepts/chat_questions.txt` in its chat format (64 sampled tokens, same "
+    "seeds at every strength); persona = mean per-token log P(reply | positive persona "
+    "instruction) - log P(reply | negative one), read by the unsteered model (it should rise "
+    "with the strength); loops = share of replies that degenerate (`evaluate.is_degenerate`); "
+    "ended = share that end their turn."
+)
+
+
+def chat_markdown(model_name: str, rows: list[dict]) -> list[str]:
+    """The chat-eval table, one row per concept; [] when no row was measured in chat."""
+    measured = [r for r in rows if r.get("chat")]
+    if not measured:
+        return []
+    strengths = [p["strength"] for p in measured[0]["chat"]]
+    heads = " / ".join(f"{s:+g}" for s in strengths)
+    lines = [
+        f"**{model_name}**, chat replies: {CHAT_LEGEND}",
+        "",
+        f"| concept | persona {heads} | loops {heads} | ended {heads} | reply at "
+        f"{strengths[0]:+g} | reply at {strengths[-1]:+g} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in measured:
+        points = r["chat"]
+
+        def cells(key: str, form: str, points: list[dict] = points) -> str:
+            return " / ".join(format(p[key], form) for p in points)
+
+        def quote(text: str) -> str:
+            return "“" + " ".join(text.split())[:90].replace("|", "/") + "…”"
+
+        lines.append(
+            f"| {r['concept']} | {cells('persona', '+.3f')} | {cells('degenerate', '.0%')} "
+            f"| {cells('ended', '.0%')} | {quote(points[0]['sample'])} "
+            f"| {quote(points[-1]['sample'])} |"
+        )
     return lines
 
 
@@ -281,10 +343,13 @@ def write_readme(readme: Path, part: str, body: list[str]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--eval-models", default="demo,tiny-dense,tiny-moe")
+    p.add_argument("--eval-models", default="demo,demo-chat,tiny-dense,tiny-moe")
     p.add_argument("--bench-models", default="demo,tiny-dense,tiny-moe")
     p.add_argument("--concepts", default="all", help="comma list of built-in concepts, or all")
     p.add_argument("--strengths", default="-2..2:0.5")  # finer than eval's default
+    p.add_argument(
+        "--chat-strengths", default="-1,1", help="eval --chat on chat models; '' to skip"
+    )
     p.add_argument("--samples", type=int, default=8, help="sampled generations per strength")
     p.add_argument("--pairs", type=int, default=128, help="training pairs per concept")
     p.add_argument("--reps", type=int, default=5, help="bench repetitions")
@@ -316,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw[name] = found["rows"]
                 plot = _plot(found["sweeps"], model.name, name, args)
                 body += [*eval_markdown(name, model.name, found["rows"], plot), ""]
+                body += [*chat_markdown(model.name, found["rows"]), ""]
             _write_json(args.out / "eval.json", raw)
             write_readme(args.readme, "eval", ["### Does it work? `edge-steer eval`", "", *body])
         if not args.no_bench:
