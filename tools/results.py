@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import bench, chateval, dataset, evaluate, hub, train, vectors  # noqa: E402
+from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, train, vectors  # noqa: E402
 from edge_steer.engine import Model  # noqa: E402
 from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
@@ -46,6 +46,15 @@ def model_path(name: str, folder: Path) -> Path:
     if name in TINY:
         return write_tiny_model(folder / f"{name}.gguf", moe=TINY[name])
     return hub.resolve_model(name)
+
+
+def display_name(name: str, model: Model) -> str:
+    """The catalog's title for catalog models ("SmolLM2 135M Instruct"), else the file's
+    own name (the demo chat model's general.name is "Smollm2 135M 8k Lc100K Mix1 Ep2")."""
+    try:
+        return catalog.lookup(name).title.split(" (")[0]
+    except EdgeSteerError:
+        return model.name
 
 
 def run_bench(path: Path, args: argparse.Namespace) -> dict:
@@ -376,12 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             body, raw = [_command_line(argv), "", legend, ""], {}
             for name in args.eval_models.split(","):
                 model = Model(model_path(name, Path(tmp)))
-                log(f"eval on {model.name}")
+                label = display_name(name, model)
+                log(f"eval on {label}")
                 found = eval_model(model, args)
                 raw[name] = found["rows"]
-                plot = _plot(found["sweeps"], model.name, name, args)
-                body += [*eval_markdown(name, model.name, found["rows"], plot), ""]
-                body += [*chat_markdown(model.name, found["rows"]), ""]
+                plot = _plot(found["sweeps"], label, name, args)
+                body += [*eval_markdown(name, label, found["rows"], plot), ""]
+                body += [*chat_markdown(label, found["rows"]), ""]
             _write_json(args.out / "eval.json", raw)
             write_readme(args.readme, "eval", ["### Does it work? `edge-steer eval`", "", *body])
         if not args.no_bench:
