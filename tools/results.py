@@ -73,8 +73,9 @@ def run_bench(path: Path, args: argparse.Namespace) -> dict:
 # -- eval ----------------------------------------------------------------------------------------
 
 
-def eval_model(model: Model, args: argparse.Namespace) -> dict:
-    """Train and sweep every concept; the baseline too on real models (not the tiny ones)."""
+def eval_model(model: Model, args: argparse.Namespace, chat: bool) -> dict:
+    """Train and sweep every concept; the baseline too on real models (not the tiny ones);
+    with `chat`, also `eval --chat`."""
     settings = evaluate.EvalSettings(
         strengths=evaluate.parse_strengths(args.strengths), samples=args.samples
     )
@@ -91,7 +92,7 @@ def eval_model(model: Model, args: argparse.Namespace) -> dict:
             result = evaluate.sweep(ctx, rows, span, concept.probes, settings, personas=personas)
         sweeps[name] = result
         rows_out.append(_eval_row(name, vector, result))
-        if model.chat_template and args.chat_strengths:
+        if chat and args.chat_strengths:
             rows_out[-1]["chat"] = _chat_points(model, rows, span, concept, args)
         log(
             f"  {model.name} {name}: {evaluate.verdict(result)}, "
@@ -235,7 +236,32 @@ def chat_markdown(model_name: str, rows: list[dict]) -> list[str]:
             f"| {cells('ended', '.0%')} | {quote(points[0]['sample'])} "
             f"| {quote(points[-1]['sample'])} |"
         )
-    return lines
+    return [*lines, "", *_chat_notes(measured)]
+
+
+def _chat_notes(rows: list[dict]) -> list[str]:
+    """Where the persona score does not rise through 0, and where steering adds loops."""
+    falling, loops = [], []
+    for r in rows:
+        points = sorted(r["chat"], key=lambda p: p["strength"])
+        zero = next(p for p in points if p["strength"] == 0)
+        scores = [p["persona"] for p in points]
+        if scores != sorted(scores):
+            falling.append(r["concept"] + " (" + " / ".join(f"{x:+.3f}" for x in scores) + ")")
+        loops += [
+            f"{r['concept']} {p['strength']:+g} ({p['degenerate']:.0%})"
+            for p in points
+            if p["degenerate"] > zero["degenerate"]
+        ]
+    rising = len(rows) - len(falling)
+    text = f"The persona score rises with the strength in {rising} of {len(rows)} concepts"
+    text += f"; not in {', '.join(falling)}." if falling else "."
+    text += (
+        f" More looping replies than unsteered: {', '.join(loops)}."
+        if loops
+        else " No strength makes more replies loop than unsteered."
+    )
+    return [text]
 
 
 def _eval_notes(rows: list[dict]) -> list[str]:
@@ -387,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = Model(model_path(name, Path(tmp)))
                 label = display_name(name, model)
                 log(f"eval on {label}")
-                found = eval_model(model, args)
+                # the tiny models carry a chat template, but random weights write no replies
+                found = eval_model(model, args, bool(model.chat_template) and name not in TINY)
                 raw[name] = found["rows"]
                 plot = _plot(found["sweeps"], label, name, args)
                 body += [*eval_markdown(name, label, found["rows"], plot), ""]
