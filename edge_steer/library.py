@@ -12,7 +12,11 @@ DEFAULT_PAIRS = 128  # enough for a stable direction (held-out sign tests pass a
 
 
 def stored_path(model: Model, name: str) -> Path:
-    return store.model_vectors_dir(model.path) / f"{name}.gguf"
+    """Where `model`'s vector `name` is, or would be stored (an existing file of that name
+    in another case is the same vector)."""
+    found = store.stored_vector(store.check_name(name), model.path)
+    own = store.model_vectors_dir(model.path)
+    return found if found and found.parent == own else own / store.file_name(name)
 
 
 def contrast_pairs(
@@ -53,7 +57,7 @@ def train_vector(
 
 def store_vector(model: Model, name: str, vector: vectors.ControlVector) -> Path:
     """Store (atomically replace) `model`'s vector `name`."""
-    return vectors.write(vector, stored_path(model, store.check_name(name)))
+    return vectors.write(vector, stored_path(model, name))
 
 
 def train_and_store(
@@ -71,6 +75,7 @@ def resolve(
 ) -> Path:
     """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
     builtin = not files.looks_like_path(name) and name.lower() in dataset.builtin_names()
+    name = name.lower() if builtin else name  # `Happy` is the built-in `happy`
     if not (builtin and retrain):
         try:
             return store.resolve_vector(name, model.path)

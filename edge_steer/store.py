@@ -95,12 +95,21 @@ def resolve_vector(name: str, model_path: str | Path | None) -> Path:
 
 
 def stored_vector(name: str, model_path: str | Path | None) -> Path | None:
-    """The store's file for a checked name (`check_name`): the model's own, else a
-    shared one; never a path outside the store."""
+    """The store's file for a checked name (`check_name`), whatever its case: the model's
+    own, else a shared one; never a path outside the store."""
     for place in _places(model_path):
         if (place / f"{name}.gguf").is_file():
             return place / f"{name}.gguf"
+        same = [p for p in place.glob("*.gguf") if p.stem.lower() == name.lower()]
+        if same:
+            return min(same)
     return None
+
+
+def file_name(name: str) -> str:
+    """The file a checked name is stored as. Names ignore case (`Happy` is `happy`), as they
+    would on a case-insensitive disk (macOS, Windows) anyway, so one name is one vector."""
+    return f"{check_name(name).lower()}.gguf"
 
 
 def _places(model_path: str | Path | None) -> list[Path]:

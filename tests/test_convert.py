@@ -299,7 +299,10 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert code == 2 and "n_embd" in output and not (tmp_path / "n.gguf").exists()
     code, output = invoke("vectors", "mix", "mixa*mixb", "-o", str(tmp_path / "n.gguf"))
     assert code == 2 and "bad mix term" in output
-    assert invoke("vectors", "rm", "mixa", "narrow")[0] == 0
+    code, output = invoke("vectors", "rm", "MixA", "narrow")  # not a terminal: never guess
+    assert code == 2 and "add --yes" in output and "mixa.gguf" in output
+    assert (store / "fp1" / "mixa.gguf").exists() and (store / "narrow.gguf").exists()
+    assert invoke("vectors", "rm", "MixA", "narrow", "--yes")[0] == 0  # names ignore case
     assert not (store / "fp1" / "mixa.gguf").exists() and not (store / "narrow.gguf").exists()
     code, output = invoke("vectors", "rm", str(tmp_path / "m.gguf"))
     assert code == 2 and "not in the store" in output and (tmp_path / "m.gguf").exists()

@@ -106,3 +106,19 @@ def test_parse_specs(spec, expected) -> None:
 def test_malformed_specs(spec) -> None:
     with pytest.raises(BadInput, match="bad vector spec"):
         vectors.parse_specs([spec])
+
+
+def test_stored_names_ignore_case(tiny_dense, tiny_dense_path) -> None:
+    """`--vector Happy` is the stored `happy` (one name, one file, as on a case-insensitive
+    disk); a new vector is stored under the lower-case name."""
+    from edge_steer import library, store
+
+    assert store.file_name("Happy") == "happy.gguf"
+    assert library.stored_path(tiny_dense, "Zany").name == "zany.gguf"
+    own = store.model_vectors_dir(tiny_dense_path)
+    own.mkdir(parents=True, exist_ok=True)
+    path = vectors.write(vectors.ControlVector({1: np.ones(64, np.float32)}), own / "zany.gguf")
+    assert store.stored_vector("ZANY", tiny_dense_path) == path
+    assert library.stored_path(tiny_dense, "Zany") == path
+    assert store.stored_vector("zan", tiny_dense_path) is None
+    path.unlink()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -205,17 +206,34 @@ def _find(name: str, model: str | None) -> list[Path]:
 def rm_command(
     names: Annotated[list[str], typer.Argument(help="Stored vector names or store paths.")],
     model: ModelCheckOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
 ) -> None:
-    """Delete vectors from the store (every model's copy, unless --model picks one)."""
-    doomed = [path for name in names for path in _find(name, model)]
+    """Delete vectors from the store (every model's copy, unless --model picks one); lists
+    them and asks first, unless --yes."""
+    doomed = list(dict.fromkeys(path for name in names for path in _find(name, model)))
     outside = [p for p in doomed if not store.is_stored(p)]
     if outside:
         raise BadInput(
             f"{outside[0]} is not in the store {store.vectors_dir()}: delete it yourself"
         )
-    for path in dict.fromkeys(doomed):
+    if not yes:
+        _confirm_delete(doomed)
+    for path in doomed:
         path.unlink()
         out.print(f"deleted {path}")
+
+
+def _confirm_delete(doomed: list) -> None:
+    """Ask on a terminal; elsewhere (a script, a pipe) refuse rather than guess."""
+    if not sys.stdin.isatty():
+        raise BadInput(
+            f"this would delete {len(doomed)} file(s), {', '.join(map(str, doomed))} "
+            "(eval results included): add --yes to delete without asking"
+        )
+    for path in doomed:
+        out.print(f"  {path}")
+    if not typer.confirm(f"Delete these {len(doomed)} file(s)?", default=False):
+        raise typer.Exit(1)
 
 
 @app.command("mix")
