@@ -97,3 +97,10 @@ def test_repl_slash_commands(tiny_dense_path, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{path}:+0.5" in result.stderr and "history re-evaluated" in result.stderr
     assert "bad vector spec" in result.stderr and "conversation cleared" in result.stderr
+
+
+def test_dash_h_is_help_everywhere() -> None:
+    """-h as in llama.cpp's tools: on the app, a command and a subcommand."""
+    for args in (["-h"], ["chat", "-h"], ["vectors", "rm", "-h"]):
+        result = run(*args)
+        assert result.returncode == 0 and "Usage: edge-steer" in result.stdout, args
