@@ -104,3 +104,27 @@ def test_dash_h_is_help_everywhere() -> None:
     for args in (["-h"], ["chat", "-h"], ["vectors", "rm", "-h"]):
         result = run(*args)
         assert result.returncode == 0 and "Usage: edge-steer" in result.stdout, args
+
+
+def piped(stdin: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "edge_steer", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_prompts_come_as_an_argument_from_p_or_piped_in(tiny_dense_path) -> None:
+    """generate: `generate TEXT`, `-p TEXT`, `-p -` and a pipe all give the same greedy text;
+    nothing at all is a one-line error. chat: piped lines are messages, answered without
+    `>>>` prompts in stdout; --json needs -p."""
+    model = ["--model", str(tiny_dense_path), "-n", "4", "--temp", "0"]
+    texts = {
+        piped("", "generate", "Hello there", *model).stdout,
+        piped("", "generate", "-p", "Hello there", *model).stdout,
+        piped("Hello there\n", "generate", "-p", "-", *model).stdout,
+        piped("Hello there\n", "generate", *model).stdout,
+    }
+    assert len(texts) == 1 and texts.pop().strip()
+    assert_clean_error(piped("", "generate", *model), "the prompt read from stdin is empty")
+    assert_clean_error(piped("", "generate", "a", "-p", "b", *model), "not both")
+    chat = piped("Hello\n/vectors\n", "chat", *model)
+    assert chat.returncode == 0 and ">>>" not in chat.stdout and "vectors: none" in chat.stderr
+    assert_clean_error(piped("", "chat", "--json", *model), "-p -")

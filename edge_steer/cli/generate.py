@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Annotated
 
 import typer
 
+from ..errors import BadInput
 from .options import (
     LOAD,
     SAMPLING,
@@ -30,7 +32,13 @@ def register(app: typer.Typer) -> None:
 @clean_errors
 @with_options(LOAD, STEER, SAMPLING)
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")],
+    text: Annotated[
+        str | None,
+        typer.Argument(help="Text to continue (or -p, or piped in).", show_default=False),
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Text to continue; - reads stdin.")
+    ] = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")
     ] = 256,
@@ -41,6 +49,12 @@ def generate(
     """Continue a text (plain completion, what base models want)."""
     from ..engine import Sampler
 
+    prompt = _given_prompt(text, prompt)
+    if prompt is None:
+        raise BadInput(
+            "no prompt: give one as an argument (edge-steer generate 'Once upon a time'), "
+            "with -p TEXT, or pipe it in"
+        )
     check_max_tokens(max_tokens)
     steered = load_steered(opts)
     sampler = Sampler(steered.model, sampler_settings(opts))
@@ -56,7 +70,8 @@ def generate(
 def chat(
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
     prompt: Annotated[
-        str | None, typer.Option("--prompt", "-p", help="Answer this once and exit.")
+        str | None,
+        typer.Option("--prompt", "-p", help="Answer this once and exit; - reads stdin."),
     ] = None,
     max_tokens: Annotated[
         int, typer.Option("--max-tokens", "-n", help="Most tokens per reply.")
@@ -69,6 +84,9 @@ def chat(
     from ..chat import ChatSession
     from .repl import repl
 
+    prompt = _stdin_prompt() if prompt == "-" else prompt  # else piped lines are messages
+    if prompt is None and as_json:
+        raise BadInput("--json prints one answer: give the message with -p TEXT (-p - reads stdin)")
     check_max_tokens(max_tokens)
     steered = load_steered(opts)
     session = ChatSession(
@@ -81,6 +99,24 @@ def chat(
     text = stream(session.reply(prompt), as_json).strip()
     if as_json:
         print_json(_result(steered, prompt, text, time.perf_counter() - start))
+
+
+def _given_prompt(argument: str | None, option: str | None) -> str | None:
+    """The prompt from the argument or -p (`-` meaning stdin), else from stdin when it is
+    piped; None on a terminal with neither."""
+    if argument is not None and option is not None:
+        raise BadInput("give the prompt once: as an argument or with -p, not both")
+    given = argument if argument is not None else option
+    if given == "-" or (given is None and not sys.stdin.isatty()):
+        return _stdin_prompt()
+    return given
+
+
+def _stdin_prompt() -> str:
+    piped = sys.stdin.read()
+    if not piped.strip():
+        raise BadInput("the prompt read from stdin is empty: pipe some text in, or use -p")
+    return piped.rstrip("\n")
 
 
 def _result(steered, prompt: str, text: str, seconds: float) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 from ..errors import BadInput, EdgeSteerError
@@ -11,7 +12,8 @@ HELP = """[bold]/vector NAME STRENGTH[/]  set a vector live (0 removes it); hist
 [bold]/vectors[/]               show the active vectors
 [bold]/system TEXT[/]           set the system prompt (empty clears it)
 [bold]/clear[/]                 forget the conversation
-[bold]/help[/], [bold]/quit[/]   this help; leave (or Ctrl-D)
+[bold]/help[/]                  this help
+[bold]/quit[/], /exit, /bye    leave (or Ctrl-D)
 End a line with \\ to continue it, or wrap several lines in triple quotes (\"\"\").
 Ctrl-C stops the current reply."""
 
@@ -47,16 +49,18 @@ def repl(session) -> None:
 
 
 def _read_message() -> str:
-    first = out.input("[bold green]>>> [/]")
+    # piped in (a script of messages and commands): no prompts in the replies' stdout
+    first_prompt, more = ("[bold green]>>> [/]", "[dim]... [/]") if sys.stdin.isatty() else ("", "")
+    first = out.input(first_prompt)
     if first.strip() == '"""':
         lines = []
-        while (line := out.input("[dim]... [/]")).strip() != '"""':
+        while (line := out.input(more)).strip() != '"""':
             lines.append(line)
         return "\n".join(lines)
     lines = [first]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(out.input("[dim]... [/]"))
+        lines.append(out.input(more))
     return "\n".join(lines)
 
 
