@@ -13,7 +13,7 @@ import re
 from functools import cache
 from pathlib import Path
 
-from . import files
+from . import dataset, files
 from .errors import BadInput, NotFound
 
 SAMPLE_BYTES = 1 << 20
@@ -88,8 +88,9 @@ def resolve_vector(name: str, model_path: str | Path | None) -> Path:
     if found is None:
         places = " or ".join(map(str, _places(model_path)))
         raise NotFound(
-            f"unknown vector {name!r}: no {name}.gguf in {places}; "
-            "pass a .gguf path or put the file there"
+            f"unknown vector {name!r}: no {name}.gguf in {places}; use a built-in concept "
+            f"(trained on first use: {', '.join(dataset.builtin_names())}), a .gguf path, "
+            "or put the file there"
         )
     return found
 

@@ -55,7 +55,7 @@ def bad_files(tmp_path_factory, tiny_dense_path):
         (["--vector", "lazy:abc"], "bad vector spec 'lazy:abc'"),
         (["--vector", ":1"], "bad vector spec ':1'"),
         (["--vector", "lazy:1:2"], "bad vector spec 'lazy:1:2'"),
-        (["--vector", "nosuchvector"], "unknown vector 'nosuchvector'"),
+        (["--vector", "nosuchvector"], "built-in concept (trained on first use: concise,"),
         (["--layers", "2-40"], "outside the model's steerable blocks 1-5"),
         (["--layers", "x"], "bad layer range"),
     ],
@@ -128,3 +128,13 @@ def test_prompts_come_as_an_argument_from_p_or_piped_in(tiny_dense_path) -> None
     chat = piped("Hello\n/vectors\n", "chat", *model)
     assert chat.returncode == 0 and ">>>" not in chat.stdout and "vectors: none" in chat.stderr
     assert_clean_error(piped("", "chat", "--json", *model), "-p -")
+
+
+def test_list_commands_answer_to_the_names_people_type() -> None:
+    """`edge-steer list`, `models ls` and `vectors ls` as in ollama and Unix; `models info`
+    of a model that is not downloaded says so."""
+    catalog = run("models", "list").stdout
+    assert "mistral" in catalog and run("list").stdout == catalog == run("models", "ls").stdout
+    assert run("vectors", "ls").returncode == 0
+    info = run("models", "info", "mistral").stdout
+    assert "path: not downloaded" in info and "None" not in info

@@ -105,7 +105,9 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
         print(json.dumps(data))
         return
     for key, value in data.items():
-        if key in ("size", "ram_needed"):
+        if value is None:
+            value = "not downloaded" if key == "path" else "-"
+        elif key in ("size", "ram_needed"):
             value = f"{value} bytes ({size_text(value, decimal=True)})"
         out.print(f"[bold]{key}[/]: {escape(str(value))}")
 
@@ -125,4 +127,6 @@ def rm(name: SpecArg) -> None:
 
 def register(app: typer.Typer) -> None:
     app.command("pull")(pull)
+    models_app.command("ls", hidden=True)(list_models)  # the names people type (ollama list)
+    app.command("list", hidden=True)(list_models)
     app.add_typer(models_app, name="models")

@@ -277,4 +277,5 @@ def _span(layers: list[int]) -> str:
 
 
 def register(parent: typer.Typer) -> None:
+    app.command("ls", hidden=True)(list_command)
     parent.add_typer(app, name="vectors")
