@@ -13,6 +13,8 @@ import ctypes
 import math
 import os
 import re
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -782,7 +784,9 @@ class Context:
             return
         assert self._capture is not None
         self._capture.start(rows, self.batch.n, through)
-        self._decode()
+        with _interrupt_after_decode() as interrupted:
+            self._capture.interrupted = interrupted
+            self._decode()
         self._capture.finish()
 
     def _groups(
@@ -847,6 +851,30 @@ def _same_steering(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     return bool(np.array_equal(a, b))
 
 
+@contextlib.contextmanager
+def _interrupt_after_decode() -> Iterator[list[bool]]:
+    """Ctrl-C during a decode whose eval callback runs Python. A KeyboardInterrupt raised
+    inside the callback is swallowed by ctypes ("Exception ignored on calling ctypes
+    callback") and leaves the graph cut short, so here SIGINT only records itself in the
+    yielded list (the callback then ends the graph at once), and KeyboardInterrupt is raised
+    after llama_decode has returned. Only in the main thread, and only over Python's own
+    handler; elsewhere nothing changes."""
+    interrupted: list[bool] = []
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield interrupted
+        return
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
 class _Capture:
     """The eval callback: copies `l_out-<il>` rows of one decode into a numpy array, and
     ends the graph after block `through` when later blocks are not wanted."""
@@ -860,6 +888,7 @@ class _Capture:
         self.out = np.zeros((0, n_layer, n_embd), dtype=np.float32)
         self.seen: set[int] = set()
         self.error: BaseException | None = None
+        self.interrupted: list[bool] = []  # non-empty: Ctrl-C, end the graph now
 
     def start(self, rows: list[int], n_tokens: int, through: int | None = None) -> None:
         self.rows, self.n_tokens, self.seen, self.error = rows, n_tokens, set(), None
@@ -876,6 +905,8 @@ class _Capture:
 
     def _on_eval(self, tensor: int, ask: bool, _user: int) -> bool:
         try:
+            if self.interrupted:
+                return False
             name = ggml.tensor_name(tensor)
             if not name.startswith(b"l_out-"):
                 return False

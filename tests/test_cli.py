@@ -138,3 +138,25 @@ def test_list_commands_answer_to_the_names_people_type() -> None:
     assert run("vectors", "ls").returncode == 0
     info = run("models", "info", "mistral").stdout
     assert "path: not downloaded" in info and "None" not in info
+
+
+def test_ctrl_c_while_training_exits_130_at_once_without_a_traceback(demo_path) -> None:
+    """Ctrl-C during capture (llama.cpp calling back into Python for every graph node): the
+    decode ends early, then the command stops with 130 and no traceback or ctypes noise."""
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "edge_steer", "train", "lazy", "--model", str(demo_path)]
+    command += ["--limit", "640"]  # every pair: a capture long enough to be inside of
+    process = subprocess.Popen(
+        command,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EDGE_STEER_HOME": str(demo_path.parent / "ctrl-c-home")},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal has it
+    )
+    time.sleep(4)  # loaded, and capturing (about a minute of it on 2 cores)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
