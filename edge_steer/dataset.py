@@ -231,9 +231,8 @@ def contrast_pairs(
     models it opens the reply), so the contrast lies in text and not in one word: on
     SmolLM2-135M-Instruct `concise` moved the probes -0.46 / +1.91 nats at -1 / +1 without
     them (and the wrong way at -2), -1.66 / +2.63 with them. Both prompts of a pair share the
-    suffix. The
-    list is shuffled with `seed` (so a `limit` keeps a spread of personas and suffixes) and
-    then cut to `limit`.
+    suffix. The list is shuffled with `seed` (so a `limit` keeps a spread of personas and
+    suffixes) and then cut to `limit`.
     """
     if limit is not None and limit < 1:
         raise BadInput(f"the number of training pairs must be at least 1, not {limit}")
