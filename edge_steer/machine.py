@@ -120,6 +120,17 @@ def backends() -> dict[str, dict[str, str]]:
     return ggml.backends()
 
 
+NOT_GPU_BACKENDS = {"CPU", "BLAS", "RPC"}  # backends that put no weights on a local GPU
+
+
+def gpu_backends() -> list[str]:
+    """Compiled-in backends that put weights on a local GPU (CUDA, Metal, Vulkan, ...).
+    Not llama_supports_gpu_offload(), which is also true for a CPU build with RPC."""
+    return [
+        name for name in backends() if name not in NOT_GPU_BACKENDS and not name.startswith("RPC[")
+    ]  # RPC[host:port]: a registered worker
+
+
 def cpu_features() -> list[str]:
     """CPU features this llama.cpp build uses (AVX2, NEON, ...), as its CPU backend says."""
     flags = backends().get("CPU", {})

@@ -54,6 +54,11 @@ def test_bench_table(tiny_dense_path) -> None:
     assert result.returncode == 0, result.stderr
     assert "tg4" in result.stdout and "bare llama_decode loop" in result.stdout
     assert "capture / prompt processing" in result.stdout and "peak RSS" in result.stdout
+    # the GPU line says what doctor says (an RPC-only build offloads to no local GPU), and
+    # weights read as sizes, not a raw dict
+    doctor = json.loads(run("doctor", "--json").stdout)["build"]["gpu_backends"]
+    assert f"(GPU: {', '.join(doctor) or 'none compiled in'})" in result.stdout
+    assert "weights in CPU" in result.stdout and "{" not in result.stdout.splitlines()[0]
 
 
 def test_bad_bench_input_is_one_clean_line(tiny_dense_path) -> None:

@@ -10,8 +10,6 @@ import typer
 from ..files import size_text
 from .options import JsonOpt, RpcOpt, clean_errors, out, print_json
 
-GPU_BACKENDS_ABSENT = {"CPU", "BLAS", "RPC"}  # backends that put no weights on a GPU
-
 
 def rpc_report(given: str | None) -> dict:
     """Whether the build has RPC (else the rebuild command), and each worker's devices with
@@ -47,9 +45,7 @@ def report() -> dict:
     from .. import machine
 
     backends = machine.backends()
-    gpu_backends = [
-        name for name in backends if name not in GPU_BACKENDS_ABSENT and not name.startswith("RPC[")
-    ]  # RPC[host:port]: a registered worker, listed under rpc
+    gpu_backends = machine.gpu_backends()  # registered RPC workers are listed under rpc
     command = None
     if not gpu_backends:
         command = machine.gpu_build_command(platform.system(), platform.machine())
