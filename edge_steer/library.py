@@ -14,9 +14,8 @@ DEFAULT_PAIRS = 128  # enough for a stable direction (held-out sign tests pass a
 def stored_path(model: Model, name: str) -> Path:
     """Where `model`'s vector `name` is, or would be stored (an existing file of that name
     in another case is the same vector)."""
-    found = store.stored_vector(store.check_name(name), model.path)
     own = store.model_vectors_dir(model.path)
-    return found if found and found.parent == own else own / store.file_name(name)
+    return store.vector_in(own, store.check_name(name)) or own / store.file_name(name)
 
 
 def contrast_pairs(

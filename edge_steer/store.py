@@ -99,12 +99,21 @@ def stored_vector(name: str, model_path: str | Path | None) -> Path | None:
     """The store's file for a checked name (`check_name`), whatever its case: the model's
     own, else a shared one; never a path outside the store."""
     for place in _places(model_path):
-        if (place / f"{name}.gguf").is_file():
-            return place / f"{name}.gguf"
-        same = [p for p in place.glob("*.gguf") if p.stem.lower() == name.lower()]
-        if same:
-            return min(same)
+        if found := vector_in(place, name):
+            return found
     return None
+
+
+def vector_in(folder: Path, name: str) -> Path | None:
+    """`folder`'s file for a checked name: spelled as given, else in any case."""
+    if (folder / f"{name}.gguf").is_file():
+        return folder / f"{name}.gguf"
+    return min((p for p in folder.glob("*.gguf") if is_named(p, name)), default=None)
+
+
+def is_named(path: Path, name: str) -> bool:
+    """Whether a vector file carries `name`: names ignore case (see `file_name`)."""
+    return path.stem.lower() == name.lower()
 
 
 def file_name(name: str) -> str:
@@ -131,7 +140,7 @@ def find_vectors(name: str, model_path: str | Path | None = None) -> list[Path]:
     stored vector of that name, whichever model it was made for."""
     if files.looks_like_path(name) or model_path is not None:
         return [resolve_vector(name, model_path)]
-    found = [p for p in stored_vectors() if p.stem.lower() == name.lower()]
+    found = [p for p in stored_vectors() if is_named(p, name)]
     if not found:
         raise NotFound(
             f"no stored vector named {name!r} in {vectors_dir()}: "

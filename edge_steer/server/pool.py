@@ -71,7 +71,7 @@ class VectorPool:
         return self.allow_train and name.lower() in dataset.builtin_names()
 
     def _unknown(self, name: str, param: str) -> ApiError:
-        elsewhere = [p for p in store.stored_vectors() if p.stem.lower() == name.lower()]
+        elsewhere = [p for p in store.stored_vectors() if store.is_named(p, name)]
         if elsewhere:
             return ApiError(
                 f"vector {name!r} was made for another model, not {self.model.name}: "
