@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset, library, steering, train, vectors
+from . import dataset, library, machine, steering, train, vectors
 from .engine import (
     Context,
     Model,
@@ -119,6 +119,7 @@ def backend(model: Model, threads: int, settings: BenchSettings) -> dict:
         "buffers": {name: size for name, size in model.buffers.items()},
         "tensors_kept_in_ram": len(model.overridden),
         **backend_info(),
+        "gpu_backends": machine.gpu_backends(),  # what doctor lists: local GPUs, not RPC
         "llama_cpp_python": metadata.version("llama-cpp-python"),
         "model_bytes": model.path.stat().st_size,
     }

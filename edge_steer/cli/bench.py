@@ -67,15 +67,13 @@ def bench_command(
 def render(report: dict) -> None:
     from rich.table import Table
 
-    from .. import machine
-
     b, s = report["backend"], report["settings"]
     weights = ", ".join(f"{name} {size_text(size)}" for name, size in b["buffers"].items())
     out.print(
         f"[bold]{report['model']}[/] · {b['model_bytes'] / 2**20:.0f} MiB · "
         f"{b['threads']} threads · --gpu-layers {b['gpu_layers']} "
         f"--moe-offload {b['moe_offload']} · weights in {weights} "
-        f"(GPU: {', '.join(machine.gpu_backends()) or 'none compiled in'}) · "
+        f"(GPU: {', '.join(b['gpu_backends']) or 'none compiled in'}) · "
         f"n_ctx {s['n_ctx']} · n_batch {s['n_batch']} · {s['reps']} reps\n"
         f"[dim]{b['system_info']}[/]"
     )
