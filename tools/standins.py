@@ -38,13 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools import sentencepiece_vocab
 from tools.tiny_models import (
-    BOS_ID,
-    CHAT_TEMPLATE,
-    EOS_ID,
-    UNK_ID,
     Hparams,
     TensorSpec,
     add_hparams,
+    add_special_tokens,
     add_tokenizer,
     layout,
 )
@@ -302,12 +299,7 @@ def add_sentencepiece_tokenizer(w: gguf.GGUFWriter, model: Path, n_vocab: int) -
     w.add_token_list(vocab.pieces)
     w.add_token_scores(vocab.scores)
     w.add_token_types(vocab.types)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_unk_token_id(UNK_ID)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    add_special_tokens(w)
 
 
 def _free_disk(folder: Path) -> int:

@@ -197,13 +197,19 @@ def add_tokenizer(w: gguf.GGUFWriter, n_vocab: int | None = None) -> int:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
+    add_special_tokens(w)
+    return len(tokens)
+
+
+def add_special_tokens(w: gguf.GGUFWriter) -> None:
+    """<unk>, <s> and </s> at Mistral's ids, BOS added and EOS not, and the chat template:
+    what every tokenizer of these models shares, whatever its vocabulary."""
     w.add_bos_token_id(BOS_ID)
     w.add_eos_token_id(EOS_ID)
     w.add_unk_token_id(UNK_ID)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    return len(tokens)
 
 
 def vocab_size() -> int:
