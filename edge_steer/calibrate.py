@@ -13,6 +13,7 @@ the push.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,9 +57,11 @@ def calibrate(
     budget: float = BUDGET,
     first: float = FIRST_SCALE,
     threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
     """The factor for `rows` (the vector by block, as trained) at which the worse of +/-1
-    raises calibration-text perplexity by `budget`; the search starts at `first`."""
+    raises calibration-text perplexity by `budget`; the search starts at `first`.
+    `progress(done, STEPS)` follows the search steps (it may end early: then STEPS/STEPS)."""
     text = dataset.calibration_text()
     with Context(model, n_ctx=TOKENS + 16, n_batch=TOKENS + 16, threads=threads) as ctx:
 
@@ -74,10 +77,16 @@ def calibrate(
             worse[:] = [max(ratios, key=ratios.__getitem__)]
             return max(ratios.values())
 
-        return _search(cost, budget, reference, first)
+        report = progress or (lambda _done, _total: None)
+        report(0, STEPS)
+        found = _search(cost, budget, reference, first, lambda done: report(done, STEPS))
+        report(STEPS, STEPS)
+        return found
 
 
-def _search(cost, budget: float, reference: float, first: float) -> Calibration:
+def _search(
+    cost, budget: float, reference: float, first: float, step: Callable[[int], None]
+) -> Calibration:
     """Secant steps on y = log(log ratio) against x = log(scale), from `first`."""
     points: list[tuple[float, float]] = []
     scale = first
@@ -89,6 +98,7 @@ def _search(cost, budget: float, reference: float, first: float) -> Calibration:
     for _ in range(STEPS):
         ratio = cost(scale)
         points.append((scale, ratio))
+        step(len(points))
         if miss(ratio) <= TOLERANCE:
             break
         scale = _next_scale(points, budget)

@@ -83,10 +83,12 @@ def candidates(
     *,
     budget: float = calibrate.BUDGET,
     threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Candidate]:
     """Each method on each block span, at its estimated budget scale, judged on `prompts`
     (held-in positive and negative prompts, interleaved). `units(method)` gives the unit
-    directions and their projected gaps, from the training pairs."""
+    directions and their projected gaps, from the training pairs. `progress(done, total)`
+    follows the candidates."""
     tokens = [model.tokenize(p, parse_special=True) for p in prompts]
     text = dataset.calibration_text()
     batch = max(BATCH, TOKENS + 16, *map(len, tokens))
@@ -109,6 +111,8 @@ def candidates(
 
         base = steer(None, (1, model.n_layer - 1)).next_token_probs(tokens)
         reference = evaluate.perplexity(ctx, text, TOKENS, limit=TOKENS)
+        report = progress or (lambda _done, _total: None)
+        report(0, len(methods) * len(spans))
         for method in methods:
             directions, gaps = units(method)
             for first, last in spans:
@@ -118,6 +122,7 @@ def candidates(
                 up = steer(push, (first, last)).next_token_probs(tokens[1::2])
                 down = steer(-push, (first, last)).next_token_probs(tokens[0::2])
                 found.append(Candidate(method, (first, last), scale, reproduced(base, up, down)))
+                report(len(found), len(methods) * len(spans))
     return found
 
 
@@ -145,11 +150,14 @@ def choose(
     layers: tuple[int, int] | None = None,
     budget: float = calibrate.BUDGET,
     threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """The best candidate and all that were tried; a given `method` or `layers` is kept.
     `units(method)` gives directions and gaps from the training pairs, `prompts` the held-in
     pairs' (positive, negative) texts, interleaved."""
     methods = [method] if method else list(METHODS)
     spans = [layers] if layers else sorted({span_blocks(model.n_layer, s) for s in SPANS})
-    found = candidates(model, units, prompts, methods, spans, budget=budget, threads=threads)
+    found = candidates(
+        model, units, prompts, methods, spans, budget=budget, threads=threads, progress=progress
+    )
     return max(found, key=lambda c: c.effect), found

@@ -706,6 +706,8 @@ class Context:
         through = self.model.n_layer - 1 if through is None else through
         out = np.zeros((len(sequences), self.model.n_layer, self.model.n_embd), np.float32)
         done = 0
+        if progress:
+            progress(done, len(sequences))
         for members in self._shared_rounds(sequences, through):
             out[members] = self._capture.out
             done += len(members)

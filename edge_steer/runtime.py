@@ -108,9 +108,11 @@ def vector_file(
     """The file of vector `name` for `model`: a path, a stored vector, or (a built-in concept
     this model has none of yet, or `retrain`) one trained now and stored."""
     label = f"training {name!r} on {model.name}"
-    return library.resolve(
-        model, name, retrain=retrain, progress=lambda done, total: on_progress(label, done, total)
-    )
+
+    def stage_progress(stage: str, done: int, total: int) -> None:
+        on_progress(f"{label}: {stage}", done, total)
+
+    return library.resolve(model, name, retrain=retrain, progress=stage_progress)
 
 
 def steer(

@@ -29,7 +29,8 @@ GAIN = 1.0
 SEQUENCES = 64  # prompts decoded side by side in one llama_decode
 DEFAULT_SPAN = (0.5, 0.85)  # fractions of depth, when too few pairs to choose (choose.py)
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[str, int, int], None]  # (stage, done, total), as each stage goes
+STAGES = ("reading prompts", "choosing blocks", "calibrating")
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def hidden_states(
     model: Model,
     prompts: Sequence[str],
     options: TrainOptions,
-    progress: Progress | None = None,
+    progress: Callable[[int, int], None] | None = None,
     steering: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_prompts, n_layer, n_embd) states at each prompt's last token, many per decode;
@@ -132,8 +133,14 @@ def train(
     """Train one control vector; it holds only the steered blocks, already scaled."""
     if len(pairs) < 2:
         raise BadInput(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
-    states = hidden_states(model, [p for pair in pairs for p in pair], options, progress)
-    return finish(model, states[0::2], states[1::2], pairs, options, name=name)
+    report = progress or _quiet
+    prompts = [p for pair in pairs for p in pair]
+    states = hidden_states(model, prompts, options, lambda *done: report(STAGES[0], *done))
+    return finish(model, states[0::2], states[1::2], pairs, options, name=name, progress=report)
+
+
+def _quiet(*_args: object) -> None:
+    pass
 
 
 def finish(
@@ -144,13 +151,14 @@ def finish(
     options: TrainOptions,
     *,
     name: str,
+    progress: Progress = _quiet,
 ) -> ControlVector:
     """Everything after reading the states of `pairs`: choose blocks and method, direct,
     calibrate."""
-    options, how = chosen(model, pos, neg, pairs, options)
+    options, how = chosen(model, pos, neg, pairs, options, lambda *n: progress(STAGES[1], *n))
     vector = from_states(model, pos, neg, options, name=name)
     vector.metadata.update(how)
-    return calibrated(model, vector, options)
+    return calibrated(model, vector, options, lambda *n: progress(STAGES[2], *n))
 
 
 def chosen(
@@ -159,6 +167,7 @@ def chosen(
     neg: np.ndarray,
     pairs: Sequence[tuple[str, str]],
     options: TrainOptions,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[TrainOptions, dict[str, str | float]]:
     """Options with the method and blocks they leave open chosen on held-in pairs
     (choose.py), and metadata saying how; the defaults when there are too few pairs to
@@ -183,6 +192,7 @@ def chosen(
         layers=options.layers,
         budget=options.budget or calibrate.BUDGET,
         threads=options.threads,
+        progress=progress,
     )
     how: dict[str, str | float] = {
         "chosen_by": "validation",
@@ -192,7 +202,12 @@ def chosen(
     return replace(options, method=best.method, layers=best.layers), how
 
 
-def calibrated(model: Model, vector: ControlVector, options: TrainOptions) -> ControlVector:
+def calibrated(
+    model: Model,
+    vector: ControlVector,
+    options: TrainOptions,
+    progress: Callable[[int, int], None] | None = None,
+) -> ControlVector:
     """The vector scaled so that +/-1 costs `options.budget` in perplexity (calibrate.py);
     the file holds the scaled directions, so llama.cpp's --control-vector-scaled F:1.0 means
     what --vector F:1.0 means."""
@@ -202,7 +217,13 @@ def calibrated(model: Model, vector: ControlVector, options: TrainOptions) -> Co
     span = (vector.layers[0], vector.layers[-1])
     start = vector.metadata.get("chosen_scale", calibrate.FIRST_SCALE)
     found = calibrate.calibrate(
-        model, rows, span, budget=options.budget, first=float(start), threads=options.threads
+        model,
+        rows,
+        span,
+        budget=options.budget,
+        first=float(start),
+        threads=options.threads,
+        progress=progress,
     )
     result = vector.scaled(found.scale)
     result.metadata.update(found.metadata())

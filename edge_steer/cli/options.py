@@ -1,4 +1,4 @@
-"""What every command shares: consoles, option types, error handling, progress, loading.
+"""What every command shares: consoles, option types, error handling, loading.
 
 Commands import from here and from the library, never from each other. Heavy modules (the
 engine, numpy, huggingface_hub) are imported inside functions, so `--help` stays fast.
@@ -6,11 +6,10 @@ engine, numpy, huggingface_hub) are imported inside functions, so `--help` stays
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
@@ -19,6 +18,7 @@ from rich.markup import escape
 
 from ..errors import BadInput, EdgeSteerError
 from .console import err, out
+from .progress import StepProgress, progress_bar
 
 F = TypeVar("F", bound=Callable)
 
@@ -52,37 +52,6 @@ def clean_errors(func: F) -> F:
 def note(message: str) -> None:
     """A dim line on stderr: what `auto` chose, what is being downloaded."""
     err.print(f"[dim]{escape(message)}[/]")
-
-
-@contextlib.contextmanager
-def progress_bar() -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar with ETA on stderr, shown only once something reports progress;
-    yields the `on_progress(label, done, total)` callback the library takes."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    )
-    tasks: dict[str, Any] = {}
-
-    def update(label: str, done: int, total: int) -> None:
-        if label not in tasks:
-            if not tasks:
-                bar.start()
-            tasks[label] = bar.add_task(escape(label), total=total)
-        bar.update(tasks[label], completed=done, total=total)
-
-    try:
-        yield update
-    finally:
-        bar.stop()
-        for label in tasks:
-            err.print(f"[dim]{escape(label)}: done[/]")
 
 
 # -- options shared by several commands -----------------------------------------------------
@@ -315,12 +284,13 @@ def load_model(opts: SimpleNamespace, ctx: int):
     return runtime.load_model(opts.model, ctx=ctx, **_loading(opts))
 
 
-def load_steered(opts: SimpleNamespace):
+def load_steered(opts: SimpleNamespace, progress: StepProgress | None = None):
     """runtime.load for the LOAD and STEER options: model, context and steering, with notes,
-    download bars and a training progress bar on stderr."""
+    download bars and training progress on stderr. Vectors trained later (a chat's /vector)
+    report to `progress` too, so a caller that lives on passes its own."""
     from .. import runtime
 
-    with progress_bar() as on_progress:
+    with progress_bar() as own_progress:
         return runtime.load(
             opts.model,
             vectors=opts.vector,
@@ -328,7 +298,7 @@ def load_steered(opts: SimpleNamespace):
             ctx=opts.ctx,
             threads=opts.threads,
             retrain=opts.retrain,
-            on_progress=on_progress,
+            on_progress=progress or own_progress,
             **_loading(opts),
         )
 

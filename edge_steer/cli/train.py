@@ -75,11 +75,9 @@ def train(
     )
     options = training.TrainOptions(method=method, layers=span, threads=opts.threads)
     start = time.perf_counter()
-    label = f"training {name!r} on {loaded.name} ({len(data)} pairs)"
+    err.print(f"[dim]training {name!r} on {loaded.name} from {len(data)} pairs[/]")
     with progress_bar() as on_progress:
-        vector = library.train_vector(
-            loaded, name, data, options, lambda done, total: on_progress(label, done, total)
-        )
+        vector = library.train_vector(loaded, name, data, options, on_progress)
     if output:  # first, so that a failed write leaves the stored vector as it was
         convert.save(vector, output)
     path = library.store_vector(loaded, name, vector)
