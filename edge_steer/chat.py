@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .engine import Context, Model, Sampler, SamplerSettings
+from .errors import BadInput
 from .steering import Steering
 
 TRANSCRIPT_STOP = ("\nUser:",)
@@ -66,6 +67,29 @@ class _StopMatcher:
         return self.matched == len(self.stop)
 
 
+def _conversation_parts(data: object) -> tuple[str | None, dict[str, float], list[dict]]:
+    """System prompt, vector strengths and messages of saved conversation data, checked."""
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise BadInput("not a saved conversation: expected a JSON object with 'messages'")
+    messages = data["messages"]
+    for message in messages:
+        if not (
+            isinstance(message, dict)
+            and message.get("role") in ("user", "assistant")
+            and isinstance(message.get("content"), str)
+        ):
+            raise BadInput(f"bad message in the saved conversation: {message!r:.80}")
+    system = data.get("system")
+    strengths = data.get("vectors") or {}
+    if not isinstance(system, str | None) or not isinstance(strengths, dict):
+        raise BadInput("bad 'system' or 'vectors' in the saved conversation")
+    try:
+        strengths = {str(name): float(value) for name, value in strengths.items()}
+    except (TypeError, ValueError):
+        raise BadInput("bad vector strength in the saved conversation") from None
+    return system, strengths, [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def transcript(messages: list[dict[str, str]]) -> str:
     names = {"system": "System", "user": "User", "assistant": "Assistant"}
     lines = [f"{names.get(m['role'], m['role'])}: {m['content']}" for m in messages]
@@ -114,6 +138,30 @@ class ChatSession:
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
+
+    def saved(self) -> dict:
+        """The conversation as JSON data (`/save`): enough for `restore` to go on with it."""
+        return {
+            "model": self.ctx.model.name,
+            "system": self.system,
+            "vectors": self.steering.strengths(),
+            "messages": self.messages,
+        }
+
+    def restore(self, data: object) -> None:
+        """Go on with a conversation from `saved()` data: its system prompt, vectors and
+        messages, the history evaluated under those vectors now. A vector that cannot be
+        found or trained (or Ctrl-C while it trains) leaves the session as it was."""
+        system, strengths, messages = _conversation_parts(data)
+        steering = replace(self.steering, active={})
+        for name, strength in strengths.items():
+            steering.set(name, strength)
+        self.steering.active = steering.active
+        self.system, self.messages = system, messages
+        self.ctx.forget(0)
+        self.steering.apply(self.ctx)
+        if self.messages:
+            self.ctx.ingest(format_prompt(self.ctx.model, self.conversation())[0])
 
     def clear(self) -> None:
         self.messages.clear()

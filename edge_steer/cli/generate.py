@@ -18,6 +18,7 @@ from .options import (
     clean_errors,
     load_steered,
     print_json,
+    progress_bar,
     sampler_settings,
     stream,
     with_options,
@@ -88,13 +89,14 @@ def chat(
     if prompt is None and as_json:
         raise BadInput("--json prints one answer: give the message with -p TEXT (-p - reads stdin)")
     check_max_tokens(max_tokens)
-    steered = load_steered(opts)
-    session = ChatSession(
-        steered.context, steered.steering, sampler_settings(opts), system, max_tokens
-    )
-    if prompt is None:
-        repl(session)
-        return
+    with progress_bar() as progress:  # vectors trained later, by /vector, report here too
+        steered = load_steered(opts, progress)
+        session = ChatSession(
+            steered.context, steered.steering, sampler_settings(opts), system, max_tokens
+        )
+        if prompt is None:
+            repl(session, progress)
+            return
     start = time.perf_counter()
     text = stream(session.reply(prompt), as_json).strip()
     if as_json:

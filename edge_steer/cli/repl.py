@@ -2,110 +2,201 @@
 
 from __future__ import annotations
 
-import sys
+import dataclasses
+import json
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-from ..errors import BadInput, EdgeSteerError
-from .options import err, out, print_error, stream
+from rich.markup import escape
 
-HELP = """[bold]/vector NAME STRENGTH[/]  set a vector live (0 removes it); history is re-evaluated
-[bold]/vectors[/]               show the active vectors
-[bold]/system TEXT[/]           set the system prompt (empty clears it)
-[bold]/clear[/]                 forget the conversation
-[bold]/help[/]                  this help
-[bold]/quit[/], /exit, /bye    leave (or Ctrl-D)
-End a line with \\ to continue it, or wrap several lines in triple quotes (\"\"\").
-Ctrl-C stops the current reply."""
+from ..errors import BadInput, EdgeSteerError, NotFound
+from .line_reader import line_reader, read_message
+from .options import err, print_error, stream
+from .progress import StepProgress
+
+Command = Callable[..., None]  # (session, rest of the line, progress)
+
+MORE_HELP = """End a line with \\ to continue it, or wrap several lines in triple quotes (\"\"\").
+Arrow keys edit the line; Up and Ctrl-R recall earlier ones. Ctrl-C stops a reply or a
+vector's training (the conversation stays as it was); Ctrl-D or /bye leaves."""
 
 
-def repl(session) -> None:
-    """Read messages and slash commands until /quit or Ctrl-D."""
+def repl(session, progress: StepProgress) -> None:
+    """Read messages and slash commands until /bye or Ctrl-D."""
     from .. import vectors
 
-    name = session.ctx.model.name
+    read = line_reader()
     err.print(
-        f"[dim]{name} · vectors: {vectors.describe(session.steering.strengths())}"
-        " · /help for commands[/]"
+        f"[dim]{session.ctx.model.name} · vectors: "
+        f"{vectors.describe(session.steering.strengths())} · /help for commands[/]"
     )
     while True:
         try:
-            line = _read_message()
+            line = read_message(read)
         except EOFError:
             err.print()
             return
         except KeyboardInterrupt:
-            err.print("\n[dim](/quit or Ctrl-D to leave)[/]")
+            err.print("[dim](/bye or Ctrl-D to leave)[/]")
             continue
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            if _command(session, line.strip()):
-                return
-            continue
+        if line.strip() in LEAVE:
+            return
         try:
-            stream(session.reply(line), quiet=False)
+            if line.startswith("/"):
+                _command(session, line.strip(), progress)
+            elif line.strip():
+                stream(session.reply(line), quiet=False)
         except KeyboardInterrupt:
-            err.print("\n[dim][stopped][/]")
+            progress.close()
+            err.print("\n[dim]\\[stopped][/]")
+        finally:
+            progress.close()  # a step cut short takes its bar with it
 
 
-def _read_message() -> str:
-    # piped in (a script of messages and commands): no prompts in the replies' stdout
-    first_prompt, more = ("[bold green]>>> [/]", "[dim]... [/]") if sys.stdin.isatty() else ("", "")
-    first = out.input(first_prompt)
-    if first.strip() == '"""':
-        lines = []
-        while (line := out.input(more)).strip() != '"""':
-            lines.append(line)
-        return "\n".join(lines)
-    lines = [first]
-    while lines[-1].endswith("\\"):
-        lines[-1] = lines[-1][:-1]
-        lines.append(out.input(more))
-    return "\n".join(lines)
-
-
-def _command(session, line: str) -> bool:
-    """Run one slash command; True means leave."""
-    from .. import evaluate, vectors
-
+def _command(session, line: str, progress: StepProgress) -> None:
     word, _, rest = line.partition(" ")
+    command = COMMANDS.get(word)
+    if command is None:
+        err.print(f"[red]unknown command {word}[/]: /help lists them", highlight=False)
+        return
     try:
-        if word in ("/quit", "/exit", "/bye"):
-            return True
-        if word == "/help":
-            err.print(HELP)
-        elif word == "/vectors":
-            layers = session.steering.layers
-            span = f"{layers[0]}-{layers[1]}" if layers else "all"
-            err.print(f"vectors: {vectors.describe(session.steering.strengths())} · layers {span}")
-            for name, (vector, _) in session.steering.active.items():
-                if note := evaluate.describe_range(vector):
-                    err.print(f"  {name}: {note}", markup=False)
-        elif word == "/vector":
-            name, strength = _vector_args(rest)
-            start = time.perf_counter()
-            session.set_vector(name, strength)
-            err.print(
-                f"[dim]vectors: {vectors.describe(session.steering.strengths())} "
-                f"(history re-evaluated in {time.perf_counter() - start:.2f}s)[/]"
-            )
-        elif word == "/system":
-            session.set_system(rest.strip())
-            err.print("[dim]system prompt " + ("set" if rest.strip() else "cleared") + "[/]")
-        elif word == "/clear":
-            session.clear()
-            err.print("[dim]conversation cleared[/]")
-        else:
-            err.print(f"[red]unknown command {word}[/]: /help lists them")
+        command[0](session, rest.strip(), progress)
     except EdgeSteerError as exc:
         print_error(exc)
-    return False
 
 
-def _vector_args(rest: str) -> tuple[str, float]:
+def _help(_session, _rest: str, _progress: StepProgress) -> None:
+    for usage, what in [(usage, what) for _, usage, what in COMMANDS.values()] + [LEAVE_HELP]:
+        err.print(f"[bold]{escape(usage):<24}[/]{escape(what)}")
+    err.print(MORE_HELP, markup=False)
+
+
+def _vectors(session, _rest: str, _progress: StepProgress) -> None:
+    from .. import evaluate, vectors
+
+    layers = session.steering.layers
+    span = f"{layers[0]}-{layers[1]}" if layers else "all"
+    err.print(f"vectors: {vectors.describe(session.steering.strengths())} · layers {span}")
+    for name, (vector, _) in session.steering.active.items():
+        if note := evaluate.describe_range(vector):
+            err.print(f"  {name}: {note}", markup=False)
+
+
+def _vector(session, rest: str, _progress: StepProgress) -> None:
+    from .. import vectors
+
     parts = rest.split()
     if len(parts) != 2:
         raise BadInput("usage: /vector NAME STRENGTH (e.g. /vector lazy -0.5; 0 removes it)")
+    name, strength = vectors.parse_spec(f"{parts[0]}:{parts[1]}")
+    start = time.perf_counter()
+    session.set_vector(name, strength)
+    err.print(
+        f"[dim]vectors: {vectors.describe(session.steering.strengths())} "
+        f"(history re-evaluated in {time.perf_counter() - start:.2f}s)[/]"
+    )
+
+
+def _system(session, rest: str, _progress: StepProgress) -> None:
+    session.set_system(rest)
+    err.print("[dim]system prompt " + ("set" if rest else "cleared") + "[/]")
+
+
+def _clear(session, _rest: str, _progress: StepProgress) -> None:
+    session.clear()
+    err.print("[dim]conversation cleared[/]")
+
+
+def _save(session, rest: str, _progress: StepProgress) -> None:
+    from ..files import write_atomically
+
+    path = Path(rest or time.strftime("chat-%Y%m%d-%H%M%S.json")).expanduser()
+    text = json.dumps(session.saved(), indent=2, ensure_ascii=False) + "\n"
+    try:
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise BadInput(f"cannot save to {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    err.print(f"[dim]saved {len(session.messages)} messages to {path}[/]", highlight=False)
+
+
+def _load(session, rest: str, _progress: StepProgress) -> None:
     from .. import vectors
 
-    return vectors.parse_spec(f"{parts[0]}:{parts[1]}")
+    if not rest:
+        raise BadInput("usage: /load FILE (a conversation written by /save)")
+    path = Path(rest).expanduser()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFound(f"no file {path}: give the path /save printed") from None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, a NUL in the name
+        raise BadInput(f"cannot read {path} as a saved conversation: {exc}") from None
+    session.restore(data)
+    err.print(
+        f"[dim]loaded {len(session.messages)} messages from {path} · vectors: "
+        f"{vectors.describe(session.steering.strengths())}[/]",
+        highlight=False,
+    )
+
+
+# /set NAME VALUE: the sampler's settings (engine.SamplerSettings) and the reply length
+SETTING_ALIASES = {"temp": "temperature", "n": "max_tokens"}
+
+
+def _set(session, rest: str, _progress: StepProgress) -> None:
+    from ..engine import SAMPLING_LIMITS, out_of_range
+
+    if not rest:
+        shown = dataclasses.asdict(session.settings) | {"max_tokens": session.max_tokens}
+        err.print("  ".join(f"{k}={v}" for k, v in shown.items()), markup=False)
+        return
+    parts = rest.split()
+    if len(parts) != 2:
+        raise BadInput("usage: /set NAME VALUE (e.g. /set temperature 0.2); /set shows them")
+    name = parts[0].lower().replace("-", "_")
+    name = SETTING_ALIASES.get(name, name)
+    value = _setting_value(name, parts[1], session)
+    if name == "max_tokens":
+        session.max_tokens = value
+    else:
+        settings = dataclasses.replace(session.settings, **{name: value})
+        if out_of_range(settings):
+            low, high = SAMPLING_LIMITS[name]
+            raise BadInput(f"{name} {value} is out of range: use {low:g} to {high:g}")
+        session.settings = settings
+    err.print(f"[dim]{name} = {value}[/]")
+
+
+def _setting_value(name: str, text: str, session) -> int | float | None:
+    """`text` parsed as setting `name` wants it: a count, a number, or a seed (or `random`)."""
+    from ..engine import SamplerSettings
+
+    fields = {f.name: f for f in dataclasses.fields(SamplerSettings)}
+    if name not in fields and name != "max_tokens":
+        known = ", ".join([*fields, "max_tokens"])
+        raise BadInput(f"unknown setting {name!r}: use one of {known}")
+    if name == "seed" and text.lower() in ("random", "none"):
+        return None
+    whole = name in ("seed", "max_tokens") or isinstance(getattr(session.settings, name), int)
+    try:
+        value = int(text) if whole else float(text)
+    except ValueError:
+        raise BadInput(f"{name} takes a {'whole ' if whole else ''}number, not {text!r}") from None
+    if name == "max_tokens" and value < 1:
+        raise BadInput("max_tokens is out of range: use 1 or more")
+    return value
+
+
+LEAVE = ("/bye", "/quit", "/exit")
+LEAVE_HELP = ("/bye", "leave (also /quit, /exit, Ctrl-D)")
+COMMANDS: dict[str, tuple[Command, str, str]] = {  # word: (handler, usage, what it does)
+    "/vector": (_vector, "/vector NAME STRENGTH", "set a vector live (0 removes it)"),
+    "/vectors": (_vectors, "/vectors", "show the active vectors and their measured ranges"),
+    "/system": (_system, "/system TEXT", "set the system prompt (no TEXT clears it)"),
+    "/set": (_set, "/set [NAME VALUE]", "show or change sampling: temperature, seed, ..."),
+    "/clear": (_clear, "/clear", "forget the conversation"),
+    "/save": (_save, "/save [FILE]", "write the conversation, vectors included, as JSON"),
+    "/load": (_load, "/load FILE", "go on with a conversation /save wrote"),
+    "/help": (_help, "/help", "this help"),
+}

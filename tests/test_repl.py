@@ -1,0 +1,142 @@
+"""The chat REPL as a person at a terminal uses it: a real pseudo-terminal, real keys (arrow
+keys, Ctrl-C), real models; and as a script pipes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edge_steer import vectors
+
+
+def at_terminal(model: Path, keys: list[str | float], home: Path) -> str:
+    """Run `edge-steer chat` on a pseudo-terminal, typing each key string (a number waits
+    that many seconds first); returns everything the terminal showed."""
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: chat, with the pseudo-terminal as its controlling terminal
+        os.environ.update(EDGE_STEER_HOME=str(home), COLUMNS="100", TERM="xterm")
+        command = ["chat", "--model", str(model), "-n", "6", "--temp", "0"]
+        os.execv(sys.executable, [sys.executable, "-m", "edge_steer", *command])
+    shown = bytearray()
+
+    def read_for(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if select.select([terminal], [], [], 0.05)[0]:
+                try:
+                    shown.extend(os.read(terminal, 65536))
+                except OSError:  # the child has gone
+                    return
+
+    for key in keys:
+        if isinstance(key, float | int):
+            read_for(key)
+            continue
+        read_for(2.5)  # until the prompt is drawn
+        os.write(terminal, key.encode())
+    read_for(5)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, shown.decode(errors="replace")[-2000:]
+    return shown.decode(errors="replace")
+
+
+LEFT, UP, CTRL_C = "\x1b[D", "\x1b[A", "\x03"
+
+
+def test_line_editing_history_set_save_and_load(tiny_dense_path, tmp_path) -> None:
+    """Left arrows move inside the line (no `^[[D` typed in), Up recalls the last line, /set
+    changes sampling, /save writes the conversation and /load brings it back after /clear."""
+    saved, again = tmp_path / "talk.json", tmp_path / "again.json"
+    keys = [
+        f"hllo{LEFT * 3}e\r",
+        f"{UP}\r",  # the same message again, from history
+        "/set temperature 0.25\r",
+        "/set top_k 7\r",
+        "/set\r",
+        f"/save {saved}\r",
+        "/clear\r",
+        f"/load {saved}\r",
+        f"/save {again}\r",
+        "/bye\r",
+    ]
+    shown = at_terminal(tiny_dense_path, keys, tmp_path)
+    assert "Traceback" not in shown
+    conversation = json.loads(saved.read_text())
+    assert [m["content"] for m in conversation["messages"][0::2]] == ["hello", "hello"]
+    assert "temperature=0.25" in shown and "top_k=7" in shown
+    assert json.loads(again.read_text())["messages"] == conversation["messages"]
+    assert "hello" in (tmp_path / "chat_history").read_text()
+
+
+def test_ctrl_c_stops_training_and_keeps_the_conversation(chat_path, tmp_path) -> None:
+    """Ctrl-C while /vector trains a built-in concept: no traceback, no vector, no bar left
+    behind, the conversation as it was, and the chat goes on."""
+    saved = tmp_path / "talk.json"
+    keys = [
+        "Say hi.\r",
+        4.0,
+        "/vector lazy 1\r",
+        5.0,  # well inside training's first stage (about 20 s on 2 cores)
+        CTRL_C,
+        2.0,
+        "/vectors\r",
+        f"/save {saved}\r",
+        "/bye\r",
+    ]
+    shown = at_terminal(chat_path, keys, tmp_path)
+    assert "training 'lazy'" in shown and "[stopped]" in shown, shown[-2000:]
+    assert "Traceback" not in shown and "Exception ignored" not in shown
+    after = shown[shown.index("/vectors") :]
+    assert "vectors: none" in after and "━" not in after  # the bar went with its step
+    conversation = json.loads(saved.read_text())
+    assert conversation["vectors"] == {} and len(conversation["messages"]) == 2
+    assert not list((tmp_path / "vectors").rglob("lazy*.gguf"))
+
+
+def piped_chat(model: Path, script: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "edge_steer", "chat", "--model", str(model), "-n", "4"]
+    return subprocess.run(command, input=script, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command_and_bad_input_is_one_line(tiny_dense_path, tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "wizard", "content": 1}]}')
+    script = "\n".join(
+        [
+            "/help",
+            "/set temperature 9",
+            "/set warmth 1",
+            "/set seed lots",
+            f"/load {bad}",
+            f"/load {tmp_path / 'missing.json'}",
+            f"/save {tmp_path}/no/such/folder/\0x",
+            "/bye",
+        ]
+    )
+    result = piped_chat(tiny_dense_path, script + "\n")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    for command in ("/vector", "/vectors", "/system", "/set", "/clear", "/save", "/load"):
+        assert command in result.stderr
+    for word in ("/bye", "/quit", "/exit", "Ctrl-D"):
+        assert word in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 6, result.stderr
+    assert "temperature 9.0 is out of range" in errors[0] and "unknown setting" in errors[1]
+    assert "bad message" in errors[3] and "no file" in errors[4]
+
+
+def test_load_brings_back_the_vectors_of_a_saved_conversation(tiny_dense_path, tmp_path):
+    vector = vectors.ControlVector({2: vectors.np.ones(64, vectors.np.float32)})
+    path = vectors.write(vector, tmp_path / "v.gguf")
+    saved = tmp_path / "talk.json"
+    first = piped_chat(tiny_dense_path, f"/vector {path} 0.5\nhello\n/save {saved}\n")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(saved.read_text())["vectors"] == {str(path): 0.5}
+    second = piped_chat(tiny_dense_path, f"/load {saved}\n/vectors\n")
+    assert f"{path}:+0.5" in second.stderr.split("loaded 2 messages")[1], second.stderr
