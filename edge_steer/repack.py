@@ -5,8 +5,8 @@ read the file rather than memory-map it.
 A repacked weight is copied out of the file into a new buffer. With the file memory-mapped,
 the source pages it was copied from stay mapped and resident too, so the process holds those
 weights twice (llama.cpp issue 16761: 8.3 GB resident for a 4.4 GB Mistral Q4_K_M). Reading
-the file instead (llama.cpp's --no-mmap) holds them once. Where little or nothing is
-repacked, mapping stays: the page cache then serves the next command without reading the
+the file instead (llama.cpp's --no-mmap) holds them once. Where little is repacked, or the
+model is small, mapping stays: the page cache then serves the next command without reading the
 file again.
 
 The rules are ggml-cpu's `ggml_repack_get_optimal_repack_type` (llama.cpp b8xxx, as
@@ -23,6 +23,7 @@ from . import gguffile
 
 Q4_0, Q8_0, Q2_K, Q4_K, Q5_K, Q6_K, IQ4_NL, MXFP4 = 2, 8, 10, 12, 13, 14, 20, 39
 READ_SHARE = 0.1  # read (no mmap) when at least this share of the file would be held twice
+READ_MIN_BYTES = 512 << 20  # ... and at least this much: a small model maps, and starts fast
 
 # (features the build must have, {ggml type: row multiple}); the first rule that covers a
 # tensor's type decides, as in ggml
@@ -57,5 +58,7 @@ def repacked_bytes(
 
 
 def should_map(header: gguffile.Header, repacked: int) -> bool:
-    """Map the file unless at least READ_SHARE of its bytes would be held twice."""
-    return repacked < READ_SHARE * header.file_size
+    """Map the file unless at least READ_SHARE of its bytes, and READ_MIN_BYTES, would be
+    held twice. Reading costs start-up on every command (0.5 s for a 253 MB file), which
+    only pays where the doubled memory would matter: a 7B model, not a demo model."""
+    return repacked < max(READ_SHARE * header.file_size, READ_MIN_BYTES)

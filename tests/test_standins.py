@@ -66,12 +66,14 @@ def test_repack_rules_predict_the_bytes_llama_cpp_repacks(key, small_dir):
         assert predicted == pytest.approx(model.buffers.get("CPU_REPACK", 0), abs=32 << 10)
 
 
-def test_a_mostly_repacked_model_is_read_once_not_mapped(small_dir):
+def test_a_mostly_repacked_model_is_read_once_not_mapped(small_dir, monkeypatch):
     path = standins.write(small("mistral-q4_0"), small_dir)
     header = gguffile.read_header(path)
     repacked = repack.repacked_bytes(header, machine.cpu_features(), lambda _name: True)
     if not repacked:
         pytest.skip("this CPU's llama.cpp build repacks no Q4_0 weights")
+    assert offload.plan_model(path, None, None, 256).mmap is True  # small: maps, starts fast
+    monkeypatch.setattr(repack, "READ_MIN_BYTES", 0)  # as if it were 7B
     assert offload.plan_model(path, None, None, 256).mmap is False
     with runtime.load_model(str(path), ctx=256) as model:
         # llama.cpp's "CPU" buffer is read from the file; "CPU_Mapped" would be the mapping
