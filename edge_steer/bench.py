@@ -288,11 +288,12 @@ def _training(model: Model, settings: BenchSettings, threads: int, step):
     capture = Series("capture", "training", n_tokens)
     plain = Series("capture", "plain prompt processing", n_tokens)
     fit: list[float] = []
-    for rep in range(settings.reps + 1):
+    for rep in range(settings.reps + 1):  # round 0 warms capture up; it trains no vector
         start = time.perf_counter()
         states = train.hidden_states(model, prompts, options)
         middle = time.perf_counter()
-        train.finish(model, states[0::2], states[1::2], pairs, options, name=name)
+        if rep:
+            train.finish(model, states[0::2], states[1::2], pairs, options, name=name)
         end = time.perf_counter()
         plain_s = _plain(model, tokens, options)
         if rep:

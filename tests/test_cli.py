@@ -160,3 +160,21 @@ def test_ctrl_c_while_training_exits_130_at_once_without_a_traceback(demo_path) 
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_training_progress_names_each_stage_in_a_log(tiny_dense_path, tmp_path) -> None:
+    """stderr not a terminal (a log, CI): a plain line per tenth of each stage and a line as
+    each ends, no bar and no blank lines."""
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_steer", "train", "happy", "--model", str(tiny_dense_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "EDGE_STEER_HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    for stage in ("reading prompts", "choosing blocks", "calibrating"):
+        assert any(line.startswith(f"{stage}: done in ") for line in lines), result.stderr
+    assert "choosing blocks: 1/" in result.stderr and "━" not in result.stderr
+    assert all(line.strip() for line in lines), result.stderr

@@ -3,6 +3,7 @@
 One bar per label (with ETA) while its step runs; when the step reaches its total the bar
 goes and a dim `label: done in 12.3s` line stays. The live display runs only while some step
 is running, so a bar never outlives its step: not after a command, not under a chat prompt.
+Where stderr is not a terminal (a log file, CI), a plain line marks each tenth instead.
 """
 
 from __future__ import annotations
@@ -34,24 +35,33 @@ class StepProgress:
 
     def __call__(self, label: str, done: int, total: int) -> None:
         if label not in self.steps:
-            if not self.steps:
+            if not self.steps and err.is_terminal:
                 self.bar.start()
             self.steps[label] = (self.bar.add_task(escape(label), total=total), time.monotonic())
         task, started = self.steps[label]
         self.bar.update(task, completed=done, total=total)
+        if not err.is_terminal and _tenths(done - 1, total) < _tenths(done, total) < 10:
+            err.print(f"{escape(label)}: {done}/{total}")  # a log: a line per tenth, no bar
         if done >= total:
             self.bar.remove_task(task)
             del self.steps[label]
             if not self.steps:
-                self.bar.stop()
+                self._stop()
             err.print(f"[dim]{escape(label)}: done in {time.monotonic() - started:.1f}s[/]")
 
     def close(self) -> None:
         for task, _ in self.steps.values():
             self.bar.remove_task(task)
         self.steps.clear()
+        self._stop()
+
+    def _stop(self) -> None:
         if self.bar.live.is_started:  # stopping a display that never started prints a line
             self.bar.stop()
+
+
+def _tenths(done: int, total: int) -> int:
+    return 10 * max(done, 0) // max(total, 1)
 
 
 @contextlib.contextmanager
