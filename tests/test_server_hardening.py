@@ -500,7 +500,11 @@ def test_generated_garbage_never_breaks_the_server(server):
     assert status == 200 and reply["choices"][0]["finish_reason"] == "length"
     log = server.output()[before:]
     assert "Traceback" not in log
-    assert len(log.splitlines()) <= len(refused), log[-2000:]
+    answered = [line for line in log.splitlines() if " 200 " in line and " · steering " in line]
+    assert len(log.splitlines()) - len(answered) <= len(refused), log[-2000:]
+    # one line per answer too, as llama-server logs them: model, steering, tokens, time
+    assert "POST /v1/completions 200 demo · steering none · " in answered[-1], answered[-1]
+    assert "+ 4 completion tokens" in answered[-1] and answered[-1].endswith(" s · length")
 
 
 # -- 4: shutdown -----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..errors import EdgeSteerError
+from ..vectors import describe
 from .api_error import ApiError, as_api_error, log, refuse, shutting_down
 from .guard import Admission, Guard
 from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket
@@ -231,6 +232,7 @@ async def _collect(
             elif isinstance(event, Failed):
                 raise as_api_error(event.error)
             else:
+                reply.log(event)
                 return JSONResponse(reply.whole("".join(pieces), event))
     finally:
         watcher.cancel()
@@ -259,6 +261,7 @@ async def _stream(
                 yield "data: [DONE]\n\n"
                 return
             else:
+                reply.log(event)
                 yield _sse(reply.chunk(None, event.reason))
                 if reply.job.include_usage:
                     yield _sse(reply.usage_chunk(event))
@@ -280,6 +283,23 @@ class _Reply:
     kind: Kind
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.monotonic)
+
+    def log(self, done: Finished) -> None:
+        """One line per answered request, as llama-server and Ollama log them: which model
+        and steering, how many tokens, how long, and why it ended."""
+        seconds = time.monotonic() - self.started
+        log.info(
+            "POST /v1/%s 200 %s · steering %s · %d prompt + %d completion tokens · %.2f s · %s%s",
+            "chat/completions" if self.kind == "chat" else "completions",
+            self.job.model,
+            describe(self.job.steering),
+            done.prompt_tokens,
+            done.completion_tokens,
+            seconds,
+            done.reason,
+            " · streamed" if self.job.stream else "",
+        )
 
     def _head(self, stream: bool) -> dict[str, Any]:
         chat = self.kind == "chat"
