@@ -178,3 +178,20 @@ def test_training_progress_names_each_stage_in_a_log(tiny_dense_path, tmp_path) 
         assert any(line.startswith(f"{stage}: done in ") for line in lines), result.stderr
     assert "choosing blocks: 1/" in result.stderr and "━" not in result.stderr
     assert all(line.strip() for line in lines), result.stderr
+
+
+def complete(words: str) -> list[str]:
+    """What bash completion offers for the last of `words` (`--install-completion`'s hook)."""
+    env = {**os.environ, "_EDGE_STEER_COMPLETE": "complete_bash", "COMP_WORDS": words}
+    env["COMP_CWORD"] = str(len(words.split()) - 1)
+    command = [sys.executable, "-m", "edge_steer"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_shell_completion_offers_commands_models_and_vectors() -> None:
+    assert complete("edge-steer ch") == ["chat"]
+    assert "demo-chat" in complete("edge-steer chat --model demo")
+    assert complete("edge-steer chat --vector ha") == ["happy"]
+    assert complete("edge-steer generate -v lazy:-1,ha") == ["lazy:-1,happy"]

@@ -12,7 +12,7 @@ from . import bench, doctor, evaluate, generate, models, serve, train, vectors, 
 
 app = typer.Typer(
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion: bash, zsh, fish, PowerShell
     context_settings={"help_option_names": ["-h", "--help"]},  # every command, as llama.cpp
     help="Steer local GGUF language models with control vectors, natively in llama.cpp.",
     pretty_exceptions_show_locals=False,

@@ -54,6 +54,23 @@ def note(message: str) -> None:
     err.print(f"[dim]{escape(message)}[/]")
 
 
+def complete_models(incomplete: str) -> list[str]:
+    """Shell completion for --model: the catalog's names (files complete as files)."""
+    from .. import catalog
+
+    names = [catalog.short_name(entry) for entry in catalog.entries()]
+    return [name for name in names if name.startswith(incomplete)]
+
+
+def complete_vectors(incomplete: str) -> list[str]:
+    """Shell completion for --vector: built-in concepts and vectors in the store."""
+    from .. import dataset, store
+
+    done, comma, last = incomplete.rpartition(",")  # `lazy:-1,ha` completes the last one
+    names = set(dataset.builtin_names()) | {path.stem for path in store.stored_vectors()}
+    return sorted(done + comma + name for name in names if name.startswith(last))
+
+
 # -- options shared by several commands -----------------------------------------------------
 
 ModelOpt = Annotated[
@@ -65,6 +82,7 @@ ModelOpt = Annotated[
         "hf:REPO/FILE, or a GGUF path. Downloaded on first use. "
         "Default: $EDGE_STEER_MODEL, else mistral:q4_k_m.",
         show_default=False,
+        autocompletion=complete_models,
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON object.")]
@@ -132,7 +150,10 @@ STEER = _group(
         Annotated[
             list[str],
             typer.Option(
-                "--vector", "-v", help="NAME_OR_PATH[:STRENGTH], repeatable or comma-separated."
+                "--vector",
+                "-v",
+                help="NAME_OR_PATH[:STRENGTH], repeatable or comma-separated.",
+                autocompletion=complete_vectors,
             ),
         ],
         [],
