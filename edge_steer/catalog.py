@@ -126,13 +126,13 @@ def fit_problem(
     offload planner puts on the GPU what fits there and keeps the rest (experts first) in RAM."""
     if fits(entry, available_ram, free_vram, ctx):
         return None
-    need = size_text(entry.ram_needed(ctx), decimal=True)
+    need = size_text(entry.ram_needed(ctx))  # memory in GiB, as llama.cpp and doctor say it
     if free_vram:
-        ram, vram = size_text(available_ram, decimal=True), size_text(free_vram, decimal=True)
+        ram, vram = size_text(available_ram), size_text(free_vram)
         have = f"{ram} of RAM available + {vram} free on the GPU"
         reason = f"needs {need} of memory, {have}"
     else:
-        reason = f"needs {need} of RAM, {size_text(available_ram, decimal=True)} available"
+        reason = f"needs {need} of RAM, {size_text(available_ram)} available"
     if fits(entry, available_ram, free_vram, DEFAULT_CTX):
         reason += f" with a {ctx}-token context"
         hint = f"use a smaller --ctx (the default {DEFAULT_CTX} fits)"

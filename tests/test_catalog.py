@@ -57,11 +57,12 @@ def test_the_catalog_says_what_is_pinned_and_what_is_not() -> None:
 
 
 def test_fit_problem_gives_numbers_and_a_smaller_quant() -> None:
+    """Memory in GiB as llama.cpp and `doctor` say it; files in GB as the Hub sizes them."""
     mixtral = catalog.lookup("mixtral:q4_k_m")
     assert catalog.fit_problem(mixtral, available_ram=64 * GB) is None
     problem = catalog.fit_problem(mixtral, available_ram=24 * GB)
     assert problem == (
-        "mixtral:q4_k_m needs 29.5 GB of RAM, 24.0 GB available; "
+        "mixtral:q4_k_m needs 27.5 GiB of RAM, 22.4 GiB available; "
         "mixtral:q3_k_m (21.9 GB) would fit, or pass --force to try anyway"
     )
     tiny_ram = catalog.fit_problem(catalog.lookup("mistral"), available_ram=2 * GB)
@@ -76,7 +77,8 @@ def test_fit_problem_pools_free_vram_with_ram() -> None:
     assert catalog.fit_problem(mixtral, available_ram=16 * GB, free_vram=24 * GB) is None
     problem = catalog.fit_problem(mixtral, available_ram=8 * GB, free_vram=12 * GB)
     assert problem.startswith(
-        "mixtral:q4_k_m needs 29.5 GB of memory, 8.0 GB of RAM available + 12.0 GB free on the GPU"
+        "mixtral:q4_k_m needs 27.5 GiB of memory, 7.5 GiB of RAM available + 11.2 GiB free on "
+        "the GPU"
     )
     assert "mixtral:q2_k" in problem or "mixtral:q3_k_m" in problem
 

@@ -129,7 +129,8 @@ def _render(info: dict) -> None:
     if info["models"]:
         table = Table("model", "file", "needs", "runs on", box=None)
         for m in info["models"]:
-            table.add_row(m["name"], size(m["size"]), size(m["needed"]), m["runs_on"])
+            file = size_text(m["size"], decimal=True)  # files as the Hub sizes them
+            table.add_row(m["name"], file, size(m["needed"]), m["runs_on"])
         out.print(table)
 
 

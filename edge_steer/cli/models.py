@@ -84,7 +84,7 @@ def list_models(as_json: JsonOpt = False) -> None:
             r["name"],
             f"{r['title']} ({r['params_b']}B{active})",
             _size(r),
-            size_text(r["ram_needed"], decimal=True),
+            size_text(r["ram_needed"]),
             "yes" if r["fits"] else "no",
             "yes" if r["downloaded"] else "",
         )
@@ -108,7 +108,7 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
         if value is None:
             value = "not downloaded" if key == "path" else "-"
         elif key in ("size", "ram_needed"):
-            value = f"{value} bytes ({size_text(value, decimal=True)})"
+            value = f"{value} bytes ({size_text(value, decimal=key == 'size')})"
         out.print(f"[bold]{key}[/]: {escape(str(value))}")
 
 
