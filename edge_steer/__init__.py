@@ -30,8 +30,8 @@ _EXPORTS = {
     "ControlVector": "vectors",
     "read_vector": "vectors:read",
     "write_vector": "vectors:write",
-    "train": "train",
-    "TrainOptions": "train",
+    "train": "training",
+    "TrainOptions": "training",
     "EdgeSteerError": "errors",
     "BadInput": "errors",
     "NotFound": "errors",
@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     )
     from .runtime import Steered, load, load_model, open_context, steer, vector_file
     from .steering import Steering
-    from .train import TrainOptions, train
+    from .training import TrainOptions, train
     from .vectors import ControlVector
     from .vectors import read as read_vector
     from .vectors import write as write_vector

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset, library, machine, steering, train, vectors
+from . import dataset, library, machine, steering, training, vectors
 from .engine import (
     Context,
     Model,
@@ -282,7 +282,7 @@ def _training(model: Model, settings: BenchSettings, threads: int, step):
     name = settings.concept
     pairs = library.contrast_pairs(model, name, limit=settings.pairs)
     prompts = [p for pair in pairs for p in pair]
-    options = train.TrainOptions(threads=threads)
+    options = training.TrainOptions(threads=threads)
     tokens = [model.tokenize(p, parse_special=True) for p in prompts]
     n_tokens = sum(map(len, tokens))
     capture = Series("capture", "training", n_tokens)
@@ -290,10 +290,10 @@ def _training(model: Model, settings: BenchSettings, threads: int, step):
     fit: list[float] = []
     for rep in range(settings.reps + 1):  # round 0 warms capture up; it trains no vector
         start = time.perf_counter()
-        states = train.hidden_states(model, prompts, options)
+        states = training.hidden_states(model, prompts, options)
         middle = time.perf_counter()
         if rep:
-            train.finish(model, states[0::2], states[1::2], pairs, options, name=name)
+            training.finish(model, states[0::2], states[1::2], pairs, options, name=name)
         end = time.perf_counter()
         plain_s = _plain(model, tokens, options)
         if rep:
@@ -315,15 +315,15 @@ def _training(model: Model, settings: BenchSettings, threads: int, step):
     )
 
 
-def _plain(model: Model, tokens: list[list[int]], options: train.TrainOptions) -> float:
-    """What `train.hidden_states` does, without the eval callback: make the context, decode."""
+def _plain(model: Model, tokens: list[list[int]], options: training.TrainOptions) -> float:
+    """What `training.hidden_states` does, without the eval callback: make the context, decode."""
     batch = max(options.batch, max(map(len, tokens)))
     start = time.perf_counter()
     with Context(
-        model, n_ctx=batch, n_batch=batch, n_seq=train.SEQUENCES, threads=options.threads
+        model, n_ctx=batch, n_batch=batch, n_seq=training.SEQUENCES, threads=options.threads
     ) as ctx:
-        for begin in range(0, len(tokens), train.SEQUENCES):
-            prefill(ctx, tokens[begin : begin + train.SEQUENCES])
+        for begin in range(0, len(tokens), training.SEQUENCES):
+            prefill(ctx, tokens[begin : begin + training.SEQUENCES])
     return time.perf_counter() - start
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import dataset, files, store, train, vectors
+from . import dataset, files, store, training, vectors
 from .engine import Model
 from .errors import BadInput, NotFound
 
@@ -44,12 +44,12 @@ def train_vector(
     model: Model,
     name: str,
     pairs: list[tuple[str, str]],
-    options: train.TrainOptions,
-    progress: train.Progress | None = None,
+    options: training.TrainOptions,
+    progress: training.Progress | None = None,
 ) -> vectors.ControlVector:
     """A vector trained on `model`, keyed to it, not yet stored."""
     store.check_name(name)
-    vector = train.train(model, pairs, options, name=name, progress=progress)
+    vector = training.train(model, pairs, options, name=name, progress=progress)
     vector.metadata["model_fingerprint"] = store.fingerprint(model.path)
     return vector
 
@@ -63,14 +63,14 @@ def train_and_store(
     model: Model,
     name: str,
     pairs: list[tuple[str, str]],
-    options: train.TrainOptions,
-    progress: train.Progress | None = None,
+    options: training.TrainOptions,
+    progress: training.Progress | None = None,
 ) -> Path:
     return store_vector(model, name, train_vector(model, name, pairs, options, progress))
 
 
 def resolve(
-    model: Model, name: str, *, retrain: bool = False, progress: train.Progress | None = None
+    model: Model, name: str, *, retrain: bool = False, progress: training.Progress | None = None
 ) -> Path:
     """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
     builtin = not files.looks_like_path(name) and name.lower() in dataset.builtin_names()
@@ -82,4 +82,4 @@ def resolve(
             if not builtin:
                 raise
     pairs = contrast_pairs(model, name)
-    return train_and_store(model, name, pairs, train.TrainOptions(), progress)
+    return train_and_store(model, name, pairs, training.TrainOptions(), progress)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_steer import dataset, evaluate, train, vectors
+from edge_steer import dataset, evaluate, training, vectors
 
 THREADS = 2
 EXPECTED = {  # concept -> the smallest |effect| in nats at -1 and at +1, as measured (rounded
@@ -39,8 +39,8 @@ def trained(demo_model):
     def get(name: str) -> vectors.ControlVector:
         if name not in cache:
             pairs = dataset.contrast_pairs(dataset.load_builtin(name), demo_model, limit=128)
-            options = train.TrainOptions(threads=THREADS)
-            cache[name] = train.train(demo_model, pairs, options, name=name)
+            options = training.TrainOptions(threads=THREADS)
+            cache[name] = training.train(demo_model, pairs, options, name=name)
         return cache[name]
 
     return get

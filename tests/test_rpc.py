@@ -25,7 +25,7 @@ import pytest
 from conftest import random_rows
 from test_apply import tolerance
 
-from edge_steer import dataset, evaluate, rpc, runtime, train, vectors
+from edge_steer import dataset, evaluate, rpc, runtime, training, vectors
 from edge_steer.engine import Context, Model, Sampler, SamplerSettings
 from edge_steer.errors import NetworkError
 
@@ -188,11 +188,11 @@ def test_vector_trained_across_workers_matches_and_evaluates_the_same(
     concept = dataset.load_builtin("happy")
     # fixed blocks and method: the held-in choice between near-equal candidates may differ
     # with the kernels' rounding, and this compares directions, not choices
-    layers = train.default_layers(demo_model.n_layer)
-    options = train.TrainOptions(method="pca-diff", layers=layers, threads=THREADS, budget=None)
+    layers = training.default_layers(demo_model.n_layer)
+    options = training.TrainOptions(method="pca-diff", layers=layers, threads=THREADS, budget=None)
     pairs = dataset.contrast_pairs(concept, demo_model, limit=32, seed=0)
     models = {"rpc": remote, "plain": plain, "local": demo_model}
-    trained = {k: train.train(m, pairs, options, name="happy") for k, m in models.items()}
+    trained = {k: training.train(m, pairs, options, name="happy") for k, m in models.items()}
     cos, ratio = cosines(trained["rpc"], trained["plain"])
     assert cos > 0.99999 and ratio < 1.0001, (cos, ratio)
     cos, _ = cosines(trained["rpc"], trained["local"])

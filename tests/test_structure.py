@@ -119,3 +119,19 @@ def test_loading_a_model_loads_llama_cpp_before_numpy(tiny_dense_path) -> None:
     modules = loaded_modules("generate", "--model", str(tiny_dense_path), "-p", "Hi", "-n", "1")
     assert "edge_steer.engine" in modules
     assert modules.index("llama_cpp.llama_cpp") < modules.index("numpy")
+
+
+def test_every_public_name_keeps_its_meaning_once_the_library_is_loaded() -> None:
+    """A submodule named like a public function would replace it on the package as soon as
+    it is imported (`edge_steer.train` became the module after `load`)."""
+    code = """
+import importlib, types
+import edge_steer
+for module in ("runtime", "bench", "library", "cli.evaluate", "server.app"):
+    importlib.import_module(f"edge_steer.{module}")
+modules = [n for n in edge_steer.__all__ if isinstance(getattr(edge_steer, n), types.ModuleType)]
+assert not modules, modules
+assert edge_steer.train.__module__ == "edge_steer.training"
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -6,27 +6,27 @@ import numpy as np
 import pytest
 from conftest import assert_steers_probes_monotonically
 
-from edge_steer import calibrate, choose, dataset, evaluate, library, train, vectors
+from edge_steer import calibrate, choose, dataset, evaluate, library, training, vectors
 from edge_steer.engine import Context, Model
 
 TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
 
 
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", training.METHODS)
 def test_direction_lands_on_the_block_it_was_read_from(tiny_dense, method) -> None:
     """Known by construction: positives are the negatives plus v added after block L."""
     layer, n_layer = 3, tiny_dense.n_layer
     v = np.random.default_rng(0).normal(size=tiny_dense.n_embd).astype(np.float32)
     push = np.zeros((n_layer, tiny_dense.n_embd), np.float32)
     push[layer] = v
-    options = train.TrainOptions(method=method, layers=(1, n_layer - 1))
-    neg = train.hidden_states(tiny_dense, TEXTS, options)
-    pos = train.hidden_states(tiny_dense, TEXTS, options, steering=push)
-    vec = train.from_states(tiny_dense, pos, neg, options, name="known")
+    options = training.TrainOptions(method=method, layers=(1, n_layer - 1))
+    neg = training.hidden_states(tiny_dense, TEXTS, options)
+    pos = training.hidden_states(tiny_dense, TEXTS, options, steering=push)
+    vec = training.from_states(tiny_dense, pos, neg, options, name="known")
     assert vec.layers == list(range(1, n_layer))
     for n in range(1, layer):
         assert not vec.directions[n].any()  # nothing differs before block L
-    scale = train.GAIN / (n_layer - 1)
+    scale = training.GAIN / (n_layer - 1)
     assert np.allclose(vec.directions[layer], v * scale, rtol=1e-3, atol=1e-4)
     assert vec.metadata["layer_first"] == 1 and vec.metadata["method"] == method
 
@@ -36,7 +36,7 @@ def test_same_inputs_and_seed_give_the_same_file(tiny_dense, tmp_path) -> None:
     files = []
     for i in range(2):
         pairs = dataset.contrast_pairs(concept, tiny_dense, limit=24, seed=7)
-        vec = train.train(tiny_dense, pairs, train.TrainOptions(), name="calm")
+        vec = training.train(tiny_dense, pairs, training.TrainOptions(), name="calm")
         files.append(vectors.write(vec, tmp_path / f"{i}.gguf").read_bytes())
     assert files[0] == files[1]
 
@@ -44,7 +44,7 @@ def test_same_inputs_and_seed_give_the_same_file(tiny_dense, tmp_path) -> None:
 def test_moe_model_trains_unchanged(tiny_moe_path) -> None:
     with Model(tiny_moe_path) as moe:
         pairs = dataset.contrast_pairs(dataset.load_builtin("lazy"), moe, limit=16)
-        vec = train.train(moe, pairs, train.TrainOptions(), name="lazy")
+        vec = training.train(moe, pairs, training.TrainOptions(), name="lazy")
         spans = {choose.span_blocks(moe.n_layer, span) for span in choose.SPANS}
     assert vec.metadata["chosen_by"] == "validation"
     assert (vec.layers[0], vec.layers[-1]) in spans
@@ -65,29 +65,29 @@ def test_reproduced_is_the_share_of_the_persona_effect() -> None:
 
 
 def test_given_or_too_few_pairs_skip_the_choice(tiny_dense) -> None:
-    options = train.TrainOptions(method="mean-diff", layers=(2, 3))
-    states = train.hidden_states(tiny_dense, TEXTS, options)
+    options = training.TrainOptions(method="mean-diff", layers=(2, 3))
+    states = training.hidden_states(tiny_dense, TEXTS, options)
     pos, neg = states[0::2], states[1::2]  # 4 pairs: fewer than choose.MIN_PAIRS
     pairs = list(zip(TEXTS[0::2], TEXTS[1::2], strict=True))
-    given = train.chosen(tiny_dense, pos, neg, pairs, options)
+    given = training.chosen(tiny_dense, pos, neg, pairs, options)
     assert given == (options, {"chosen_by": "given"})
-    defaults, how = train.chosen(tiny_dense, pos, neg, pairs, train.TrainOptions())
-    assert how == {"chosen_by": "default"} and defaults.method == train.DEFAULT_METHOD
-    assert defaults.layers == train.default_layers(tiny_dense.n_layer)
+    defaults, how = training.chosen(tiny_dense, pos, neg, pairs, training.TrainOptions())
+    assert how == {"chosen_by": "default"} and defaults.method == training.DEFAULT_METHOD
+    assert defaults.layers == training.default_layers(tiny_dense.n_layer)
 
 
 @pytest.fixture(scope="module")
 def happy(demo_model):
     pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), demo_model, limit=96)
-    return train.train(demo_model, pairs, train.TrainOptions(), name="happy")
+    return training.train(demo_model, pairs, training.TrainOptions(), name="happy")
 
 
 def test_sign_is_right_for_every_layer_on_held_out_pairs(demo_model, happy) -> None:
     concept = dataset.load_builtin("happy")
     seen = set(dataset.contrast_pairs(concept, demo_model, limit=96))
     held_out = [p for p in dataset.contrast_pairs(concept, demo_model, seed=1) if p not in seen]
-    states = train.hidden_states(
-        demo_model, [p for pair in held_out[:48] for p in pair], train.TrainOptions()
+    states = training.hidden_states(
+        demo_model, [p for pair in held_out[:48] for p in pair], training.TrainOptions()
     )
     diffs = states[0::2] - states[1::2]
     for layer, direction in happy.directions.items():
@@ -134,7 +134,7 @@ def test_library_refuses_path_like_names(demo_model) -> None:
     from edge_steer.errors import BadInput
 
     with pytest.raises(BadInput, match="bad vector name"):
-        library.train_and_store(demo_model, "a/b", [("x", "y")] * 2, train.TrainOptions())
+        library.train_and_store(demo_model, "a/b", [("x", "y")] * 2, training.TrainOptions())
 
 
 def test_plus_and_minus_one_cost_the_calibrated_budget_on_gemma(demo_model, happy) -> None:
@@ -161,8 +161,8 @@ def test_plus_and_minus_one_cost_the_calibrated_budget_on_gemma(demo_model, happ
 def test_tiny_models_calibrate_too(tiny_dense_path, tiny_moe_path, moe) -> None:
     with Model(tiny_moe_path if moe else tiny_dense_path) as model:
         pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), model, limit=24)
-        plain = train.train(model, pairs, train.TrainOptions(budget=None), name="happy")
-        vec = train.train(model, pairs, train.TrainOptions(), name="happy")
+        plain = training.train(model, pairs, training.TrainOptions(budget=None), name="happy")
+        vec = training.train(model, pairs, training.TrainOptions(), name="happy")
     factor = float(vec.metadata["calibration_scale"])
     assert np.isfinite(factor) and factor > 0
     for n in vec.layers:

@@ -96,7 +96,7 @@ def child(path: Path, threads: int, reps: int, capture_pairs: int) -> dict:
     """Load, speed, steering and capture measurements in this process."""
     import numpy as np
 
-    from edge_steer import bench, library, steering, train
+    from edge_steer import bench, library, steering, training
     from edge_steer.engine import Context
 
     result: dict = {"loadavg_before": _load()}
@@ -131,10 +131,10 @@ def child(path: Path, threads: int, reps: int, capture_pairs: int) -> dict:
     _say(f"capture of {capture_pairs} pairs")
     pairs = library.contrast_pairs(model, "happy", limit=capture_pairs)
     prompts = [p for pair in pairs for p in pair]
-    options = train.TrainOptions(threads=threads)
+    options = training.TrainOptions(threads=threads)
     tokens = [model.tokenize(p, parse_special=True) for p in prompts]
     start = time.perf_counter()
-    train.hidden_states(model, prompts, options)
+    training.hidden_states(model, prompts, options)
     capture_s = time.perf_counter() - start
     plain_s = bench._plain(model, tokens, options)
     n = sum(map(len, tokens))

@@ -51,23 +51,23 @@ def whole_command(model: Path, concept: str, threads: int, source: Path) -> dict
 
 def stages(model_path: Path, concept: str, threads: int) -> dict:
     """The same training in-process, timed stage by stage."""
-    from edge_steer import dataset, library, train
+    from edge_steer import dataset, library, training
     from edge_steer.engine import Model
 
     with Model(model_path) as model:
         pairs = library.contrast_pairs(model, concept)
-        options = train.TrainOptions(threads=threads)
+        options = training.TrainOptions(threads=threads)
         prompts = [p for pair in pairs for p in pair]
         tokens = sum(len(model.tokenize(p, parse_special=True)) for p in prompts)
         start = time.perf_counter()
-        states = train.hidden_states(model, prompts, options)
+        states = training.hidden_states(model, prompts, options)
         captured = time.perf_counter()
         pos, neg = states[0::2], states[1::2]
-        chosen, how = train.chosen(model, pos, neg, pairs, options)
+        chosen, how = training.chosen(model, pos, neg, pairs, options)
         choice = time.perf_counter()
-        vector = train.from_states(model, pos, neg, chosen, name=concept)
+        vector = training.from_states(model, pos, neg, chosen, name=concept)
         vector.metadata.update(how)  # calibration starts from the choice's scale, as in train
-        calibrated = train.calibrated(model, vector, chosen)
+        calibrated = training.calibrated(model, vector, chosen)
         end = time.perf_counter()
     return {
         "pairs": len(pairs),

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import dataset, evaluate, hub, train, vectors  # noqa: E402
+from edge_steer import dataset, evaluate, hub, training, vectors  # noqa: E402
 from edge_steer.engine import Model  # noqa: E402
 
 SETTINGS = evaluate.EvalSettings(strengths=(-1.0, 1.0), samples=0)
@@ -29,7 +29,7 @@ def measure(model: Model, concept: str, count: int, threads: int | None) -> dict
     """Train `concept` on the first `count` pairs; its effect and cost at -1 and +1."""
     start = time.perf_counter()
     pairs = dataset.contrast_pairs(dataset.load_builtin(concept), model, limit=count)
-    vector = train.train(model, pairs, train.TrainOptions(threads=threads), name=concept)
+    vector = training.train(model, pairs, training.TrainOptions(threads=threads), name=concept)
     seconds = time.perf_counter() - start
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     probes = dataset.load_builtin(concept).probes

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, train, vectors  # noqa: E402
+from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, training, vectors  # noqa: E402
 from edge_steer.engine import Model  # noqa: E402
 from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
@@ -85,7 +85,8 @@ def eval_model(model: Model, args: argparse.Namespace, chat: bool) -> dict:
         concept = dataset.load_builtin(name)
         start = time.perf_counter()
         pairs = dataset.contrast_pairs(concept, model, limit=args.pairs)
-        vector = train.train(model, pairs, train.TrainOptions(threads=args.threads), name=name)
+        options = training.TrainOptions(threads=args.threads)
+        vector = training.train(model, pairs, options, name=name)
         rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
         personas = None if args.no_baseline else dataset.persona_prefixes(concept, model)[0]
         with evaluate.context(model, settings, args.threads) as ctx:

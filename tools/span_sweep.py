@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_steer import choose, dataset, evaluate, hub, train, vectors
+from edge_steer import choose, dataset, evaluate, hub, training, vectors
 from edge_steer.engine import Model
 
 
@@ -31,17 +31,17 @@ def _candidate(text: str) -> choose.Candidate:
 
 def sweep_concept(model: Model, name: str, args: argparse.Namespace) -> list[dict]:
     pairs = dataset.contrast_pairs(dataset.load_builtin(name), model, limit=args.pairs)
-    options = train.TrainOptions(threads=args.threads)
-    states = train.hidden_states(model, [p for pair in pairs for p in pair], options)
+    options = training.TrainOptions(threads=args.threads)
+    states = training.hidden_states(model, [p for pair in pairs for p in pair], options)
     pos, neg = states[0::2], states[1::2]
-    _, how = train.chosen(model, pos, neg, pairs, options)
+    _, how = training.chosen(model, pos, neg, pairs, options)
     tried = [_candidate(text) for text in str(how["candidates"]).split()]
     settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=args.samples)
     probes = dataset.load_builtin(name).probes
     rows_out = []
     for candidate in tried:
         fixed = replace(options, method=candidate.method, layers=candidate.layers)
-        vector = train.finish(model, pos, neg, pairs, fixed, name=name)
+        vector = training.finish(model, pos, neg, pairs, fixed, name=name)
         rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
         with evaluate.context(model, settings, args.threads) as ctx:
             result = evaluate.sweep(ctx, rows, candidate.layers, probes, settings)

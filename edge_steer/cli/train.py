@@ -54,8 +54,7 @@ def train(
     opts,
 ) -> None:
     """Train a control vector on the model itself and store it for `--vector NAME`."""
-    from .. import convert, library, steering, store
-    from .. import train as training
+    from .. import convert, library, steering, store, training
 
     if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
