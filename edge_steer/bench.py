@@ -16,6 +16,7 @@ norm there: as large as real steering, and on all blocks, the most work llama.cp
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import statistics
@@ -244,12 +245,12 @@ def _generation(ctx, settings, specs, pp_tokens, prompt, step) -> list[Series]:
         "engine + 3 vectors": steering.build(model, specs, None),
     }
     pp_name, tg_name = f"pp{settings.pp}", f"tg{settings.tg}"
-    series = []
+    series: list[tuple[Series, Callable[[], tuple[float, tuple[int, ...] | None]]]] = []
     for name, steer in variants.items():
         pp = Series(pp_name, name, len(pp_tokens))
         tg = Series(tg_name, name, settings.tg)
-        series.append((pp, lambda s=steer: engine_pp(ctx, s, pp_tokens)))
-        series.append((tg, lambda s=steer: engine_tg(ctx, s, prompt, settings.tg)))
+        series.append((pp, functools.partial(engine_pp, ctx, steer, pp_tokens)))
+        series.append((tg, functools.partial(engine_tg, ctx, steer, prompt, settings.tg)))
     bare = "bare llama_decode loop"
     series.append((Series(pp_name, bare, len(pp_tokens)), lambda: _bare_pp(ctx, pp_tokens)))
     series.append((Series(tg_name, bare, settings.tg), lambda: _bare_tg(ctx, prompt, settings.tg)))

@@ -102,7 +102,8 @@ def _point(
         texts = [(head + replies[i], len(head)) for head, i in zip(heads, scored, strict=True)]
         per_persona.append([logps.sum() for logps in ctx.score(texts)])
     lengths = [len(replies[i]) for i in scored]
-    ratio = np.subtract(*per_persona) / np.asarray(lengths) if scored else np.zeros(0)
+    positive, negative = (np.asarray(logps) for logps in per_persona)
+    ratio = (positive - negative) / np.asarray(lengths) if scored else np.zeros(0)
     return ChatPoint(
         strength=strength,
         persona=float(ratio.mean()) if scored else 0.0,

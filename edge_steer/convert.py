@@ -302,6 +302,6 @@ def _write_npz(vector: vectors.ControlVector, path: Path) -> Path:
 
     def write_to(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
 
     return files.write_atomically(path, write_to)

@@ -131,7 +131,8 @@ def _hub_errors(src: Source):
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
         raise NetworkError(f"the Hub answered HTTP {status} for {src.file} in {where}") from None
-    except (OSError, *_transport_errors()) as exc:  # no connection, disk full, size mismatch
+    except (OSError, *_transport_errors()) as exc:  # type: ignore[misc]  # mypy: no * here
+        # no connection, disk full, size mismatch
         raise NetworkError(
             f"could not fetch {src.name} from {constants.ENDPOINT} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the network or "

@@ -219,7 +219,8 @@ def _recorded_log() -> Iterator[list[str]]:
     """Every line llama.cpp logs inside the block (how much it allocated, and where)."""
     global _recording
     LOG_TAIL.clear()
-    _recording = lines = []
+    lines: list[str] = []
+    _recording = lines
     try:
         yield lines
     finally:
@@ -537,7 +538,8 @@ class Context:
     def _score_group(self, texts: Sequence[tuple[Sequence[int], int]]) -> list[np.ndarray]:
         self.forget(0)
         self.batch.clear()
-        targets, counts = [], []
+        targets: list[int] = []
+        counts: list[int] = []
         for seq, (tokens, start) in enumerate(texts):
             for pos, token in enumerate(tokens[:-1]):
                 self.batch.add(token, pos, seq, pos >= start - 1)

@@ -55,7 +55,7 @@ def _load(stem: str) -> ctypes.CDLL | None:
 
 
 @cache
-def _symbol(name: str, argtypes: tuple, restype: object) -> ctypes._CFuncPtr:
+def _symbol(name: str, argtypes: tuple, restype: object) -> ctypes._CFunctionType:
     """Find `name` in whichever ggml library exports it (the split differs between builds)."""
     for stem in ("ggml-base", "ggml", "ggml-cpu", "llama"):
         lib = _load(stem)
@@ -223,7 +223,7 @@ def rpc_start_server(endpoint: str, cache_dir: str | None, threads: int, names: 
     _START_SERVER_T(address)(endpoint.encode(), cache, threads, len(found), devices)
 
 
-def set_abort_callback(callback: ctypes._CFuncPtr | None) -> None:
+def set_abort_callback(callback: ctypes._CFunctionType | None) -> None:
     """Run `callback(message)` before ggml aborts the process (a GGML_ABORT anywhere). The
     caller keeps the callback object referenced for as long as it is installed."""
     _symbol("ggml_set_abort_callback", (ABORT_CALLBACK_T,), ctypes.c_void_p)(callback)

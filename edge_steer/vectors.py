@@ -303,12 +303,13 @@ def mix(weighted: Iterable[tuple[str, ControlVector, float]]) -> ControlVector:
         "layer_first": layers[0],
         "layer_last": layers[-1],
     }
-    fingerprints = {v.metadata.get("model_fingerprint") for _, v, _ in weighted} - {None}
-    if fingerprints:
-        metadata["model_fingerprint"] = fingerprints.pop()
+    fingerprints = {v.metadata.get("model_fingerprint") for _, v, _ in weighted}
+    if fingerprint := next((f for f in fingerprints if f is not None), None):
+        metadata["model_fingerprint"] = fingerprint
     concepts = {v.metadata.get("concept") for _, v, _ in weighted}
-    if len(concepts) == 1 and None not in concepts and all(w > 0 for _, _, w in weighted):
-        metadata["concept"] = concepts.pop()  # still that concept: `eval` finds its probes
+    concept = concepts.pop() if len(concepts) == 1 else None
+    if concept is not None and all(w > 0 for _, _, w in weighted):
+        metadata["concept"] = concept  # still that concept: `eval` finds its probes
     hint = next((v.model_hint for _, v, _ in weighted if v.model_hint), "")
     return ControlVector({n: directions[n] for n in layers}, hint, metadata)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "edge_steer"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "edge_steer"
 
 
 def module_name(path: Path) -> str:
@@ -135,3 +136,9 @@ assert edge_steer.train.__module__ == "edge_steer.training"
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_ci_type_checks_the_package() -> None:
+    """The package ships py.typed, so its annotations are a promise: CI checks them."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "\nmypy edge_steer\n" in ci and (ROOT / "edge_steer" / "py.typed").exists()

@@ -4,6 +4,7 @@ GPU build when only the CPU backend is compiled in."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import typer
 
@@ -91,7 +92,7 @@ def doctor(as_json: JsonOpt = False, rpc: RpcOpt = None) -> None:
     """Show the llama.cpp build, devices and memory, RPC workers, and which models fit."""
     from .. import catalog
 
-    info = {"rpc": rpc_report(rpc or "")}
+    info: dict[str, Any] = {"rpc": rpc_report(rpc or "")}
     info.update(report())  # after the workers registered: their devices and memory count
     info["models"] = model_fits(catalog.entries(), info["ram"]["available"], info["vram_free"])
     if as_json:

@@ -81,9 +81,10 @@ def train(
         convert.save(vector, output)
     path = library.store_vector(loaded, name, vector)
     meta = vector.metadata
+    how = _HOW.get(str(meta.get("chosen_by")), "")
     err.print(
         f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get('layer_first')}-"
-        f"{meta.get('layer_last')}, {meta.get('method')} ({_HOW.get(meta.get('chosen_by'), '')})[/]"
+        f"{meta.get('layer_last')}, {meta.get('method')} ({how})[/]"
     )
     out.print(f"stored {path}")
     if output:

@@ -260,7 +260,7 @@ async def _stream(
                 yield _sse(as_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
                 return
-            else:
+            elif isinstance(event, Finished):
                 reply.log(event)
                 yield _sse(reply.chunk(None, event.reason))
                 if reply.job.include_usage:

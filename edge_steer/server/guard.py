@@ -171,6 +171,6 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
 
     def _expire(self, cycle: object) -> None:
         """Close if no new request began since `cycle` (None: since the connection opened)."""
-        waiting = self.cycle is cycle and (cycle is None or self.cycle.response_complete)
+        waiting = self.cycle is cycle and (cycle is None or cycle.response_complete)
         if waiting and not self.transport.is_closing():
             self.transport.close()

@@ -81,7 +81,8 @@ class Lanes:
     ):
         self.lanes = [Lane(context) for context in contexts]
         self.pool = pool
-        self.first, self.last = layers or (1, pool.model.n_layer - 1)
+        first_last: tuple[int, int] = layers or (1, pool.model.n_layer - 1)
+        self.first, self.last = first_last
         self.queue_size = queue_size
         self.waiting: queue.Queue[Ticket] = queue.Queue()
         self._stop = threading.Event()

@@ -252,9 +252,15 @@ def _settings(body: Mapping[str, Any]) -> SamplerSettings:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError("`seed` must be an integer", param="seed")
-    fields = ("temperature", "top_p", "min_p", "repeat_penalty")
-    fields += ("frequency_penalty", "presence_penalty")
-    numbers = {name: _number(body, name, getattr(base, name)) for name in fields}
+    fields = (
+        "temperature",
+        "top_p",
+        "min_p",
+        "repeat_penalty",
+        "frequency_penalty",
+        "presence_penalty",
+    )
+    numbers: dict[str, Any] = {name: _number(body, name, getattr(base, name)) for name in fields}
     top_k = int(_number(body, "top_k", base.top_k, whole=True))
     return SamplerSettings(**numbers, top_k=top_k, seed=seed)
 
