@@ -20,6 +20,7 @@ import numpy as np
 
 from . import dataset, evaluate
 from .engine import Context, Model
+from .vectors import Key
 
 BUDGET = 1.10  # perplexity ratio that strength +/-1 costs (the worse sign); README: Calibration
 TOLERANCE = 0.02  # accept a scale whose perplexity ratio is within 2% of the budget
@@ -40,12 +41,12 @@ class Calibration:
 
     def metadata(self) -> dict[str, str | float | int]:
         return {
-            "calibration_budget": self.budget,
-            "calibration_scale": round(self.scale, 6),
-            "calibration_reference_ppl": round(self.reference, 4),
-            "calibration_points": ",".join(f"{s:.4g}:{r:.4g}" for s, r in self.points),
-            "calibration_tokens": TOKENS,
-            "scale_rule": "calibrated",
+            Key.CALIBRATION_BUDGET: self.budget,
+            Key.CALIBRATION_SCALE: round(self.scale, 6),
+            Key.CALIBRATION_REFERENCE_PPL: round(self.reference, 4),
+            Key.CALIBRATION_POINTS: ",".join(f"{s:.4g}:{r:.4g}" for s, r in self.points),
+            Key.CALIBRATION_TOKENS: TOKENS,
+            Key.SCALE_RULE: "calibrated",
         }
 
 

@@ -62,7 +62,7 @@ def load(
     directions = _renumber(source, base, shift)
     metadata = dict(source.metadata)
     if not metadata:  # a foreign file: remember where it came from
-        metadata["source"] = f"{path.name} ({source.tool})"
+        metadata[vectors.Key.SOURCE] = f"{path.name} ({source.tool})"
     vector = vectors.ControlVector(
         vectors.validate(directions, str(path)), source.model_hint, metadata
     )

@@ -23,6 +23,7 @@ from . import dataset, store, vectors
 from .dataset import Probe
 from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings
 from .errors import BadInput
+from .vectors import Key
 
 EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
 SAMPLE_PROMPT = 128  # tokens kept for each sample's prompt (persona prefix included)
@@ -36,13 +37,13 @@ MAX_STRENGTHS = 41
 # the CLI's sampling without the repetition penalty, which would hide the very loops counted
 SAMPLING = SamplerSettings(repeat_penalty=1.0, seed=0)
 EVAL_KEYS = (  # metadata that `save` (re)writes; `vectors info` and `/vectors` show them
-    "recommended_min",
-    "recommended_max",
-    "eval_verdict",
-    "eval_summary",
-    "eval_layers",
-    "eval_model",
-    "eval_model_name",
+    Key.RECOMMENDED_MIN,
+    Key.RECOMMENDED_MAX,
+    Key.EVAL_VERDICT,
+    Key.EVAL_SUMMARY,
+    Key.EVAL_LAYERS,
+    Key.EVAL_MODEL,
+    Key.EVAL_MODEL_NAME,
 )
 Progress = Callable[[int, int], None]
 
@@ -391,7 +392,7 @@ def summary(result: Sweep) -> str:
 
 def recommended_range(vector: vectors.ControlVector) -> tuple[float, float] | None:
     """The strength range `edge-steer eval` stored in this vector, if any."""
-    low, high = (vector.metadata.get(k) for k in ("recommended_min", "recommended_max"))
+    low, high = (vector.metadata.get(k) for k in (Key.RECOMMENDED_MIN, Key.RECOMMENDED_MAX))
     if isinstance(low, int | float) and isinstance(high, int | float):
         return float(low), float(high)
     return None
@@ -404,12 +405,12 @@ def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
     meta = {k: v for k, v in vector.metadata.items() if k not in EVAL_KEYS and v is not None}
     span = recommend(result)
     if span is not None:
-        meta["recommended_min"], meta["recommended_max"] = float(span[0]), float(span[1])
-    meta["eval_verdict"] = verdict(result)
-    meta["eval_summary"] = summary(result)
-    meta["eval_layers"] = layers
-    meta["eval_model"] = store.fingerprint(model.path)
-    meta["eval_model_name"] = model.name
+        meta[Key.RECOMMENDED_MIN], meta[Key.RECOMMENDED_MAX] = float(span[0]), float(span[1])
+    meta[Key.EVAL_VERDICT] = verdict(result)
+    meta[Key.EVAL_SUMMARY] = summary(result)
+    meta[Key.EVAL_LAYERS] = layers
+    meta[Key.EVAL_MODEL] = store.fingerprint(model.path)
+    meta[Key.EVAL_MODEL_NAME] = model.name
     try:
         vectors.write(vectors.ControlVector(vector.directions, vector.model_hint, meta), path)
     except OSError as exc:
@@ -421,10 +422,10 @@ def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
 
 def describe_range(vector: vectors.ControlVector) -> str:
     """'recommended -1.5..+2 (works on Gemma 3 270M)', or '' for a vector never evaluated."""
-    verdict_text = vector.metadata.get("eval_verdict")
+    verdict_text = vector.metadata.get(Key.EVAL_VERDICT)
     if verdict_text is None:
         return ""
-    where = vector.metadata.get("eval_model_name", "its model")
+    where = vector.metadata.get(Key.EVAL_MODEL_NAME, "its model")
     span = recommended_range(vector)
     if span is None:
         return f"no recommended strength ({verdict_text} on {where})"

@@ -7,6 +7,7 @@ from pathlib import Path
 from . import dataset, files, store, training, vectors
 from .engine import Model
 from .errors import BadInput, NotFound
+from .vectors import Key
 
 DEFAULT_PAIRS = 128  # enough for a stable direction (held-out sign tests pass at 96)
 
@@ -50,7 +51,7 @@ def train_vector(
     """A vector trained on `model`, keyed to it, not yet stored."""
     store.check_name(name)
     vector = training.train(model, pairs, options, name=name, progress=progress)
-    vector.metadata["model_fingerprint"] = store.fingerprint(model.path)
+    vector.metadata[Key.MODEL_FINGERPRINT] = store.fingerprint(model.path)
     return vector
 
 

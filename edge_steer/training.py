@@ -21,7 +21,7 @@ import numpy as np
 from . import calibrate, choose, vectors
 from .engine import Context, Model
 from .errors import BadInput
-from .vectors import ControlVector
+from .vectors import ControlVector, Key
 
 METHODS = ("pca-diff", "pca-center", "mean-diff")
 DEFAULT_METHOD = "pca-diff"
@@ -173,11 +173,11 @@ def chosen(
     (choose.py), and metadata saying how; the defaults when there are too few pairs to
     hold some back."""
     if options.method and options.layers:
-        return options, {"chosen_by": "given"}
+        return options, {Key.CHOSEN_BY: "given"}
     if len(pos) < choose.MIN_PAIRS:
         method = options.method or DEFAULT_METHOD
         layers = options.layers or default_layers(model.n_layer)
-        return replace(options, method=method, layers=layers), {"chosen_by": "default"}
+        return replace(options, method=method, layers=layers), {Key.CHOSEN_BY: "default"}
     fit, held = choose.split(len(pos))
 
     def units(method: str) -> tuple[np.ndarray, np.ndarray]:
@@ -195,9 +195,9 @@ def chosen(
         progress=progress,
     )
     how: dict[str, str | float] = {
-        "chosen_by": "validation",
-        "candidates": " ".join(c.describe() for c in tried),  # method:blocks:xscale:effect
-        "chosen_scale": round(best.scale, 6),  # where calibration starts looking
+        Key.CHOSEN_BY: "validation",
+        Key.CANDIDATES: " ".join(c.describe() for c in tried),  # method:blocks:xscale:effect
+        Key.CHOSEN_SCALE: round(best.scale, 6),  # where calibration starts looking
     }
     return replace(options, method=best.method, layers=best.layers), how
 
@@ -215,7 +215,7 @@ def calibrated(
         return vector
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     span = (vector.layers[0], vector.layers[-1])
-    start = vector.metadata.get("chosen_scale", calibrate.FIRST_SCALE)
+    start = vector.metadata.get(Key.CHOSEN_SCALE, calibrate.FIRST_SCALE)
     found = calibrate.calibrate(
         model,
         rows,
@@ -244,15 +244,15 @@ def from_states(
         {n: units[n] * gaps[n] * np.float32(scale) for n in blocks},
         model.architecture,
         {
-            "concept": name,
-            "method": method,
-            "scale_rule": "separation",
-            "scale_gain": GAIN,
-            "scale_blocks": len(blocks),
-            "separations": ",".join(f"{g:.6g}" for g in gaps),
-            "layer_first": first,
-            "layer_last": last,
-            "pairs": len(pos),
-            "model_name": model.name,
+            Key.CONCEPT: name,
+            Key.METHOD: method,
+            Key.SCALE_RULE: "separation",
+            Key.SCALE_GAIN: GAIN,
+            Key.SCALE_BLOCKS: len(blocks),
+            Key.SEPARATIONS: ",".join(f"{g:.6g}" for g in gaps),
+            Key.LAYER_FIRST: first,
+            Key.LAYER_LAST: last,
+            Key.PAIRS: len(pos),
+            Key.MODEL_NAME: model.name,
         },
     )

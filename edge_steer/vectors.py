@@ -57,6 +57,46 @@ def check_file(path: Path) -> None:
         raise BadInput(f"{path} is over {MAX_FILE_BYTES >> 20} MiB: too big for a control vector")
 
 
+class Key:
+    """The metadata keys edge-steer writes and reads (stored as `edge_steer.<key>`), spelled
+    here once, as gguf-py's `Keys` are: a typo is an AttributeError, not a silently missing
+    value. Files made elsewhere may carry other keys; they are kept as they are."""
+
+    CONCEPT = "concept"
+    METHOD = "method"
+    SOURCE = "source"
+    MODEL_NAME = "model_name"
+    MODEL_FINGERPRINT = "model_fingerprint"
+    LAYER_FIRST = "layer_first"
+    LAYER_LAST = "layer_last"
+    PAIRS = "pairs"
+    SCALE_RULE = "scale_rule"
+    SCALE_GAIN = "scale_gain"
+    SCALE_BLOCKS = "scale_blocks"
+    SEPARATIONS = "separations"
+    CHOSEN_BY = "chosen_by"
+    CANDIDATES = "candidates"
+    CHOSEN_SCALE = "chosen_scale"
+    CALIBRATION_BUDGET = "calibration_budget"
+    CALIBRATION_SCALE = "calibration_scale"
+    CALIBRATION_REFERENCE_PPL = "calibration_reference_ppl"
+    CALIBRATION_POINTS = "calibration_points"
+    CALIBRATION_TOKENS = "calibration_tokens"
+    RECOMMENDED_MIN = "recommended_min"
+    RECOMMENDED_MAX = "recommended_max"
+    EVAL_VERDICT = "eval_verdict"
+    EVAL_SUMMARY = "eval_summary"
+    EVAL_LAYERS = "eval_layers"
+    EVAL_MODEL = "eval_model"
+    EVAL_MODEL_NAME = "eval_model_name"
+
+
+def is_calibrated(vector: ControlVector) -> bool:
+    """Whether ±1 was calibrated to the fluency budget: the calibration's own record, not a
+    label that converting or mixing could set."""
+    return Key.CALIBRATION_SCALE in vector.metadata
+
+
 def read(path: str | Path) -> ControlVector:
     """Read and validate a control-vector GGUF; any defect is a one-line DamagedFile."""
     path = Path(path)
@@ -298,18 +338,18 @@ def mix(weighted: Iterable[tuple[str, ControlVector, float]]) -> ControlVector:
             directions[layer] = directions.get(layer, 0) + np.float32(weight) * direction
     layers = sorted(directions)
     metadata: dict[str, str | int | float] = {
-        "source": " + ".join(f"{name}*{weight:g}" for name, _, weight in weighted),
-        "method": "mix",
-        "layer_first": layers[0],
-        "layer_last": layers[-1],
+        Key.SOURCE: " + ".join(f"{name}*{weight:g}" for name, _, weight in weighted),
+        Key.METHOD: "mix",
+        Key.LAYER_FIRST: layers[0],
+        Key.LAYER_LAST: layers[-1],
     }
-    fingerprints = {v.metadata.get("model_fingerprint") for _, v, _ in weighted}
+    fingerprints = {v.metadata.get(Key.MODEL_FINGERPRINT) for _, v, _ in weighted}
     if fingerprint := next((f for f in fingerprints if f is not None), None):
-        metadata["model_fingerprint"] = fingerprint
-    concepts = {v.metadata.get("concept") for _, v, _ in weighted}
+        metadata[Key.MODEL_FINGERPRINT] = fingerprint
+    concepts = {v.metadata.get(Key.CONCEPT) for _, v, _ in weighted}
     concept = concepts.pop() if len(concepts) == 1 else None
     if concept is not None and all(w > 0 for _, _, w in weighted):
-        metadata["concept"] = concept  # still that concept: `eval` finds its probes
+        metadata[Key.CONCEPT] = concept  # still that concept: `eval` finds its probes
     hint = next((v.model_hint for _, v, _ in weighted if v.model_hint), "")
     return ControlVector({n: directions[n] for n in layers}, hint, metadata)
 
@@ -322,7 +362,7 @@ def _check_same_model(weighted: list[tuple[str, ControlVector, float]]) -> None:
                 f"{name} has n_embd {vector.n_embd} but {first_name} has {first.n_embd}: "
                 "mix vectors made for one model"
             )
-        theirs, ours = (v.metadata.get("model_fingerprint") for v in (vector, first))
+        theirs, ours = (v.metadata.get(Key.MODEL_FINGERPRINT) for v in (vector, first))
         if theirs and ours and theirs != ours:
             raise BadInput(
                 f"{name} and {first_name} were trained on different model files: "

@@ -142,3 +142,44 @@ def test_ci_type_checks_the_package() -> None:
     """The package ships py.typed, so its annotations are a promise: CI checks them."""
     ci = (ROOT / ".ci" / "run").read_text()
     assert "\nmypy edge_steer\n" in ci and (ROOT / "edge_steer" / "py.typed").exists()
+
+
+def metadata_keys_spelled(path: Path) -> list[str]:
+    """String keys used on a vector's metadata in `path`: `x.metadata["k"]`, `.get("k")`,
+    `.update(k=...)`, the same on a variable named `meta`, and `{"k": ...}` literals whose
+    keys are all metadata keys."""
+    from edge_steer.vectors import Key
+
+    known = {value for name, value in vars(Key).items() if name.isupper()}
+
+    def is_metadata(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "metadata") or (
+            isinstance(node, ast.Name) and node.id in ("meta", "metadata")
+        )
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        keys: list[ast.AST] = []
+        if isinstance(node, ast.Subscript) and is_metadata(node.value):
+            keys = [node.slice]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if is_metadata(node.func.value) and node.func.attr in ("get", "update", "pop"):
+                keys = node.args[:1]
+                found += [k.arg for k in node.keywords if k.arg in known]
+        elif isinstance(node, ast.Dict) and node.keys:
+            strings = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+            if len(strings) == len(node.keys) and set(strings) <= known:
+                keys = [k for k in node.keys if k is not None]
+        found += [k.value for k in keys if isinstance(k, ast.Constant) and k.value in known]
+    return found
+
+
+def test_only_the_vectors_module_spells_metadata_keys() -> None:
+    """Metadata keys are `vectors.Key` attributes everywhere else: a typo fails at once."""
+    spelled = {
+        str(path.relative_to(ROOT)): keys
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "vectors.py" and (keys := metadata_keys_spelled(path))
+    }
+    assert not spelled, spelled
+    assert metadata_keys_spelled(Path(__file__).parent / "data" / "spelled_keys.py.txt")

@@ -82,6 +82,7 @@ def eval_command(
 ) -> None:
     """Measure a vector's effect and fluency cost over strengths; recommend a range."""
     from .. import dataset, evaluate, steering
+    from ..vectors import Key
 
     points = evaluate.parse_strengths(strengths or evaluate.DEFAULT_STRENGTHS)
     if samples < 0 or sample_tokens < 1:
@@ -98,7 +99,7 @@ def eval_command(
 
         require_chat(loaded)  # before training or sweeping, not after
     path, vec = _load(vector, loaded, retrain)
-    concept = str(vec.metadata.get("concept") or path.stem)
+    concept = str(vec.metadata.get(Key.CONCEPT) or path.stem)
     probe_set = probe_set or _builtin_probes(concept)
     words, prefixes = _personas(loaded, concept, personas) if baseline or personas else (None, None)
     span = steering.parse_layers(layers, loaded.n_layer)
@@ -257,6 +258,7 @@ def _rounded(value: float | None) -> float | None:
 
 def _report(result, model, vector, path, concept, span, words, prefixes, n_probes) -> dict:
     from .. import evaluate
+    from ..vectors import Key
 
     recommended = evaluate.recommend(result)
 
@@ -281,7 +283,8 @@ def _report(result, model, vector, path, concept, span, words, prefixes, n_probe
         "model_name": model.name,
         "vector": str(path),
         "calibration": {
-            key: vector.metadata.get(f"calibration_{key}") for key in ("budget", "scale")
+            "budget": vector.metadata.get(Key.CALIBRATION_BUDGET),
+            "scale": vector.metadata.get(Key.CALIBRATION_SCALE),
         },
         "concept": concept,
         "layers": list(span) if span else None,

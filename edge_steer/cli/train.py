@@ -55,6 +55,7 @@ def train(
 ) -> None:
     """Train a control vector on the model itself and store it for `--vector NAME`."""
     from .. import convert, library, steering, store, training
+    from ..vectors import Key
 
     if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
@@ -81,10 +82,10 @@ def train(
         convert.save(vector, output)
     path = library.store_vector(loaded, name, vector)
     meta = vector.metadata
-    how = _HOW.get(str(meta.get("chosen_by")), "")
+    how = _HOW.get(str(meta.get(Key.CHOSEN_BY)), "")
     err.print(
-        f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get('layer_first')}-"
-        f"{meta.get('layer_last')}, {meta.get('method')} ({how})[/]"
+        f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get(Key.LAYER_FIRST)}-"
+        f"{meta.get(Key.LAYER_LAST)}, {meta.get(Key.METHOD)} ({how})[/]"
     )
     out.print(f"stored {path}")
     if output:

@@ -72,6 +72,7 @@ def convert_command(
 
 def _keep_layers(vector, layers: str | None, n_layer: int | None):
     from .. import steering
+    from ..vectors import Key
 
     span = steering.parse_layers(layers, n_layer or max(vector.layers) + 1)
     if span is None:
@@ -81,14 +82,16 @@ def _keep_layers(vector, layers: str | None, n_layer: int | None):
     if not kept:
         raise BadInput(f"no directions in blocks {layers}: the file has {_span(vector.layers)}")
     vector.directions = kept
-    vector.metadata.update(layer_first=first, layer_last=last)
+    vector.metadata.update({Key.LAYER_FIRST: first, Key.LAYER_LAST: last})
     return vector
 
 
 def _set_metadata(vector, hint, source, method, scale_rule) -> None:
+    from ..vectors import Key
+
     if hint is not None:
         vector.model_hint = hint
-    given = {"source": source, "method": method, "scale_rule": scale_rule}
+    given = {Key.SOURCE: source, Key.METHOD: method, Key.SCALE_RULE: scale_rule}
     vector.metadata.update({key: value for key, value in given.items() if value is not None})
 
 
@@ -119,20 +122,21 @@ def _row(path: Path) -> dict:
     row = {"name": path.stem, "path": str(path), "size_bytes": path.stat().st_size}
     shared = path.parent == store.vectors_dir()
     from .. import vectors
+    from ..vectors import Key
 
     try:
         vector = vectors.read(path)
     except EdgeSteerError as exc:
         return row | {"model": "?", "concept": "", "layers": "", "error": str(exc)}
     meta = vector.metadata
-    model = "any" if shared else str(meta.get("model_name") or path.parent.name)
+    model = "any" if shared else str(meta.get(Key.MODEL_NAME) or path.parent.name)
     return row | {
         "model": model,
         "model_fingerprint": None if shared else path.parent.name,
-        "concept": str(meta.get("concept", "")),
+        "concept": str(meta.get(Key.CONCEPT, "")),
         "layers": _span(vector.layers),
         "n_embd": vector.n_embd,
-        "method": meta.get("method"),
+        "method": meta.get(Key.METHOD),
         "recommended": _recommended(vector),
     }
 
@@ -146,6 +150,8 @@ def info_command(
 ) -> None:
     """Metadata and per-layer norms of one vector."""
     import numpy as np
+
+    from ..vectors import Key
 
     path = _one(name, model)
     vector = _load(path)
@@ -166,7 +172,7 @@ def info_command(
     out.print(f"[bold]{path}[/]")
     out.print(f"  {_summary(vector)}")
     if strengths := _recommended(vector):
-        verdict = vector.metadata.get("eval_verdict", "")
+        verdict = vector.metadata.get(Key.EVAL_VERDICT, "")
         out.print(f"  recommended strength {strengths[0]:+g} .. {strengths[1]:+g} ({verdict})")
     for key, value in sorted(vector.metadata.items()):
         out.print(f"  {key}: {value}", markup=False)

@@ -16,6 +16,7 @@ from .. import dataset, library, store, vectors
 from ..engine import Model
 from ..errors import BadInput, EdgeSteerError
 from ..evaluate import recommended_range
+from ..vectors import Key
 from .api_error import ApiError
 
 DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated
@@ -124,9 +125,9 @@ class VectorPool:
         return {
             "id": path.stem,
             "object": "vector",
-            "concept": vector.metadata.get("concept"),
+            "concept": vector.metadata.get(Key.CONCEPT),
             "layers": [min(vector.layers), max(vector.layers)] if vector.layers else None,
-            "calibrated": vector.metadata.get("scale_rule") == "calibrated",
+            "calibrated": vectors.is_calibrated(vector),
             "recommended": list(evaluated or DEFAULT_RANGE),
             "evaluated": evaluated is not None,
             "trained": True,
