@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dataset, library, machine, steering, training, vectors
+from .constants import DEFAULT_CTX
 from .engine import (
     Context,
     Model,
@@ -66,7 +67,7 @@ class BenchSettings:
     reps: int = 5
     concept: str = "happy"
     pairs: int = library.DEFAULT_PAIRS
-    n_ctx: int = 4096
+    n_ctx: int = DEFAULT_CTX
     threads: int | None = None
     gpu_layers: str = "auto"  # the options as given; where weights went is in backend()
     moe_offload: str = "auto"

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from .constants import DEFAULT_CTX
 from .errors import NotFound
 from .files import size_text
 
-DEFAULT_CTX = 4096
 # Compute buffers, tokenizer tables and the Python process around them.
 OVERHEAD = 512 << 20
 MODEL_ONLY = ("name", "files", "default_quant", "note")  # model keys that are not Entry fields

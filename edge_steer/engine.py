@@ -11,7 +11,6 @@ import codecs
 import contextlib
 import ctypes
 import math
-import os
 import re
 import signal
 import threading
@@ -25,12 +24,13 @@ import llama_cpp as ll
 import numpy as np
 
 from . import ggml, machine, prefixes
+from .constants import DEFAULT_CTX, VERBOSE_ENV, env
 from .errors import BadInput, EngineError
 
 LOG_TAIL: deque[str] = deque(maxlen=40)
 SCORED_TOGETHER = 8  # texts `Context.score` decodes side by side, in any context
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ: llama.cpp refuses a context with more
-_VERBOSE = os.environ.get("EDGE_STEER_VERBOSE", "") not in ("", "0")
+_VERBOSE = env(VERBOSE_ENV) not in ("", "0")
 _recording: list[str] | None = None  # every line while a model or context is made
 
 
@@ -401,7 +401,7 @@ class Context:
         self,
         model: Model,
         *,
-        n_ctx: int = 4096,
+        n_ctx: int = DEFAULT_CTX,
         n_batch: int = 512,
         threads: int | None = None,
         n_seq: int = 1,

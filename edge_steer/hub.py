@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalog, download, files, gguffile, machine, store
+from .constants import DEFAULT_CTX, MODEL_ENV, env
 from .errors import BadInput, DamagedFile, DoesNotFit, NotFound
-
-MODEL_ENV = "EDGE_STEER_MODEL"  # the model used when --model is not given
 
 
 def default_model() -> str:
     """$EDGE_STEER_MODEL, else the catalog's default (`mistral:q4_k_m`)."""
-    return os.environ.get(MODEL_ENV, "").strip() or catalog.default_name()
+    return env(MODEL_ENV) or catalog.default_name()
 
 
 def resolve_model(
@@ -27,7 +25,7 @@ def resolve_model(
     force: bool = False,
     use_gpu: bool = True,
     rpc: Sequence[str] = (),
-    ctx: int = catalog.DEFAULT_CTX,
+    ctx: int = DEFAULT_CTX,
     say: download.Say = download.quiet,
     tqdm_class: type | None = None,
 ) -> Path:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import VRAM_ENV, env
 from .errors import BadInput
 
 
@@ -63,8 +64,6 @@ def cpu_cores() -> int:
 
 
 # -- backends and devices ------------------------------------------------------------------
-
-VRAM_ENV = "EDGE_STEER_VRAM"  # plan as if this much GPU memory were free (limit or rehearse)
 
 
 @dataclass(frozen=True)
@@ -141,8 +140,7 @@ def free_vram(rpc: Sequence[str] = ()) -> int:
     """Bytes free on the offload devices together: GPUs, and the devices of the RPC workers
     `rpc` (llama.cpp splits layers by free memory); 0 without any. $EDGE_STEER_VRAM (e.g.
     10GiB) overrides it."""
-    budget = os.environ.get(VRAM_ENV)
-    if budget:
+    if budget := env(VRAM_ENV):
         return parse_size(budget, VRAM_ENV)
     if not gpu_backend_libraries() and not rpc:
         return 0  # a CPU-only build: no need to load llama.cpp to know (models list stays fast)

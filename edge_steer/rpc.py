@@ -19,9 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
+from .constants import RPC_ENV, env
 from .errors import BadInput, EngineError, NetworkError
 
-ENV = "EDGE_STEER_RPC"
 DEFAULT_PORT = 50052
 PROBE_TIMEOUT = 3.0  # seconds for the TCP connect and for the worker's HELLO reply
 _HELLO = 14  # RPC_CMD_HELLO, fixed in every protocol version
@@ -75,7 +75,7 @@ def require_rpc() -> None:
 def parse_endpoints(given: str | Sequence[str] | None) -> list[Endpoint]:
     """'host:port,host:port' (or a list of them) -> endpoints; None reads $EDGE_STEER_RPC."""
     if given is None:
-        given = os.environ.get(ENV, "")
+        given = env(RPC_ENV)
     items = given.split(",") if isinstance(given, str) else [p for g in given for p in g.split(",")]
     found: list[Endpoint] = []
     for item in (i.strip() for i in items):
@@ -102,7 +102,7 @@ def hello(endpoint: Endpoint, timeout: float = PROBE_TIMEOUT) -> tuple[int, int,
         reason = exc.strerror or type(exc).__name__
         raise NetworkError(
             f"RPC worker {endpoint} is unreachable ({reason}): start it there with "
-            f"`edge-steer worker --port {endpoint.port}` or fix --rpc/${ENV}"
+            f"`edge-steer worker --port {endpoint.port}` or fix --rpc/${RPC_ENV}"
         ) from None
     with sock:
         try:

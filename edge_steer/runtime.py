@@ -18,15 +18,15 @@ from pathlib import Path
 # H100 machine, even with no layers on the GPU. Every path that loads a model comes through here.
 import llama_cpp  # noqa: F401
 
-from . import catalog, hub, library, offload, steering
+from . import hub, library, offload, steering
 from . import rpc as rpc_
+from .constants import DEFAULT_CTX
 from .engine import Context, Model, Sampler, SamplerSettings
 from .errors import BadInput
 from .files import size_text
 
 Note = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (what, done, total)
-DEFAULT_CTX = catalog.DEFAULT_CTX
 VectorSpecs = str | Iterable[str] | Mapping[str, float]
 
 
@@ -148,7 +148,9 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS
 def check_ctx(ctx: int) -> None:
     """Before anything loads: whether the context may fit is `offload.plan_model`'s check."""
     if not 16 <= ctx <= MAX_CTX:
-        raise BadInput(f"--ctx {ctx} is out of range: use 16 to {MAX_CTX} tokens (e.g. 4096)")
+        raise BadInput(
+            f"--ctx {ctx} is out of range: use 16 to {MAX_CTX} tokens (e.g. {DEFAULT_CTX})"
+        )
 
 
 def check_threads(threads: int | None) -> None:

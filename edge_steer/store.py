@@ -8,12 +8,12 @@ model, and `$EDGE_STEER_HOME/vectors/<name>.gguf` for vectors you drop in by han
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from functools import cache
 from pathlib import Path
 
 from . import dataset, files
+from .constants import HOME_ENV, env
 from .errors import BadInput, NotFound
 
 SAMPLE_BYTES = 1 << 20
@@ -22,9 +22,9 @@ SAMPLES = 8
 
 
 def home() -> Path:
-    if os.environ.get("EDGE_STEER_HOME"):
-        return Path(os.environ["EDGE_STEER_HOME"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    if given := env(HOME_ENV):
+        return Path(given).expanduser()
+    cache = env("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "edge-steer"
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import random_rows
 from test_cli import assert_clean_error, run
 
-from edge_steer import engine, ggml, gguffile, machine, offload
+from edge_steer import constants, engine, ggml, gguffile, machine, offload
 from edge_steer.engine import Context, Model
 from edge_steer.errors import BadInput
 
@@ -202,7 +202,7 @@ def test_cpu_only_auto_says_there_is_nothing_to_offload(tiny_moe_path) -> None:
 def test_cli_auto_with_a_simulated_budget(tiny_moe_path, monkeypatch) -> None:
     weights, n_ctx = offload.read_weights(gguffile.read_header(tiny_moe_path)), 64
     budget = gpu_bytes_by_hand(tiny_moe_path, 4) + weights.context(n_ctx)
-    monkeypatch.setenv(machine.VRAM_ENV, str(budget))
+    monkeypatch.setenv(constants.VRAM_ENV, str(budget))
     monkeypatch.setenv("EDGE_STEER_VERBOSE", "1")  # llama.cpp's log on stderr
     result = run(
         *f"generate --model {tiny_moe_path} -p hi -n 2 --ctx {n_ctx} --moe-offload auto".split()

@@ -183,3 +183,15 @@ def test_only_the_vectors_module_spells_metadata_keys() -> None:
     }
     assert not spelled, spelled
     assert metadata_keys_spelled(Path(__file__).parent / "data" / "spelled_keys.py.txt")
+
+
+def test_environment_variables_are_named_and_read_in_constants_only() -> None:
+    """One place says which variables edge-steer reads (as huggingface_hub's constants.py)."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "constants.py":
+            continue
+        text = path.read_text()
+        if "os.environ" in text or "getenv(" in text or '"EDGE_STEER_' in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders

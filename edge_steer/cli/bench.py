@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..constants import DEFAULT_CTX
 from ..files import size_text
 from .options import (
     LOAD,
@@ -32,7 +33,7 @@ def bench_command(
     tg: Annotated[int, typer.Option("--tg", help="Tokens to generate for the tg test.")] = 128,
     concept: Annotated[str, typer.Option("--concept", help="Concept to train.")] = "happy",
     pairs: Annotated[int, typer.Option("--pairs", help="Training pairs.")] = 128,
-    ctx: Annotated[int, typer.Option("--ctx", help="Context size in tokens.")] = 4096,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context size in tokens.")] = DEFAULT_CTX,
     as_json: JsonOpt = False,
     *,
     opts,

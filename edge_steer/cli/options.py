@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.markup import escape
 
+from ..constants import DEFAULT_CTX, RPC_ENV
 from ..errors import BadInput, EdgeSteerError
 from .console import err, out
 from .progress import StepProgress, progress_bar
@@ -101,7 +102,7 @@ RpcOpt = Annotated[
     str | None,
     typer.Option(
         "--rpc",
-        envvar="EDGE_STEER_RPC",
+        envvar=RPC_ENV,
         help="HOST:PORT[,HOST:PORT...] of `edge-steer worker`s whose devices take layers "
         "like GPUs (no authentication: trusted networks only).",
         show_default=False,
@@ -160,7 +161,7 @@ STEER = _group(
     ),
     layers=(LayersOpt, None),
     retrain=(RetrainOpt, False),
-    ctx=(Annotated[int, typer.Option("--ctx", "-c", help="Context size in tokens.")], 4096),
+    ctx=(Annotated[int, typer.Option("--ctx", "-c", help="Context size in tokens.")], DEFAULT_CTX),
 )
 # llama.cpp's own defaults (llama-cli / llama-completion), so that `--temp 0` gives their tokens
 SAMPLING = _group(

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..constants import API_KEY_ENV, DEFAULT_CTX
 from ..errors import BadInput
 from .options import (
     LOAD,
@@ -34,16 +35,16 @@ def serve(
             "--parallel", "-np", help="Lanes: requests generated at once, each its own context."
         ),
     ] = 1,
-    ctx: Annotated[int, typer.Option("--ctx", "-c", help="Context size of each lane.")] = 4096,
+    ctx: Annotated[
+        int, typer.Option("--ctx", "-c", help="Context size of each lane.")
+    ] = DEFAULT_CTX,
     preset: Annotated[
         list[str],
         typer.Option("--preset", help="NAME=SPEC, listed as a model, e.g. calm=happy:0.5."),
     ] = [],  # noqa: B006 (Typer reads the default; it is never mutated)
     api_key: Annotated[
         str | None,
-        typer.Option(
-            "--api-key", envvar="EDGE_STEER_API_KEY", help="Require `Authorization: Bearer KEY`."
-        ),
+        typer.Option("--api-key", envvar=API_KEY_ENV, help="Require `Authorization: Bearer KEY`."),
     ] = None,
     allow_train: Annotated[
         bool,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import chat, vectors
+from ..constants import DEFAULT_CTX
 from ..engine import SAMPLING_LIMITS, Model, SamplerSettings
 from ..errors import BadInput
 from .api_error import ApiError
@@ -30,7 +31,7 @@ class Served:
     pool: VectorPool
     model_id: str
     aliases: frozenset[str] = frozenset()
-    n_ctx: int = 4096
+    n_ctx: int = DEFAULT_CTX
 
     @property
     def model(self) -> Model:

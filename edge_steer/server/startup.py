@@ -26,6 +26,7 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from .. import hub, runtime, steering, vectors
+from ..constants import DEFAULT_CTX
 from ..engine import Context
 from ..errors import BadInput, EdgeSteerError, EngineError
 from ..files import size_text
@@ -46,7 +47,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     parallel: int = 1
-    ctx: int = runtime.DEFAULT_CTX  # per lane
+    ctx: int = DEFAULT_CTX  # per lane
     threads: int | None = None
     gpu_layers: str | None = None
     moe_offload: str | None = None

@@ -1,0 +1,22 @@
+"""Defaults and environment variables, each named once (as huggingface_hub's constants.py).
+
+Variables are read when used, not at import, so a changed environment (a test, a server's
+worker) counts."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_CTX = 4096  # tokens of context wherever none is given: CLI, server lanes, fit checks
+
+HOME_ENV = "EDGE_STEER_HOME"  # vectors, chat history (default $XDG_CACHE_HOME/edge-steer)
+MODEL_ENV = "EDGE_STEER_MODEL"  # the model used when --model is not given
+RPC_ENV = "EDGE_STEER_RPC"  # HOST:PORT,... of `edge-steer worker`s, as --rpc
+API_KEY_ENV = "EDGE_STEER_API_KEY"  # serve --api-key
+VRAM_ENV = "EDGE_STEER_VRAM"  # plan as if this much GPU memory were free (limit or rehearse)
+VERBOSE_ENV = "EDGE_STEER_VERBOSE"  # 1: llama.cpp's own log on stderr
+
+
+def env(name: str) -> str:
+    """The variable's value, stripped; "" when it is unset."""
+    return os.environ.get(name, "").strip()
