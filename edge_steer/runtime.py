@@ -34,6 +34,26 @@ def _quiet(*_args: object) -> None:
     pass
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """Which model, and how it is placed and run: one value that a front end builds once and
+    hands down, instead of the same keywords threaded through every layer."""
+
+    model: str | None = None  # catalog name, hf:REPO/FILE or path; None: $EDGE_STEER_MODEL
+    ctx: int = DEFAULT_CTX  # tokens of context; the fit checks count this much KV cache
+    threads: int | None = None  # None: every core this process may use
+    gpu_layers: str | None = None  # N, "all" or "auto" (None: auto)
+    moe_offload: str | None = None  # "none", "all", N or "auto" (None: auto)
+    force: bool = False  # go ahead even if RAM or disk looks too small
+    offline: bool = False  # never ask the Hub
+    rpc: str | None = None  # "host:port,..." of `edge-steer worker`s; None: $EDGE_STEER_RPC
+
+    def check(self) -> None:
+        """What is wrong before anything loads: counts out of range."""
+        check_ctx(self.ctx)
+        check_threads(self.threads)
+
+
 def load_model(
     model: str | Path | None = None,
     *,
@@ -51,22 +71,43 @@ def load_model(
     (`gpu_layers`: N, "all", "auto"; `moe_offload`: "none", "all", N, "auto") and load it.
     `rpc`: "host:port,..." of `edge-steer worker`s whose devices count as GPUs (None reads
     $EDGE_STEER_RPC); each is checked and registered before anything loads."""
-    workers = rpc_.connect(None if rpc is None else list(_specs(rpc)))
+    options = LoadOptions(
+        model=_text(model),
+        ctx=ctx,
+        gpu_layers=_text(gpu_layers),
+        moe_offload=_text(moe_offload),
+        force=force,
+        offline=offline,
+        rpc=None if rpc is None else ",".join(_specs(rpc)),
+    )
+    return load_model_from(options, on_note=on_note, download_bar=download_bar)
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def load_model_from(
+    options: LoadOptions, *, on_note: Note = _quiet, download_bar: type | None = None
+) -> Model:
+    """`load_model` for a LoadOptions value (its threads are for contexts, not used here)."""
+    workers = rpc_.connect(options.rpc)
     if workers:
         on_note(f"rpc: {len(workers)} worker(s) answered: {', '.join(map(str, workers))}")
-    gpu_text = None if gpu_layers is None else str(gpu_layers)
-    moe_text = None if moe_offload is None else str(moe_offload)
+    endpoints = [str(w) for w in workers]
     path = hub.resolve_model(
-        None if model is None else str(model),
-        offline=offline,
-        force=force,
-        use_gpu=offload.parse_gpu_layers(gpu_text) != 0,
-        rpc=[str(w) for w in workers],
-        ctx=ctx,
+        options.model,
+        offline=options.offline,
+        force=options.force,
+        use_gpu=offload.parse_gpu_layers(options.gpu_layers) != 0,
+        rpc=endpoints,
+        ctx=options.ctx,
         say=on_note,
         tqdm_class=download_bar,
     )
-    plan = offload.plan_model(path, gpu_text, moe_text, ctx, [str(w) for w in workers], force)
+    plan = offload.plan_model(
+        path, options.gpu_layers, options.moe_offload, options.ctx, endpoints, options.force
+    )
     for note in plan.notes:
         on_note(note)
     loaded = Model(
@@ -244,22 +285,43 @@ def load(
     >>> steered = load("demo", vectors={"happy": 1.0})
     >>> steered.generate("The best thing about mornings is", max_tokens=20, temperature=0)
     """
-    check_ctx(ctx)  # before minutes of loading, not after
-    check_threads(threads)
-    loaded = load_model(
-        model,
-        gpu_layers=gpu_layers,
-        moe_offload=moe_offload,
+    options = LoadOptions(
+        model=_text(model),
         ctx=ctx,
+        threads=threads,
+        gpu_layers=_text(gpu_layers),
+        moe_offload=_text(moe_offload),
         force=force,
         offline=offline,
-        rpc=rpc,
+        rpc=None if rpc is None else ",".join(_specs(rpc)),
+    )
+    return load_from(
+        options,
+        vectors=vectors,
+        layers=layers,
+        retrain=retrain,
         on_note=on_note,
+        on_progress=on_progress,
         download_bar=download_bar,
     )
+
+
+def load_from(
+    options: LoadOptions,
+    *,
+    vectors: VectorSpecs = (),
+    layers: str | None = None,
+    retrain: bool = False,
+    on_note: Note = _quiet,
+    on_progress: Progress = _quiet,
+    download_bar: type | None = None,
+) -> Steered:
+    """`load` for a LoadOptions value."""
+    options.check()  # before minutes of loading, not after
+    loaded = load_model_from(options, on_note=on_note, download_bar=download_bar)
     try:
         steering_ = steer(loaded, vectors, layers=layers, retrain=retrain, on_progress=on_progress)
-        context = open_context(loaded, steering_, ctx=ctx, threads=threads)
+        context = open_context(loaded, steering_, ctx=options.ctx, threads=options.threads)
     except BaseException:
         loaded.close()
         raise

@@ -285,43 +285,46 @@ def resolve_model(model: str | None, **options: Any):
     return hub.resolve_model(model, say=note, tqdm_class=RichBar, **options)
 
 
-def _loading(opts: SimpleNamespace) -> dict[str, Any]:
-    """The LOAD options as runtime keywords, reporting on stderr."""
-    from .download_bar import RichBar
+def load_options(opts: SimpleNamespace, ctx: int | None = None):
+    """The LOAD options (and --ctx, unless `ctx` is given) as runtime's one LoadOptions value.
+    An empty --rpc means none: $EDGE_STEER_RPC has already been read into it by Typer."""
+    from ..runtime import LoadOptions
 
-    return {
-        "gpu_layers": opts.gpu_layers,
-        "moe_offload": opts.moe_offload,
-        "force": opts.force,
-        "rpc": opts.rpc or "",
-        "on_note": note,
-        "download_bar": RichBar,
-    }
+    return LoadOptions(
+        model=opts.model,
+        ctx=ctx if ctx is not None else getattr(opts, "ctx", DEFAULT_CTX),
+        threads=opts.threads,
+        gpu_layers=opts.gpu_layers,
+        moe_offload=opts.moe_offload,
+        force=opts.force,
+        rpc=opts.rpc or "",
+    )
 
 
 def load_model(opts: SimpleNamespace, ctx: int):
-    """runtime.load_model for the LOAD options, with notes and download bars on stderr."""
+    """runtime.load_model_from for the LOAD options, with notes and download bars on stderr."""
     from .. import runtime
+    from .download_bar import RichBar
 
-    return runtime.load_model(opts.model, ctx=ctx, **_loading(opts))
+    return runtime.load_model_from(load_options(opts, ctx), on_note=note, download_bar=RichBar)
 
 
 def load_steered(opts: SimpleNamespace, progress: StepProgress | None = None):
-    """runtime.load for the LOAD and STEER options: model, context and steering, with notes,
-    download bars and training progress on stderr. Vectors trained later (a chat's /vector)
-    report to `progress` too, so a caller that lives on passes its own."""
+    """runtime.load_from for the LOAD and STEER options: model, context and steering, with
+    notes, download bars and training progress on stderr. Vectors trained later (a chat's
+    /vector) report to `progress` too, so a caller that lives on passes its own."""
     from .. import runtime
+    from .download_bar import RichBar
 
     with progress_bar() as own_progress:
-        return runtime.load(
-            opts.model,
+        return runtime.load_from(
+            load_options(opts),
             vectors=opts.vector,
             layers=opts.layers,
-            ctx=opts.ctx,
-            threads=opts.threads,
             retrain=opts.retrain,
+            on_note=note,
             on_progress=progress or own_progress,
-            **_loading(opts),
+            download_bar=RichBar,
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated
 
 import typer
@@ -13,6 +14,7 @@ from .options import (
     LayersOpt,
     clean_errors,
     err,
+    load_options,
     note,
     progress_bar,
     resolve_model,
@@ -80,22 +82,16 @@ def serve(
     workers = [str(worker) for worker in rpc.connect(opts.rpc or "")]  # their memory counts
     path = resolve_model(opts.model, ctx=ctx * parallel, force=opts.force, rpc=workers)
     options = startup.ServeOptions(
-        path=path,
+        load=dataclasses.replace(load_options(opts, ctx), model=str(path)),
         model_id=startup.model_id(opts.model, path),
         host=host,
         port=port,
         parallel=parallel,
-        ctx=ctx,
-        threads=opts.threads,
-        gpu_layers=opts.gpu_layers,
-        moe_offload=opts.moe_offload,
         layers=layers,
         presets=presets,
         allow_train=allow_train,
         api_key=api_key,
         queue_size=queue,
-        force=opts.force,
-        rpc=opts.rpc or "",
         allow_hosts=allow_host,
     )
     with progress_bar() as on_progress:

@@ -18,7 +18,7 @@ import copy
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from .. import hub, runtime, steering, vectors
-from ..constants import DEFAULT_CTX
 from ..engine import Context
 from ..errors import BadInput, EdgeSteerError, EngineError
 from ..files import size_text
@@ -42,23 +41,21 @@ GRACE_SECONDS = 3  # for answers to go out on shutdown
 
 @dataclass
 class ServeOptions:
-    path: Path  # the resolved model file
+    load: runtime.LoadOptions  # its model: the resolved file; its ctx: each lane's
     model_id: str  # the name clients use, e.g. "demo" or "mistral:q4_k_m"
     host: str = "127.0.0.1"
     port: int = 8000
     parallel: int = 1
-    ctx: int = DEFAULT_CTX  # per lane
-    threads: int | None = None
-    gpu_layers: str | None = None
-    moe_offload: str | None = None
     layers: str | None = None
     presets: dict[str, dict[str, float]] = field(default_factory=dict)
     allow_train: bool = False
     api_key: str | None = None
     queue_size: int = 32
-    force: bool = False
-    rpc: str = ""  # HOST:PORT,... of `edge-steer worker`s
     allow_hosts: list[str] = field(default_factory=list)  # Host names besides loopback's
+
+    @property
+    def path(self) -> Path:
+        return Path(self.load.model or "")
 
 
 def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
@@ -83,7 +80,7 @@ def _preset_spec(item: str, spec: str) -> dict[str, float]:
 
 def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None:
     """What can be wrong before anything loads: counts, and the port."""
-    runtime.check_ctx(options.ctx)
+    options.load.check()
     if options.parallel < 1 or options.queue_size < 0:
         raise BadInput("--parallel must be at least 1 and --queue at least 0")
     if options.host not in LOOPBACK and not options.api_key:
@@ -188,21 +185,14 @@ def build(
     on_progress: runtime.Progress = lambda *_: None,
 ) -> tuple[Served, Lanes]:
     """Model, vectors, presets and lanes for `options` (the engine thread not yet started)."""
-    model = runtime.load_model(
-        options.path,
-        gpu_layers=options.gpu_layers,
-        moe_offload=options.moe_offload,
-        ctx=options.ctx * options.parallel,  # every lane's KV cache counts for the fit
-        force=options.force,
-        rpc=options.rpc,
-        on_note=on_note,
-    )
+    lanes_kv = replace(options.load, ctx=options.load.ctx * options.parallel)
+    model = runtime.load_model_from(lanes_kv, on_note=on_note)  # every lane's KV counts
     try:
         pool = VectorPool(model, allow_train=options.allow_train)
         for name, spec in options.presets.items():
             _load_preset(pool, name, spec, on_progress)
         contexts = [
-            runtime.open_context(model, ctx=options.ctx, threads=options.threads)
+            runtime.open_context(model, ctx=options.load.ctx, threads=options.load.threads)
             for _ in range(options.parallel)
         ]
     except BaseException:
