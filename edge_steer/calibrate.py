@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import dataset, evaluate
+from . import dataset, metrics
 from .engine import Context, Model
 from .vectors import Key
 
@@ -68,7 +68,7 @@ def calibrate(
 
         def perplexity(scale: float) -> float:
             ctx.set_steering(rows * np.float32(scale) if scale else None, *span)
-            return evaluate.perplexity(ctx, text, window=TOKENS, limit=TOKENS)
+            return metrics.perplexity(ctx, text, window=TOKENS, limit=TOKENS)
 
         reference = perplexity(0.0)
         worse = [1.0, -1.0]  # signs to measure: both at first, then the one that cost more

@@ -7,7 +7,7 @@ persona instruction and the question, once after the negative one. The persona s
 log P(reply | positive) - log P(reply | negative) per reply token: does the steered reply
 read like what the persona-prompted model itself writes? It should rise with the strength.
 Beside it: reply length, the share of replies that end their turn, and the share that
-degenerate into repetition (`evaluate.is_degenerate`).
+degenerate into repetition (`metrics.is_degenerate`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from . import chat, dataset, evaluate
+from . import chat, dataset, evaluate, metrics
 from .engine import Context, Model, Sampler
 from .errors import BadInput
 
@@ -109,6 +109,6 @@ def _point(
         persona=float(ratio.mean()) if scored else 0.0,
         tokens=float(np.mean([len(r) for r in replies])),
         ended=float(np.mean([len(r) < REPLY_TOKENS for r in replies])),
-        degenerate=float(np.mean([evaluate.is_degenerate(r) for r in replies])),
+        degenerate=float(np.mean([metrics.is_degenerate(r) for r in replies])),
         sample=ctx.model.detokenize(replies[0]),
     )

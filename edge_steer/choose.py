@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import calibrate, dataset, evaluate
+from . import calibrate, dataset, metrics
 from .engine import Context, Model
 
 VALIDATION_EVERY = 4  # pair i is held in when i % 4 == 3
@@ -104,13 +104,13 @@ def candidates(
 
             def at(push: float) -> float:
                 signed = (steer(rows * np.float32(s * push), layers) for s in (1, -1))
-                ratios = [evaluate.perplexity(c, text, TOKENS, limit=TOKENS) for c in signed]
+                ratios = [metrics.perplexity(c, text, TOKENS, limit=TOKENS) for c in signed]
                 return math.log(max(ratios) / reference)
 
             return at
 
         base = steer(None, (1, model.n_layer - 1)).next_token_probs(tokens)
-        reference = evaluate.perplexity(ctx, text, TOKENS, limit=TOKENS)
+        reference = metrics.perplexity(ctx, text, TOKENS, limit=TOKENS)
         report = progress or (lambda _done, _total: None)
         report(0, len(methods) * len(spans))
         for method in methods:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,14 +22,13 @@ from . import dataset, store, vectors
 from .dataset import Probe
 from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings
 from .errors import BadInput
+from .metrics import is_degenerate, perplexity, probe_margin
 from .vectors import Key
 
 EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
 SAMPLE_PROMPT = 128  # tokens kept for each sample's prompt (persona prefix included)
 MAX_PPL_RATIO = 1.25  # the recommended range keeps perplexity within this of unsteered
 MIN_EFFECT = 0.1  # nats: a smaller change of the mean probe margin is not a usable effect
-REPEAT_NGRAM = 4  # tokens; see `is_degenerate`
-DEGENERATE_COVERAGE = 0.5
 DEFAULT_STRENGTHS = "-2..2:1"  # and `refine`: see `halves_over_limit`
 DEFAULT_STEP = 0.5
 MAX_STRENGTHS = 41
@@ -92,61 +90,6 @@ def _strength_values(spec: str) -> list[float]:
 
 
 # -- the measurements ------------------------------------------------------------------------
-
-
-def probe_margin(ctx: Context, probes: Sequence[Probe], prefix: str = "") -> float:
-    """Mean of log P(positive continuation) - log P(negative continuation), in nats.
-
-    `prefix` goes before every probe prompt (the persona prompt of the baseline).
-    """
-    model = ctx.model
-    texts = []
-    for probe in probes:
-        prompt = model.tokenize(prefix + probe.prompt, parse_special=True)
-        for continuation in (probe.positive, probe.negative):
-            tokens = model.tokenize(prefix + probe.prompt + continuation, parse_special=True)
-            texts.append((tokens, _shared_prefix(prompt, tokens)))
-    totals = [logps.sum() for logps in ctx.score(texts)]
-    return float(np.mean(np.subtract(totals[0::2], totals[1::2])))
-
-
-def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return max(1, n)
-
-
-def perplexity(
-    ctx: Context, text: str, window: int = 256, prefix: str = "", limit: int | None = None
-) -> float:
-    """Perplexity of `text` (its first `limit` tokens) in independent windows, each starting
-    fresh with BOS (and `prefix`, which is context only: its own tokens are not scored)."""
-    model: Model = ctx.model
-    tokens = model.tokenize(text, add_special=False)[:limit]
-    bos = [model.bos] if model.bos >= 0 else []
-    head = model.tokenize(prefix, parse_special=True) if prefix else bos
-    start = max(1, len(head))
-    windows = [(head + tokens[i : i + window], start) for i in range(0, len(tokens), window)]
-    return float(np.exp(-np.concatenate(ctx.score(windows)).mean()))
-
-
-def repetition(tokens: Sequence[int], n: int = REPEAT_NGRAM) -> float:
-    """Share of the positions that lie inside an n-gram occurring more than once."""
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    counts = Counter(grams)
-    covered: set[int] = set()
-    for i, gram in enumerate(grams):
-        if counts[gram] > 1:
-            covered.update(range(i, i + n))
-    return len(covered) / len(tokens) if tokens else 0.0
-
-
-def is_degenerate(tokens: Sequence[int]) -> bool:
-    """Degenerate output: 4-token sequences that occur more than once cover at least half of
-    it, as in a loop ("the the the ...") or a phrase said over and over. Fluent text of a few
-    dozen tokens repeats a short phrase at most."""
-    return repetition(tokens) >= DEGENERATE_COVERAGE
 
 
 def neutral_prompts(count: int, words: int = 6) -> list[str]:
@@ -390,14 +333,6 @@ def summary(result: Sweep) -> str:
 # -- the result in the vector file -------------------------------------------------------------
 
 
-def recommended_range(vector: vectors.ControlVector) -> tuple[float, float] | None:
-    """The strength range `edge-steer eval` stored in this vector, if any."""
-    low, high = (vector.metadata.get(k) for k in (Key.RECOMMENDED_MIN, Key.RECOMMENDED_MAX))
-    if isinstance(low, int | float) and isinstance(high, int | float):
-        return float(low), float(high)
-    return None
-
-
 def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
     """Rewrite the vector file (atomically) with this evaluation's keys (`EVAL_KEYS`);
     the keys of an earlier evaluation go, so a vector that no longer works loses its range."""
@@ -418,15 +353,3 @@ def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
             f"cannot write the evaluation into {path} ({exc.strerror or exc}): "
             "pass --no-save, or copy the vector somewhere writable"
         ) from None
-
-
-def describe_range(vector: vectors.ControlVector) -> str:
-    """'recommended -1.5..+2 (works on Gemma 3 270M)', or '' for a vector never evaluated."""
-    verdict_text = vector.metadata.get(Key.EVAL_VERDICT)
-    if verdict_text is None:
-        return ""
-    where = vector.metadata.get(Key.EVAL_MODEL_NAME, "its model")
-    span = recommended_range(vector)
-    if span is None:
-        return f"no recommended strength ({verdict_text} on {where})"
-    return f"recommended {span[0]:+g}..{span[1]:+g} ({verdict_text} on {where})"

@@ -368,3 +368,23 @@ def _check_same_model(weighted: list[tuple[str, ControlVector, float]]) -> None:
                 f"{name} and {first_name} were trained on different model files: "
                 "mix vectors made for one model (pass --model to pick its copies)"
             )
+
+
+def recommended_range(vector: ControlVector) -> tuple[float, float] | None:
+    """The strength range `edge-steer eval` stored in this vector, if any."""
+    low, high = (vector.metadata.get(k) for k in (Key.RECOMMENDED_MIN, Key.RECOMMENDED_MAX))
+    if isinstance(low, int | float) and isinstance(high, int | float):
+        return float(low), float(high)
+    return None
+
+
+def describe_range(vector: ControlVector) -> str:
+    """'recommended -1.5..+2 (works on Gemma 3 270M)', or '' for a vector never evaluated."""
+    verdict_text = vector.metadata.get(Key.EVAL_VERDICT)
+    if verdict_text is None:
+        return ""
+    where = vector.metadata.get(Key.EVAL_MODEL_NAME, "its model")
+    span = recommended_range(vector)
+    if span is None:
+        return f"no recommended strength ({verdict_text} on {where})"
+    return f"recommended {span[0]:+g}..{span[1]:+g} ({verdict_text} on {where})"

@@ -77,7 +77,7 @@ def tiny_dense(tiny_dense_path: Path):
 def assert_steers_probes_monotonically(model, vector, concept: str) -> None:
     """-2..2 moves the concept's held-out probes in order, at least 0.5 nats at ±1, within
     x1.25 perplexity on neutral text at ±1."""
-    from edge_steer import dataset, evaluate, vectors
+    from edge_steer import dataset, metrics, vectors
     from edge_steer.engine import Context
 
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
@@ -87,8 +87,8 @@ def assert_steers_probes_monotonically(model, vector, concept: str) -> None:
     with Context(model, n_ctx=512) as ctx:
         for strength in (-2, -1, 0, 1, 2):
             ctx.set_steering(rows * np.float32(strength) if strength else None)
-            margins[strength] = evaluate.probe_margin(ctx, probes)
-            ppl[strength] = evaluate.perplexity(ctx, neutral)
+            margins[strength] = metrics.probe_margin(ctx, probes)
+            ppl[strength] = metrics.perplexity(ctx, neutral)
     effects = [margins[s] - margins[0] for s in (-2, -1, 0, 1, 2)]
     assert effects == sorted(effects), f"not monotonic: {effects}"
     assert effects[3] > 0.5 and effects[1] < -0.5, effects

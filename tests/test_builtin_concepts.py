@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_steer import dataset, evaluate, training, vectors
+from edge_steer import dataset, evaluate, metrics, training, vectors
 
 THREADS = 2
 EXPECTED = {  # concept -> the smallest |effect| in nats at -1 and at +1, as measured (rounded
@@ -67,7 +67,7 @@ def test_builtin_concept_on_gemma(name, demo_model, trained, tmp_path) -> None:
     assert effects[-1.0] <= -EXPECTED[name] and effects[1.0] >= EXPECTED[name], effects
     path = vectors.write(trained(name), tmp_path / f"{name}.gguf")
     evaluate.save(path, result, demo_model, "all")
-    assert evaluate.recommended_range(vectors.read(path)) == (-1.0, 1.0)
+    assert vectors.recommended_range(vectors.read(path)) == (-1.0, 1.0)
 
 
 def test_absurd_strength_degenerates_and_falls_outside_the_range(demo_model, trained) -> None:
@@ -99,8 +99,8 @@ def test_recommended_range_holds_on_text_eval_never_saw(name, demo_model, traine
     rows = vectors.combine([(vector, 1.0)], demo_model.n_layer, demo_model.n_embd)
     text = HELD_OUT.read_text(encoding="utf-8")
     with evaluate.context(demo_model, settings, THREADS) as ctx:
-        unsteered = evaluate.perplexity(ctx, text)
+        unsteered = metrics.perplexity(ctx, text)
         for end in span:
             ctx.set_steering(rows * np.float32(end), 1, demo_model.n_layer - 1)
-            ratio = evaluate.perplexity(ctx, text) / unsteered
+            ratio = metrics.perplexity(ctx, text) / unsteered
             assert ratio <= evaluate.MAX_PPL_RATIO, (end, ratio, span)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_cli import assert_clean_error, run
 
-from edge_steer import dataset, evaluate, vectors
+from edge_steer import dataset, evaluate, metrics, vectors
 from edge_steer.engine import SCORED_TOGETHER, Context
 from edge_steer.evaluate import Point, Sweep
 
@@ -59,13 +59,13 @@ def test_eval_json_reports_what_it_measured_and_stores_it(calm, tiny_dense_path,
     with Context(tiny_dense, n_ctx=1024, threads=1, n_seq=SCORED_TOGETHER) as ctx:
         for strength in (0, 1):
             ctx.set_steering(rows * strength if strength else None)
-            margins[strength] = evaluate.probe_margin(ctx, dataset.load_probes_jsonl(probes))
+            margins[strength] = metrics.probe_margin(ctx, dataset.load_probes_jsonl(probes))
     assert points[1]["effect"] == pytest.approx(margins[1] - margins[0], abs=1e-3)
 
     stored = vectors.read(path)
     assert stored.metadata["eval_verdict"] == data["verdict"] and data["saved"] == str(path)
     recommended = tuple(data["recommended"]) if data["recommended"] else None
-    assert evaluate.recommended_range(stored) == recommended
+    assert vectors.recommended_range(stored) == recommended
 
 
 def test_eval_table_chart_and_plot_without_saving(calm, tiny_dense_path, tmp_path):

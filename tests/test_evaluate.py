@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_rows
 
-from edge_steer import evaluate, vectors
+from edge_steer import evaluate, metrics, vectors
 from edge_steer.errors import BadInput
 from edge_steer.evaluate import Point, Sweep
 
@@ -49,15 +49,15 @@ def test_bad_strengths_are_clear_errors(text, words) -> None:
 
 def test_degenerate_means_repeated_ngrams_cover_half() -> None:
     loop = [5, 6, 7] * 10
-    assert evaluate.repetition(loop) == 1.0 and evaluate.is_degenerate(loop)
+    assert metrics.repetition(loop) == 1.0 and metrics.is_degenerate(loop)
     fluent = list(range(32))
-    assert evaluate.repetition(fluent) == 0.0 and not evaluate.is_degenerate(fluent)
+    assert metrics.repetition(fluent) == 0.0 and not metrics.is_degenerate(fluent)
     one_phrase_twice = [1, 2, 3, 4, *range(10, 22), 1, 2, 3, 4, *range(30, 42)]
-    assert evaluate.repetition(one_phrase_twice) == 8 / 32
-    assert not evaluate.is_degenerate(one_phrase_twice)
+    assert metrics.repetition(one_phrase_twice) == 8 / 32
+    assert not metrics.is_degenerate(one_phrase_twice)
     half_loop = list(range(100, 116)) + [8, 9] * 8
-    assert evaluate.repetition(half_loop) == 0.5 and evaluate.is_degenerate(half_loop)
-    assert evaluate.repetition([]) == 0.0 and evaluate.repetition([1, 2]) == 0.0
+    assert metrics.repetition(half_loop) == 0.5 and metrics.is_degenerate(half_loop)
+    assert metrics.repetition([]) == 0.0 and metrics.repetition([1, 2]) == 0.0
 
 
 def test_neutral_prompts_are_sentence_openings() -> None:
@@ -108,27 +108,27 @@ def test_save_stores_the_range_and_replaces_an_old_one(tmp_path, tiny_dense) -> 
         {n: rng.normal(size=64).astype(np.float32) for n in (2, 3)}, "llama", {"concept": "calm"}
     )
     path = vectors.write(original, tmp_path / "calm.gguf")
-    assert evaluate.recommended_range(vectors.read(path)) is None
-    assert evaluate.describe_range(vectors.read(path)) == ""
+    assert vectors.recommended_range(vectors.read(path)) is None
+    assert vectors.describe_range(vectors.read(path)) == ""
 
     works = sweep_of([(-1, -0.5, 1.1), (0, 0, 1), (1, 0.7, 1.2), (2, 1.5, 1.4)])
     evaluate.save(path, works, tiny_dense, "all")
     stored = vectors.read(path)
-    assert evaluate.recommended_range(stored) == (-1.0, 1.0)
+    assert vectors.recommended_range(stored) == (-1.0, 1.0)
     assert stored.metadata["eval_verdict"] == "works"
     assert stored.metadata["eval_model_name"] == tiny_dense.name
     assert stored.metadata["concept"] == "calm" and stored.metadata["eval_layers"] == "all"
     assert "+1: effect +0.70 nats, ppl x1.200" in str(stored.metadata["eval_summary"])
-    assert evaluate.describe_range(stored) == f"recommended -1..+1 (works on {tiny_dense.name})"
+    assert vectors.describe_range(stored) == f"recommended -1..+1 (works on {tiny_dense.name})"
     for n in (2, 3):
         assert np.array_equal(stored.directions[n], original.directions[n])
     assert not list(tmp_path.glob(".*tmp"))  # written through a temp file and renamed
 
     evaluate.save(path, sweep_of([(-1, 0.2, 1.0), (0, 0, 1), (1, -0.3, 1.0)]), tiny_dense, "2-3")
     again = vectors.read(path)
-    assert evaluate.recommended_range(again) is None
+    assert vectors.recommended_range(again) is None
     assert "recommended_min" not in again.metadata and again.metadata["eval_verdict"] == "no effect"
-    assert evaluate.describe_range(again).startswith("no recommended strength (no effect on")
+    assert vectors.describe_range(again).startswith("no recommended strength (no effect on")
 
 
 def test_side_by_side_scoring_and_sampling_match_one_at_a_time(demo_model) -> None:
@@ -166,7 +166,7 @@ def test_eval_scores_probes_alike_whatever_the_sample_count(demo_model) -> None:
     margins = []
     for samples in (0, 16):  # contexts for 1 and 16 sequences side by side
         with evaluate.context(demo_model, evaluate.EvalSettings(samples=samples), 2) as ctx:
-            margins.append(evaluate.probe_margin(ctx, probes))
+            margins.append(metrics.probe_margin(ctx, probes))
     assert margins[0] == margins[1]
 
 

@@ -250,7 +250,7 @@ def test_gpu_build_command_per_platform() -> None:
 
 def test_model_fits() -> None:
     from edge_steer import catalog
-    from edge_steer.cli.doctor import model_fits
+    from edge_steer.doctor import model_fits
 
     gb = 10**9
     models = [catalog.lookup("mistral:q4_k_m"), catalog.lookup("mixtral:q4_k_m")]  # 5.4, 29.5 GB

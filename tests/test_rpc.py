@@ -222,7 +222,7 @@ def test_moe_experts_stay_local_with_rpc(workers, tiny_moe_path) -> None:
 
 
 def test_doctor_lists_each_workers_devices(workers) -> None:
-    from edge_steer.cli.doctor import rpc_report
+    from edge_steer.doctor import rpc_report
 
     info = rpc_report(workers)
     assert info["supported"] and info["rebuild_command"] is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import assert_steers_probes_monotonically
 
-from edge_steer import calibrate, choose, dataset, evaluate, library, training, vectors
+from edge_steer import calibrate, choose, dataset, library, metrics, training, vectors
 from edge_steer.engine import Context, Model
 
 TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
@@ -149,7 +149,7 @@ def test_plus_and_minus_one_cost_the_calibrated_budget_on_gemma(demo_model, happ
         ppl = {}
         for sign in (0.0, 1.0, -1.0):
             ctx.set_steering(rows * np.float32(sign) if sign else None, *span)
-            ppl[sign] = evaluate.perplexity(ctx, text, window=tokens, limit=tokens)
+            ppl[sign] = metrics.perplexity(ctx, text, window=tokens, limit=tokens)
     worse = max(ppl[1.0], ppl[-1.0]) / ppl[0.0]
     assert abs(np.log(worse) - np.log(calibrate.BUDGET)) <= 0.04, (ppl, happy.metadata)
     assert float(happy.metadata["calibration_budget"]) == calibrate.BUDGET

@@ -198,7 +198,7 @@ def command(args: list[str], *, show: bool = False) -> dict:
 def measure(key: str, out: Path, threads: int, reps: int, pairs: int, train_limit: int) -> dict:
     """Everything for one stand-in."""
     from edge_steer import catalog
-    from edge_steer.cli.doctor import model_fits
+    from edge_steer.doctor import model_fits
 
     spec = standins.SPECS[key]
     start = time.perf_counter()

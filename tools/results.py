@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, training, vectors  # noqa: E402
+from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, training, vectors  # noqa: E402, metrics
 from edge_steer.engine import Model  # noqa: E402
 from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
@@ -152,7 +152,7 @@ def _eval_row(name: str, vector: vectors.ControlVector, result: evaluate.Sweep) 
 EVAL_LEGEND = (
     "Effect = change of the mean log-probability margin of the positive over the negative "
     "continuation on the concept's held-out probes (nats); ppl = perplexity ratio on neutral "
-    "text; degenerate = share of sampled continuations that loop (`evaluate.is_degenerate`); "
+    "text; degenerate = share of sampled continuations that loop (`metrics.is_degenerate`); "
     "prompt = the unsteered model given the persona as a prompt instead of a vector; "
     "recommended = `evaluate.recommend` (perplexity within "
     f"{evaluate.MAX_PPL_RATIO}x, effect of the right sign and at least {evaluate.MIN_EFFECT} nats)"
@@ -204,7 +204,7 @@ CHAT_LEGEND = (
     "questions of `concepts/chat_questions.txt` in its chat format (64 sampled tokens, same "
     "seeds at every strength); persona = mean per-token log P(reply | positive persona "
     "instruction) - log P(reply | negative one), read by the unsteered model (it should rise "
-    "with the strength); loops = share of replies that degenerate (`evaluate.is_degenerate`); "
+    "with the strength); loops = share of replies that degenerate (`metrics.is_degenerate`); "
     "ended = share that end their turn."
 )
 

@@ -73,13 +73,13 @@ def _help(_session, _rest: str, _progress: StepProgress) -> None:
 
 
 def _vectors(session, _rest: str, _progress: StepProgress) -> None:
-    from .. import evaluate, vectors
+    from .. import vectors
 
     layers = session.steering.layers
     span = f"{layers[0]}-{layers[1]}" if layers else "all"
     err.print(f"vectors: {vectors.describe(session.steering.strengths())} · layers {span}")
     for name, (vector, _) in session.steering.active.items():
-        if note := evaluate.describe_range(vector):
+        if note := vectors.describe_range(vector):
             err.print(f"  {name}: {note}", markup=False)
 
 

@@ -265,7 +265,7 @@ def mix_command(
 
 def _recommended(vector) -> list[float] | None:
     """The strength range `edge-steer eval` stored in the file, if it was evaluated."""
-    from ..evaluate import recommended_range
+    from ..vectors import recommended_range
 
     found = recommended_range(vector)
     return list(found) if found else None

@@ -15,8 +15,7 @@ import numpy as np
 from .. import dataset, library, store, vectors
 from ..engine import Model
 from ..errors import BadInput, EdgeSteerError
-from ..evaluate import recommended_range
-from ..vectors import Key
+from ..vectors import Key, recommended_range
 from .api_error import ApiError
 
 DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated
