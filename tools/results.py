@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, training, vectors  # noqa: E402, metrics
+from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, training, vectors  # noqa: E402
 from edge_steer.engine import Model  # noqa: E402
 from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
