@@ -12,7 +12,7 @@ candidate that reproduces most wins, and calibration then finds its exact scale.
 Why behaviour, not read-out: the separation of held-in states along a direction favoured
 mean-diff everywhere and said nothing about cost, and separation per unit of cost at a fixed
 trial push favoured directions whose push was too small to cost anything measurable. No span
-or method is best for every concept (tools/span_sweep.py on Gemma 3 270M, README "How
+or method is best for every concept (tools/span_sweep.py on Gemma 3 270M, docs/training.md "How
 vectors are trained"): honest moved the held-out probes -2.3 / +2.0 nats with mean-diff at
 30-65% of depth and -0.9 / +0.7 with pca-diff at 50-85%, creative and lazy did best at 50-85%.
 """

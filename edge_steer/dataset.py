@@ -45,7 +45,7 @@ class Concept:
     probes: tuple[Probe, ...] = ()
     description: str = ""
     # (positive, negative) texts that show the trait: a persona word alone gives a base
-    # model little to contrast (README: How vectors are trained)
+    # model little to contrast (docs/training.md)
     examples: tuple[tuple[str, str], ...] = ()
     # instruct models get them too, as the start of the reply (the trait shown in an answer,
     # not only asked for), unless measurement said otherwise for this concept

@@ -177,7 +177,8 @@ def parse_size(text: str, what: str) -> int:
 
 def gpu_build_command(system: str, machine: str) -> str:
     """The pip line that rebuilds llama-cpp-python with GPU support: Metal on Apple Silicon,
-    CUDA elsewhere (NVIDIA; README names Vulkan for other GPUs). Same version as installed."""
+    CUDA elsewhere (NVIDIA; docs/install.md names Vulkan for other GPUs). Same version as
+    installed."""
     from importlib.metadata import version
 
     flag = "-DGGML_METAL=on" if (system, machine) == ("Darwin", "arm64") else "-DGGML_CUDA=on"

@@ -68,19 +68,19 @@ def test_bad_bench_input_is_one_clean_line(tiny_dense_path) -> None:
     assert_clean_error(run("bench", *model, "--pp", "9000"), "does not fit --ctx 4096")
 
 
-def test_results_script_writes_readme_blocks_plots_and_json(tmp_path) -> None:
+def test_results_script_writes_its_blocks_plots_and_json(tmp_path) -> None:
     from tools import results
 
-    readme = tmp_path / "README.md"
-    readme.write_text("# x\n\n## Results\n\nold figures\n\n## After\n\nkept\n")
+    doc = tmp_path / "results.md"
+    doc.write_text("# x\n\n## Results\n\nold figures\n\n## After\n\nkept\n")
     out = tmp_path / "results"
     argv = (
         f"--eval-models tiny-dense --bench-models tiny-moe --concepts happy --strengths=-1,0,1 "
-        f"--samples 1 --pairs 4 --reps 1 --threads 1 --readme {readme} --out {out}"
+        f"--samples 1 --pairs 4 --reps 1 --threads 1 --doc {doc} --out {out}"
     ).split()
     assert results.main(argv) == 0
     assert results.main([*argv, "--no-eval"]) == 0  # rewrites only the bench block
-    text = readme.read_text()
+    text = doc.read_text()
     assert "old figures" not in text and text.endswith("## After\n\nkept\n")
     for part in results.PARTS:
         begin, end = results.markers(part)

@@ -3,7 +3,7 @@
 The expected outcomes are measured facts about this small model with the default training (128
 pairs, blocks and method chosen on held-in pairs, calibrated strength), not wishes: the weaker
 concepts are listed with the effect they really reach.
-The README's Results table shows the same concepts over -2..2 with the full neutral text.
+docs/results.md's table shows the same concepts over -2..2 with the full neutral text.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ THREADS = 2
 EXPECTED = {  # concept -> the smallest |effect| in nats at -1 and at +1, as measured (rounded
     # down by about 5%) with calibrated strength and the blocks and method chosen on held-in
     # pairs; every concept works both ways over -1, 0, +1. Measured on an AMD EPYC (2 threads)
-    # with shared-prefix capture (README: Results, "re-measured")
+    # with shared-prefix capture (docs/results.md)
     "concise": 1.9,  # -2.11 / +2.54
     "confident": 3.0,  # -3.32 / +4.41
     "creative": 3.7,  # -3.98 / +4.31: blocks 5-11 chosen (9-14 before, -4.80 / +5.02)

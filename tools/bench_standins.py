@@ -257,7 +257,7 @@ def measure(key: str, out: Path, threads: int, reps: int, pairs: int, train_limi
 
 
 def table(results: list[dict], threads: int) -> str:
-    """The README's Markdown table."""
+    """The Markdown table of docs/benchmarks.md."""
     gb = 1e9
     rows = [
         "| stand-in | file | load | `generate -n 1` | peak RSS: command / working set | fit check "

@@ -1,13 +1,13 @@
-"""Run `eval` and `bench` on the demo model and the tiny models; write the README's Results.
+"""Run `eval` and `bench` on the demo model and the tiny models; write docs/results.md.
 
 The eval runs in this process through the functions `edge-steer eval` uses, on vectors trained
 afresh with the defaults (nothing is read from or written to the vector store). The bench runs
 `edge-steer bench --json` in a child process per model, so each peak RSS is the bench's own.
 
 Writes `tools/results/eval-<model>.png` (effect and perplexity against strength, one line per
-concept), `tools/results/eval.json` and `bench.json` (every figure), and rewrites the README's
-Results blocks (eval and bench separately, between their markers, so `--no-bench` keeps the
-old speed figures).
+concept), `tools/results/eval.json` and `bench.json` (every figure), and rewrites the
+generated blocks of docs/results.md (eval and bench separately, between their markers, so
+`--no-bench` keeps the old speed figures).
 
     python tools/results.py                                  # everything (tens of minutes)
     python tools/results.py --eval-models demo --concepts happy,lazy --strengths=-1..1 --no-bench
@@ -33,7 +33,7 @@ from edge_steer.engine import Model  # noqa: E402
 from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
 
-PARTS = ("eval", "bench")  # README blocks, each between its own markers, rewritten alone
+PARTS = ("eval", "bench")  # generated blocks, each between its own markers, rewritten alone
 TINY = {"tiny-dense": False, "tiny-moe": True}  # name -> MoE
 
 
@@ -355,9 +355,9 @@ def markers(part: str) -> tuple[str, str]:
     return f"<!-- results:{part}:begin -->", f"<!-- results:{part}:end -->"
 
 
-def write_readme(readme: Path, part: str, body: list[str]) -> None:
+def write_doc(doc: Path, part: str, body: list[str]) -> None:
     """Replace one part's block; the first time, the Results section becomes the blocks."""
-    text = readme.read_text(encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
     if markers(part)[0] not in text:
         empty = "\n\n".join("\n".join(markers(p)) for p in PARTS)
         if "\n## Results\n" in text:
@@ -369,9 +369,9 @@ def write_readme(readme: Path, part: str, body: list[str]) -> None:
     begin, end = markers(part)
     head, rest = text.split(begin, 1)
     text = head + "\n".join([begin, *body, end]) + rest.split(end, 1)[1]
-    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp = doc.with_name(f".{doc.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, readme)
+    os.replace(tmp, doc)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--no-bench", action="store_true")
     p.add_argument("--no-baseline", action="store_true", help="skip the persona-prompt baseline")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--out", type=Path, default=ROOT / "tools" / "results")
     args = p.parse_args(argv)
     names = dataset.builtin_names()
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 body += [*eval_markdown(name, label, found["rows"], plot), ""]
                 body += [*chat_markdown(label, found["rows"]), ""]
             _write_json(args.out / "eval.json", raw)
-            write_readme(args.readme, "eval", ["### Does it work? `edge-steer eval`", "", *body])
+            write_doc(args.doc, "eval", ["## Does it work? `edge-steer eval`", "", *body])
         if not args.no_bench:
             reports = []
             for name in args.bench_models.split(","):
@@ -429,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                 reports.append(run_bench(model_path(name, Path(tmp)), args))
             _write_json(args.out / "bench.json", reports)
             body = [_command_line(argv), "", *bench_markdown(reports), ""]
-            write_readme(args.readme, "bench", ["### Speed: `edge-steer bench`", "", *body])
-    log(f"wrote {args.readme} and {args.out}")
+            write_doc(args.doc, "bench", ["## Speed: `edge-steer bench`", "", *body])
+    log(f"wrote {args.doc} and {args.out}")
     return 0
 
 
@@ -441,7 +441,7 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def _plot(sweeps: dict, model_name: str, name: str, args: argparse.Namespace) -> str | None:
-    """The PNG (its path relative to the README), or None without matplotlib."""
+    """The PNG (its path relative to the results document), or None without matplotlib."""
     from edge_steer import plot
 
     target = args.out / f"eval-{name}.png"
@@ -450,7 +450,7 @@ def _plot(sweeps: dict, model_name: str, name: str, args: argparse.Namespace) ->
     except EdgeSteerError as exc:  # the plot extra is missing: keep the figures anyway
         log(f"no plot: {exc}")
         return None
-    return os.path.relpath(path, args.readme.resolve().parent)
+    return os.path.relpath(path, args.doc.resolve().parent)
 
 
 def _command_line(argv: list[str] | None) -> str:

@@ -6,7 +6,7 @@ Starts `edge-steer worker`s on free loopback ports, loads the model with every l
 (`--gpu-layers all --rpc ...`), and times prompt processing and greedy generation with
 engine.bare_decode (the shortest llama_decode loop). Also the load time, and the bytes the
 client's sockets sent and received per generated token (read with `ss -tin`). Writes
-tools/results/rpc_loopback.json and prints a Markdown table for the README.
+tools/results/rpc_loopback.json and prints a Markdown table for docs/moe-and-rpc.md.
 """
 
 from __future__ import annotations

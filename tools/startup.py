@@ -6,7 +6,7 @@ Compares `edge-steer generate --model M -p Hello -n 1` with the floor any Python
 can reach: a minimal script that loads the same GGUF through llama-cpp-python's low-level API
 with default parameters and decodes the prompt for one token. Also times `--help`,
 `--version`, `models list` and `vectors list`.
-Prints a Markdown table (the README's start-up section) and exits 1 if a target is missed.
+Prints a Markdown table (docs/benchmarks.md, Start-up) and exits 1 if a target is missed.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)  # as users run it: imports from cached .pyc
         env.setdefault("EDGE_STEER_HOME", home)
         cli = [sys.executable, "-m", "edge_steer"]
         path = subprocess.run(
