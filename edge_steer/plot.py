@@ -9,7 +9,7 @@ from . import files
 from .errors import BadInput
 from .evaluate import MAX_PPL_RATIO, Sweep, recommend
 
-EXTRA_HINT = "pip install 'edge-steer[plot]'"
+EXTRA_HINT = "pip install matplotlib (the `plot` extra)"  # edge-steer is not on PyPI yet
 
 
 def require() -> None:

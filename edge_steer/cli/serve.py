@@ -74,7 +74,7 @@ def serve(
     except ImportError as exc:
         raise BadInput(
             f"the server needs the `server` extra ({exc.name} is missing): "
-            "pip install 'edge-steer[server]'"
+            "pip install uvicorn starlette (the `server` extra)"
         ) from None
     from .. import rpc
 
