@@ -1,169 +1,277 @@
 """An `llm` plugin: edge-steer's catalog models, steered, inside Simon Willison's `llm`.
 
 `llm -m edge-steer/demo-chat -o vector happy:1 "Hi"`: llm brings its logs, conversations
-(`-c`), templates, aliases and `llm chat`; edge-steer brings the model and its vectors. One
-model and context per (file, context size) stay loaded for the process, so `llm chat` does
-not reload between turns, and a conversation's cached prefix is reused as in `edge-steer chat`.
+(`-c`, `llm chat`), templates and aliases; edge-steer brings the model, its chat template and
+the vectors. Loaded models stay loaded for the process, so `llm chat` neither reloads nor
+re-reads the conversation so far on each turn (the KV cache keeps its prefix).
 
-Registered through the `llm` entry point in pyproject.toml; `llm` itself is not a dependency
-of edge-steer, so nothing else imports this module.
+Registered through the `llm` entry point in pyproject.toml. `llm` is not a dependency of
+edge-steer: nothing else imports this module. Importing it stays cheap (no llama.cpp), since
+llm loads every plugin for every command, `llm --help` included.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import llm
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from .constants import DEFAULT_CTX
 from .errors import EdgeSteerError
 
+if TYPE_CHECKING:
+    from .catalog import Entry
+    from .engine import SamplerSettings
+    from .runtime import Steered
+
 PREFIX = "edge-steer/"
-_loaded: dict[tuple[str, int], Any] = {}  # (model name, ctx) -> runtime.Steered
+MAX_TOKENS = 512  # a reply's default length, as `edge-steer chat --max-tokens`
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+
+# (catalog name, context size) -> the loaded model and its context, for the whole process:
+# llm makes new model objects on every `llm.get_model()`, so they cannot hold it.
+_loaded: dict[tuple[str, int], Steered] = {}
 
 
 @llm.hookimpl
 def register_models(register) -> None:
+    """One llm model per catalog entry; a model's name without a quant names its default."""
     from . import catalog
 
     for entry in catalog.entries():
-        register(SteeredModel(catalog.short_name(entry)))
+        name = catalog.short_name(entry)
+        register(SteeredModel(name), aliases=_aliases(name, entry))
+
+
+def _aliases(name: str, entry: Entry) -> tuple[str, ...]:
+    """`edge-steer/mistral` for `edge-steer/mistral:q4_k_m`, the default quant."""
+    from . import catalog
+
+    model, _, quant = name.partition(":")
+    return (PREFIX + model,) if quant and catalog.lookup(model) == entry else ()
 
 
 class SteeredModel(llm.Model):
-    """One catalog model; vectors and sampling come as `-o` options on each prompt."""
+    """One catalog model; its vectors and sampling come as `-o` options on each prompt."""
 
     can_stream = True
 
     class Options(llm.Options):
         vector: str | None = Field(
             default=None,
-            description="Vectors as `edge-steer chat --vector` takes them: happy:1,lazy:-0.5",
+            description="Vectors and strengths as edge-steer's --vector: happy:1,lazy:-0.5",
         )
-        layers: str | None = Field(default=None, description="Steer only blocks A-B")
-        temperature: float | None = Field(default=None, description="0 is greedy (0.8)")
-        top_k: int | None = Field(default=None, description="llama.cpp's top-k (40)")
-        top_p: float | None = Field(default=None, description="llama.cpp's top-p (0.95)")
-        min_p: float | None = Field(default=None, description="llama.cpp's min-p (0.05)")
-        repeat_penalty: float | None = Field(default=None, description="1.0 is off")
-        seed: int | None = Field(default=None, description="Sampling seed")
-        max_tokens: int = Field(default=512, description="Most tokens in the reply", ge=1)
-        ctx: int = Field(default=DEFAULT_CTX, description="Context size in tokens", ge=16)
+        layers: str | None = Field(
+            default=None, description="Steer only blocks A-B, e.g. 4-12 (default all)"
+        )
+        temperature: float | None = Field(default=None, description="0 is greedy (default 0.8)")
+        top_k: int | None = Field(default=None, description="Top-k, 0 is off (default 40)")
+        top_p: float | None = Field(default=None, description="Top-p, 1 is off (default 0.95)")
+        min_p: float | None = Field(default=None, description="Min-p, 0 is off (default 0.05)")
+        repeat_penalty: float | None = Field(
+            default=None, description="Repetition penalty, 1 is off (default 1)"
+        )
+        seed: int | None = Field(default=None, description="Sampling seed (default random)")
+        max_tokens: int | None = Field(
+            default=None, ge=1, description=f"Most tokens in a reply (default {MAX_TOKENS})"
+        )
+        ctx: int | None = Field(
+            default=None, ge=16, description=f"Context size in tokens (default {DEFAULT_CTX})"
+        )
 
         @field_validator("vector")
         @classmethod
         def _vector_spec(cls, value: str | None) -> str | None:
+            """Syntax, total strength and names, before anything loads: `llm chat` has no error
+            line for a failed turn (it ends in a traceback), so catch here what can be."""
             from . import vectors
 
-            if value:
-                try:
-                    vectors.check_strengths(vectors.spec_strengths([value]))
-                except EdgeSteerError as exc:
-                    raise ValueError(str(exc)) from None
+            strengths = vectors.spec_strengths([value or ""])
+            vectors.check_strengths(strengths)
+            for name in strengths:
+                _check_known(name)
+            return value
+
+        @field_validator("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+        @classmethod
+        def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+            """The engine's own limits for each setting, as the CLI and the server check."""
+            from .engine import SAMPLING_LIMITS, SamplerSettings, out_of_range
+
+            if value is None:
+                return value
+            name = info.field_name or ""
+            alone = SamplerSettings(**{name: value})  # type: ignore[arg-type]
+            if out_of_range(alone):
+                low, high = SAMPLING_LIMITS[name]
+                raise ValueError(f"{value} is out of range: use {low:g} to {high:g}")
             return value
 
     def __init__(self, name: str):
-        self.name = name
+        self.name = name  # the catalog name: demo-chat, mistral:q4_k_m
         self.model_id = PREFIX + name
 
     def __str__(self) -> str:
         return f"edge-steer: {self.model_id}"
 
-    def execute(self, prompt, stream, response, conversation) -> Iterator[str]:
-        """The reply to `prompt` after the conversation so far, steered as its options say."""
+    def execute(
+        self,
+        prompt: llm.Prompt,
+        stream: bool,
+        response: llm.Response,
+        conversation: llm.Conversation | None,
+    ) -> Iterator[str]:
+        """The reply to `prompt` after the conversation so far, steered as its options say;
+        edge-steer's errors (an unknown vector, a model that does not fit) become ModelError,
+        which llm shows as one line."""
         try:
-            yield from self._reply(prompt, response)
+            yield from self._reply(prompt, response, conversation)
         except EdgeSteerError as exc:
             raise llm.ModelError(str(exc)) from None
 
-    def _reply(self, prompt, response) -> Iterator[str]:
-        from .chat import ChatSession
+    def _reply(
+        self, prompt: llm.Prompt, response: llm.Response, conversation: llm.Conversation | None
+    ) -> Iterator[str]:
+        from .chat import format_prompt, until_stop
+        from .engine import Sampler
 
-        options = prompt.options
-        steered = _steered(self.name, options.ctx)
-        steered.steering.layers = _layers(options.layers, steered.model.n_layer)
-        _set_vectors(steered, options.vector)
-        system, history, message = _turns(prompt.messages)
-        session = ChatSession(
-            steered.context,
-            steered.steering,
-            _sampling(options),
-            system,
-            options.max_tokens,
-            messages=history,
+        options = cast(SteeredModel.Options, prompt.options)
+        steered = _steered(self.name, options.ctx or DEFAULT_CTX)
+        _steer(steered, options.vector, options.layers)
+        tokens, stops = format_prompt(steered.model, _messages(prompt, conversation))
+        sampler = Sampler(steered.model, _sampling(options))
+        try:
+            pieces = steered.context.generate(
+                tokens, sampler, max_tokens=options.max_tokens or MAX_TOKENS
+            )
+            yield from until_stop(pieces, stops)
+        finally:
+            sampler.close()
+        decoded = steered.context.stats.prompt_tokens
+        response.set_usage(
+            input=len(tokens),
+            output=steered.context.stats.generated,
+            details={"cached_prompt_tokens": len(tokens) - decoded},
         )
-        yield from session.reply(message)
-        stats = steered.context.stats
-        response.set_usage(input=stats.prompt_tokens, output=stats.generated)
+        response.response_json = {
+            "model_file": str(steered.model.path),
+            "vectors": steered.steering.strengths(),
+            "layers": steered.steering.layers,
+        }
 
 
-def _steered(name: str, ctx: int):
-    """The model and context for (name, ctx), loaded on first use and kept."""
+def _check_known(name: str) -> None:
+    """A built-in concept, a .gguf file or a vector stored for some model; whether it was made
+    for this model is known once the model is loaded."""
+    from . import dataset, files, store
+    from .errors import NotFound
+
+    path = files.looks_like_path(name)
+    if not path and name.lower() in dataset.builtin_names():
+        return
+    store.check_name_or_path(name)
+    try:
+        store.find_vectors(name)
+    except NotFound as exc:
+        raise ValueError(
+            str(exc)
+            if path
+            else f"unknown vector {name!r}: use a built-in concept "
+            f"({', '.join(dataset.builtin_names())}), a stored vector "
+            "(`edge-steer vectors list`) or a .gguf file"
+        ) from None
+
+
+def _steered(name: str, ctx: int) -> Steered:
+    """The model and context for (name, ctx): loaded (downloaded) on first use, then kept."""
     if (name, ctx) not in _loaded:
         from . import runtime
 
-        _loaded[(name, ctx)] = runtime.load_from(
-            runtime.LoadOptions(model=name, ctx=ctx), on_note=_note, on_progress=_progress
-        )
+        options = runtime.LoadOptions(model=name, ctx=ctx)
+        _loaded[(name, ctx)] = runtime.load_from(options, on_note=_note)
     return _loaded[(name, ctx)]
 
 
-def _layers(text: str | None, n_layer: int) -> tuple[int, int] | None:
-    from .steering import parse_layers
+def _steer(steered: Steered, spec: str | None, layers: str | None) -> None:
+    """Put exactly `spec` on the context. The same vectors as last turn keep the KV cache
+    (Context.set_steering); a built-in concept this model has no vector for trains first."""
+    from . import runtime
 
-    return parse_layers(text, n_layer)
-
-
-def _set_vectors(steered, spec: str | None) -> None:
-    """Make the session's vectors exactly `spec` (built-in concepts train on first use)."""
-    from . import vectors
-
-    wanted = vectors.spec_strengths([spec]) if spec else {}
-    for name in set(steered.steering.strengths()) - set(wanted):
-        steered.steering.set(name, 0)
-    for name, strength in wanted.items():
-        steered.steering.set(name, strength)
+    notice = _TrainingNotice()
+    steered.steering = runtime.steer(steered.model, spec or "", layers=layers, on_progress=notice)
+    notice.finish()
+    steered.steering.apply(steered.context)
 
 
-def _sampling(options):
-    """SamplerSettings from the options given; llama.cpp's defaults for the rest."""
-    from .engine import SAMPLING_LIMITS, SamplerSettings, out_of_range
-    from .errors import BadInput
-
-    names = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
-    given = {n: getattr(options, n) for n in names if getattr(options, n) is not None}
-    settings = SamplerSettings(**given)
-    if bad := out_of_range(settings):
-        low, high = SAMPLING_LIMITS[bad]
-        value = getattr(settings, bad)
-        raise BadInput(f"-o {bad} {value} is out of range: use {low:g} to {high:g}")
-    return settings
+def _messages(prompt: llm.Prompt, conversation: llm.Conversation | None) -> list[dict[str, str]]:
+    """The chat so far (`-c`, `llm chat`) and this prompt, as the chat template takes them:
+    one system prompt first (this prompt's, else the last one given: llm sends it with the
+    first turn only), then the user and assistant turns."""
+    whole_chain = hasattr(prompt, "messages")  # llm >= 0.32; `-c` reads it from the logs
+    turns = _chain(prompt) if whole_chain else _from_responses(prompt, conversation)
+    systems = [t["content"] for t in turns if t["role"] == "system"] + [prompt.system or ""]
+    system = next((s for s in reversed(systems) if s), None)
+    head = [{"role": "system", "content": system}] if system else []
+    return head + [t for t in turns if t["role"] in ("user", "assistant")]
 
 
-def _turns(chain) -> tuple[str | None, list[dict[str, str]], str]:
-    """llm's whole chain for this turn (`prompt.messages`: system, earlier turns of `-c` or
-    `llm chat`, this prompt) as the system prompt, the history, and the message to answer."""
-    system, history = None, []
-    for message in chain:
-        text = "".join(getattr(part, "text", None) or "" for part in message.parts)
-        if message.role == "system":
-            system = text
-        elif message.role in ("user", "assistant"):
-            history.append({"role": message.role, "content": text})
-    last = history.pop() if history and history[-1]["role"] == "user" else {"content": ""}
-    return system, history, last["content"]
+def _chain(prompt: llm.Prompt) -> list[dict[str, str]]:
+    """`prompt.messages` as text: attachments, tool calls and reasoning are not for a
+    steered local model."""
+    from llm.parts import TextPart
+
+    return [
+        {"role": m.role, "content": "".join(p.text for p in m.parts if isinstance(p, TextPart))}
+        for m in prompt.messages
+    ]
+
+
+def _from_responses(
+    prompt: llm.Prompt, conversation: llm.Conversation | None
+) -> list[dict[str, str]]:
+    """llm < 0.32 keeps a conversation as its responses, each with its own prompt."""
+    turns = []
+    for earlier in cast(list[llm.Response], conversation.responses if conversation else []):
+        if earlier.prompt.system:
+            turns.append({"role": "system", "content": earlier.prompt.system})
+        turns.append({"role": "user", "content": earlier.prompt.prompt or ""})
+        turns.append({"role": "assistant", "content": earlier.text()})
+    return [*turns, {"role": "user", "content": prompt.prompt or ""}]
+
+
+def _sampling(options: SteeredModel.Options) -> SamplerSettings:
+    """The settings given; llama.cpp's defaults (SamplerSettings') for the rest."""
+    from .engine import SamplerSettings
+
+    given = {n: getattr(options, n) for n in SAMPLING if getattr(options, n) is not None}
+    return SamplerSettings(**given)
 
 
 def _note(message: str) -> None:
-    print(f"edge-steer: {message}", file=sys.stderr)
+    print(f"edge-steer: {message}", file=sys.stderr, flush=True)
 
 
-def _progress(label: str, done: int, total: int) -> None:
-    """Training on first use: a line as each stage starts and ends (llm owns the terminal)."""
-    if done == 0:
-        _note(f"{label} ...")
-    elif done >= total:
-        _note(f"{label}: done")
+class _TrainingNotice:
+    """`on_progress` while vectors resolve: a line on stderr as a concept starts training, one
+    as it is done. llm owns the terminal, so no bars; training on first use takes a while."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.started = 0.0
+
+    def __call__(self, label: str, _done: int, _total: int) -> None:
+        what = label.rpartition(": ")[0] or label  # "training 'happy' on M", not the stage
+        if what != self.current:
+            self.finish()
+            self.current, self.started = what, time.monotonic()
+            _note(f"{what}: the first use of this concept on this model, please wait ...")
+
+    def finish(self) -> None:
+        if self.current is not None:
+            seconds = time.monotonic() - self.started
+            _note(f"{self.current}: done in {seconds:.0f} s, stored for next time")
+            self.current = None

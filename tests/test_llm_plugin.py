@@ -1,8 +1,9 @@
-"""The `llm` plugin as an `llm` user meets it: the real `llm` command, a fresh llm home, the
-chat demo model, steered replies, `-c` conversations, clean errors."""
+"""The `llm` plugin, driven through llm's own CLI as a user runs it: real llama.cpp runs on the
+SmolLM2 chat demo (`demo-chat`), llm's logs in a fresh LLM_USER_PATH."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -12,67 +13,129 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_steer import gguffile, vectors
+from edge_steer import store, vectors
+from edge_steer.engine import SamplerSettings
 
 pytest.importorskip("llm")
-LLM = str(Path(sys.executable).parent / "llm")
+
+MODEL = "edge-steer/demo-chat"
+GREEDY = ("-o", "temperature", "0", "-o", "max_tokens", "24")
 
 
 @pytest.fixture
-def run_llm(tmp_path, chat_path):
-    env = {**os.environ, "LLM_USER_PATH": str(tmp_path / "llm"), "COLUMNS": "200"}
-    env["EDGE_STEER_HOME"] = str(tmp_path / "edge-steer")
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [LLM, *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
-        )
-
-    return run
+def llm_env(tmp_path: Path, chat_path: Path) -> dict[str, str]:
+    """llm's logs and keys in a fresh place; edge-steer's store is the session's (conftest)."""
+    (tmp_path / "home").mkdir()
+    return {**os.environ, "HOME": str(tmp_path / "home"), "LLM_USER_PATH": str(tmp_path / "llm")}
 
 
-def strong_vector(chat_path: Path, folder: Path) -> Path:
-    """A random direction on the middle blocks, big enough to change a greedy reply."""
-    header = gguffile.read_header(chat_path)
-    n_layer, n_embd = header.arch_int("block_count"), header.arch_int("embedding_length")
-    rng = np.random.default_rng(0)
-    directions = {n: rng.standard_normal(n_embd).astype(np.float32) * 4 for n in range(8, 20)}
-    assert n_layer and n_layer > 20
-    return vectors.write(vectors.ControlVector(directions, "llama"), folder / "strong.gguf")
-
-
-def test_llm_lists_and_runs_steered_models_with_conversations(run_llm, chat_path, tmp_path):
-    assert "edge-steer/demo-chat" in run_llm("models").stdout
-    ask = ["-m", "edge-steer/demo-chat", "-o", "temperature", "0", "-o", "max_tokens", "24"]
-    plain = run_llm("prompt", *ask, "My name is Ada. Say hello.")
-    assert plain.returncode == 0 and plain.stdout.strip(), plain.stderr
-    first = json.loads(run_llm("logs", "-n", "1", "--json").stdout)[0]
-    steered = run_llm(
-        "prompt",
-        *ask,
-        "-o",
-        "vector",
-        f"{strong_vector(chat_path, tmp_path)}:1",
-        "My name is Ada. Say hello.",
+def llm_cli(env: dict[str, str], *args: str, stdin: str | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "llm", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
-    assert steered.returncode == 0 and steered.stdout.strip() != plain.stdout.strip()
-    more = run_llm("prompt", "-c", "-o", "max_tokens", "8", "What is my name?")
-    assert more.returncode == 0, more.stderr
-    follow = json.loads(run_llm("logs", "-n", "1", "--json").stdout)[0]
-    # the continuation carried the earlier turns: more prompt tokens than the first question
-    assert follow["input_tokens"] > first["input_tokens"] + 10, (first, follow)
-    assert follow["model"] == "edge-steer/demo-chat"
+
+
+def logged(env: dict[str, str], count: int) -> list[dict]:
+    """The last `count` responses in llm's log, oldest first."""
+    result = llm_cli(env, "logs", "-n", str(count), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def mood(chat_path: Path, chat_model) -> str:
+    """A stored vector for demo-chat (random directions, strong enough to change greedy
+    replies): training a real concept would take the whole test's time budget."""
+    rng = np.random.default_rng(7)
+    directions = {}
+    for block in range(8, 16):
+        direction = rng.normal(size=chat_model.n_embd).astype(np.float32)
+        directions[block] = 20 * direction / np.linalg.norm(direction)
+    path = store.model_vectors_dir(chat_path) / "llm-test-mood.gguf"
+    vectors.write(vectors.ControlVector(directions), path)
+    return "llm-test-mood"
+
+
+def test_llm_lists_every_catalog_model_with_its_options(llm_env) -> None:
+    listed = llm_cli(llm_env, "models", "list", "--options", "-q", "edge-steer")
+    assert listed.returncode == 0, listed.stderr
+    assert f"edge-steer: {MODEL}\n" in listed.stdout
+    assert "edge-steer/mistral:q4_k_m (aliases: edge-steer/mistral)" in listed.stdout
+    assert "vector: str" in listed.stdout and "layers: str" in listed.stdout
+
+
+def test_the_options_name_edge_steers_own_defaults() -> None:
+    from edge_steer.llm_plugin import SAMPLING, SteeredModel
+
+    fields = SteeredModel.Options.model_fields
+    for name in SAMPLING[:-1]:  # the seed's default is none: random
+        default = getattr(SamplerSettings(), name)
+        assert f"(default {default:g})" in (fields[name].description or ""), name
+
+
+def test_a_steered_reply_differs_from_the_plain_one_and_is_logged(llm_env, mood) -> None:
+    prompt = "Tell me about your day."
+    plain = llm_cli(llm_env, "-m", MODEL, *GREEDY, prompt)
+    steered = llm_cli(llm_env, "-m", MODEL, *GREEDY, "-o", "vector", f"{mood}:2", prompt)
+    assert plain.returncode == 0 and steered.returncode == 0, plain.stderr + steered.stderr
+    assert plain.stdout.strip() and steered.stdout.strip()
+    assert steered.stdout != plain.stdout
+    first, second = logged(llm_env, 2)
+    assert first["response_json"]["vectors"] == {}
+    assert second["response_json"]["vectors"] == {mood: 2.0}
+    assert second["options_json"] == {"temperature": 0.0, "max_tokens": 24, "vector": f"{mood}:2"}
+    assert 0 < second["output_tokens"] <= 24 and second["input_tokens"] > 5
+
+
+def test_continue_sends_the_conversation_so_far(llm_env) -> None:
+    first = llm_cli(llm_env, "-m", MODEL, *GREEDY, "-s", "Be brief.", "My name is Ada. Hi!")
+    second = llm_cli(llm_env, "-c", *GREEDY, "What is my name?")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    before, after = logged(llm_env, 2)
+    assert before["conversation_id"] == after["conversation_id"]
+    # the first prompt and its reply are in the second prompt's tokens
+    assert after["input_tokens"] > before["input_tokens"] + before["output_tokens"]
+
+
+def test_llm_chat_keeps_the_model_and_its_cache_between_turns(llm_env) -> None:
+    result = llm_cli(llm_env, "chat", "-m", MODEL, *GREEDY, stdin="Hi!\nAnd then?\nquit\n")
+    assert result.returncode == 0, result.stderr
+    first, second = logged(llm_env, 2)
+    details = json.loads(second["token_details"])
+    assert details["cached_prompt_tokens"] >= first["input_tokens"]  # not read again
 
 
 @pytest.mark.parametrize(
-    ("options", "words"),
+    ("option", "words"),
     [
-        (["-o", "vector", "happy:50"], "too strong"),
-        (["-o", "vector", "nosuch:1"], "unknown vector 'nosuch'"),
-        (["-o", "temperature", "5"], "temperature 5.0 is out of range"),
+        ("vector=happy:1:2", "bad vector spec"),
+        ("vector=happy:20", "too strong"),
+        ("vector=no-such-vector", "unknown vector 'no-such-vector'"),
+        ("temperature=5", "out of range: use 0 to 2"),
+        ("layers=20-40", "outside the model's steerable blocks 1-29"),  # known once loaded
     ],
 )
-def test_bad_options_are_llm_errors_not_tracebacks(run_llm, options, words) -> None:
-    result = run_llm("prompt", "-m", "edge-steer/demo-chat", *options, "hi")
-    assert result.returncode == 1 and words in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.startswith("Error:")
+def test_bad_options_are_one_clean_error(llm_env, option: str, words: str) -> None:
+    name, _, value = option.partition("=")
+    result = llm_cli(llm_env, "-m", MODEL, "-o", name, value, "Hi")
+    assert result.returncode == 1 and result.stderr.startswith("Error: "), result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_only_the_plugin_imports_llm() -> None:
+    """llm is an optional extra: edge-steer itself must work without it."""
+    package = Path(__file__).resolve().parent.parent / "edge_steer"
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(n == "llm" or n.startswith("llm.") for n in names):
+                importers.add(path.name)
+    assert importers == {"llm_plugin.py"}
