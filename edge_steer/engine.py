@@ -89,6 +89,10 @@ class Model:
         mmap: bool = True,
     ):
         self.path = Path(path)
+        # llama.cpp work on this model's contexts (make, steer, decode, free), one call at a
+        # time: contexts of one model must not decode from several threads at once, and a
+        # server trains on one thread while its engine thread streams (they take turns)
+        self.lock = threading.RLock()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
         params.use_extra_bufts = repack
@@ -420,7 +424,7 @@ class Context:
         self._capture: _Capture | None = _Capture(model.n_layer, model.n_embd) if capture else None
         if self._capture is not None:
             params.cb_eval = self._capture.callback  # referenced by self._capture
-        with _recorded_log() as log:
+        with model.lock, _recorded_log() as log:
             self.ptr = ll.llama_init_from_model(model.ptr, params)
         self.buffers = _buffer_sizes(log, _CONTEXT_BUFFER)  # "CPU KV", "CUDA0 compute", ...
         if not self.ptr:
@@ -465,12 +469,13 @@ class Context:
             return  # same vectors: the cached tokens stay valid, and no graph rebuild
         self.forget(0)  # tokens in the KV cache were computed under the old steering
         self._steering = buf  # keep the memory alive while llama.cpp might read it
-        if buf is None:
-            ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
-            return
-        pointer = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        if ll.llama_set_adapter_cvec(self.ptr, pointer, buf.size, m.n_embd, first, last):
-            raise EngineError(f"llama.cpp refused the control vector: {_last_error()}")
+        pointer = None if buf is None else buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        with m.lock:
+            if buf is None:
+                ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
+                return
+            if ll.llama_set_adapter_cvec(self.ptr, pointer, buf.size, m.n_embd, first, last):
+                raise EngineError(f"llama.cpp refused the control vector: {_last_error()}")
 
     # -- decoding -------------------------------------------------------------------------
     def forget(self, keep: int = 0) -> None:
@@ -483,7 +488,8 @@ class Context:
         del self.tokens[keep:]
 
     def _decode(self) -> None:
-        self._check(ll.llama_decode(self.ptr, self.batch.raw))
+        with self.model.lock:
+            self._check(ll.llama_decode(self.ptr, self.batch.raw))
 
     @staticmethod
     def _check(status: int) -> None:
@@ -839,7 +845,8 @@ class Context:
 
     def close(self) -> None:
         if self.ptr:
-            ll.llama_free(self.ptr)
+            with self.model.lock:
+                ll.llama_free(self.ptr)
             self.ptr = None
 
     def __enter__(self) -> Context:

@@ -292,3 +292,48 @@ def test_a_damaged_stored_vector_is_422(client, wobble):
     finally:
         broken.unlink()
     assert _complete(client, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_a_stream_keeps_streaming_while_another_request_trains(demo_path, tmp_path):
+    """--allow-train: a request that names a built-in concept not trained yet waits for its
+    training off the engine thread, while a stream on the other lane keeps producing tokens
+    (before, every lane stood still until training ended); /health counts it as training."""
+    import os
+    import threading
+
+    env = {**os.environ, "EDGE_STEER_HOME": str(tmp_path)}  # nothing trained for the model yet
+    args = ["--model", str(demo_path), "--parallel", "2", "--allow-train"]
+    with running_server(args, env=env) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        arrivals: list[float] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            pieces = client.completions.create(
+                model=demo_path.stem, prompt=PROMPT, max_tokens=3000, temperature=0, stream=True
+            )
+            for _ in pieces:
+                arrivals.append(time.monotonic())
+                if stop.is_set():
+                    break
+            pieces.close()
+
+        streaming = threading.Thread(target=stream)
+        streaming.start()
+        while not arrivals:
+            time.sleep(0.05)
+        start = time.monotonic()
+        with ThreadPoolExecutor(1) as pool:
+            trained = pool.submit(_complete, client, {"lazy": 1.0}, model=demo_path.stem)
+            seen_training = False
+            while not (seen_training or trained.done()):
+                seen_training = health(url)[1]["training"] == 1
+                time.sleep(0.2)
+            reply = trained.result(timeout=300)
+        end = time.monotonic()
+        stop.set()
+        streaming.join(timeout=60)
+    assert reply.model_extra["steering"] == {"lazy": 1.0} and seen_training
+    during = [t for t in arrivals if start <= t <= end]
+    gaps = np.diff([start, *during, end])
+    assert len(during) > 20 and gaps.max() < (end - start) / 3, (len(during), gaps.max())

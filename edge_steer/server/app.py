@@ -135,6 +135,7 @@ def _health(state: ServerState) -> dict[str, Any]:
         "lanes": len(lanes.lanes),
         "busy": lanes.busy_lanes(),
         "queued": lanes.waiting.qsize(),
+        "training": lanes.training.qsize() + (lanes.in_training is not None),
     }
 
 

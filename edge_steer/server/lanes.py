@@ -5,6 +5,10 @@ its own control vector, so per-request steering means one context per lane, all 
 Lanes take turns token by token, so a new request never stalls or cuts off a running stream
 for longer than one token (or one prompt chunk). Steering is set once per request, when it
 starts on a lane; a lane's cached KV prefix is reused only under identical steering.
+
+A request naming a built-in concept not trained yet waits on the trainer thread, not on a
+lane: running streams keep streaming while it trains (their decodes and the trainer's take
+turns, one llama.cpp call at a time, engine.Model.lock), then it joins the queue again.
 """
 
 from __future__ import annotations
@@ -88,9 +92,13 @@ class Lanes:
         self._stop = threading.Event()
         self._admitting = threading.Lock()  # no ticket slips in while stopping
         self._thread = threading.Thread(target=self._run, name="edge-steer-engine", daemon=True)
+        self.training: queue.Queue[Ticket] = queue.Queue()  # waiting for vectors to train
+        self.in_training: Ticket | None = None  # the one whose vectors train now
+        self._trainer = threading.Thread(target=self._train, name="edge-steer-trainer", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._trainer.start()
 
     def stop(self) -> None:
         """Stop after the step in progress (one token or prompt chunk); every ticket, on a
@@ -99,8 +107,11 @@ class Lanes:
             self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        while not self.waiting.empty():
-            self.waiting.get_nowait().deliver(Failed(shutting_down()))
+        for waiting in (self.waiting, self.training):  # training is not waited for
+            while not waiting.empty():
+                waiting.get_nowait().deliver(Failed(shutting_down()))
+        if (ticket := self.in_training) is not None:
+            ticket.deliver(Failed(shutting_down()))
 
     def submit(self, ticket: Ticket) -> None:
         """Queue `ticket`, or raise Busy when every lane is taken and `queue_size` wait
@@ -108,7 +119,8 @@ class Lanes:
         with self._admitting:
             if self._stop.is_set():
                 raise shutting_down()
-            if self.waiting.qsize() + self.busy_lanes() >= len(self.lanes) + self.queue_size:
+            held = self.waiting.qsize() + self.training.qsize() + self.busy_lanes()
+            if held >= len(self.lanes) + self.queue_size:
                 raise Busy
             self.waiting.put_nowait(ticket)
 
@@ -140,8 +152,11 @@ class Lanes:
                 self._start(_best_lane(free, ticket.job), ticket)
 
     def _start(self, lane: Lane, ticket: Ticket) -> None:
+        if self.pool.untrained(ticket.job.steering):
+            self.training.put_nowait(ticket)  # the lane stays free for others meanwhile
+            return
         try:
-            rows = self.pool.rows(ticket.job.steering)  # may train a built-in on first use
+            rows = self.pool.rows(ticket.job.steering)
             lane.context.set_steering(rows, self.first, self.last)  # empties the KV if changed
             if not ticket.job.cache_prompt:
                 lane.context.forget(0)  # the prompt in one pass, exactly as the CLI decodes it
@@ -179,6 +194,29 @@ class Lanes:
         lane.ticket = lane.steps = None
         if event is not None:
             ticket.deliver(event)
+
+
+    # -- the trainer thread -----------------------------------------------------------------
+    def _train(self) -> None:
+        """Train what waiting requests name, one request at a time, then queue them again."""
+        while not self._stop.is_set():
+            try:
+                self.in_training = ticket = self.training.get(timeout=IDLE_WAIT)
+            except queue.Empty:
+                continue
+            try:
+                for name in self.pool.untrained(ticket.job.steering):
+                    if ticket.cancelled.is_set() or self._stop.is_set():
+                        break
+                    self.pool.train(name)
+            except Exception as exc:  # this thread must outlive any one request
+                ticket.deliver(Failed(_as_error(exc)))
+                continue
+            finally:
+                self.in_training = None
+            with self._admitting:  # stop() has answered it if it is stopping
+                if not (self._stop.is_set() or ticket.cancelled.is_set()):
+                    self.waiting.put_nowait(ticket)
 
 
 def _as_error(exc: Exception) -> EdgeSteerError:

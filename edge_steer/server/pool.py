@@ -6,7 +6,8 @@ the server allows it) and presets. A request can never make the server open a pa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,12 +24,30 @@ DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated
 
 @dataclass
 class VectorPool:
-    """Vectors by name for `model`, loaded once; presets are named steering specs."""
+    """Vectors by name for `model`, loaded once; presets are named steering specs.
+
+    Used from three threads (requests check names, the engine thread sums rows, the trainer
+    adds what it trained): `loaded` changes only under `_lock`."""
 
     model: Model
     allow_train: bool = False
     presets: dict[str, dict[str, float]] = field(default_factory=dict)
     loaded: dict[str, vectors.ControlVector] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, name: str, vector: vectors.ControlVector) -> None:
+        with self._lock:
+            self.loaded[name] = vector
+
+    def untrained(self, names: Iterable[str]) -> list[str]:
+        """The `names` with no vector loaded yet: built-in concepts to train first."""
+        with self._lock:
+            return [name for name in names if name not in self.loaded]
+
+    def train(self, name: str) -> None:
+        """Train built-in concept `name` for this model and keep it (the trainer's thread:
+        its decodes take turns with the engine thread's, see engine.Model.lock)."""
+        self.add(name, vectors.read(library.resolve(self.model, name)))
 
     def check(self, steering: Mapping[str, float], param: str = "steering") -> dict[str, float]:
         """The request's steering, validated: known names, numeric strengths (their total is
@@ -52,9 +71,9 @@ class VectorPool:
         path = store.stored_vector(name, self.model.path)
         if path is None:
             if self._trainable(name):
-                return  # trained by the engine thread on first use
+                return  # trained on first use, off the engine thread (lanes.py)
             raise self._unknown(name, param)
-        self.loaded[name] = self._read(name, path, param)
+        self.add(name, self._read(name, path, param))
 
     def _read(self, name: str, path: Path, param: str) -> vectors.ControlVector:
         try:
@@ -92,14 +111,12 @@ class VectorPool:
         )
 
     def rows(self, steering: Mapping[str, float]) -> np.ndarray | None:
-        """The summed steering rows, training missing built-ins first (engine thread only:
-        training decodes on the model)."""
+        """The summed steering rows; every name must be loaded (`untrained` says which are
+        not)."""
         if not steering:
             return None
-        for name in steering:
-            if name not in self.loaded:
-                self.loaded[name] = vectors.read(library.resolve(self.model, name))
-        weighted = [(self.loaded[name], strength) for name, strength in steering.items()]
+        with self._lock:
+            weighted = [(self.loaded[name], strength) for name, strength in steering.items()]
         return vectors.combine(weighted, self.model.n_layer, self.model.n_embd)
 
     def catalogue(self) -> list[dict[str, object]]:

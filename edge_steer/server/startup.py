@@ -208,10 +208,11 @@ def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progres
     """A preset's vectors, from the store or trained now (a preset is the operator's choice,
     so built-in concepts are trained for it whatever --allow-train says)."""
     for vector in spec:
-        if vector not in pool.loaded:
+        if pool.untrained([vector]):
             path = runtime.vector_file(pool.model, vector, on_progress=on_progress)
-            pool.loaded[vector] = vectors.read(path)
-            vectors.check_fits(pool.loaded[vector], pool.model.n_layer, pool.model.n_embd, vector)
+            read = vectors.read(path)
+            vectors.check_fits(read, pool.model.n_layer, pool.model.n_embd, vector)
+            pool.add(vector, read)
     pool.presets[name] = dict(spec)
 
 
