@@ -31,7 +31,7 @@ from .engine import Context, Model
 VALIDATION_EVERY = 4  # pair i is held in when i % 4 == 3
 MIN_PAIRS = 8  # fewer pairs than this: no validation split, the default span and method
 SPANS = ((0.3, 0.65), (0.5, 0.85))  # fractions of depth
-METHODS = ("pca-diff", "mean-diff")
+CANDIDATE_METHODS = ("pca-diff", "mean-diff")
 PAIRS = 8  # held-in pairs whose next-token distributions judge the candidates
 TRIAL_SCALE = 2.0  # the first push, times a candidate's separation-scaled rows
 TOKENS = 64  # calibration-text tokens per cost measurement
@@ -141,7 +141,7 @@ def _budget_scale(cost: Callable[[float], float], budget: float) -> float:
     return calibrate.extrapolate(push, max(measured, MIN_COST), budget)
 
 
-def choose(
+def best(
     model: Model,
     units: Callable[[str], tuple[np.ndarray, np.ndarray]],
     prompts: Sequence[str],
@@ -155,7 +155,7 @@ def choose(
     """The best candidate and all that were tried; a given `method` or `layers` is kept.
     `units(method)` gives directions and gaps from the training pairs, `prompts` the held-in
     pairs' (positive, negative) texts, interleaved."""
-    methods = [method] if method else list(METHODS)
+    methods = [method] if method else list(CANDIDATE_METHODS)
     spans = [layers] if layers else sorted({span_blocks(model.n_layer, s) for s in SPANS})
     found = candidates(
         model, units, prompts, methods, spans, budget=budget, threads=threads, progress=progress

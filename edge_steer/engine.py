@@ -13,6 +13,7 @@ import ctypes
 import math
 import re
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -42,7 +43,7 @@ def _on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
     if _recording is not None:
         _recording.append(line)
     if _VERBOSE:
-        print(line, end="", file=__import__("sys").stderr)
+        print(line, end="", file=sys.stderr)
 
 
 ll.llama_log_set(_on_log, None)  # _on_log is module-level, so the callback stays alive

@@ -158,17 +158,17 @@ def vector_file(
 
 def steer(
     model: Model,
-    vectors_: VectorSpecs = (),
+    vectors: VectorSpecs = (),
     *,
     layers: str | None = None,
     retrain: bool = False,
     on_progress: Progress = _quiet,
 ) -> steering.Steering:
-    """The steering for `vectors_`: "happy:0.8,lazy:-1", ["happy:0.8"] or {"happy": 0.8};
+    """The steering for `vectors`: "happy:0.8,lazy:-1", ["happy:0.8"] or {"happy": 0.8};
     names are files, stored vectors or built-in concepts (trained on first use)."""
     return steering.build(
         model,
-        _specs(vectors_),
+        _specs(vectors),
         layers,
         lambda name: vector_file(model, name, retrain=retrain, on_progress=on_progress),
     )

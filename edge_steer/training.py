@@ -184,7 +184,7 @@ def chosen(
         directions = unit_directions(pos[fit], neg[fit], method)
         return directions, separations(pos[fit], neg[fit], directions)
 
-    best, tried = choose.choose(
+    best, tried = choose.best(
         model,
         units,
         [text for i in held[: choose.PAIRS] for text in pairs[i]],

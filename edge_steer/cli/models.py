@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..files import size_text
-from .options import JsonOpt, clean_errors, err, out, resolve_model
+from .options import JsonOpt, clean_errors, err, model_file, out
 
 models_app = typer.Typer(
     no_args_is_help=True, help="The model catalog: what can be pulled, and what is downloaded."
@@ -30,7 +30,7 @@ ForceOpt = Annotated[
 @clean_errors
 def pull(name: SpecArg, offline: OfflineOpt = False, force: ForceOpt = False) -> None:
     """Download a model (catalog name or hf:REPO/FILE) into the Hugging Face cache, verified."""
-    out.print(str(resolve_model(name, force=force, offline=offline)))
+    out.print(str(model_file(name, force=force, offline=offline)))
 
 
 def _describe(entry) -> dict:

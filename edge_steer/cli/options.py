@@ -277,7 +277,7 @@ def check_max_tokens(max_tokens: int) -> None:
         )
 
 
-def resolve_model(model: str | None, **options: Any):
+def model_file(model: str | None, **options: Any):
     """hub.resolve_model, telling the user on stderr what it downloads, with a progress bar."""
     from .. import hub
     from .download_bar import RichBar

@@ -15,9 +15,9 @@ from .options import (
     clean_errors,
     err,
     load_options,
+    model_file,
     note,
     progress_bar,
-    resolve_model,
     with_options,
 )
 
@@ -80,7 +80,7 @@ def serve(
 
     presets = startup.parse_presets(preset)  # before minutes of downloading, not after
     workers = [str(worker) for worker in rpc.connect(opts.rpc or "")]  # their memory counts
-    path = resolve_model(opts.model, ctx=ctx * parallel, force=opts.force, rpc=workers)
+    path = model_file(opts.model, ctx=ctx * parallel, force=opts.force, rpc=workers)
     options = startup.ServeOptions(
         load=dataclasses.replace(load_options(opts, ctx), model=str(path)),
         model_id=startup.model_id(opts.model, path),

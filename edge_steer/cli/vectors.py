@@ -12,7 +12,7 @@ import typer
 from .. import files, hub, store
 from ..errors import BadInput, EdgeSteerError
 from ..files import size_text
-from .options import JsonOpt, clean_errors, err, out, resolve_model
+from .options import JsonOpt, clean_errors, err, model_file, out
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -55,7 +55,7 @@ def convert_command(
     """Convert a control vector between formats, with explicit layer numbering."""
     from .. import convert, vectors
 
-    shape = hub.model_shape(resolve_model(model)) if model else None
+    shape = hub.model_shape(model_file(model)) if model else None
     vector, notes = convert.load(
         source, layer_base=layer_base, shift=shift, n_layer=shape.n_layer if shape else None
     )
@@ -204,7 +204,7 @@ def _load(path: Path):
 def _find(name: str, model: str | None) -> list[Path]:
     if files.looks_like_path(name) and Path(name).expanduser().is_file():
         return [Path(name).expanduser()]
-    return store.find_vectors(name, resolve_model(model) if model else None)
+    return store.find_vectors(name, model_file(model) if model else None)
 
 
 @app.command("rm")
@@ -256,7 +256,7 @@ def mix_command(
     weighted = [(name, _load(_one(name, model)), weight) for name, weight in terms]
     mixed = vectors.mix(weighted)
     if model:
-        shape = hub.model_shape(resolve_model(model))
+        shape = hub.model_shape(model_file(model))
         vectors.check_fits(mixed, shape.n_layer, shape.n_embd, expression)
         mixed.model_hint = mixed.model_hint or shape.architecture
     convert.save(mixed, output)

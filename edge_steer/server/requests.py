@@ -142,7 +142,7 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
             raise ApiError(f"`{name}` is not supported by edge-steer serve", param=name)
 
 
-def resolve_model(model_name: str, served: Served) -> tuple[dict[str, float], str]:
+def preset_and_suffix(model_name: str, served: Served) -> tuple[dict[str, float], str]:
     """`MODEL`, `PRESET` or either with `+SPEC`: the preset's steering and the suffix."""
     base, _, suffix = model_name.partition("+")
     if base in served.pool.presets:
@@ -159,7 +159,7 @@ def resolve_model(model_name: str, served: Served) -> tuple[dict[str, float], st
 
 def _steering(model_name: str, field_value: object, served: Served) -> dict[str, float]:
     """Preset, then the model-name suffix, then the body's `steering` field; later wins."""
-    steering, suffix = resolve_model(model_name, served)
+    steering, suffix = preset_and_suffix(model_name, served)
     steering.update(served.pool.check(spec_strengths(suffix, "model"), "model"))
     if isinstance(field_value, str):
         field_value = spec_strengths(field_value, "steering")
