@@ -490,12 +490,8 @@ class Context:
 
     def _decode(self) -> None:
         with self.model.lock:
-            self._check(ll.llama_decode(self.ptr, self.batch.raw))
+            check_decode(ll.llama_decode(self.ptr, self.batch.raw))
 
-    @staticmethod
-    def _check(status: int) -> None:
-        if status != 0:
-            raise EngineError(f"llama_decode failed with status {status}: {_last_error()}")
 
     def ingest(self, tokens: Sequence[int]) -> int:
         """Make sequence 0 hold exactly `tokens`, reusing the longest cached prefix.
@@ -536,7 +532,7 @@ class Context:
             if not 1 <= start < len(tokens) <= self.n_batch:
                 raise BadInput(f"cannot score {len(tokens)} tokens from position {start}")
         scores: list[np.ndarray] = [np.empty(0)] * len(texts)
-        for group in self._groups([tokens[:-1] for tokens, _ in texts], SCORED_TOGETHER):
+        for group in self.packed_groups([tokens[:-1] for tokens, _ in texts], SCORED_TOGETHER):
             logps = self._score_group([texts[i] for i in group])
             for index, values in zip(group, logps, strict=True):
                 scores[index] = values
@@ -693,7 +689,7 @@ class Context:
             raise RuntimeError("this context was created without capture=True")
         positions = positions or [[len(s) - 1] for s in sequences]
         results: list[np.ndarray | None] = [None] * len(sequences)
-        for group in self._groups(sequences):
+        for group in self.packed_groups(sequences):
             for index, states in self._capture_group(group, sequences, positions):
                 results[index] = states
         return results  # type: ignore[return-value]
@@ -800,7 +796,7 @@ class Context:
             self._decode()
         self._capture.finish()
 
-    def _groups(
+    def packed_groups(
         self, sequences: Sequence[Sequence[int]], most: int | None = None
     ) -> Iterator[list[int]]:
         """Indices of `sequences` packed into batches: at most n_batch tokens and the
@@ -942,6 +938,12 @@ class _Capture:
         self.out[:, layer, :] = ggml.tensor_rows(tensor, pick)
 
 
+def check_decode(status: int) -> None:
+    """llama_decode's status as an error: the engine's decodes and the baselines' alike."""
+    if status != 0:
+        raise EngineError(f"llama_decode failed with status {status}: {_last_error()}")
+
+
 # -- baselines for benchmarks: llama.cpp driven as directly as Python can ----------------
 
 
@@ -960,14 +962,14 @@ def bare_decode(ctx: Context, prompt: Sequence[int], n_gen: int) -> tuple[float,
         for begin in range(0, len(prompt), ctx.n_batch):
             chunk = prompt[begin : begin + ctx.n_batch]
             array = (ll.llama_token * len(chunk))(*chunk)  # referenced until decode returns
-            ctx._check(ll.llama_decode(ctx.ptr, ll.llama_batch_get_one(array, len(chunk))))
+            check_decode(ll.llama_decode(ctx.ptr, ll.llama_batch_get_one(array, len(chunk))))
         raw, sample, decode = ctx.ptr, ll.llama_sampler_sample, ll.llama_decode
         ll.llama_synchronize(raw)  # asynchronous backends (CUDA, RPC) may still be computing
         middle = time.perf_counter()
         for _ in range(n_gen):
             one[0] = token = sample(sampler, raw, -1)
             if status := decode(raw, step):
-                ctx._check(status)
+                check_decode(status)
             tokens.append(token)
         end = time.perf_counter()
     finally:
@@ -979,6 +981,6 @@ def bare_decode(ctx: Context, prompt: Sequence[int], n_gen: int) -> tuple[float,
 def prefill(ctx: Context, sequences: Sequence[Sequence[int]]) -> None:
     """Decode prompts packed exactly as `capture` packs them and keep nothing: plain
     prompt processing, the baseline that capture's speed is measured against."""
-    for group in ctx._groups(sequences):
+    for group in ctx.packed_groups(sequences):
         ctx.decode_packed(group, sequences)
     ctx.forget(0)
