@@ -46,6 +46,8 @@ def run_offline(command: list[str], home: Path) -> subprocess.CompletedProcess:
 def test_quick_start_runs_as_written_offline(tmp_path) -> None:
     script = code_block("## Quick start (offline)", "bash")
     assert "edge-steer" in script
+    chats = [line for line in script.splitlines() if line.startswith("edge-steer chat ")]
+    assert any("--model demo-chat" in line and " -p " in line for line in chats), script
     result = run_offline(["bash", "-euo", "pipefail", "-c", script], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -59,3 +61,48 @@ def test_python_api_example_runs_as_written(tmp_path) -> None:
     result = run_offline([sys.executable, "-c", script], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip(), result.stderr[-3000:]
+
+
+def test_install_says_how_it_really_installs() -> None:
+    """Not on PyPI yet: the first commands install from the checkout, and the test command
+    that CI runs (.ci/run) is the one the README gives."""
+    text = README.read_text()
+    install = text[text.index("\n## Install\n") : text.index("\n## Quick start (offline)\n")]
+    assert "not on PyPI yet" in install
+    assert 'pip install ".[demo]"' in code_block("## Install", "bash")
+    assert 'pip install "edge-steer[demo]"' in install  # what will work once it is published
+    assert "python -m pytest -q" in text
+    assert len(text.splitlines()) < 250
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    headings = re.findall(r"^#+\s+(.*)$", text, re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_in_the_readme_and_docs_resolve() -> None:
+    """Every relative link in README.md and docs/*.md names a file that exists, and a
+    #section that its Markdown file has."""
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+                broken.append(f"{page.name}: {target} (no such section)")
+    assert not broken, broken
+
+
+def test_the_readme_lists_every_docs_page() -> None:
+    text = README.read_text()
+    pages = sorted((README.parent / "docs").glob("*.md"))
+    missing = [page.name for page in pages if f"(docs/{page.name})" not in text]
+    assert not missing, missing
