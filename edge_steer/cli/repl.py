@@ -15,7 +15,7 @@ from .line_reader import line_reader, read_message
 from .options import err, print_error, stream
 from .progress import StepProgress
 
-Command = Callable[..., None]  # (session, rest of the line, progress)
+Command = Callable[..., None]  # (session, rest of the line)
 
 MORE_HELP = """End a line with \\ to continue it, or wrap several lines in triple quotes (\"\"\").
 Arrow keys edit the line; Up and Ctrl-R recall earlier ones. Ctrl-C stops a reply or a
@@ -44,7 +44,7 @@ def repl(session, progress: StepProgress) -> None:
             return
         try:
             if line.startswith("/"):
-                _command(session, line.strip(), progress)
+                _command(session, line.strip())
             elif line.strip():
                 stream(session.reply(line), quiet=False)
         except KeyboardInterrupt:
@@ -54,25 +54,25 @@ def repl(session, progress: StepProgress) -> None:
             progress.close()  # a step cut short takes its bar with it
 
 
-def _command(session, line: str, progress: StepProgress) -> None:
+def _command(session, line: str) -> None:
     word, _, rest = line.partition(" ")
     command = COMMANDS.get(word)
     if command is None:
         err.print(f"[red]unknown command {word}[/]: /help lists them", highlight=False)
         return
     try:
-        command[0](session, rest.strip(), progress)
+        command[0](session, rest.strip())
     except EdgeSteerError as exc:
         print_error(exc)
 
 
-def _help(_session, _rest: str, _progress: StepProgress) -> None:
+def _help(_session, _rest: str) -> None:
     for usage, what in [(usage, what) for _, usage, what in COMMANDS.values()] + [LEAVE_HELP]:
         err.print(f"[bold]{escape(usage):<24}[/]{escape(what)}")
     err.print(MORE_HELP, markup=False)
 
 
-def _vectors(session, _rest: str, _progress: StepProgress) -> None:
+def _vectors(session, _rest: str) -> None:
     from .. import vectors
 
     layers = session.steering.layers
@@ -83,7 +83,7 @@ def _vectors(session, _rest: str, _progress: StepProgress) -> None:
             err.print(f"  {name}: {note}", markup=False)
 
 
-def _vector(session, rest: str, _progress: StepProgress) -> None:
+def _vector(session, rest: str) -> None:
     from .. import vectors
 
     parts = rest.split()
@@ -98,17 +98,17 @@ def _vector(session, rest: str, _progress: StepProgress) -> None:
     )
 
 
-def _system(session, rest: str, _progress: StepProgress) -> None:
+def _system(session, rest: str) -> None:
     session.set_system(rest)
     err.print("[dim]system prompt " + ("set" if rest else "cleared") + "[/]")
 
 
-def _clear(session, _rest: str, _progress: StepProgress) -> None:
+def _clear(session, _rest: str) -> None:
     session.clear()
     err.print("[dim]conversation cleared[/]")
 
 
-def _save(session, rest: str, _progress: StepProgress) -> None:
+def _save(session, rest: str) -> None:
     from ..files import write_atomically
 
     path = Path(rest or time.strftime("chat-%Y%m%d-%H%M%S.json")).expanduser()
@@ -120,7 +120,7 @@ def _save(session, rest: str, _progress: StepProgress) -> None:
     err.print(f"[dim]saved {len(session.messages)} messages to {path}[/]", highlight=False)
 
 
-def _load(session, rest: str, _progress: StepProgress) -> None:
+def _load(session, rest: str) -> None:
     from .. import vectors
 
     if not rest:
@@ -144,7 +144,7 @@ def _load(session, rest: str, _progress: StepProgress) -> None:
 SETTING_ALIASES = {"temp": "temperature", "n": "max_tokens"}
 
 
-def _set(session, rest: str, _progress: StepProgress) -> None:
+def _set(session, rest: str) -> None:
     from ..engine import SAMPLING_LIMITS, out_of_range
 
     if not rest:
