@@ -90,6 +90,38 @@ def test_command_modules_never_import_each_other() -> None:
         assert not edges[module] & commands, (module, edges[module] & commands)
 
 
+FRONT_ENDS = {
+    "cli": "edge_steer.cli",
+    "server": "edge_steer.server",
+    "llm": "edge_steer.llm_plugin",
+}
+
+
+def test_front_ends_share_only_the_library() -> None:
+    """The CLI, the server and the llm plugin are front ends over the library: none imports
+    another's modules, except that `edge-steer serve` starts the server (cli.serve ->
+    server.startup), and nothing in the library imports a front end (`python -m edge_steer`
+    is the CLI's own entry)."""
+    edges = graph()
+    allowed = {
+        ("edge_steer.cli.serve", "edge_steer.server.startup"),
+        ("edge_steer.__main__", "edge_steer.cli"),
+    }
+
+    def front_end(module: str) -> str | None:
+        return next((n for n, p in FRONT_ENDS.items() if module.startswith(p)), None)
+
+    crossings = [
+        (module, target)
+        for module, targets in edges.items()
+        for target in targets
+        if front_end(target)
+        and front_end(target) != front_end(module)
+        and (module, target) not in allowed
+    ]
+    assert not crossings, crossings
+
+
 def loaded_modules(*args: str) -> list[str]:
     """sys.modules, in the order imports started, after running the CLI with `args`."""
     code = (
