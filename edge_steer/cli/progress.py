@@ -31,17 +31,19 @@ class StepProgress:
             console=err,
             transient=True,
         )
-        self.steps: dict[str, tuple[Any, float]] = {}  # label -> (rich task id, start time)
+        self.steps: dict[str, list[Any]] = {}  # label -> [rich task id, start time, last done]
 
     def __call__(self, label: str, done: int, total: int) -> None:
         if label not in self.steps:
             if not self.steps and err.is_terminal:
                 self.bar.start()
-            self.steps[label] = (self.bar.add_task(escape(label), total=total), time.monotonic())
-        task, started = self.steps[label]
+            task = self.bar.add_task(escape(label), total=total)
+            self.steps[label] = [task, time.monotonic(), 0]
+        task, started, before = self.steps[label]
+        self.steps[label][2] = done
         self.bar.update(task, completed=done, total=total)
-        if not err.is_terminal and _tenths(done - 1, total) < _tenths(done, total) < 10:
-            err.print(f"{escape(label)}: {done}/{total}")  # a log: a line per tenth, no bar
+        if not err.is_terminal and _tenths(before, total) < _tenths(done, total) < 10:
+            err.print(f"{escape(label)}: {done}/{total}")  # a log: a line per tenth passed
         if done >= total:
             self.bar.remove_task(task)
             del self.steps[label]
@@ -50,7 +52,7 @@ class StepProgress:
             err.print(f"[dim]{escape(label)}: done in {time.monotonic() - started:.1f}s[/]")
 
     def close(self) -> None:
-        for task, _ in self.steps.values():
+        for task, *_ in self.steps.values():
             self.bar.remove_task(task)
         self.steps.clear()
         self._stop()
