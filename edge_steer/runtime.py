@@ -53,6 +53,32 @@ class LoadOptions:
         check_ctx(self.ctx)
         check_threads(self.threads)
 
+    @classmethod
+    def of(
+        cls,
+        model: str | Path | None,
+        *,
+        ctx: int,
+        threads: int | None = None,
+        gpu_layers: str | int | None,
+        moe_offload: str | int | None,
+        force: bool,
+        offline: bool,
+        rpc: str | Iterable[str] | None,
+    ) -> LoadOptions:
+        """From the looser values the keyword API (`load`, `load_model`) takes: a Path, an
+        int layer count, workers as a list."""
+        return cls(
+            model=_text(model),
+            ctx=ctx,
+            threads=threads,
+            gpu_layers=_text(gpu_layers),
+            moe_offload=_text(moe_offload),
+            force=force,
+            offline=offline,
+            rpc=None if rpc is None else ",".join(_specs(rpc)),
+        )
+
 
 def load_model(
     model: str | Path | None = None,
@@ -71,14 +97,14 @@ def load_model(
     (`gpu_layers`: N, "all", "auto"; `moe_offload`: "none", "all", N, "auto") and load it.
     `rpc`: "host:port,..." of `edge-steer worker`s whose devices count as GPUs (None reads
     $EDGE_STEER_RPC); each is checked and registered before anything loads."""
-    options = LoadOptions(
-        model=_text(model),
+    options = LoadOptions.of(
+        model,
         ctx=ctx,
-        gpu_layers=_text(gpu_layers),
-        moe_offload=_text(moe_offload),
+        gpu_layers=gpu_layers,
+        moe_offload=moe_offload,
         force=force,
         offline=offline,
-        rpc=None if rpc is None else ",".join(_specs(rpc)),
+        rpc=rpc,
     )
     return load_model_from(options, on_note=on_note, download_bar=download_bar)
 
@@ -285,15 +311,15 @@ def load(
     >>> steered = load("demo", vectors={"happy": 1.0})
     >>> steered.generate("The best thing about mornings is", max_tokens=20, temperature=0)
     """
-    options = LoadOptions(
-        model=_text(model),
+    options = LoadOptions.of(
+        model,
         ctx=ctx,
         threads=threads,
-        gpu_layers=_text(gpu_layers),
-        moe_offload=_text(moe_offload),
+        gpu_layers=gpu_layers,
+        moe_offload=moe_offload,
         force=force,
         offline=offline,
-        rpc=None if rpc is None else ",".join(_specs(rpc)),
+        rpc=rpc,
     )
     return load_from(
         options,
