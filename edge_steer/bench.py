@@ -40,6 +40,7 @@ from .engine import (
     backend_info,
     bare_decode,
     default_threads,
+    hidden,
     prefill,
 )
 from .errors import BadInput
@@ -140,8 +141,8 @@ def hidden_norms(model: Model, prompt: list[int], threads: int) -> np.ndarray:
     size = max(64, len(prompt))
     with Context(model, n_ctx=size, n_batch=size, threads=threads, capture=True) as ctx:
         positions = list(range(min(1, len(prompt) - 1), len(prompt)))
-        states = ctx.capture([prompt], [positions])[0]
-    return np.median(np.linalg.norm(states, axis=-1), axis=0)
+        captured = hidden.capture(ctx, [prompt], [positions])[0]
+    return np.median(np.linalg.norm(captured, axis=-1), axis=0)
 
 
 def random_vectors(model: Model, norms: np.ndarray, settings: BenchSettings, folder: Path):
@@ -181,13 +182,14 @@ def engine_tg(ctx: Context, steer: steering.Steering | None, prompt: list[int], 
     ctx.forget(0)
     sampler = Sampler(ctx.model, GREEDY)
     try:
-        for _ in ctx.generate(prompt, sampler, max_tokens=n):
+        pieces = ctx.generate(prompt, sampler, max_tokens=n)
+        for _ in pieces:
             pass
     finally:
         sampler.close()
     output = tuple(ctx.tokens[len(prompt) :])
     ctx.forget(0)
-    return ctx.stats.seconds, output
+    return pieces.stats.seconds, output
 
 
 def _steer(ctx: Context, steer: steering.Steering | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 
-from .engine import Context, Model, Sampler, SamplerSettings
+from .engine import Context, GenerationStats, Model, Sampler, SamplerSettings
 from .errors import BadInput
 from .steering import Steering
 
@@ -106,6 +106,7 @@ class ChatSession:
     system: str | None = None
     max_tokens: int = 512
     messages: list[dict[str, str]] = field(default_factory=list)
+    last_stats: GenerationStats = field(default_factory=GenerationStats)  # the last reply's
 
     def __post_init__(self) -> None:
         self.steering.apply(self.ctx)
@@ -122,6 +123,7 @@ class ChatSession:
         try:
             sampler = Sampler(self.ctx.model, self.settings)
             pieces = self.ctx.generate(tokens, sampler, max_tokens=self.max_tokens)
+            self.last_stats = pieces.stats
             for piece in until_stop(pieces, stop):
                 answer.append(piece)
                 yield piece

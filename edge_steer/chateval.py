@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import chat, dataset, evaluate, metrics
-from .engine import Context, Model, Sampler
+from .engine import Context, Model, Sampler, continuations, scoring
 from .errors import BadInput
 
 REPLY_TOKENS = 64  # per reply: enough for a tone to show, cheap enough for every strength
@@ -81,7 +81,7 @@ def _replies(ctx: Context, prompts: list[list[int]], seed: int) -> list[list[int
         Sampler(ctx.model, replace(evaluate.SAMPLING, seed=seed + i)) for i in range(len(prompts))
     ]
     try:
-        return ctx.sample_many(prompts, samplers, REPLY_TOKENS)
+        return continuations.sample_many(ctx, prompts, samplers, REPLY_TOKENS)
     finally:
         for sampler in samplers:
             sampler.close()
@@ -100,7 +100,7 @@ def _point(
     for instruction in personas:
         heads = [_prompt(ctx.model, f"{instruction} {questions[i]}") for i in scored]
         texts = [(head + replies[i], len(head)) for head, i in zip(heads, scored, strict=True)]
-        per_persona.append([logps.sum() for logps in ctx.score(texts)])
+        per_persona.append([logps.sum() for logps in scoring.score(ctx, texts)])
     lengths = [len(replies[i]) for i in scored]
     positive, negative = (np.asarray(logps) for logps in per_persona)
     ratio = (positive - negative) / np.asarray(lengths) if scored else np.zeros(0)

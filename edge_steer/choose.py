@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import calibrate, dataset, metrics
-from .engine import Context, Model
+from .engine import Context, Model, scoring
 
 VALIDATION_EVERY = 4  # pair i is held in when i % 4 == 3
 MIN_PAIRS = 8  # fewer pairs than this: no validation split, the default span and method
@@ -109,7 +109,7 @@ def candidates(
 
             return at
 
-        base = steer(None, (1, model.n_layer - 1)).next_token_probs(tokens)
+        base = scoring.next_token_probs(steer(None, (1, model.n_layer - 1)), tokens)
         reference = metrics.perplexity(ctx, text, TOKENS, limit=TOKENS)
         report = progress or (lambda _done, _total: None)
         report(0, len(methods) * len(spans))
@@ -119,8 +119,8 @@ def candidates(
                 rows = directions * gaps[:, None] / np.float32(last - first + 1)
                 scale = _budget_scale(cost(rows, (first, last)), budget)
                 push = rows * np.float32(scale)
-                up = steer(push, (first, last)).next_token_probs(tokens[1::2])
-                down = steer(-push, (first, last)).next_token_probs(tokens[0::2])
+                up = scoring.next_token_probs(steer(push, (first, last)), tokens[1::2])
+                down = scoring.next_token_probs(steer(-push, (first, last)), tokens[0::2])
                 found.append(Candidate(method, (first, last), scale, reproduced(base, up, down)))
                 report(len(found), len(methods) * len(spans))
     return found

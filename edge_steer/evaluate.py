@@ -20,7 +20,7 @@ import numpy as np
 
 from . import dataset, store, vectors
 from .dataset import Probe
-from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings
+from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings, continuations
 from .errors import BadInput
 from .metrics import is_degenerate, perplexity, probe_margin
 from .vectors import Key
@@ -114,7 +114,7 @@ def sample(
         for i in range(len(prompts))
     ]
     try:
-        return ctx.sample_many(token_lists, samplers, tokens)
+        return continuations.sample_many(ctx, token_lists, samplers, tokens)
     finally:
         for sampler in samplers:
             sampler.close()

@@ -151,11 +151,10 @@ class SteeredModel(llm.Model):
             yield from until_stop(pieces, stops)
         finally:
             sampler.close()
-        decoded = steered.context.stats.prompt_tokens
         response.set_usage(
             input=len(tokens),
-            output=steered.context.stats.generated,
-            details={"cached_prompt_tokens": len(tokens) - decoded},
+            output=pieces.stats.generated,
+            details={"cached_prompt_tokens": len(tokens) - pieces.stats.prompt_tokens},
         )
         response.response_json = {
             "model_file": str(steered.model.path),

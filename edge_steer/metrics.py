@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .dataset import Probe
-from .engine import Context, Model
+from .engine import Context, Model, scoring
 
 REPEAT_NGRAM = 4  # tokens; see `is_degenerate`
 DEGENERATE_COVERAGE = 0.5
@@ -28,7 +28,7 @@ def probe_margin(ctx: Context, probes: Sequence[Probe], prefix: str = "") -> flo
         for continuation in (probe.positive, probe.negative):
             tokens = model.tokenize(prefix + probe.prompt + continuation, parse_special=True)
             texts.append((tokens, _shared_prefix(prompt, tokens)))
-    totals = [logps.sum() for logps in ctx.score(texts)]
+    totals = [logps.sum() for logps in scoring.score(ctx, texts)]
     return float(np.mean(np.subtract(totals[0::2], totals[1::2])))
 
 
@@ -50,7 +50,7 @@ def perplexity(
     head = model.tokenize(prefix, parse_special=True) if prefix else bos
     start = max(1, len(head))
     windows = [(head + tokens[i : i + window], start) for i in range(0, len(tokens), window)]
-    return float(np.exp(-np.concatenate(ctx.score(windows)).mean()))
+    return float(np.exp(-np.concatenate(scoring.score(ctx, windows)).mean()))
 
 
 def repetition(tokens: Sequence[int], n: int = REPEAT_NGRAM) -> float:

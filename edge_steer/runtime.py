@@ -9,7 +9,7 @@ huggingface_hub drives while downloading).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import llama_cpp  # noqa: F401
 from . import hub, library, offload, steering
 from . import rpc as rpc_
 from .constants import DEFAULT_CTX
-from .engine import Context, Model, Sampler, SamplerSettings
+from .engine import Context, Generation, Model, Sampler, SamplerSettings
 from .errors import BadInput
 from .files import size_text
 
@@ -254,20 +254,18 @@ class Steered:
 
     def stream(
         self, prompt: str, *, max_tokens: int = 256, **sampling: float | int | None
-    ) -> Iterator[str]:
-        """Continue `prompt`, yielding text as it comes. `sampling`: SamplerSettings fields
-        (temperature, top_k, top_p, min_p, repeat_penalty, seed)."""
+    ) -> Generation:
+        """Continue `prompt`: iterate the result for text as it comes; its `stats` say what
+        was decoded. `sampling`: SamplerSettings fields (temperature, top_k, top_p, min_p,
+        repeat_penalty, seed)."""
         known = set(SamplerSettings.__dataclass_fields__)
         if unknown := sorted(set(sampling) - known):
             raise BadInput(
                 f"unknown sampling option {unknown[0]!r}: use {', '.join(sorted(known))}"
             )
+        tokens = self.model.tokenize(prompt)
         sampler = Sampler(self.model, SamplerSettings(**sampling))  # type: ignore[arg-type]
-        try:
-            tokens = self.model.tokenize(prompt)
-            yield from self.context.generate(tokens, sampler, max_tokens=max_tokens)
-        finally:
-            sampler.close()
+        return self.context.generate(tokens, sampler, max_tokens=max_tokens)
 
     def generate(self, prompt: str, *, max_tokens: int = 256, **sampling: float | int | None):
         """The continuation of `prompt` as one string (see `stream`)."""

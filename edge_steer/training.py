@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import calibrate, choose, vectors
-from .engine import Context, Model
+from .engine import Context, Model, hidden
 from .errors import BadInput
 from .vectors import ControlVector, Key
 
@@ -58,7 +58,7 @@ def hidden_states(
     """(n_prompts, n_layer, n_embd) states at each prompt's last token, many per decode;
     blocks past the deepest one `options` may steer are not computed (left zero).
 
-    Prompts that share a persona instruction decode it once (`Context.capture_last`).
+    Prompts that share a persona instruction decode it once (`engine.hidden.capture_last`).
     `steering` (rows by block) is applied while reading, to train on top of other vectors.
     """
     tokens = [model.tokenize(p, parse_special=True) for p in prompts]
@@ -72,7 +72,7 @@ def hidden_states(
         capture=True,
     ) as ctx:
         ctx.set_steering(steering)
-        return ctx.capture_last(tokens, through=deepest(model, options), progress=progress)
+        return hidden.capture_last(ctx, tokens, through=deepest(model, options), progress=progress)
 
 
 def deepest(model: Model, options: TrainOptions) -> int:

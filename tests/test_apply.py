@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import random_rows
 
-from edge_steer.engine import Context, Model
+from edge_steer.engine import Context, Model, hidden
 
 PROMPTS = ["The quick brown fox jumps over", "Once upon a time", "Water boils at"]
 
@@ -20,7 +20,7 @@ def model(request):
 def capture(model: Model, rows=None, first: int = 1, last: int = -1) -> list[np.ndarray]:
     with Context(model, n_ctx=256, n_batch=256, n_seq=4, capture=True) as ctx:
         ctx.set_steering(rows, first, last)
-        return ctx.capture([model.tokenize(p) for p in PROMPTS])
+        return hidden.capture(ctx, [model.tokenize(p) for p in PROMPTS])
 
 
 def tolerance(states: np.ndarray) -> float:
@@ -62,11 +62,11 @@ def test_switching_off_restores_unsteered_bit_for_bit(model: Model) -> None:
     rows = random_rows(model, {1: 5.0, model.n_layer // 2: 5.0})
     with Context(model, n_ctx=256, n_batch=256, n_seq=4, capture=True) as ctx:
         tokens = [model.tokenize(p) for p in PROMPTS]
-        before = ctx.capture(tokens)
+        before = hidden.capture(ctx, tokens)
         ctx.set_steering(rows)
-        steered = ctx.capture(tokens)
+        steered = hidden.capture(ctx, tokens)
         ctx.set_steering(None)
-        after = ctx.capture(tokens)
+        after = hidden.capture(ctx, tokens)
     assert not np.array_equal(before[0], steered[0])
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
@@ -107,7 +107,7 @@ def test_changing_steering_invalidates_the_cache_without_the_callers_help(model:
 def test_capture_positions_and_batching_agree(model: Model) -> None:
     tokens = model.tokenize(PROMPTS[0])
     with Context(model, n_ctx=256, n_batch=256, n_seq=4, capture=True) as ctx:
-        every = ctx.capture([tokens], [list(range(len(tokens)))])[0]
-        last = ctx.capture([tokens])[0]
+        every = hidden.capture(ctx, [tokens], [list(range(len(tokens)))])[0]
+        last = hidden.capture(ctx, [tokens])[0]
     assert every.shape == (len(tokens), model.n_layer, model.n_embd)
     assert np.allclose(every[-1], last[0], atol=tolerance(last))

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from edge_steer import convert, steering, vectors
 from edge_steer.cli import app
-from edge_steer.engine import Context
+from edge_steer.engine import Context, hidden
 from edge_steer.errors import BadInput, DamagedFile
 
 runner = CliRunner()
@@ -70,15 +70,15 @@ def test_written_file_applied_like_llama_cpp_matches_our_runtime(tiny_dense, tmp
     path = vectors.write(trained_like(m.n_embd, (1, 3, 5)), tmp_path / "v.gguf")
     tokens = m.tokenize("The quick brown fox jumps over")
     with Context(m, n_ctx=64, threads=1, capture=True) as ctx:
-        (bare,) = ctx.capture([tokens])
+        (bare,) = hidden.capture(ctx, [tokens])
         buf = llama_cpp_loader_rows(path, m.n_layer, m.n_embd)
         pointer = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         assert (
             ll.llama_set_adapter_cvec(ctx.ptr, pointer, buf.size, m.n_embd, 1, m.n_layer - 1) == 0
         )
-        (theirs,) = ctx.capture([tokens])
+        (theirs,) = hidden.capture(ctx, [tokens])
         steering.build(m, [str(path)], None).apply(ctx)
-        (ours,) = ctx.capture([tokens])
+        (ours,) = hidden.capture(ctx, [tokens])
     assert np.array_equal(theirs, ours)
     assert not np.array_equal(theirs[0, 1], bare[0, 1])  # block 1 really moved
     assert np.array_equal(theirs[0, 0], bare[0, 0])  # block 0 did not
@@ -138,9 +138,9 @@ def test_cvector_generator_file_with_shift_lands_where_repeng_does(tiny_dense, t
     one = vectors.write(vectors.ControlVector({3: cv.directions[3]}), tmp_path / "one.gguf")
     tokens = m.tokenize("hello there")
     with Context(m, n_ctx=32, threads=1, capture=True) as ctx:
-        (bare,) = ctx.capture([tokens])
+        (bare,) = hidden.capture(ctx, [tokens])
         steering.build(m, [str(one)], None).apply(ctx)
-        (moved,) = ctx.capture([tokens])
+        (moved,) = hidden.capture(ctx, [tokens])
     assert np.array_equal(moved[0, 2], bare[0, 2])
     np.testing.assert_allclose(moved[0, 3] - bare[0, 3], states[3], atol=1e-5)
 

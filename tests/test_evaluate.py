@@ -137,21 +137,22 @@ def test_side_by_side_scoring_and_sampling_match_one_at_a_time(demo_model) -> No
     measured up to 0.07 on Gemma 3 270M, which can also flip a greedy near-tie a few tokens
     in), and sequences never see each other: four copies of one prompt decoded side by side
     continue identically, and each prompt's first greedy token is the one it gets alone."""
-    from edge_steer.engine import Context, Sampler, SamplerSettings
+    from edge_steer.engine import Context, Sampler, SamplerSettings, continuations, scoring
 
     prompts = ["The river", "My week has been", "Seven small", "Bread rises because"]
     texts = [(demo_model.tokenize(p + " and then it was over."), 2) for p in prompts]
     greedy = SamplerSettings(temperature=0, repeat_penalty=1.0)
 
     def sample(ctx, token_lists):
-        return ctx.sample_many(token_lists, [Sampler(demo_model, greedy) for _ in token_lists], 8)
+        samplers = [Sampler(demo_model, greedy) for _ in token_lists]
+        return continuations.sample_many(ctx, token_lists, samplers, 8)
 
     with Context(demo_model, n_ctx=512, n_seq=4) as ctx:
-        together = ctx.score(texts)
+        together = scoring.score(ctx, texts)
         batched = sample(ctx, [t for t, _ in texts])
         copies = sample(ctx, [texts[0][0]] * 4)
     with Context(demo_model, n_ctx=512, n_seq=1) as ctx:
-        alone = [ctx.score([text])[0] for text in texts]
+        alone = [scoring.score(ctx, [text])[0] for text in texts]
         first = [sample(ctx, [t])[0][0] for t, _ in texts]
     for a, b in zip(together, alone, strict=True):
         assert len(a) == len(b) > 0 and np.allclose(a, b, atol=0.1)
@@ -188,3 +189,20 @@ def test_refine_measures_half_of_a_strength_already_over_the_limit(demo_model) -
     assert [p.strength for p in refined.points] == [-0.05, 0, 0.5, 1]  # only +1 is halved
     assert refined.points[-1] == plain.points[-1]  # the same measurement, plus one point
     assert refined.ppl_ratio(refined.points[2]) < plain.ppl_ratio(plain.points[-1])
+
+
+def test_context_methods_of_0_2_still_work_and_warn(demo_model) -> None:
+    """The batch units left Context in 0.3 (issue 25); the old method names forward to them
+    with a DeprecationWarning, and so does `Context.stats`."""
+    from edge_steer.engine import Context, Sampler, SamplerSettings, scoring
+
+    text = (demo_model.tokenize("The river ran on and on."), 2)
+    with Context(demo_model, n_ctx=256, n_seq=2) as ctx:
+        expected = scoring.score(ctx, [text])[0]
+        with pytest.deprecated_call(match="scoring.score"):
+            old = ctx.score([text])[0]
+        pieces = ctx.generate(text[0], Sampler(demo_model, SamplerSettings(temperature=0)))
+        "".join(pieces)
+        with pytest.deprecated_call(match="generate"):
+            assert ctx.stats is pieces.stats and pieces.stats.generated > 0
+    assert np.array_equal(old, expected)

@@ -19,7 +19,7 @@ from conftest import random_rows
 from test_cli import assert_clean_error, run
 
 from edge_steer import constants, engine, ggml, gguffile, machine, offload
-from edge_steer.engine import Context, Model
+from edge_steer.engine import Context, Model, hidden
 from edge_steer.errors import BadInput
 
 KINDS = ("gate", "up", "down")
@@ -86,14 +86,14 @@ def test_ggml_is_bound_to_the_libraries_libllama_uses() -> None:
 def outputs(model: Model, rows: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray], str]:
     with Context(model, n_ctx=256, n_batch=256, n_seq=4, threads=1, capture=True) as ctx:
         ctx.set_steering(rows)
-        states = ctx.capture([model.tokenize(p) for p in PROMPTS])
+        captured = hidden.capture(ctx, [model.tokenize(p) for p in PROMPTS])
     with Context(model, n_ctx=256, threads=1) as ctx:
         ctx.set_steering(rows)
         ctx.ingest(model.tokenize(PROMPTS[0]))
         logits = ctx.logits()
         sampler = engine.Sampler(model, engine.SamplerSettings(temperature=0))
         text = "".join(ctx.generate(model.tokenize(PROMPTS[1]), sampler, max_tokens=12))
-    return logits, states, text
+    return logits, captured, text
 
 
 def test_outputs_and_hidden_states_are_identical_with_and_without_overrides(tiny_moe_path) -> None:
@@ -181,9 +181,9 @@ def test_auto_gpu_layers_count_from_the_top(tiny_moe_path) -> None:
 
 
 def test_kv_cache_estimate_matches_llama_cpp(tiny_moe_path, monkeypatch) -> None:
-    monkeypatch.setattr(engine, "LOG_TAIL", collections.deque(maxlen=100_000))
+    monkeypatch.setattr(engine.log, "LOG_TAIL", collections.deque(maxlen=100_000))
     with load(tiny_moe_path, None) as model, Context(model, n_ctx=2048, threads=1):
-        line = next(x for x in engine.LOG_TAIL if re.match(r"llama_kv_cache: size = ", x))
+        line = next(x for x in engine.log.LOG_TAIL if re.match(r"llama_kv_cache: size = ", x))
     mib = float(re.search(r"size = +([\d.]+) MiB", line)[1])
     assert offload.read_weights(
         gguffile.read_header(tiny_moe_path)

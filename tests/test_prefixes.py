@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_steer import dataset, prefixes
-from edge_steer.engine import Context
+from edge_steer.engine import Context, hidden, scoring
 
 LIMITS = prefixes.Limits(sequences=8, batch=64, cells=128)
 
@@ -88,10 +88,10 @@ def test_capture_last_equals_full_decodes(tiny_dense, prompt_tokens) -> None:
     further off than packing prompts side by side already is (llama.cpp's batch shapes
     round differently); with `through`, the same up to that block, nothing after it."""
     with Context(tiny_dense, n_ctx=512, n_seq=16, threads=1, capture=True) as ctx:
-        alone = np.stack([ctx.capture([t])[0][0] for t in prompt_tokens])
-        packed = np.stack([s[0] for s in ctx.capture(prompt_tokens)])
-        shared = ctx.capture_last(prompt_tokens)
-        early = ctx.capture_last(prompt_tokens, through=3)
+        alone = np.stack([hidden.capture(ctx, [t])[0][0] for t in prompt_tokens])
+        packed = np.stack([s[0] for s in hidden.capture(ctx, prompt_tokens)])
+        shared = hidden.capture_last(ctx, prompt_tokens)
+        early = hidden.capture_last(ctx, prompt_tokens, through=3)
     rounding = relative_error(packed, alone)
     assert rounding < 0.01 and relative_error(shared, alone) < 2 * rounding
     assert np.array_equal(early[:, :4], shared[:, :4]) and not early[:, 4:].any()
@@ -99,7 +99,7 @@ def test_capture_last_equals_full_decodes(tiny_dense, prompt_tokens) -> None:
 
 def test_next_token_probs_equal_full_decodes(tiny_dense, prompt_tokens) -> None:
     with Context(tiny_dense, n_ctx=512, n_seq=16, threads=1) as ctx:
-        alone = np.stack([ctx.next_token_probs([t])[0] for t in prompt_tokens[:12]])
-        shared = ctx.next_token_probs(prompt_tokens[:12])
+        alone = np.stack([scoring.next_token_probs(ctx, [t])[0] for t in prompt_tokens[:12]])
+        shared = scoring.next_token_probs(ctx, prompt_tokens[:12])
     assert np.abs(shared - alone).max() < 5e-3  # batch-shape rounding: 1.5e-3 measured
     assert (shared.argmax(axis=1) == alone.argmax(axis=1)).all()

@@ -26,7 +26,7 @@ from conftest import random_rows
 from test_apply import tolerance
 
 from edge_steer import dataset, evaluate, rpc, runtime, training, vectors
-from edge_steer.engine import Context, Model, Sampler, SamplerSettings
+from edge_steer.engine import Context, Model, Sampler, SamplerSettings, hidden
 from edge_steer.errors import NetworkError
 
 pytestmark = pytest.mark.skipif(
@@ -128,7 +128,7 @@ def capture(model: Model, rows=None) -> list[np.ndarray]:
     prompts = [PROMPT, "Once upon a time", "Water boils at"]
     with Context(model, n_ctx=256, n_batch=256, n_seq=4, threads=THREADS, capture=True) as ctx:
         ctx.set_steering(rows)
-        return ctx.capture([model.tokenize(p) for p in prompts])
+        return hidden.capture(ctx, [model.tokenize(p) for p in prompts])
 
 
 def test_layers_are_on_the_workers(remote, workers) -> None:

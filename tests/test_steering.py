@@ -103,9 +103,8 @@ def test_chat_reuses_the_kv_cache_between_turns(demo_model) -> None:
         session = ChatSession(ctx, steering.build(demo_model, [], None), GREEDY, max_tokens=8)
         "".join(session.reply("Hi there."))
         "".join(session.reply("And then?"))
-        assert (
-            ctx.stats.prompt_tokens < len(format_prompt(demo_model, session.conversation())[0]) // 2
-        )
+        whole = format_prompt(demo_model, session.conversation())[0]
+        assert session.last_stats.prompt_tokens < len(whole) // 2
 
 
 def test_runtime_load_steers_and_refuses_unknown_sampling_options(tiny_dense_path, tmp_path):

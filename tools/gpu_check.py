@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_steer import files, gguffile, hub, machine, offload
-from edge_steer.engine import Context, Model, Sampler, SamplerSettings
+from edge_steer.engine import Context, Model, Sampler, SamplerSettings, hidden
 from tools.tiny_models import write_tiny_model
 
 PROMPT = "The old lighthouse keeper looked out over the stormy sea and said"
@@ -52,18 +52,19 @@ def measure(path: Path, gpu: str, moe: str, block: int, threads: int) -> dict:
     model = Model(path, gpu_layers=plan.gpu_layers, cpu_tensors=plan.cpu_tensors, mmap=plan.mmap)
     tokens = model.tokenize(PROMPT)
     with Context(model, n_ctx=2048, threads=threads, capture=True) as ctx:
-        (bare,) = ctx.capture([tokens])
+        (bare,) = hidden.capture(ctx, [tokens])
         rows = steering_rows(model, block)
         rows[block] *= 0.1 * float(np.linalg.norm(bare[0, block]))
         ctx.set_steering(rows)
-        (steered,) = ctx.capture([tokens])
+        (steered,) = hidden.capture(ctx, [tokens])
     with Context(model, n_ctx=2048, threads=threads) as ctx:
         ctx.set_steering(rows)
         greedy = Sampler(model, SamplerSettings(temperature=0.0, repeat_penalty=1.0))
         start = time.perf_counter()
-        text = "".join(ctx.generate(tokens, greedy, max_tokens=128))
+        pieces = ctx.generate(tokens, greedy, max_tokens=128)
+        text = "".join(pieces)
         seconds = time.perf_counter() - start
-        stats = ctx.stats
+        stats = pieces.stats
         pp = pp_speed(ctx, model)
     result = {
         "model": path.name,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,9 @@ from .options import (
     stream,
     with_options,
 )
+
+if TYPE_CHECKING:
+    from ..engine import GenerationStats
 
 
 def register(app: typer.Typer) -> None:
@@ -61,9 +64,10 @@ def generate(
     sampler = Sampler(steered.model, sampler_settings(opts))
     start = time.perf_counter()
     tokens = steered.model.tokenize(prompt)
-    text = stream(steered.context.generate(tokens, sampler, max_tokens=max_tokens), as_json)
+    pieces = steered.context.generate(tokens, sampler, max_tokens=max_tokens)
+    text = stream(pieces, as_json)
     if as_json:
-        print_json(_result(steered, prompt, text, time.perf_counter() - start))
+        print_json(_result(steered, prompt, text, pieces.stats, time.perf_counter() - start))
 
 
 @clean_errors
@@ -100,7 +104,7 @@ def chat(
     start = time.perf_counter()
     text = stream(session.reply(prompt), as_json).strip()
     if as_json:
-        print_json(_result(steered, prompt, text, time.perf_counter() - start))
+        print_json(_result(steered, prompt, text, session.last_stats, time.perf_counter() - start))
 
 
 def _given_prompt(argument: str | None, option: str | None) -> str | None:
@@ -121,8 +125,8 @@ def _stdin_prompt() -> str:
     return piped.rstrip("\n")
 
 
-def _result(steered, prompt: str, text: str, seconds: float) -> dict:
-    stats, layers = steered.context.stats, steered.steering.layers
+def _result(steered, prompt: str, text: str, stats: GenerationStats, seconds: float) -> dict:
+    layers = steered.steering.layers
     return {
         "model": str(steered.model.path),
         "vectors": steered.steering.strengths(),

@@ -69,7 +69,7 @@ class Lane:
     context: Context
     steering: dict[str, float] = field(default_factory=dict)
     ticket: Ticket | None = None
-    steps: Generator[str, None, str] | None = None
+    steps: Generator[str, None, tuple[str, int]] | None = None  # returns (finish, generated)
 
 
 class Lanes:
@@ -175,8 +175,8 @@ class Lanes:
         try:
             text = next(lane.steps)
         except StopIteration as done:
-            job, stats = lane.ticket.job, lane.context.stats
-            self._finish(lane, Finished(done.value, len(job.prompt), stats.generated))
+            reason, generated = done.value
+            self._finish(lane, Finished(reason, len(lane.ticket.job.prompt), generated))
             return
         except Exception as exc:  # the engine thread must outlive any one request
             lane.context.forget(0)
@@ -194,7 +194,6 @@ class Lanes:
         lane.ticket = lane.steps = None
         if event is not None:
             ticket.deliver(event)
-
 
     # -- the trainer thread -----------------------------------------------------------------
     def _train(self) -> None:
@@ -234,10 +233,10 @@ def _best_lane(free: list[Lane], job: Job) -> Lane:
     return max(free, key=reusable)
 
 
-def _steps(ctx: Context, job: Job) -> Generator[str, None, str]:
+def _steps(ctx: Context, job: Job) -> Generator[str, None, tuple[str, int]]:
     """Text pieces of `job` on `ctx`, one token per step, after the prompt in n_batch chunks
     (the same chunks `generate` decodes, so the tokens match the CLI's); returns the finish
-    reason."""
+    reason and the tokens generated."""
     for end in range(ctx.n_batch, len(job.prompt), ctx.n_batch):
         ctx.ingest(job.prompt[:end])
         yield ""  # let the other lanes have a turn
@@ -248,4 +247,6 @@ def _steps(ctx: Context, job: Job) -> Generator[str, None, str]:
     finally:
         sampler.close()
     full = len(ctx.tokens) >= ctx.n_ctx
-    return "stop" if hit_stop or not (full or ctx.stats.generated >= job.max_tokens) else "length"
+    generated = pieces.stats.generated
+    stopped = hit_stop or not (full or generated >= job.max_tokens)
+    return ("stop" if stopped else "length"), generated

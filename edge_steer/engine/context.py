@@ -1,0 +1,326 @@
+"""A llama.cpp context: its KV cache, decoding one sequence incrementally, and steering.
+
+The units that decode many sequences at once live next to it (packing, scoring,
+continuations, hidden) and share one cache rule, `Context.scratch`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import importlib
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import llama_cpp as ll
+import numpy as np
+
+from ..constants import DEFAULT_CTX
+from ..errors import BadInput, EngineError
+from . import log
+from .model import Model, default_threads
+from .recorder import StateRecorder
+from .sampling import Sampler
+
+MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ: llama.cpp refuses a context with more
+
+
+@dataclass
+class GenerationStats:
+    """What one `generate` did: prompt tokens decoded, tokens generated, seconds."""
+
+    prompt_tokens: int = 0
+    generated: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class Generation:
+    """What `Context.generate` returns: iterate it for the text pieces; `stats` fills in as
+    they come (final once the iteration ends)."""
+
+    pieces: Iterator[str]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+    def __next__(self) -> str:
+        return next(self.pieces)
+
+
+class Batch:
+    """An owned llama_batch that we fill token by token (several sequences allowed)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.raw = ll.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, output: bool) -> None:
+        i = self.n
+        if i >= self.capacity:  # past the end is memory llama.cpp never gave us
+            raise EngineError(f"batch overflow: {self.capacity} tokens at most")
+        self.raw.token[i] = token
+        self.raw.pos[i] = pos
+        self.raw.n_seq_id[i] = 1
+        self.raw.seq_id[i][0] = seq
+        self.raw.logits[i] = output
+        self.n += 1
+        self.raw.n_tokens = self.n
+
+    def __del__(self) -> None:
+        ll.llama_batch_free(self.raw)
+
+
+class Context:
+    """A llama.cpp context: KV cache, decoding, steering, optional hidden-state capture.
+
+    Sequence 0 is decoded incrementally (`ingest`, `generate`) and its cached prefix is
+    reused. Units that decode many sequences at once borrow the whole cache through
+    `scratch`. Generation contexts are made without an eval callback, because ggml calls it
+    for every graph node of every decode; capture contexts (`capture=True`) install one.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = DEFAULT_CTX,
+        n_batch: int = 512,
+        threads: int | None = None,
+        n_seq: int = 1,
+        capture: bool = False,
+    ):
+        self.model = model
+        if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
+            raise BadInput(f"bad context sizes: n_ctx {n_ctx}, n_batch {n_batch}, n_seq {n_seq}")
+        n_batch = min(n_batch, n_ctx)  # llama.cpp caps a batch at the context: agree with it
+        params = ll.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = threads or default_threads()
+        params.kv_unified = True
+        self.recorder = StateRecorder(model.n_layer, model.n_embd) if capture else None
+        if self.recorder is not None:
+            params.cb_eval = self.recorder.callback  # referenced by self.recorder
+        with model.lock, log.recorded() as lines:
+            self.ptr = ll.llama_init_from_model(model.ptr, params)
+        self.buffers = log.buffer_sizes(lines, log.CONTEXT_BUFFER)  # "CPU KV", "CUDA0 compute"
+        if not self.ptr:
+            raise EngineError(f"could not create a llama.cpp context: {log.last_error()}")
+        self._agree_on_sizes(n_ctx, n_batch)
+        self.n_seq = ll.llama_n_seq_max(self.ptr)
+        self.batch = Batch(self.n_batch)
+        self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
+        self._steering: np.ndarray | None = None
+        self._last_stats = GenerationStats()
+
+    def _agree_on_sizes(self, n_ctx: int, n_batch: int) -> None:
+        """Take the sizes llama.cpp made, which every check before a decode relies on: a
+        batch over its n_batch or n_ubatch aborts the process (GGML_ASSERT), not Python.
+        The KV cache is padded to 256 cells; the context holds what was asked, no more."""
+        made_batch, made_ubatch = ll.llama_n_batch(self.ptr), ll.llama_n_ubatch(self.ptr)
+        if made_batch != n_batch or made_ubatch != n_batch:
+            self.close()
+            raise EngineError(
+                f"llama.cpp made a batch of {made_batch} (micro-batch {made_ubatch}) "
+                f"where {n_batch} was asked"
+            )
+        self.n_ctx = min(n_ctx, ll.llama_n_ctx(self.ptr))
+        self.n_batch = n_batch
+
+    # -- steering -------------------------------------------------------------------------
+    def set_steering(self, rows: np.ndarray | None, first: int = 1, last: int = -1) -> None:
+        """Add rows[il] to the output of block il for first <= il <= last (None = off).
+
+        `rows` is (n_layer, n_embd) indexed by block; llama.cpp cannot steer block 0. The
+        buffer llama.cpp wants starts at block 1, so row il goes to slot il-1, in a full
+        zero-padded n_layer x n_embd buffer (slots past `len` would keep old values).
+        Changing the steering empties the KV cache, whose tokens were computed under the old
+        one; setting the same steering again keeps it.
+        """
+        m = self.model
+        last = m.n_layer - 1 if last < 0 else last
+        buf = None
+        if rows is not None and np.any(rows[first : last + 1]):
+            buf = np.zeros((m.n_layer, m.n_embd), dtype=np.float32)
+            buf[first - 1 : last] = rows[first : last + 1]  # what llama.cpp adds, and no more
+        if _same_steering(buf, self._steering):
+            return  # same vectors: the cached tokens stay valid, and no graph rebuild
+        self.forget(0)  # tokens in the KV cache were computed under the old steering
+        self._steering = buf  # keep the memory alive while llama.cpp might read it
+        pointer = None if buf is None else buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        with m.lock:
+            if buf is None:
+                ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
+                return
+            if ll.llama_set_adapter_cvec(self.ptr, pointer, buf.size, m.n_embd, first, last):
+                raise EngineError(f"llama.cpp refused the control vector: {log.last_error()}")
+
+    # -- decoding -------------------------------------------------------------------------
+    def forget(self, keep: int = 0) -> None:
+        """Drop everything after the first `keep` tokens of sequence 0 from the KV cache."""
+        memory = ll.llama_get_memory(self.ptr)
+        if keep == 0:
+            ll.llama_memory_clear(memory, True)
+        else:
+            ll.llama_memory_seq_rm(memory, 0, keep, -1)
+        del self.tokens[keep:]
+
+    def decode(self) -> None:
+        """Decode what `batch` holds (one llama.cpp call at a time per model)."""
+        with self.model.lock:
+            check_decode(ll.llama_decode(self.ptr, self.batch.raw))
+
+    def ingest(self, tokens: Sequence[int]) -> int:
+        """Make sequence 0 hold exactly `tokens`, reusing the longest cached prefix.
+
+        The last token is always (re)decoded so that fresh logits are ready for sampling.
+        Returns how many tokens were decoded.
+        """
+        if len(tokens) > self.n_ctx:
+            raise BadInput(
+                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}: "
+                "raise --ctx or shorten the conversation (/clear)"
+            )
+        same = min(self.cached_prefix(tokens), len(tokens) - 1)
+        self.forget(same)
+        self._append(tokens[same:])
+        return len(tokens) - same
+
+    def _append(self, tokens: Sequence[int]) -> None:
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            self.batch.clear()
+            pos = len(self.tokens)
+            for i, token in enumerate(chunk):
+                self.batch.add(token, pos + i, 0, start + i == len(tokens) - 1)
+            self.decode()
+            self.tokens.extend(chunk)
+
+    def cached_prefix(self, tokens: Sequence[int]) -> int:
+        """How many leading `tokens` the KV cache already holds."""
+        same = 0
+        for a, b in zip(self.tokens, tokens, strict=False):
+            if a != b:
+                break
+            same += 1
+        return same
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last decoded output token."""
+        ptr = ll.llama_get_logits_ith(self.ptr, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    def output_logits(self, n_rows: int) -> np.ndarray:
+        """The last decode's logits, one row per output token in batch order (a view that
+        the next decode overwrites)."""
+        logits = ll.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(logits, shape=(n_rows, self.model.n_vocab))
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Batch]:
+        """The whole KV cache and the batch, for a unit that decodes many sequences at once
+        (packing, scoring, continuations, hidden): the cache is emptied before and
+        after, so sequence 0's tokens, which `ingest` would have reused, are gone."""
+        self.forget(0)
+        self.batch.clear()
+        try:
+            yield self.batch
+        finally:
+            self.forget(0)
+
+    def generate(
+        self, prompt: Sequence[int], sampler: Sampler, *, max_tokens: int = 256
+    ) -> Generation:
+        """Text pieces after `prompt` (iterate the result), and their stats; stops on EOG,
+        `max_tokens` or a full context. Tokens stay in the KV cache, so a later `ingest`
+        reuses them. Nothing is decoded until the first piece is asked for."""
+        self._last_stats = stats = GenerationStats()
+        return Generation(self._pieces(prompt, sampler, max_tokens, stats), stats)
+
+    def _pieces(
+        self, prompt: Sequence[int], sampler: Sampler, max_tokens: int, stats: GenerationStats
+    ) -> Iterator[str]:
+        stats.prompt_tokens = self.ingest(prompt)
+        sampler.accept_prompt(prompt)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for _ in range(max_tokens):
+            if len(self.tokens) >= self.n_ctx:
+                break
+            start = time.perf_counter()  # our time only, not the consumer's between pieces
+            token = sampler.sample(self)
+            if self.model.is_eog(token):
+                break
+            piece = decoder.decode(self.model.piece(token))
+            self._append([token])
+            stats.generated += 1
+            stats.seconds += time.perf_counter() - start
+            if piece:
+                yield piece
+        yield decoder.decode(b"", final=True)
+
+    @property
+    def stats(self) -> GenerationStats:
+        """Deprecated: the stats of the last `generate`; read `Generation.stats` instead."""
+        warnings.warn(_MOVED.format("stats", "generate(...).stats"), DeprecationWarning, 2)
+        return self._last_stats
+
+    def close(self) -> None:
+        if self.ptr:
+            with self.model.lock:
+                ll.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+def _same_steering(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return bool(np.array_equal(a, b))
+
+
+def check_decode(status: int) -> None:
+    """llama_decode's status as an error: the engine's decodes and the baselines' alike."""
+    if status != 0:
+        raise EngineError(f"llama_decode failed with status {status}: {log.last_error()}")
+
+
+_MOVED = "Context.{} is deprecated: use edge_steer.engine.{}"
+
+
+def _moved(module: str, name: str) -> Callable[..., object]:
+    """A deprecated Context method that forwards to the unit `module.name(context, ...)`."""
+
+    def method(self: Context, *args: object, **kwargs: object) -> object:
+        warnings.warn(_MOVED.format(name, f"{module}.{name}(context, ...)"), DeprecationWarning, 2)
+        unit = getattr(importlib.import_module(f"{__package__}.{module}"), name)
+        return unit(self, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# The batch units were Context methods until 0.3; these keep old callers working.
+for _module, _names in {
+    "packing": ("packed_groups", "decode_packed"),
+    "scoring": ("score", "next_token_probs"),
+    "continuations": ("sample_many",),
+    "hidden": ("capture", "capture_last"),
+}.items():
+    for _name in _names:
+        setattr(Context, _name, _moved(_module, _name))
