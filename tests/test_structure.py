@@ -227,3 +227,16 @@ def test_environment_variables_are_named_and_read_in_constants_only() -> None:
         if "os.environ" in text or "getenv(" in text or '"EDGE_STEER_' in text:
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_every_subpackage_ships_in_the_wheel() -> None:
+    """setuptools lists packages by hand here (the catalog folder is mapped in): a new
+    subpackage missing from the list would be left out of the wheel, and only a wheel
+    install would notice."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+    assert found <= listed, found - listed
