@@ -1,13 +1,22 @@
-"""Vectors by name for one model: the stored file, or train it now from a concept and store it."""
+"""Vectors by name for one model: the stored file, or train it now from a concept and store
+it; and `VectorLibrary`, the vectors a process has read for a model, shared by everything
+that steers it."""
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+
+import numpy as np
 
 from . import dataset, files, store, training, vectors
 from .engine import Model
 from .errors import BadInput, NotFound
 from .vectors import Key
+
+Resolver = Callable[[str], Path]  # a vector's name -> its file (may train it first)
 
 DEFAULT_PAIRS = 128  # enough for a stable direction (held-out sign tests pass at 96)
 
@@ -84,3 +93,68 @@ def resolve(
                 raise
     pairs = contrast_pairs(model, name)
     return train_and_store(model, name, pairs, training.TrainOptions(), progress)
+
+
+class VectorLibrary:
+    """The vectors of one model by name, each read (or trained) once and shared by whatever
+    steers the model: the CLI's steering, the server's requests and its trainer thread, the
+    llm plugin. Thread-safe; training runs outside the lock, so lookups never wait for it."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._vectors: dict[str, vectors.ControlVector] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, resolve: Resolver | None = None) -> vectors.ControlVector:
+        """Vector `name`, from memory or else from the file `resolve(name)` gives (default:
+        the store, never training), checked against the model's shape."""
+        with self._lock:
+            vector = self._vectors.get(name)
+        if vector is not None:
+            return vector
+        path = (resolve or self._stored)(name)
+        vector = vectors.read(path)
+        self.add(name, vector, str(path))
+        return vector
+
+    def _stored(self, name: str) -> Path:
+        return store.resolve_vector(name, self.model.path)
+
+    def add(self, name: str, vector: vectors.ControlVector, source: str | None = None) -> None:
+        """Keep `vector` as `name`, once it is checked against the model's shape (a BadInput
+        naming `source` if it does not fit)."""
+        vectors.check_fits(vector, self.model.n_layer, self.model.n_embd, source or name)
+        with self._lock:
+            self._vectors[name] = vector
+
+    def drop(self, name: str) -> None:
+        """Forget `name`, so that the next `get` reads (or trains) it again."""
+        with self._lock:
+            self._vectors.pop(name, None)
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """The `names` not in memory yet."""
+        with self._lock:
+            return [name for name in names if name not in self._vectors]
+
+    def rows(self, strengths: Mapping[str, float]) -> np.ndarray | None:
+        """The strength-weighted sum per block (None for no vectors); every name must be in
+        memory (`missing` says which are not)."""
+        if not strengths:
+            return None
+        with self._lock:
+            weighted = [(self._vectors[name], strength) for name, strength in strengths.items()]
+        return vectors.combine(weighted, self.model.n_layer, self.model.n_embd)
+
+
+_libraries: weakref.WeakKeyDictionary[Model, VectorLibrary] = weakref.WeakKeyDictionary()
+_libraries_lock = threading.Lock()
+
+
+def for_model(model: Model) -> VectorLibrary:
+    """The one library of `model` in this process."""
+    with _libraries_lock:
+        found = _libraries.get(model)
+        if found is None:
+            found = _libraries[model] = VectorLibrary(model)
+        return found

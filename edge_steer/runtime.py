@@ -24,6 +24,7 @@ from .constants import DEFAULT_CTX
 from .engine import Context, Generation, Model, Sampler, SamplerSettings
 from .errors import BadInput
 from .files import size_text
+from .vectors import spec_strengths
 
 Note = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -192,9 +193,13 @@ def steer(
 ) -> steering.Steering:
     """The steering for `vectors`: "happy:0.8,lazy:-1", ["happy:0.8"] or {"happy": 0.8};
     names are files, stored vectors or built-in concepts (trained on first use)."""
+    specs = _specs(vectors)
+    if retrain:  # read what is trained now, not what this process read before
+        for name in spec_strengths(specs):
+            library.for_model(model).drop(name)
     return steering.build(
         model,
-        _specs(vectors),
+        specs,
         layers,
         lambda name: vector_file(model, name, retrain=retrain, on_progress=on_progress),
     )

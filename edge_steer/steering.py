@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from . import store, vectors
+from . import library, vectors
 from .engine import Context, Model
 from .errors import BadInput
 
@@ -32,12 +30,13 @@ def parse_layers(text: str | None, n_layer: int) -> tuple[int, int] | None:
 
 @dataclass
 class Steering:
-    """Named vectors with strengths; `rows()` is their weighted sum per block."""
+    """Named vectors with strengths, for one context; `rows()` is their weighted sum per
+    block. The vectors come from the model's `library.VectorLibrary`, read once."""
 
     model: Model
     layers: tuple[int, int] | None = None
     active: dict[str, tuple[vectors.ControlVector, float]] = field(default_factory=dict)
-    resolve: Callable[[str], Path] | None = None  # name -> file; default: store lookup only
+    resolve: library.Resolver | None = None  # name -> file; default: store lookup only
 
     def set(self, name: str, strength: float) -> None:
         """Add or re-weight a vector; strength 0 removes it."""
@@ -45,17 +44,11 @@ class Steering:
             self.active.pop(name, None)
             return
         vectors.check_strengths(self.strengths() | {name: strength})
-        vector = self.active[name][0] if name in self.active else self._load(name)
-        self.active[name] = (vector, strength)
-
-    def _load(self, name: str) -> vectors.ControlVector:
-        if self.resolve is not None:
-            path = self.resolve(name)
+        if name in self.active:
+            vector = self.active[name][0]
         else:
-            path = store.resolve_vector(name, self.model.path)
-        vector = vectors.read(path)
-        vectors.check_fits(vector, self.model.n_layer, self.model.n_embd, str(path))
-        return vector
+            vector = library.for_model(self.model).get(name, self.resolve)
+        self.active[name] = (vector, strength)
 
     def strengths(self) -> dict[str, float]:
         return {name: strength for name, (_, strength) in self.active.items()}
@@ -75,7 +68,7 @@ def build(
     model: Model,
     specs: list[str],
     layers: str | None,
-    resolve: Callable[[str], Path] | None = None,
+    resolve: library.Resolver | None = None,
 ) -> Steering:
     steering = Steering(model, parse_layers(layers, model.n_layer), resolve=resolve)
     for name, strength in vectors.spec_strengths(specs).items():

@@ -121,3 +121,29 @@ def test_runtime_load_steers_and_refuses_unknown_sampling_options(tiny_dense_pat
         with pytest.raises(BadInput, match="unknown sampling option 'temp'"):
             steered.generate("Hello", temp=0)
     assert steered_text != plain
+
+
+def test_one_library_per_model_reads_each_vector_once(demo_model, files, tmp_path) -> None:
+    """Every steering on a model draws on the model's one VectorLibrary: a vector is read
+    once, shared, summed the same way as a Steering sums it, and re-read only when dropped
+    (as `steer(..., retrain=True)` does)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_steer import library
+
+    shelf = library.for_model(demo_model)
+    assert library.for_model(demo_model) is shelf
+    shelf.drop(files["a"])
+    first = steering.build(demo_model, [f"{files['a']}:1"], None)
+    with ThreadPoolExecutor(4) as pool:  # concurrent lookups all get the one copy
+        found = list(pool.map(lambda _: shelf.get(files["a"]), range(8)))
+    assert all(v is first.active[files["a"]][0] for v in found)
+    np.testing.assert_array_equal(shelf.rows({files["a"]: 1.0}), first.rows())
+    assert shelf.missing([files["a"], "never-read"]) == ["never-read"]
+    shelf.drop(files["a"])
+    again = steering.build(demo_model, [f"{files['a']}:1"], None)
+    assert again.active[files["a"]][0] is not first.active[files["a"]][0]
+    other = vectors.ControlVector({1: np.ones(7, np.float32)}, demo_model.architecture)
+    with pytest.raises(BadInput, match=r"n_embd|embedding|size"):
+        shelf.add("wrong-shape", other)  # nothing that does not fit is ever kept
+    assert shelf.missing(["wrong-shape"]) == ["wrong-shape"]

@@ -32,7 +32,7 @@ from ..errors import EdgeSteerError
 from ..vectors import describe
 from .api_error import ApiError, as_api_error, log, refuse, shutting_down
 from .guard import Admission, Guard
-from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket
+from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket, Training
 from .requests import Job, Kind, Served, decode, parse
 
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
@@ -232,7 +232,7 @@ async def _collect(
                 pieces.append(event.text)
             elif isinstance(event, Failed):
                 raise as_api_error(event.error)
-            else:
+            elif isinstance(event, Finished):
                 reply.log(event)
                 return JSONResponse(reply.whole("".join(pieces), event))
     finally:
@@ -257,6 +257,8 @@ async def _stream(
             event = await events.get()
             if isinstance(event, Piece):
                 yield _sse(reply.chunk(event.text))
+            elif isinstance(event, Training):
+                yield _training_comment(event)
             elif isinstance(event, Failed):  # also when the server shuts down
                 yield _sse(as_api_error(event.error).body())
                 yield "data: [DONE]\n\n"
@@ -270,6 +272,13 @@ async def _stream(
                 return
     finally:
         ticket.cancel()  # after the end a no-op; before it, frees the lane of a client gone
+
+
+def _training_comment(event: Training) -> str:
+    """An SSE comment, which OpenAI clients skip: `: training 'happy': calibrating 3/12`,
+    so a stream waiting for a vector trained on first use shows how far it has got (the
+    playground shows it)."""
+    return f": training {event.vector!r}: {event.stage} {event.done}/{event.total}\n\n"
 
 
 def _sse(data: dict[str, Any]) -> str:

@@ -45,7 +45,17 @@ class Failed:
     error: EdgeSteerError
 
 
-Event = Piece | Finished | Failed
+@dataclass(frozen=True)
+class Training:
+    """The request waits for `vector` to be trained on first use: how far that has got."""
+
+    vector: str
+    stage: str  # "reading prompts", "choosing blocks", "calibrating"
+    done: int
+    total: int
+
+
+Event = Piece | Finished | Failed | Training
 
 
 class Busy(Exception):
@@ -207,7 +217,7 @@ class Lanes:
                 for name in self.pool.untrained(ticket.job.steering):
                     if ticket.cancelled.is_set() or self._stop.is_set():
                         break
-                    self.pool.train(name)
+                    self.pool.train(name, _reporter(ticket, name))
             except Exception as exc:  # this thread must outlive any one request
                 ticket.deliver(Failed(_as_error(exc)))
                 continue
@@ -216,6 +226,11 @@ class Lanes:
             with self._admitting:  # stop() has answered it if it is stopping
                 if not (self._stop.is_set() or ticket.cancelled.is_set()):
                     self.waiting.put_nowait(ticket)
+
+
+def _reporter(ticket: Ticket, vector: str) -> Callable[[str, int, int], None]:
+    """Training progress for the request that waits on it."""
+    return lambda stage, done, total: ticket.deliver(Training(vector, stage, done, total))
 
 
 def _as_error(exc: Exception) -> EdgeSteerError:

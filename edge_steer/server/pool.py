@@ -6,14 +6,13 @@ the server allows it) and presets. A request can never make the server open a pa
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .. import dataset, library, store, vectors
+from .. import dataset, library, store, training, vectors
 from ..engine import Model
 from ..errors import BadInput, EdgeSteerError
 from ..vectors import Key, recommended_range
@@ -24,30 +23,26 @@ DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated
 
 @dataclass
 class VectorPool:
-    """Vectors by name for `model`, loaded once; presets are named steering specs.
-
-    Used from three threads (requests check names, the engine thread sums rows, the trainer
-    adds what it trained): `loaded` changes only under `_lock`."""
+    """What requests may name for `model`: its vectors (the model's `library.VectorLibrary`,
+    shared by the three threads that use it: requests check names, the engine thread sums
+    rows, the trainer adds what it trained) and presets, named steering specs."""
 
     model: Model
     allow_train: bool = False
     presets: dict[str, dict[str, float]] = field(default_factory=dict)
-    loaded: dict[str, vectors.ControlVector] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, name: str, vector: vectors.ControlVector) -> None:
-        with self._lock:
-            self.loaded[name] = vector
+    @property
+    def library(self) -> library.VectorLibrary:
+        return library.for_model(self.model)
 
     def untrained(self, names: Iterable[str]) -> list[str]:
-        """The `names` with no vector loaded yet: built-in concepts to train first."""
-        with self._lock:
-            return [name for name in names if name not in self.loaded]
+        """The `names` with no vector read yet: built-in concepts to train first."""
+        return self.library.missing(names)
 
-    def train(self, name: str) -> None:
+    def train(self, name: str, progress: training.Progress | None = None) -> None:
         """Train built-in concept `name` for this model and keep it (the trainer's thread:
         its decodes take turns with the engine thread's, see engine.Model.lock)."""
-        self.add(name, vectors.read(library.resolve(self.model, name)))
+        self.library.get(name, lambda _: library.resolve(self.model, name, progress=progress))
 
     def check(self, steering: Mapping[str, float], param: str = "steering") -> dict[str, float]:
         """The request's steering, validated: known names, numeric strengths (their total is
@@ -62,7 +57,7 @@ class VectorPool:
         return checked
 
     def _ensure_known(self, name: str, param: str) -> None:
-        if name in self.loaded:
+        if not self.library.missing([name]):
             return
         try:
             store.check_name(name)  # before the file system sees it, as part of a path
@@ -73,18 +68,14 @@ class VectorPool:
             if self._trainable(name):
                 return  # trained on first use, off the engine thread (lanes.py)
             raise self._unknown(name, param)
-        self.add(name, self._read(name, path, param))
-
-    def _read(self, name: str, path: Path, param: str) -> vectors.ControlVector:
         try:
             vector = vectors.read(path)
         except EdgeSteerError as exc:  # damaged on disk: the request cannot use it
             raise ApiError(str(exc), status=422, param=param, code="damaged_vector") from None
         try:
-            vectors.check_fits(vector, self.model.n_layer, self.model.n_embd, name)
+            self.library.add(name, vector)
         except EdgeSteerError as exc:
             raise ApiError(str(exc), param=param, code="vector_for_another_model") from None
-        return vector
 
     def _trainable(self, name: str) -> bool:
         return self.allow_train and name.lower() in dataset.builtin_names()
@@ -111,13 +102,9 @@ class VectorPool:
         )
 
     def rows(self, steering: Mapping[str, float]) -> np.ndarray | None:
-        """The summed steering rows; every name must be loaded (`untrained` says which are
+        """The summed steering rows; every name must be read (`untrained` says which are
         not)."""
-        if not steering:
-            return None
-        with self._lock:
-            weighted = [(self.loaded[name], strength) for name, strength in steering.items()]
-        return vectors.combine(weighted, self.model.n_layer, self.model.n_embd)
+        return self.library.rows(steering)
 
     def catalogue(self) -> list[dict[str, object]]:
         """GET /v1/vectors: what fits this model, with the strength range to offer."""

@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from .. import hub, runtime, steering, vectors
+from .. import hub, runtime, steering
 from ..engine import Context
 from ..errors import BadInput, EdgeSteerError, EngineError
 from ..files import size_text
@@ -208,11 +208,9 @@ def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progres
     """A preset's vectors, from the store or trained now (a preset is the operator's choice,
     so built-in concepts are trained for it whatever --allow-train says)."""
     for vector in spec:
-        if pool.untrained([vector]):
-            path = runtime.vector_file(pool.model, vector, on_progress=on_progress)
-            read = vectors.read(path)
-            vectors.check_fits(read, pool.model.n_layer, pool.model.n_embd, vector)
-            pool.add(vector, read)
+        pool.library.get(
+            vector, lambda v: runtime.vector_file(pool.model, v, on_progress=on_progress)
+        )
     pool.presets[name] = dict(spec)
 
 
