@@ -18,7 +18,7 @@ from pathlib import Path
 # H100 machine, even with no layers on the GPU. Every path that loads a model comes through here.
 import llama_cpp  # noqa: F401
 
-from . import hub, library, offload, steering
+from . import library, model_files, offload, steering
 from . import rpc as rpc_
 from .constants import DEFAULT_CTX
 from .engine import Context, Generation, Model, Sampler, SamplerSettings
@@ -122,7 +122,7 @@ def load_model_from(
     if workers:
         on_note(f"rpc: {len(workers)} worker(s) answered: {', '.join(map(str, workers))}")
     endpoints = [str(w) for w in workers]
-    path = hub.resolve_model(
+    path = model_files.resolve_model(
         options.model,
         offline=options.offline,
         force=options.force,

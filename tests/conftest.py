@@ -27,17 +27,17 @@ def edge_steer_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_path(edge_steer_home: Path) -> Path:
-    from edge_steer import hub
+    from edge_steer import model_files
 
-    return hub.resolve_model("demo")
+    return model_files.resolve_model("demo")
 
 
 @pytest.fixture(scope="session")
 def chat_path(edge_steer_home: Path) -> Path:
     """SmolLM2-135M-Instruct: a real instruct model with a chat template (`demo-chat`)."""
-    from edge_steer import hub
+    from edge_steer import model_files
 
-    return hub.resolve_model("demo-chat")
+    return model_files.resolve_model("demo-chat")
 
 
 @pytest.fixture(scope="session")

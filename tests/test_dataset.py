@@ -16,9 +16,9 @@ REQUIRED = ("lazy", "happy", "honest", "creative", "confident", "formal", "tripp
 
 @pytest.fixture(scope="module")
 def demo_model():
-    from edge_steer import engine, hub
+    from edge_steer import engine, model_files
 
-    model = engine.Model(hub.resolve_model("demo"))
+    model = engine.Model(model_files.resolve_model("demo"))
     yield model
     model.close()
 

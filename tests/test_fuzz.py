@@ -15,7 +15,7 @@ import pytest
 from conftest import safetensors_bytes
 from typer.testing import CliRunner
 
-from edge_steer import convert, gguffile, hub, offload, vectors
+from edge_steer import convert, gguffile, model_files, offload, vectors
 from edge_steer.cli import app
 from edge_steer.errors import EdgeSteerError
 
@@ -120,7 +120,7 @@ def test_fuzz_model_header_checks_and_offload_plan(tmp_path, tiny_moe_path) -> N
     """What every command reads of a model before llama.cpp sees it."""
 
     def read(path):
-        hub.check_model_file(path)
+        model_files.check_model_file(path)
         return offload.read_weights(gguffile.read_header(path))
 
     data = tiny_moe_path.read_bytes()[: 1 << 16]  # the header and the first tensors

@@ -96,10 +96,10 @@ def test_completion_usage_and_finish(client):
 
 
 def client_tokens(_client, text: str) -> list[int]:
-    from edge_steer import hub
+    from edge_steer import model_files
     from edge_steer.engine import Model
 
-    with Model(hub.resolve_model("demo")) as model:
+    with Model(model_files.resolve_model("demo")) as model:
         return model.tokenize(text)
 
 

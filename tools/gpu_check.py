@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_steer import files, gguffile, hub, machine, offload
+from edge_steer import files, gguffile, machine, model_files, offload
 from edge_steer.engine import Context, Model, Sampler, SamplerSettings, hidden
 from tools.tiny_models import write_tiny_model
 
@@ -37,7 +37,7 @@ def model_path(name: str, workdir: Path) -> Path:
         return write_tiny_model(workdir / "tiny-mixtral.gguf", moe=True, n_layer=8)
     if name == "tiny-dense":
         return write_tiny_model(workdir / "tiny-mistral.gguf", n_layer=8)
-    return hub.resolve_model(name)
+    return model_files.resolve_model(name)
 
 
 def steering_rows(model: Model, block: int) -> np.ndarray:

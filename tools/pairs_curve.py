@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import dataset, evaluate, hub, training, vectors  # noqa: E402
+from edge_steer import dataset, evaluate, model_files, training, vectors  # noqa: E402
 from edge_steer.engine import Model  # noqa: E402
 
 SETTINGS = evaluate.EvalSettings(strengths=(-1.0, 1.0), samples=0)
@@ -58,7 +58,7 @@ def main() -> None:
     names = dataset.builtin_names() if args.concepts == "all" else args.concepts.split(",")
     rows = []
     for name in args.models.split(","):
-        with Model(hub.resolve_model(name)) as model:
+        with Model(model_files.resolve_model(name)) as model:
             for concept in names:
                 for count in map(int, args.counts.split(",")):
                     row = {"model": name, **measure(model, concept, count, args.threads)}

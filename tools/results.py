@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_steer import bench, catalog, chateval, dataset, evaluate, hub, training, vectors  # noqa: E402
+from edge_steer import bench, catalog, chateval, dataset, evaluate, model_files, training, vectors  # noqa: E402
 from edge_steer.engine import Model  # noqa: E402
 from edge_steer.errors import EdgeSteerError  # noqa: E402
 from tools.tiny_models import write_tiny_model  # noqa: E402
@@ -45,7 +45,7 @@ def model_path(name: str, folder: Path) -> Path:
     """'demo', 'tiny-dense', 'tiny-moe' (generated into `folder`) or a GGUF path."""
     if name in TINY:
         return write_tiny_model(folder / f"{name}.gguf", moe=TINY[name])
-    return hub.resolve_model(name)
+    return model_files.resolve_model(name)
 
 
 def display_name(name: str, model: Model) -> str:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_rpc import free_port, start_worker, stop  # noqa: E402
 
-from edge_steer import bench, hub, runtime  # noqa: E402
+from edge_steer import bench, model_files, runtime  # noqa: E402
 from edge_steer.engine import Context, Model, bare_decode  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--pp", type=int, default=512)
     parser.add_argument("--tg", type=int, default=128)
     args = parser.parse_args()
-    path = hub.resolve_model(args.model)
+    path = model_files.resolve_model(args.model)
     ports = [free_port(), free_port()]
     logs = Path(tempfile.mkdtemp())
     workers = [start_worker(p, logs / f"{p}.log") for p in ports]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_steer import choose, dataset, evaluate, hub, training, vectors
+from edge_steer import choose, dataset, evaluate, model_files, training, vectors
 from edge_steer.engine import Model
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results = []
-    with Model(hub.resolve_model(args.model)) as model:
+    with Model(model_files.resolve_model(args.model)) as model:
         for name in args.concepts.split(","):
             results += sweep_concept(model, name, args)
             if args.json:

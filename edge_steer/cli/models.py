@@ -69,7 +69,7 @@ def _size(info: dict) -> str:
 @clean_errors
 def list_models(as_json: JsonOpt = False) -> None:
     """The catalog: sizes, RAM needed at 4096 tokens of context, what fits and what is here."""
-    from .. import catalog, hub
+    from .. import catalog, model_files
 
     rows = [_describe(e) for e in catalog.entries()]
     if as_json:
@@ -89,7 +89,8 @@ def list_models(as_json: JsonOpt = False) -> None:
             "yes" if r["downloaded"] else "",
         )
     out.print(table)
-    err.print(f"[dim]default {hub.default_model()} · ~ size not pinned, checked at download[/]")
+    default = model_files.default_model()
+    err.print(f"[dim]default {default} · ~ size not pinned, checked at download[/]")
 
 
 @models_app.command("info")

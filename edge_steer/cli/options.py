@@ -278,11 +278,12 @@ def check_max_tokens(max_tokens: int) -> None:
 
 
 def model_file(model: str | None, **options: Any):
-    """hub.resolve_model, telling the user on stderr what it downloads, with a progress bar."""
-    from .. import hub
+    """model_files.resolve_model, telling the user on stderr what it downloads, with a
+    progress bar."""
+    from .. import model_files
     from .download_bar import RichBar
 
-    return hub.resolve_model(model, say=note, tqdm_class=RichBar, **options)
+    return model_files.resolve_model(model, say=note, tqdm_class=RichBar, **options)
 
 
 def load_options(opts: SimpleNamespace, ctx: int | None = None):

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .. import files, hub, store
+from .. import files, model_files, store
 from ..errors import BadInput, EdgeSteerError
 from ..files import size_text
 from .options import JsonOpt, clean_errors, err, model_file, out
@@ -55,7 +55,7 @@ def convert_command(
     """Convert a control vector between formats, with explicit layer numbering."""
     from .. import convert, vectors
 
-    shape = hub.model_shape(model_file(model)) if model else None
+    shape = model_files.model_shape(model_file(model)) if model else None
     vector, notes = convert.load(
         source, layer_base=layer_base, shift=shift, n_layer=shape.n_layer if shape else None
     )
@@ -256,7 +256,7 @@ def mix_command(
     weighted = [(name, _load(_one(name, model)), weight) for name, weight in terms]
     mixed = vectors.mix(weighted)
     if model:
-        shape = hub.model_shape(model_file(model))
+        shape = model_files.model_shape(model_file(model))
         vectors.check_fits(mixed, shape.n_layer, shape.n_embd, expression)
         mixed.model_hint = mixed.model_hint or shape.architecture
     convert.save(mixed, output)

@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from .. import hub, runtime, steering
+from .. import model_files, runtime, steering
 from ..engine import Context
 from ..errors import BadInput, EdgeSteerError, EngineError
 from ..files import size_text
@@ -227,8 +227,8 @@ def _lane_memory(contexts: list[Context]) -> str:
 def model_id(given: str | None, path: Path) -> str:
     """What /v1/models calls the model: the catalog name as given (`demo`, `mistral:q4_k_m`),
     or a file's name without .gguf; never a path."""
-    given = given or hub.default_model()
-    return path.stem if hub.looks_like_model_path(given) else given
+    given = given or model_files.default_model()
+    return path.stem if model_files.looks_like_model_path(given) else given
 
 
 def _aliases(options: ServeOptions) -> frozenset[str]:
