@@ -118,20 +118,8 @@ def load_model_from(
     options: LoadOptions, *, on_note: Note = _quiet, download_bar: type | None = None
 ) -> Model:
     """`load_model` for a LoadOptions value (its threads are for contexts, not used here)."""
-    workers = rpc_.connect(options.rpc)
-    if workers:
-        on_note(f"rpc: {len(workers)} worker(s) answered: {', '.join(map(str, workers))}")
+    path, workers = model_path(options, on_note=on_note, download_bar=download_bar)
     endpoints = [str(w) for w in workers]
-    path = model_files.resolve_model(
-        options.model,
-        offline=options.offline,
-        force=options.force,
-        use_gpu=offload.parse_gpu_layers(options.gpu_layers) != 0,
-        rpc=endpoints,
-        ctx=options.ctx,
-        say=on_note,
-        tqdm_class=download_bar,
-    )
     plan = offload.plan_model(
         path, options.gpu_layers, options.moe_offload, options.ctx, endpoints, options.force
     )
@@ -150,6 +138,29 @@ def load_model_from(
     if workers:
         on_note(f"layers: {_split(loaded)}")
     return loaded
+
+
+def model_path(
+    options: LoadOptions, *, on_note: Note = _quiet, download_bar: type | None = None
+) -> tuple[Path, list[rpc_.Endpoint]]:
+    """The local file `options.model` names (downloaded once, checked to fit this machine
+    and its RPC workers' memory) and the workers, checked and registered. A front end that
+    downloads before it does anything else (`serve`) calls this first; the load then checks
+    the workers again, as minutes of downloading may have passed."""
+    workers = rpc_.connect(options.rpc)
+    if workers:
+        on_note(f"rpc: {len(workers)} worker(s) answered: {', '.join(map(str, workers))}")
+    path = model_files.resolve_model(
+        options.model,
+        offline=options.offline,
+        force=options.force,
+        use_gpu=offload.parse_gpu_layers(options.gpu_layers) != 0,
+        rpc=[str(w) for w in workers],
+        ctx=options.ctx,
+        say=on_note,
+        tqdm_class=download_bar,
+    )
+    return path, workers
 
 
 def _devices(workers: list[rpc_.Endpoint]) -> list[str] | None:

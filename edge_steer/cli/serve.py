@@ -15,7 +15,6 @@ from .options import (
     clean_errors,
     err,
     load_options,
-    model_file,
     note,
     progress_bar,
     with_options,
@@ -76,13 +75,15 @@ def serve(
             f"the server needs the `server` extra ({exc.name} is missing): "
             "pip install uvicorn starlette (the `server` extra)"
         ) from None
-    from .. import rpc
+    from .. import runtime
+    from .download_bar import RichBar
 
     presets = startup.parse_presets(preset)  # before minutes of downloading, not after
-    workers = [str(worker) for worker in rpc.connect(opts.rpc or "")]  # their memory counts
-    path = model_file(opts.model, ctx=ctx * parallel, force=opts.force, rpc=workers)
+    load = load_options(opts, ctx)
+    every_lane = dataclasses.replace(load, ctx=ctx * parallel)  # each lane's KV counts
+    path, _ = runtime.model_path(every_lane, on_note=note, download_bar=RichBar)
     options = startup.ServeOptions(
-        load=dataclasses.replace(load_options(opts, ctx), model=str(path)),
+        load=dataclasses.replace(load, model=str(path)),
         model_id=startup.model_id(opts.model, path),
         host=host,
         port=port,
