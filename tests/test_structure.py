@@ -240,3 +240,26 @@ def test_every_subpackage_ships_in_the_wheel() -> None:
     )
     found = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
     assert found <= listed, found - listed
+
+
+def test_the_layout_in_the_docs_names_every_module() -> None:
+    """docs/development.md has one line per room: a module added, moved or renamed must show
+    up there too."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    layout = text[text.index("edge_steer/\n") : text.index("```", text.index("edge_steer/\n"))]
+    described = set()
+    folder: list[str] = []
+    for line in layout.splitlines():
+        name = line.strip().split(" ")[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        if name.endswith("/"):
+            folder = [*folder[: depth - 1], name.rstrip("/")] if depth else []
+        elif name.endswith((".py", ".html")):
+            described.add("/".join([*folder[: depth - 1], name]))
+    shipped = {
+        str(p.relative_to(PACKAGE))
+        for p in [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.html")]
+        if "concepts" not in p.parts and "__pycache__" not in p.parts
+    }
+    assert shipped - described == set(), "modules missing from the layout"
+    assert described - shipped == set(), "the layout names modules that do not exist"
