@@ -18,11 +18,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import files, gguffile, vectors
 from .errors import BadInput, DamagedFile
+
+if TYPE_CHECKING:
+    from .model_files import Shape
 
 LAYER_BASES = ("block", "hidden-states")
 OUTPUT_SUFFIXES = (".gguf", ".npz")
@@ -67,6 +71,61 @@ def load(
         vectors.validate(directions, str(path)), source.model_hint, metadata
     )
     return vector, source.notes
+
+
+@dataclass(frozen=True)
+class Relabel:
+    """What a conversion may change besides numbering: the blocks kept ("A-B"), the model
+    hint, and where the vector came from and how it was made."""
+
+    layers: str | None = None
+    model_hint: str | None = None
+    source: str | None = None
+    method: str | None = None
+    scale_rule: str | None = None
+
+
+def convert(
+    path: str | Path,
+    *,
+    layer_base: str | None = None,
+    shift: int = 0,
+    shape: Shape | None = None,
+    relabel: Relabel = Relabel(),
+) -> tuple[vectors.ControlVector, list[str]]:
+    """`edge-steer vectors convert`: `load`, keep the blocks asked for, relabel, and check
+    the result against the target model's `shape` when one is given."""
+    n_layer = shape.n_layer if shape else None
+    vector, notes = load(path, layer_base=layer_base, shift=shift, n_layer=n_layer)
+    if relabel.layers is not None:
+        _keep_layers(vector, relabel.layers, n_layer or max(vector.layers) + 1)
+    if relabel.model_hint is not None:
+        vector.model_hint = relabel.model_hint
+    given = {
+        vectors.Key.SOURCE: relabel.source,
+        vectors.Key.METHOD: relabel.method,
+        vectors.Key.SCALE_RULE: relabel.scale_rule,
+    }
+    vector.metadata.update({key: value for key, value in given.items() if value is not None})
+    if shape:
+        vectors.check_fits(vector, shape.n_layer, shape.n_embd, str(path))
+        vector.model_hint = vector.model_hint or shape.architecture
+    return vector, notes
+
+
+def _keep_layers(vector: vectors.ControlVector, layers: str, n_layer: int) -> None:
+    from .steering import parse_layers  # here: it loads llama.cpp
+
+    span = parse_layers(layers, n_layer)
+    assert span is not None
+    first, last = span
+    kept = {n: d for n, d in vector.directions.items() if first <= n <= last}
+    if not kept:
+        raise BadInput(
+            f"no directions in blocks {layers}: the file has {vectors.block_span(vector.layers)}"
+        )
+    vector.directions = kept
+    vector.metadata.update({vectors.Key.LAYER_FIRST: first, vectors.Key.LAYER_LAST: last})
 
 
 def _reader(path: Path) -> Callable[[Path], Source]:

@@ -298,6 +298,13 @@ def spec_strengths(specs: Iterable[str]) -> dict[str, float]:
     return totals
 
 
+def block_span(layers: list[int]) -> str:
+    """Blocks for people: `4-12` when they run without a gap, else `4,6,9`."""
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    return ",".join(map(str, layers))
+
+
 def describe(weighted: Mapping[str, float]) -> str:
     return ", ".join(f"{name}:{strength:+g}" for name, strength in weighted.items()) or "none"
 

@@ -53,46 +53,17 @@ def convert_command(
     layers: LayersKeepOpt = None,
 ) -> None:
     """Convert a control vector between formats, with explicit layer numbering."""
-    from .. import convert, vectors
+    from .. import convert
 
     shape = model_files.model_shape(model_file(model)) if model else None
-    vector, notes = convert.load(
-        source, layer_base=layer_base, shift=shift, n_layer=shape.n_layer if shape else None
+    relabel = convert.Relabel(layers, model_hint, source_note, method, scale_rule)
+    vector, notes = convert.convert(
+        source, layer_base=layer_base, shift=shift, shape=shape, relabel=relabel
     )
     for note in notes:
         err.print(f"[yellow]note:[/] {note}")
-    vector = _keep_layers(vector, layers, shape.n_layer if shape else None)
-    _set_metadata(vector, model_hint, source_note, method, scale_rule)
-    if shape:
-        vectors.check_fits(vector, shape.n_layer, shape.n_embd, str(source))
-        vector.model_hint = model_hint or vector.model_hint or shape.architecture
     convert.save(vector, output)
     out.print(f"wrote {output}: {_summary(vector)}")
-
-
-def _keep_layers(vector, layers: str | None, n_layer: int | None):
-    from .. import steering
-    from ..vectors import Key
-
-    span = steering.parse_layers(layers, n_layer or max(vector.layers) + 1)
-    if span is None:
-        return vector
-    first, last = span
-    kept = {n: d for n, d in vector.directions.items() if first <= n <= last}
-    if not kept:
-        raise BadInput(f"no directions in blocks {layers}: the file has {_span(vector.layers)}")
-    vector.directions = kept
-    vector.metadata.update({Key.LAYER_FIRST: first, Key.LAYER_LAST: last})
-    return vector
-
-
-def _set_metadata(vector, hint, source, method, scale_rule) -> None:
-    from ..vectors import Key
-
-    if hint is not None:
-        vector.model_hint = hint
-    given = {Key.SOURCE: source, Key.METHOD: method, Key.SCALE_RULE: scale_rule}
-    vector.metadata.update({key: value for key, value in given.items() if value is not None})
 
 
 @app.command("list")
@@ -134,7 +105,7 @@ def _row(path: Path) -> dict:
         "model": model,
         "model_fingerprint": None if shared else path.parent.name,
         "concept": str(meta.get(Key.CONCEPT, "")),
-        "layers": _span(vector.layers),
+        "layers": vectors.block_span(vector.layers),
         "n_embd": vector.n_embd,
         "method": meta.get(Key.METHOD),
         "recommended": _recommended(vector),
@@ -272,14 +243,10 @@ def _recommended(vector) -> list[float] | None:
 
 
 def _summary(vector) -> str:
+    from ..vectors import block_span
+
     hint = f"for {vector.model_hint}, " if vector.model_hint else ""
-    return f"{hint}blocks {_span(vector.layers)}, n_embd {vector.n_embd}"
-
-
-def _span(layers: list[int]) -> str:
-    if layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
-    return ",".join(map(str, layers))
+    return f"{hint}blocks {block_span(vector.layers)}, n_embd {vector.n_embd}"
 
 
 def register(parent: typer.Typer) -> None:
