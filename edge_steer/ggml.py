@@ -71,6 +71,24 @@ def tensor_name(tensor: int) -> bytes:
     return _symbol("ggml_get_name", (ctypes.c_void_p,), ctypes.c_char_p)(tensor) or b""
 
 
+def tensor_get(tensor: int, into: ctypes.c_void_p, nbytes: int) -> None:
+    """Copy the first `nbytes` of a tensor (on any backend) into host memory."""
+    _symbol(
+        "ggml_backend_tensor_get",
+        (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t),
+        None,
+    )(tensor, into, 0, nbytes)
+
+
+def tensor_set(tensor: int, data: ctypes.c_void_p, nbytes: int) -> None:
+    """Write `nbytes` from host memory over the start of a tensor (on any backend)."""
+    _symbol(
+        "ggml_backend_tensor_set",
+        (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t),
+        None,
+    )(tensor, data, 0, nbytes)
+
+
 def tensor_rows(tensor: int, rows: list[int] | None = None) -> np.ndarray:
     """Copy an F32 2-D tensor (ne0 = width, ne1 = rows) from any backend into a numpy array."""
     head = TensorHead.from_address(tensor)

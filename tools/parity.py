@@ -24,10 +24,11 @@ PROMPT = "The best thing about mornings is"
 TOKENS = 32
 
 
-def build(cache: Path) -> Path:
-    """llama-completion from the installed llama-cpp-python's vendored llama.cpp."""
+def build(cache: Path, target: str = "llama-completion") -> Path:
+    """`target` (llama-completion, llama-server) from the installed llama-cpp-python's
+    vendored llama.cpp."""
     release = version("llama-cpp-python")
-    binary = cache / f"build-{release}" / "bin" / "llama-completion"
+    binary = cache / f"build-{release}" / "bin" / target
     if binary.is_file():
         return binary
     cache.mkdir(parents=True, exist_ok=True)
@@ -64,11 +65,11 @@ def build(cache: Path) -> Path:
             "-DCMAKE_BUILD_TYPE=Release",
             "-DLLAMA_CURL=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF",
+            f"-DLLAMA_BUILD_SERVER={'ON' if target == 'llama-server' else 'OFF'}",
         ],
         check=True,
     )
-    subprocess.run(["cmake", "--build", str(out), "--target", "llama-completion", "-j"], check=True)
+    subprocess.run(["cmake", "--build", str(out), "--target", target, "-j"], check=True)
     return binary
 
 

@@ -23,6 +23,7 @@ from ..errors import BadInput, EngineError
 from . import log
 from .model import Model, default_threads
 from .recorder import StateRecorder
+from .rowsteer import RowSteering
 from .sampling import Sampler
 
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ: llama.cpp refuses a context with more
@@ -86,7 +87,9 @@ class Context:
     Sequence 0 is decoded incrementally (`ingest`, `generate`) and its cached prefix is
     reused. Units that decode many sequences at once borrow the whole cache through
     `scratch`. Generation contexts are made without an eval callback, because ggml calls it
-    for every graph node of every decode; capture contexts (`capture=True`) install one.
+    for every graph node of every decode; capture contexts (`capture=True`) install one,
+    and so do contexts that batch sequences under different steerings (`row_steering=True`,
+    see `rowsteer`).
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class Context:
         threads: int | None = None,
         n_seq: int = 1,
         capture: bool = False,
+        row_steering: bool = False,
     ):
         self.model = model
         if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
@@ -109,9 +113,14 @@ class Context:
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = threads or default_threads()
         params.kv_unified = True
+        if capture and row_steering:
+            raise BadInput("a context either records hidden states or steers rows, not both")
         self.recorder = StateRecorder(model.n_layer, model.n_embd) if capture else None
+        self.row_steering = RowSteering(model.n_layer) if row_steering else None
         if self.recorder is not None:
             params.cb_eval = self.recorder.callback  # referenced by self.recorder
+        if self.row_steering is not None:
+            params.cb_eval = self.row_steering.callback  # referenced by self.row_steering
         with model.lock, log.recorded() as lines:
             self.ptr = ll.llama_init_from_model(model.ptr, params)
         self.buffers = log.buffer_sizes(lines, log.CONTEXT_BUFFER)  # "CPU KV", "CUDA0 compute"
@@ -148,6 +157,14 @@ class Context:
         Changing the steering empties the KV cache, whose tokens were computed under the old
         one; setting the same steering again keeps it.
         """
+        self._steer(rows, first, last, keep_cache=False)
+
+    def steer_all_rows(self, rows: np.ndarray | None, first: int = 1, last: int = -1) -> None:
+        """`set_steering`, keeping the KV cache: for a caller that knows which steering each
+        cached sequence was computed under (`batching.Batcher`)."""
+        self._steer(rows, first, last, keep_cache=True)
+
+    def _steer(self, rows: np.ndarray | None, first: int, last: int, *, keep_cache: bool) -> None:
         m = self.model
         last = m.n_layer - 1 if last < 0 else last
         buf = None
@@ -156,7 +173,8 @@ class Context:
             buf[first - 1 : last] = rows[first : last + 1]  # what llama.cpp adds, and no more
         if _same_steering(buf, self._steering):
             return  # same vectors: the cached tokens stay valid, and no graph rebuild
-        self.forget(0)  # tokens in the KV cache were computed under the old steering
+        if not keep_cache:
+            self.forget(0)  # tokens in the KV cache were computed under the old steering
         self._steering = buf  # keep the memory alive while llama.cpp might read it
         pointer = None if buf is None else buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         with m.lock:

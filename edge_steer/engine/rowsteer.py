@@ -1,0 +1,95 @@
+"""Steering per batch row: the eval callback that adds each row's own vector to a block's
+output, so that sequences under different steerings share one `llama_decode`.
+
+llama.cpp's control vector is one per context and added to every row. Where the rows of a
+decode want different vectors, the context runs with no control vector and this callback
+adds them: after llama.cpp computes `l_out-<il>` (a block's output, where its control vector
+would have been added) and before the next block reads it, the rows are read, each gets its
+own vector added in float32 (the same add llama.cpp's `ggml_add` does, so the result is bit
+for bit the native one) and they are written back.
+
+Cost: ggml asks about every graph node (some 700 a decode on Gemma 3 270M). While no plan is
+set the answer is an immediate False; with a plan, each ask reads the node's name, and the
+graph is computed block by block.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp as ll
+import numpy as np
+
+from .. import ggml
+
+
+class RowSteering:
+    """The callback and the plan of the next decode: which vector each batch row gets."""
+
+    def __init__(self, n_layer: int):
+        self.n_layer = n_layer
+        self.callback = ll.ggml_backend_sched_eval_callback(self._on_eval)
+        self.vectors: np.ndarray | None = None  # (n_vectors, n_layer, n_embd); None: no plan
+        self.row_vector = np.zeros(0, dtype=np.intp)  # batch row -> index into vectors
+        self.output_rows = np.zeros(0, dtype=np.intp)  # batch rows that produce outputs
+        self.first, self.last = 1, n_layer - 1
+        self.error: BaseException | None = None
+
+    def plan(
+        self,
+        vectors: np.ndarray,
+        row_vector: np.ndarray,
+        output_rows: np.ndarray,
+        first: int,
+        last: int,
+    ) -> None:
+        """Steer the next decode: batch row r gets vectors[row_vector[r]][il] added to the
+        output of block il, for first <= il <= last (a zero vector for unsteered rows)."""
+        self.vectors, self.row_vector, self.output_rows = vectors, row_vector, output_rows
+        self.first, self.last = first, last
+        self.error = None
+
+    def clear(self) -> None:
+        """No plan: the callback answers every ask with False at once."""
+        self.vectors = None
+
+    def check(self) -> None:
+        """Raise what went wrong inside the callback during the last decode."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"per-row steering failed: {error}") from error
+
+    def _on_eval(self, tensor: int, ask: bool, _user: int) -> bool:
+        if self.vectors is None:
+            return False
+        try:
+            name = ggml.tensor_name(tensor)
+            if not name.startswith(b"l_out-"):
+                return False
+            layer = int(name[6:])
+            if ask:
+                return self.first <= layer <= self.last
+            self._add(tensor, layer)
+            return True
+        except BaseException as exc:  # an exception must not cross into C
+            self.error = exc
+            return False  # ends the graph: the decode's results are not used
+
+    def _add(self, tensor: int, layer: int) -> None:
+        assert self.vectors is not None
+        head = ggml.TensorHead.from_address(tensor)
+        n_rows, width = head.ne[1], head.ne[0]
+        # the last block computes only the rows that produce outputs
+        rows = self.row_vector
+        if n_rows != len(rows):
+            rows = rows[self.output_rows]
+        if len(rows) != n_rows or head.nb[1] != width * 4 or head.type != ggml.GGML_TYPE_F32:
+            raise RuntimeError(f"unexpected l_out-{layer}: {n_rows} rows of {width}")
+        states = np.empty((n_rows, width), dtype=np.float32)
+        pointer = states.ctypes.data_as(ctypes.c_void_p)
+        ggml.tensor_get(tensor, pointer, states.nbytes)
+        if np.all(rows == rows[0]):
+            states += self.vectors[rows[0], layer]
+        else:
+            states += self.vectors[rows, layer]
+        ggml.tensor_set(tensor, pointer, states.nbytes)
