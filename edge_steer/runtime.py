@@ -48,6 +48,9 @@ class LoadOptions:
     force: bool = False  # go ahead even if RAM or disk looks too small
     offline: bool = False  # never ask the Hub
     rpc: str | None = None  # "host:port,..." of `edge-steer worker`s; None: $EDGE_STEER_RPC
+    # llama.cpp's re-layout of CPU weights for its faster kernels (as its binaries do). False
+    # keeps each row of a batch bit for bit independent of the others (the server's batching)
+    repack: bool = True
 
     def check(self) -> None:
         """What is wrong before anything loads: counts out of range."""
@@ -130,7 +133,8 @@ def load_model_from(
         gpu_layers=plan.gpu_layers,
         cpu_tensors=plan.cpu_tensors,
         devices=_devices(workers),
-        mmap=plan.mmap,
+        repack=options.repack,
+        mmap=plan.mmap or not options.repack,  # nothing repacked: nothing held twice
     )
     if plan.cpu_tensors or plan.gpu_bytes:
         where = ", ".join(f"{name} {size_text(size)}" for name, size in loaded.buffers.items())

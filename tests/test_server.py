@@ -165,16 +165,21 @@ def _cli_generate(demo_path: Path, spec: dict[str, float]) -> str:
     return json.loads(done.stdout)["text"]
 
 
-def test_concurrent_requests_match_sequential_cli(client, demo_path):
-    """4 greedy requests at once, 4 steering specs: each gets exactly the tokens that
-    `edge-steer generate --temp 0` gives with its spec, run one after another."""
-    expected = [_cli_generate(demo_path, spec) for spec in SPECS]
-    assert len(set(expected)) == len(SPECS)  # the specs really differ
+def test_concurrent_requests_equal_each_alone(client):
+    """4 greedy requests at once under 4 steerings (unsteered among them), so that every
+    decode mixes steerings, then 8 at once: each gets exactly the tokens it gets alone.
+    Lanes share each llama_decode, and the weights are not repacked with --parallel > 1, so
+    a row's numbers do not depend on the rows beside it."""
     exact = {"cache_prompt": False}  # a reused prefix may flip near-ties, as in llama-server
+    alone = [_complete(client, spec, **exact).choices[0].text for spec in SPECS]
+    assert len(set(alone)) == len(SPECS)  # the specs really differ
     with ThreadPoolExecutor(len(SPECS)) as pool:
         replies = list(pool.map(lambda spec: _complete(client, spec, **exact), SPECS))
-    assert [r.choices[0].text for r in replies] == expected
+    assert [r.choices[0].text for r in replies] == alone
     assert [r.model_extra["steering"] for r in replies] == SPECS
+    with ThreadPoolExecutor(2 * len(SPECS)) as pool:  # more requests than lanes
+        twice = list(pool.map(lambda spec: _complete(client, spec, **exact), SPECS * 2))
+    assert [r.choices[0].text for r in twice] == alone * 2
 
 
 BAD_REQUESTS = [
@@ -286,6 +291,10 @@ def test_allow_train_queue_and_api_key(demo_path):
         assert int(headers["Retry-After"]) > 0
         _wait_idle(url, key="k1")  # the closed stream's lane frees itself
         assert client.completions.create(**body).choices[0].finish_reason == "length"
+        # one lane: llama.cpp's repacked kernels, exactly as `edge-steer generate` decodes
+        assert _complete(client, {}, cache_prompt=False).choices[0].text == _cli_generate(
+            demo_path, {}
+        )
 
 
 def _stream_lines(url: str, steering: dict[str, float], key: str) -> list[str]:

@@ -13,17 +13,28 @@ Steering is llama.cpp's own `llama_set_adapter_cvec`: no Python runs per token f
     scoring    log-probabilities of texts; next-token distributions
     recorder   the eval callback that records hidden states
     hidden     hidden-state capture of many prompts
+    rowsteer   steering per batch row (the eval callback), for batches of mixed steerings
+    batching   continuous batching: many sequences, one decode per step
     baselines  the bare loops benchmarks measure the engine against
 """
 
 from .baselines import bare_decode, prefill
-from .context import MAX_SEQUENCES, Batch, Context, Generation, GenerationStats, check_decode
+from .context import (
+    DEFAULT_BATCH,
+    MAX_SEQUENCES,
+    Batch,
+    Context,
+    Generation,
+    GenerationStats,
+    check_decode,
+)
 from .log import LOG_TAIL
 from .model import Model, backend_info, default_threads, utf8
 from .sampling import SAMPLING_LIMITS, Sampler, SamplerSettings, out_of_range
 from .scoring import SCORED_TOGETHER
 
 __all__ = [
+    "DEFAULT_BATCH",
     "LOG_TAIL",
     "MAX_SEQUENCES",
     "SAMPLING_LIMITS",

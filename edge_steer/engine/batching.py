@@ -1,21 +1,26 @@
-"""Continuous batching: many sequences on one context, each under its own steering, one
-`llama_decode` per step (what llama-server does for its slots, plus steering per slot).
+"""Continuous batching: many sequences on one context, each under its own steering, the
+next token of all of them in one `llama_decode` (what llama-server does for its slots, plus
+steering per slot).
 
-Each step decodes the next token of every generating sequence and then one prompt chunk of
-a sequence being admitted. On a CPU a decode is memory-bound, so N rows cost far less than
-N decodes. Sequences join and leave between steps; each keeps its KV cells (`Slot.tokens`)
+Each step decodes the next token of every generating sequence, then one prompt chunk of a
+sequence being admitted. On a CPU a decode is memory-bound, so N rows cost far less than N
+decodes. Sequences join and leave between steps; each keeps its KV cells (`Slot.tokens`)
 for the next prompt that starts the same way under the same steering.
 
 Steering: when every row of a step wants the same vectors, llama.cpp's own control vector
 does it (`Context.steer_all_rows`: no Python per token); when they differ, `rowsteer` adds
 each row's own vectors, bit for bit what the control vector would add.
 
-Exactness: a sequence's tokens are those it gets decoded alone. llama.cpp computes each row
-of a batch on its own (each row's activations are quantized on their own), and measured here
-on Gemma 3 and llama-architecture models the logits of a row are identical whatever other
-sequences share its decode, with one exception: on Gemma 3 a prompt's logits change (up to
-1 in logit) when other rows come after it in the batch. So a step holds at most one prompt
-chunk, and it comes last; chunks are cut as `Context.ingest` cuts them.
+Exactness: llama.cpp's CPU kernels are not all batch-invariant. Its repacked weight layouts
+(AVX2/AVX-512/NEON, the default) multiply rows in blocks of four, and a row rounds differently
+with other rows beside it; measured on Gemma 3 Q4_K_M, up to about 1 in logit after a few
+tokens, enough to flip a greedy near-tie (llama-server's slots part the same way). With
+plain layouts (`Model(repack=False)`) a generating row's logits are bit for bit those it gets
+alone, whatever other rows share its decode; a prompt chunk is too, if it has its decode to
+itself. So a step decodes the generating rows together and a prompt chunk on its own, cut
+as `Context.ingest` cuts it: with plain layouts every sequence gets exactly the tokens it
+gets decoded alone (tested on Gemma 3 Q4_K_M; F16 and F32 weights go through tiled kernels
+that are not batch-invariant either way).
 """
 
 from __future__ import annotations
@@ -53,13 +58,11 @@ class Slot:
 class Batcher:
     """The slots of `ctx` (one per sequence id) and the step that decodes them together.
     `prompt_chunk` is how many prompt tokens a step takes (the CLI's n_batch); a batch of
-    the context must hold a chunk plus one token of every other slot."""
+    the context must hold a chunk, and one token of every slot."""
 
     def __init__(self, ctx: Context, *, first: int, last: int, prompt_chunk: int):
-        if ctx.n_batch < prompt_chunk + ctx.n_seq - 1:
-            raise BadInput(
-                f"a batch of {ctx.n_batch} cannot take {prompt_chunk} + {ctx.n_seq - 1} tokens"
-            )
+        if ctx.n_batch < max(prompt_chunk, ctx.n_seq):
+            raise BadInput(f"a batch of {ctx.n_batch} cannot take {prompt_chunk} prompt tokens")
         if ctx.n_seq > 1 and ctx.row_steering is None:
             raise BadInput("batching sequences needs a context made with row_steering=True")
         self.ctx, self.first, self.last = ctx, first, last
@@ -120,42 +123,57 @@ class Batcher:
         slot.key, slot.rows = None, None
 
     def step(self) -> list[Slot]:
-        """One decode: the next token of every generating slot, then one prompt chunk.
-        Returns the slots that sampled a token (`Slot.sampled`): each generating slot, and
-        the admitted one once its whole prompt is in. Nothing to do: returns []."""
-        batch = self.ctx.batch
-        batch.clear()
-        rows: list[Slot] = []
-        for slot in self.slots:
-            if slot.busy and slot.next_token is not None:
-                batch.add(slot.next_token, len(slot.tokens), slot.seq, True)
-                slot.tokens.append(slot.next_token)
-                slot.next_token = None
-                rows.append(slot)
-        filling = self._admitted[0] if self._admitted else None
-        if filling is not None:
-            chunk = filling.pending[: self.prompt_chunk]
-            done = len(chunk) == len(filling.pending)
-            start = len(filling.tokens)
-            for k, token in enumerate(chunk):
-                batch.add(token, start + k, filling.seq, done and k == len(chunk) - 1)
-            filling.tokens.extend(chunk)
-            del filling.pending[: len(chunk)]
-            rows.extend([filling] * len(chunk))
-            if done:
-                self._admitted.popleft()
+        """The next token of every generating slot in one decode, then one prompt chunk in
+        a decode of its own. Returns the slots that sampled a token (`Slot.sampled`): each
+        generating slot, and the admitted one once its whole prompt is in."""
+        sampled = self._generate()
+        if self._admitted:
+            sampled += self._prefill(self._admitted[0])
+        return sampled
+
+    def _generate(self) -> list[Slot]:
+        rows = [slot for slot in self.slots if slot.busy and slot.next_token is not None]
         if not rows:
             return []
+        batch = self.ctx.batch
+        batch.clear()
+        for slot in rows:
+            assert slot.next_token is not None
+            batch.add(slot.next_token, len(slot.tokens), slot.seq, True)
+            slot.tokens.append(slot.next_token)
+            slot.next_token = None
+        self._decode(rows)
+        for index, slot in enumerate(rows):
+            assert slot.sampler is not None
+            slot.sampled = slot.sampler.sample(self.ctx, index)
+        return rows
+
+    def _prefill(self, slot: Slot) -> list[Slot]:
+        """The next chunk of `slot`'s prompt, cut as `Context.ingest` cuts it, alone in its
+        decode (see the module's note); samples after the last chunk."""
+        chunk = slot.pending[: self.prompt_chunk]
+        done = len(chunk) == len(slot.pending)
+        batch = self.ctx.batch
+        batch.clear()
+        start = len(slot.tokens)
+        for k, token in enumerate(chunk):
+            batch.add(token, start + k, slot.seq, done and k == len(chunk) - 1)
+        slot.tokens.extend(chunk)
+        del slot.pending[: len(chunk)]
+        self._decode([slot] * len(chunk))
+        if not done:
+            return []
+        self._admitted.popleft()
+        assert slot.sampler is not None
+        slot.sampled = slot.sampler.sample(self.ctx, len(chunk) - 1)
+        return [slot]
+
+    def _decode(self, rows: list[Slot]) -> None:
+        """Decode the batch, `rows[i]` being the slot of batch row i."""
         self._steer(rows)
         self.ctx.decode()
         if self.ctx.row_steering is not None:
             self.ctx.row_steering.check()
-        sampled = [slot for i, slot in enumerate(rows) if batch.raw.logits[i]]
-        outputs = [i for i in range(batch.n) if batch.raw.logits[i]]
-        for slot, index in zip(sampled, outputs, strict=True):
-            assert slot.sampler is not None
-            slot.sampled = slot.sampler.sample(self.ctx, index)
-        return sampled
 
     def _steer(self, rows: list[Slot]) -> None:
         """llama.cpp's control vector when every row wants the same steering; otherwise

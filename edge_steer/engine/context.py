@@ -27,6 +27,7 @@ from .rowsteer import RowSteering
 from .sampling import Sampler
 
 MAX_SEQUENCES = 256  # LLAMA_MAX_SEQ: llama.cpp refuses a context with more
+DEFAULT_BATCH = 512  # tokens per decode, as llama.cpp's n_batch default
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Context:
     `scratch`. Generation contexts are made without an eval callback, because ggml calls it
     for every graph node of every decode; capture contexts (`capture=True`) install one,
     and so do contexts that batch sequences under different steerings (`row_steering=True`,
-    see `rowsteer`).
+    see `rowsteer`). `separate_kv`: each sequence gets KV cells of its own (n_ctx / n_seq),
+    laid out as if it were alone, instead of one pool they all share.
     """
 
     def __init__(
@@ -97,11 +99,12 @@ class Context:
         model: Model,
         *,
         n_ctx: int = DEFAULT_CTX,
-        n_batch: int = 512,
+        n_batch: int = DEFAULT_BATCH,
         threads: int | None = None,
         n_seq: int = 1,
         capture: bool = False,
         row_steering: bool = False,
+        separate_kv: bool = False,
     ):
         self.model = model
         if n_ctx < 1 or n_batch < 1 or not 1 <= n_seq <= MAX_SEQUENCES:
@@ -112,7 +115,7 @@ class Context:
         params.n_batch = params.n_ubatch = n_batch
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = threads or default_threads()
-        params.kv_unified = True
+        params.kv_unified = not separate_kv
         if capture and row_steering:
             raise BadInput("a context either records hidden states or steers rows, not both")
         self.recorder = StateRecorder(model.n_layer, model.n_embd) if capture else None

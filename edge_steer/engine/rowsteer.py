@@ -34,6 +34,7 @@ class RowSteering:
         self.output_rows = np.zeros(0, dtype=np.intp)  # batch rows that produce outputs
         self.first, self.last = 1, n_layer - 1
         self.error: BaseException | None = None
+        self._ubatch: tuple[int, int, int] = (0, 0, -1)  # first row, rows, last layer seen
 
     def plan(
         self,
@@ -48,6 +49,7 @@ class RowSteering:
         self.vectors, self.row_vector, self.output_rows = vectors, row_vector, output_rows
         self.first, self.last = first, last
         self.error = None
+        self._ubatch = (0, 0, -1)
 
     def clear(self) -> None:
         """No plan: the callback answers every ask with False at once."""
@@ -75,14 +77,29 @@ class RowSteering:
             self.error = exc
             return False  # ends the graph: the decode's results are not used
 
+    def _rows(self, layer: int, n_rows: int) -> np.ndarray:
+        """Which vector each row of this `l_out` gets. llama.cpp may split a batch into
+        micro-batches, in batch order (with KV cells per sequence, a run of consecutive
+        sequence ids each): blocks start again from the first at each one."""
+        first, size, seen = self._ubatch
+        if layer <= seen:  # a new micro-batch
+            first, size = first + size, 0
+        if layer < self.n_layer - 1 or size == 0:
+            size = max(size, n_rows)
+        self._ubatch = (first, size, layer)
+        rows = self.row_vector[first : first + size]
+        if n_rows != len(rows):  # the last block computes only the rows that give outputs
+            outputs = self.output_rows[
+                (self.output_rows >= first) & (self.output_rows < first + size)
+            ]
+            rows = self.row_vector[outputs]
+        return rows
+
     def _add(self, tensor: int, layer: int) -> None:
         assert self.vectors is not None
         head = ggml.TensorHead.from_address(tensor)
         n_rows, width = head.ne[1], head.ne[0]
-        # the last block computes only the rows that produce outputs
-        rows = self.row_vector
-        if n_rows != len(rows):
-            rows = rows[self.output_rows]
+        rows = self._rows(layer, n_rows)
         if len(rows) != n_rows or head.nb[1] != width * 4 or head.type != ggml.GGML_TYPE_F32:
             raise RuntimeError(f"unexpected l_out-{layer}: {n_rows} rows of {width}")
         states = np.empty((n_rows, width), dtype=np.float32)

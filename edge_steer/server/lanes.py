@@ -1,10 +1,12 @@
-"""The engine thread: every llama.cpp context of the server, driven from one thread.
+"""The engine thread: every request of the server decoded on one llama.cpp context.
 
-Contexts of one model must not decode from several threads at once, and each context carries
-its own control vector, so per-request steering means one context per lane, all owned here.
-Lanes take turns token by token, so a new request never stalls or cuts off a running stream
-for longer than one token (or one prompt chunk). Steering is set once per request, when it
-starts on a lane; a lane's cached KV prefix is reused only under identical steering.
+A lane is one sequence of that context (`engine.batching`): each step is one `llama_decode`
+holding the next token of every running request and a prompt chunk of a new one, each row
+under its request's own steering (llama.cpp's control vector when they all agree, the
+per-row eval callback when they differ). On a CPU a decode is memory-bound, so four requests
+in one decode cost far less than four decodes: throughput grows with concurrency, as in
+llama-server. A new request never stalls a running stream for longer than one step, and a
+lane's cached KV prefix is reused only under identical steering.
 
 A request naming a built-in concept not trained yet waits on the trainer thread, not on a
 lane: running streams keep streaming while it trains (their decodes and the trainer's take
@@ -13,13 +15,15 @@ turns, one llama.cpp call at a time, engine.Model.lock), then it joins the queue
 
 from __future__ import annotations
 
+import codecs
 import queue
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 from ..chat import until_stop
-from ..engine import Context, Sampler
+from ..engine import Model, Sampler
+from ..engine.batching import Batcher, Slot
 from ..errors import EdgeSteerError, EngineError
 from .api_error import shutting_down
 from .pool import VectorPool
@@ -76,27 +80,22 @@ class Ticket:
 
 @dataclass
 class Lane:
-    context: Context
-    steering: dict[str, float] = field(default_factory=dict)
+    """One sequence of the engine's context, and the request on it."""
+
+    slot: Slot
     ticket: Ticket | None = None
     steps: Generator[str, None, tuple[str, int]] | None = None  # returns (finish, generated)
 
 
 class Lanes:
-    """`contexts` driven by one thread, fed from a queue of at most `queue_size` jobs."""
+    """The batcher's sequences, driven by one thread, fed from a queue of at most
+    `queue_size` jobs. `n_ctx`: tokens one request may hold (prompt and reply)."""
 
-    def __init__(
-        self,
-        contexts: Sequence[Context],
-        pool: VectorPool,
-        *,
-        layers: tuple[int, int] | None = None,
-        queue_size: int = 32,
-    ):
-        self.lanes = [Lane(context) for context in contexts]
+    def __init__(self, batcher: Batcher, pool: VectorPool, *, n_ctx: int, queue_size: int = 32):
+        self.batcher = batcher
+        self.lanes = [Lane(slot) for slot in batcher.slots]
         self.pool = pool
-        first_last: tuple[int, int] = layers or (1, pool.model.n_layer - 1)
-        self.first, self.last = first_last
+        self.n_ctx = n_ctx
         self.queue_size = queue_size
         self.waiting: queue.Queue[Ticket] = queue.Queue()
         self._stop = threading.Event()
@@ -141,9 +140,9 @@ class Lanes:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._admit()
-            for lane in self.lanes:
-                if lane.ticket is not None:
-                    self._step(lane)
+            self._drop_cancelled()
+            if self.busy_lanes():
+                self._step()
         for lane in self.lanes:
             if lane.ticket is not None:
                 self._finish(lane, Failed(shutting_down()))
@@ -159,41 +158,63 @@ class Lanes:
             except queue.Empty:
                 return
             if not ticket.cancelled.is_set():
-                self._start(_best_lane(free, ticket.job), ticket)
+                self._start(ticket, free)
 
-    def _start(self, lane: Lane, ticket: Ticket) -> None:
-        if self.pool.untrained(ticket.job.steering):
+    def _start(self, ticket: Ticket, free: list[Lane]) -> None:
+        job = ticket.job
+        if self.pool.untrained(job.steering):
             self.training.put_nowait(ticket)  # the lane stays free for others meanwhile
             return
+        key = steering_key(job.steering)
+        lane = max(free, key=lambda lane: self.batcher.reusable(lane.slot, job.prompt, key))
         try:
-            rows = self.pool.rows(ticket.job.steering)
-            lane.context.set_steering(rows, self.first, self.last)  # empties the KV if changed
-            if not ticket.job.cache_prompt:
-                lane.context.forget(0)  # the prompt in one pass, exactly as the CLI decodes it
+            rows = self.pool.rows(job.steering)
+            sampler = Sampler(self.batcher.ctx.model, job.settings)
+            self.batcher.start(lane.slot, job.prompt, sampler, key, rows, reuse=job.cache_prompt)
         except Exception as exc:  # the engine thread must outlive any one request
             ticket.deliver(Failed(_as_error(exc)))
             return
-        lane.steering = dict(ticket.job.steering)
-        lane.ticket, lane.steps = ticket, _steps(lane.context, ticket.job)
+        room = self.n_ctx - len(job.prompt)
+        lane.ticket, lane.steps = ticket, _steps(self.batcher.ctx.model, lane.slot, job, room)
 
-    def _step(self, lane: Lane) -> None:
-        """One token (or one prompt chunk) for the lane's job."""
-        assert lane.ticket is not None and lane.steps is not None
-        if lane.ticket.cancelled.is_set():
-            self._finish(lane, None)  # the client went away: free the lane now
-            return
+    def _drop_cancelled(self) -> None:
+        for lane in self.lanes:
+            if lane.ticket is not None and lane.ticket.cancelled.is_set():
+                self._finish(lane, None)  # the client went away: free the lane now
+
+    def _step(self) -> None:
+        """One decode for every running request; then each one that sampled a token
+        turns it into text."""
         try:
-            text = next(lane.steps)
-        except StopIteration as done:
-            reason, generated = done.value
-            self._finish(lane, Finished(reason, len(lane.ticket.job.prompt), generated))
+            sampled = self.batcher.step()
+        except Exception as exc:  # the engine thread must outlive any one decode
+            for lane in self.lanes:
+                if lane.ticket is not None:
+                    self.batcher.forget(lane.slot)
+                    self._finish(lane, Failed(_as_error(exc)))
             return
-        except Exception as exc:  # the engine thread must outlive any one request
-            lane.context.forget(0)
-            self._finish(lane, Failed(_as_error(exc)))
-            return
-        if text:
-            lane.ticket.deliver(Piece(text))
+        for slot in sampled:
+            self._advance(self.lanes[slot.seq])
+
+    def _advance(self, lane: Lane) -> None:
+        """Text for the token the lane just sampled, until it asks for another token (or
+        ends: end of generation, a stop string, max_tokens, a full context)."""
+        assert lane.ticket is not None and lane.steps is not None
+        while True:
+            try:
+                text = next(lane.steps)
+            except StopIteration as done:
+                reason, generated = done.value
+                self._finish(lane, Finished(reason, len(lane.ticket.job.prompt), generated))
+                return
+            except Exception as exc:  # the engine thread must outlive any one request
+                self.batcher.forget(lane.slot)
+                self._finish(lane, Failed(_as_error(exc)))
+                return
+            if text:
+                lane.ticket.deliver(Piece(text))
+            if lane.slot.next_token is not None:
+                return  # decoded at the next step
 
     def _finish(self, lane: Lane, event: Event | None) -> None:
         """Free the lane, then tell the client: once it has its answer, its next request
@@ -201,6 +222,7 @@ class Lanes:
         assert lane.ticket is not None and lane.steps is not None
         ticket = lane.ticket
         lane.steps.close()
+        self.batcher.release(lane.slot)
         lane.ticket = lane.steps = None
         if event is not None:
             ticket.deliver(event)
@@ -237,31 +259,36 @@ def _as_error(exc: Exception) -> EdgeSteerError:
     return exc if isinstance(exc, EdgeSteerError) else EngineError(f"generation failed: {exc}")
 
 
-def _best_lane(free: list[Lane], job: Job) -> Lane:
-    """The free lane whose cache already holds most of this prompt under the same steering."""
-
-    def reusable(lane: Lane) -> int:
-        if lane.steering != job.steering:
-            return -1
-        return lane.context.cached_prefix(job.prompt)
-
-    return max(free, key=reusable)
+def steering_key(steering: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    """What makes two requests' steering the same: the vectors they really use."""
+    return tuple(sorted((name, strength) for name, strength in steering.items() if strength))
 
 
-def _steps(ctx: Context, job: Job) -> Generator[str, None, tuple[str, int]]:
-    """Text pieces of `job` on `ctx`, one token per step, after the prompt in n_batch chunks
-    (the same chunks `generate` decodes, so the tokens match the CLI's); returns the finish
-    reason and the tokens generated."""
-    for end in range(ctx.n_batch, len(job.prompt), ctx.n_batch):
-        ctx.ingest(job.prompt[:end])
-        yield ""  # let the other lanes have a turn
-    sampler = Sampler(ctx.model, job.settings)
-    try:
-        pieces = ctx.generate(job.prompt, sampler, max_tokens=job.max_tokens)
-        hit_stop = yield from until_stop(pieces, job.stops)
-    finally:
-        sampler.close()
-    full = len(ctx.tokens) >= ctx.n_ctx
-    generated = pieces.stats.generated
-    stopped = hit_stop or not (full or generated >= job.max_tokens)
+def _steps(model: Model, slot: Slot, job: Job, room: int) -> Generator[str, None, tuple[str, int]]:
+    """Text of `job` as its lane samples tokens; returns the finish reason and the tokens
+    generated. `room`: tokens left in the lane's context after the prompt."""
+    count = [0]
+    hit_stop = yield from until_stop(_pieces(model, slot, job.max_tokens, room, count), job.stops)
+    generated = count[0]
+    stopped = hit_stop or not (generated >= room or generated >= job.max_tokens)
     return ("stop" if stopped else "length"), generated
+
+
+def _pieces(
+    model: Model, slot: Slot, max_tokens: int, room: int, count: list[int]
+) -> Iterator[str]:
+    """The text of each token `slot` samples, as `Context.generate` makes it; between
+    tokens it sets `slot.next_token` and yields "" (wait for the next step)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while room > 0:
+        token = slot.sampled
+        assert token is not None
+        if model.is_eog(token):
+            break
+        count[0] += 1
+        yield decoder.decode(model.piece(token))
+        if count[0] >= max_tokens or count[0] >= room:
+            break
+        slot.next_token = token
+        yield ""
+    yield decoder.decode(b"", final=True)

@@ -26,7 +26,8 @@ import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from .. import model_files, runtime, steering
-from ..engine import Context
+from ..engine import DEFAULT_BATCH, Context, Model
+from ..engine.batching import Batcher
 from ..errors import BadInput, EdgeSteerError, EngineError
 from ..files import size_text
 from .app import ServerState, create_app
@@ -185,23 +186,43 @@ def build(
     on_progress: runtime.Progress = lambda *_: None,
 ) -> tuple[Served, Lanes]:
     """Model, vectors, presets and lanes for `options` (the engine thread not yet started)."""
-    lanes_kv = replace(options.load, ctx=options.load.ctx * options.parallel)
-    model = runtime.load_model_from(lanes_kv, on_note=on_note)  # every lane's KV counts
+    # every lane's KV counts; lanes decoded together need kernels that treat each row alike
+    lanes_kv = replace(
+        options.load, ctx=options.load.ctx * options.parallel, repack=options.parallel == 1
+    )
+    model = runtime.load_model_from(lanes_kv, on_note=on_note)
     try:
         pool = VectorPool(model, allow_train=options.allow_train)
         for name, spec in options.presets.items():
             _load_preset(pool, name, spec, on_progress)
-        contexts = [
-            runtime.open_context(model, ctx=options.load.ctx, threads=options.load.threads)
-            for _ in range(options.parallel)
-        ]
+        batcher = _batcher(model, options)
     except BaseException:
         model.close()
         raise
-    on_note(_lane_memory(contexts))
-    served = Served(pool, options.model_id, _aliases(options), n_ctx=contexts[0].n_ctx)
-    layers = steering.parse_layers(options.layers, model.n_layer)
-    return served, Lanes(contexts, pool, layers=layers, queue_size=options.queue_size)
+    on_note(_lane_memory(batcher, options))
+    served = Served(pool, options.model_id, _aliases(options), n_ctx=options.load.ctx)
+    lanes = Lanes(batcher, pool, n_ctx=options.load.ctx, queue_size=options.queue_size)
+    return served, lanes
+
+
+def _batcher(model: Model, options: ServeOptions) -> Batcher:
+    """One context for every lane: `parallel` sequences of `ctx` tokens each, and batches
+    that hold a prompt chunk (the CLI's, so prompts decode as `generate` decodes them) or
+    the next token of every lane."""
+    runtime.check_ctx(options.load.ctx)
+    runtime.check_threads(options.load.threads)
+    lanes, chunk = options.parallel, min(DEFAULT_BATCH, options.load.ctx)
+    context = Context(
+        model,
+        n_ctx=options.load.ctx * lanes,
+        n_batch=max(chunk, lanes),
+        n_seq=lanes,
+        threads=options.load.threads,
+        row_steering=lanes > 1,
+        separate_kv=lanes > 1,  # a lane's cells in order, as alone, however lanes come and go
+    )
+    first, last = steering.parse_layers(options.layers, model.n_layer) or (1, model.n_layer - 1)
+    return Batcher(context, first=first, last=last, prompt_chunk=chunk)
 
 
 def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progress) -> None:
@@ -214,13 +235,13 @@ def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progres
     pool.presets[name] = dict(spec)
 
 
-def _lane_memory(contexts: list[Context]) -> str:
-    sizes = contexts[0].buffers
+def _lane_memory(batcher: Batcher, options: ServeOptions) -> str:
+    context = batcher.ctx
+    sizes = context.buffers
     parts = " + ".join(f"{kind} {size_text(size)}" for kind, size in sizes.items())
-    total = sum(sizes.values())
     return (
-        f"lanes: {len(contexts)} x ({parts}) = {size_text(total * len(contexts))} "
-        f"for {contexts[0].n_ctx}-token contexts"
+        f"lanes: {options.parallel} sequences of {options.load.ctx} tokens on one context "
+        f"({parts}), batches of up to {context.n_batch} tokens"
     )
 
 
