@@ -3,6 +3,7 @@ llama_decode, and every one gets exactly the greedy tokens it gets decoded alone
 
 from __future__ import annotations
 
+import llama_cpp as ll
 import numpy as np
 import pytest
 from conftest import random_rows
@@ -154,3 +155,26 @@ def test_per_row_steering_adds_exactly_what_the_control_vector_adds(demo_model) 
     assert np.array_equal(mixed[0], unsteered[0])  # the plain row gets nothing added
     assert np.array_equal(mixed[1], native[1])  # the steered row gets all of it
     assert not np.array_equal(mixed[0], mixed[1])
+
+
+def test_a_gap_between_busy_lanes_is_padded_and_leaves_no_trace(plain_demo) -> None:
+    """With KV cells per sequence, llama.cpp would split lanes 0 and 2 into two passes over
+    the weights; a throwaway row for idle lane 1 keeps them in one, and its cell is gone
+    after: both sequences still get exactly their tokens alone, and lane 1 holds nothing."""
+    model = plain_demo
+    rows = steerings(model)[1]
+    prompts = [model.tokenize(p) for p in PROMPTS[:2]]
+    expected = [alone(model, prompts[0], None, 10), alone(model, prompts[1], rows, 10)]
+    got: list[list[int]] = [[], []]
+    with Context(model, n_ctx=1536, n_seq=3, row_steering=True, separate_kv=True) as ctx:
+        batcher = Batcher(ctx, first=1, last=model.n_layer - 1, prompt_chunk=512)
+        first, idle, last = batcher.slots
+        batcher.start(first, prompts[0], Sampler(model, GREEDY), None, None)
+        batcher.start(last, prompts[1], Sampler(model, GREEDY), "v", rows)
+        while min(map(len, got)) < 10:
+            for slot in batcher.step():
+                tokens = got[0 if slot is first else 1]
+                tokens.append(slot.sampled)
+                slot.next_token = slot.sampled if len(tokens) < 10 else None
+        assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx.ptr), idle.seq) == -1
+    assert got == expected

@@ -53,12 +53,18 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def server_process(
-    args: Sequence[str], *, timeout: float = 300, env: dict[str, str] | None = None
+    args: Sequence[str],
+    *,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    program: Sequence[str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """Start `edge-steer serve ARGS --port P` and wait for /health 200; stop it with Ctrl-C
-    (SIGINT) afterwards, as a user would, unless it has already stopped."""
+    """Start `edge-steer serve ARGS --port P` (or `program ARGS --port P`: llama-server, an
+    older edge-steer) and wait for /health 200; stop it with Ctrl-C (SIGINT) afterwards, as a
+    user would, unless it has already stopped."""
     port = free_port()
-    command = [shutil.which("edge-steer") or "edge-steer", "serve", *args, "--port", str(port)]
+    program = program or [shutil.which("edge-steer") or "edge-steer", "serve"]
+    command = [*program, *args, "--port", str(port)]
     log = tempfile.TemporaryFile("a+")  # noqa: SIM115 (closed below); a pipe could fill up
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     server = ServerProcess(f"http://127.0.0.1:{port}", process, log)
@@ -66,11 +72,9 @@ def server_process(
         deadline = time.monotonic() + timeout
         while health(server.url)[0] != 200:
             if process.poll() is not None:
-                raise RuntimeError(
-                    f"edge-steer serve exited {process.returncode}: {server.output()}"
-                )
+                raise RuntimeError(f"{command[0]} exited {process.returncode}: {server.output()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"edge-steer serve not ready after {timeout:.0f} s")
+                raise TimeoutError(f"{command[0]} not ready after {timeout:.0f} s")
             time.sleep(0.2)
         yield server
     finally:

@@ -137,16 +137,35 @@ class Batcher:
             return []
         batch = self.ctx.batch
         batch.clear()
-        for slot in rows:
-            assert slot.next_token is not None
+        steer_as: list[Slot] = []  # whose steering each batch row takes
+        padded: list[Slot] = []
+        for slot in self._with_padding(rows):
+            if slot.next_token is None or not slot.busy:
+                # llama.cpp splits a batch over KV streams into runs of consecutive sequence
+                # ids, each run a pass over the weights: a throwaway row closes the gap
+                batch.add(self.ctx.model.bos, len(slot.tokens), slot.seq, False)
+                padded.append(slot)
+                steer_as.append(rows[0])
+                continue
             batch.add(slot.next_token, len(slot.tokens), slot.seq, True)
             slot.tokens.append(slot.next_token)
             slot.next_token = None
-        self._decode(rows)
-        for index, slot in enumerate(rows):
+            steer_as.append(slot)
+        self._decode(steer_as)
+        memory = ll.llama_get_memory(self.ctx.ptr)
+        for slot in padded:
+            ll.llama_memory_seq_rm(memory, slot.seq, len(slot.tokens), -1)
+        outputs = [i for i in range(batch.n) if batch.raw.logits[i]]
+        for index, slot in zip(outputs, rows, strict=True):
             assert slot.sampler is not None
             slot.sampled = slot.sampler.sample(self.ctx, index)
         return rows
+
+    def _with_padding(self, rows: list[Slot]) -> list[Slot]:
+        """`rows`, and with KV cells per sequence every slot between them."""
+        if not self.ctx.separate_kv:
+            return rows
+        return self.slots[rows[0].seq : rows[-1].seq + 1]
 
     def _prefill(self, slot: Slot) -> list[Slot]:
         """The next chunk of `slot`'s prompt, cut as `Context.ingest` cuts it, alone in its

@@ -131,6 +131,7 @@ class Context:
             raise EngineError(f"could not create a llama.cpp context: {log.last_error()}")
         self._agree_on_sizes(n_ctx, n_batch)
         self.n_seq = ll.llama_n_seq_max(self.ptr)
+        self.separate_kv = separate_kv
         self.batch = Batch(self.n_batch)
         self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
         self._steering: np.ndarray | None = None

@@ -85,6 +85,7 @@ class Lane:
     slot: Slot
     ticket: Ticket | None = None
     steps: Generator[str, None, tuple[str, int]] | None = None  # returns (finish, generated)
+    held: list[str] = field(default_factory=list)  # a whole answer's text, sent at its end
 
 
 class Lanes:
@@ -211,8 +212,10 @@ class Lanes:
                 self.batcher.forget(lane.slot)
                 self._finish(lane, Failed(_as_error(exc)))
                 return
-            if text:
+            if text and lane.ticket.job.stream:
                 lane.ticket.deliver(Piece(text))
+            elif text:  # one event at the end: fewer wake-ups of the event loop
+                lane.held.append(text)
             if lane.slot.next_token is not None:
                 return  # decoded at the next step
 
@@ -220,10 +223,13 @@ class Lanes:
         """Free the lane, then tell the client: once it has its answer, its next request
         must find the lane free (with --queue 0 it would otherwise get a 503)."""
         assert lane.ticket is not None and lane.steps is not None
-        ticket = lane.ticket
+        ticket, held = lane.ticket, "".join(lane.held)
         lane.steps.close()
         self.batcher.release(lane.slot)
         lane.ticket = lane.steps = None
+        lane.held = []
+        if held and isinstance(event, Finished):
+            ticket.deliver(Piece(held))
         if event is not None:
             ticket.deliver(event)
 

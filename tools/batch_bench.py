@@ -1,0 +1,168 @@
+"""Continuous batching, side by side: llama.cpp's own `llama-server` (built from the vendored
+llama.cpp of the installed llama-cpp-python, `-np LANES`, no steering) and `edge-steer serve
+--parallel LANES` with a different steering for each client, on one model, with the same
+threads, prompts and token counts, at 1, LANES and 2 x LANES concurrent clients. Optionally
+a third server: edge-steer from another source tree (`--baseline DIR`, e.g. a checkout of
+the release before batching). Greedy completions over HTTP from the standard library (a
+heavy client would take the server's CPU on a small machine), bounded in count and time,
+127.0.0.1 only. All servers run at once and the rounds alternate between them (a shared
+machine's speed drifts); reports the median round's total tokens/s and p50/p95 latency,
+and ratios.
+
+    python tools/batch_bench.py --model demo --threads 2 --baseline /tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.parity import build
+from tools.server_process import server_process
+
+PROMPTS = [
+    "The best thing about mornings is",
+    "My plan for the weekend:",
+    "Dear diary, today",
+    "Once upon a time in a small village,",
+]
+STEERINGS = [{}, {"happy": 1.0}, {"happy": -1.0}, {"happy": 0.5}]  # one per client
+RESULTS = Path(__file__).resolve().parent / "results" / "batch_bench.json"
+
+
+def complete(url: str, number: int, tokens: int, steer: bool) -> tuple[int, float]:
+    """One greedy completion; (completion tokens, seconds). `steer`: an edge-steer server,
+    which serves the model as `bench` and gets this client's steering."""
+    body: dict = {"prompt": PROMPTS[number % len(PROMPTS)], "max_tokens": tokens}
+    body |= {"temperature": 0, "cache_prompt": False, "model": "bench"}
+    if steer:
+        body["steering"] = STEERINGS[number % len(STEERINGS)]
+    request = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=900) as response:
+        usage = json.load(response)["usage"]
+    return usage["completion_tokens"], time.perf_counter() - start
+
+
+def load(url: str, clients: int, per_client: int, tokens: int, steer: bool) -> dict:
+    """`clients` threads, each sending `per_client` requests one after another."""
+    complete(url, 0, 4, steer)  # warm: graphs reserved, pages touched
+
+    def client(c: int) -> list[tuple[int, float]]:
+        return [complete(url, c + k * clients, tokens, steer) for k in range(per_client)]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        runs = [run for done in pool.map(client, range(clients)) for run in done]
+    wall = time.perf_counter() - start
+    latencies = sorted(seconds for _, seconds in runs)
+    return {
+        "requests": len(runs),
+        "tokens_per_s": round(sum(n for n, _ in runs) / wall, 2),
+        "p50_s": round(statistics.median(latencies), 2),
+        "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 2),
+    }
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The round with the median total tokens/s (its latencies with it), and every round's."""
+    ordered = sorted(runs, key=lambda row: row["tokens_per_s"])
+    return ordered[len(ordered) // 2] | {"rounds_tokens_per_s": [r["tokens_per_s"] for r in runs]}
+
+
+def servers(args: argparse.Namespace, model: Path) -> dict[str, tuple[list[str], list[str], dict]]:
+    """name -> (program, arguments, environment)."""
+    threads, lanes, ctx = str(args.threads), str(args.lanes), str(args.ctx)
+    binary = build(args.cache, "llama-server")
+    llama_args = ["-m", str(model), "-np", lanes, "-c", str(args.ctx * args.lanes)]
+    llama_args += ["-t", threads, "-tb", threads, "--host", "127.0.0.1", "--alias", "bench"]
+    ours = ["--model", str(model), "--parallel", lanes, "--ctx", ctx, "--threads", threads]
+    ours += ["--preset", "bench=happy:0"]  # the model as `bench`, as llama-server's alias
+    found = {
+        "llama-server": ([str(binary)], llama_args, dict(os.environ)),
+        "edge-steer": ([sys.executable, "-m", "edge_steer", "serve"], ours, dict(os.environ)),
+    }
+    if args.baseline:
+        env = dict(os.environ, PYTHONPATH=str(args.baseline))
+        found["edge-steer before"] = (found["edge-steer"][0], found["edge-steer"][1], env)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lanes", type=int, default=4)
+    parser.add_argument("--ctx", type=int, default=1024, help="tokens per lane")
+    parser.add_argument("--tokens", type=int, default=48, help="completion tokens per request")
+    parser.add_argument("--per-client", type=int, default=3, help="requests per client")
+    parser.add_argument("--baseline", type=Path, help="an older edge-steer source tree")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/edge-steer/parity")
+    parser.add_argument("--only", help="comma list of servers to run (default: all)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per level")
+    args = parser.parse_args()
+    from edge_steer import model_files
+
+    model = model_files.resolve_model(args.model)
+    report: dict = {"model": model.name, "settings": vars(args) | {"cache": None}, "rows": {}}
+    report["settings"]["baseline"] = str(args.baseline) if args.baseline else None
+    chosen = {
+        name: spec
+        for name, spec in servers(args, model).items()
+        if not args.only or name in args.only.split(",")
+    }
+    with contextlib.ExitStack() as stack:  # all up at once: rounds alternate between them
+        urls = {
+            name: stack.enter_context(server_process(a, env=env, program=program)).url
+            for name, (program, a, env) in chosen.items()
+        }
+        for clients in (1, args.lanes, 2 * args.lanes):
+            runs: dict[str, list[dict]] = {name: [] for name in urls}
+            for _ in range(args.rounds):  # the machine's speed drifts: interleave, take medians
+                for name, url in urls.items():
+                    runs[name].append(
+                        load(url, clients, args.per_client, args.tokens, name != "llama-server")
+                    )
+            for name, found in runs.items():
+                row = median_row(found)
+                report["rows"].setdefault(str(clients), {})[name] = row
+                print(f"{name}, {clients} client(s): {row}", flush=True)
+    if args.only:  # a partial run: print, keep the full results file as it is
+        print(json.dumps(report["rows"], indent=2))
+        return
+    report["ratios"] = ratios(report["rows"], args.lanes)
+    print(json.dumps(report["ratios"], indent=2))
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+def ratios(rows: dict, lanes: int) -> dict:
+    """edge-steer's total tokens/s over llama-server's and over the baseline's."""
+    out = {}
+    for clients, row in rows.items():
+        mine = row["edge-steer"]["tokens_per_s"]
+        out[f"{clients} clients: edge-steer / llama-server"] = round(
+            mine / row["llama-server"]["tokens_per_s"], 3
+        )
+        if "edge-steer before" in row:
+            out[f"{clients} clients: edge-steer / before"] = round(
+                mine / row["edge-steer before"]["tokens_per_s"], 3
+            )
+    return out
+
+
+if __name__ == "__main__":
+    main()
