@@ -19,7 +19,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from tools.server_process import health, running_server  # noqa: E402
+from tools.server_process import health, running_server, server_process  # noqa: E402
 
 PROMPT = "The best thing about mornings is"
 SPECS = [{}, {"happy": 1.0}, {"happy": -1.0, "wobble": 0.8}, {"wobble": -1.5}]
@@ -73,6 +73,7 @@ def _complete(client, steering=None, cache_prompt=True, **kwargs):
 def test_health_and_models(server, client):
     status, body = health(server)
     assert status == 200 and body["lanes"] == 4
+    assert body["ctx_per_lane"] == 4096 and body["batch"] == 512 and body["batch_invariant"]
     models = {m.id: m.model_extra["steering"] for m in client.models.list()}
     assert models == {"demo": {}, "cheerful": {"happy": 1.0}}
 
@@ -261,6 +262,31 @@ def _wait_idle(url: str, seconds: float = 10, key: str | None = None) -> None:
     deadline = time.monotonic() + seconds
     while health(url, key)[1]["busy"] and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def test_repacked_lanes_stay_with_their_own_steering(demo_path):
+    """--repack with 4 lanes: llama.cpp's faster layouts, as llama-server. Batched replies
+    may part from their replies alone at a greedy near-tie, but never take another
+    request's steering: each is closest to its own, and the start-up line says so."""
+    args = ["--model", "demo", "--parallel", "4", "--repack", "--ctx", "1024"]
+    with server_process(args) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        exact = {"cache_prompt": False}
+        alone = [_complete(client, spec, **exact).choices[0].text for spec in SPECS]
+        with ThreadPoolExecutor(len(SPECS)) as pool:
+            replies = list(pool.map(lambda spec: _complete(client, spec, **exact), SPECS))
+        assert not health(server.url)[1]["batch_invariant"]
+        assert "may differ from its reply alone" in server.output()
+    for reply, own in zip(replies, alone, strict=True):
+        text = reply.choices[0].text
+        shared = [_common_prefix(text, other) for other in alone]
+        assert shared.index(max(shared)) == alone.index(own) and text[:8] == own[:8]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 def test_allow_train_queue_and_api_key(demo_path):

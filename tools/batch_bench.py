@@ -10,6 +10,8 @@ machine's speed drifts); reports the median round's total tokens/s and p50/p95 l
 and ratios.
 
     python tools/batch_bench.py --model demo --threads 2 --baseline /tmp/before
+    python tools/batch_bench.py --model STANDIN.gguf --tokens 16 --per-client 1 --rounds 1 \
+        --ctx 512 --vector bench-random --random-vector --output batch_bench_mistral_standin.json
 """
 
 from __future__ import annotations
@@ -35,17 +37,17 @@ PROMPTS = [
     "Dear diary, today",
     "Once upon a time in a small village,",
 ]
-STEERINGS = [{}, {"happy": 1.0}, {"happy": -1.0}, {"happy": 0.5}]  # one per client
-RESULTS = Path(__file__).resolve().parent / "results" / "batch_bench.json"
+STRENGTHS = [0.0, 1.0, -1.0, 0.5]  # of --vector, one per client: four different steerings
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def complete(url: str, number: int, tokens: int, steer: bool) -> tuple[int, float]:
-    """One greedy completion; (completion tokens, seconds). `steer`: an edge-steer server,
-    which serves the model as `bench` and gets this client's steering."""
+def complete(url: str, number: int, tokens: int, steer: str | None) -> tuple[int, float]:
+    """One greedy completion; (completion tokens, seconds). `steer`: the vector an edge-steer
+    server steers this client with (it serves the model as `bench`, as llama-server does)."""
     body: dict = {"prompt": PROMPTS[number % len(PROMPTS)], "max_tokens": tokens}
     body |= {"temperature": 0, "cache_prompt": False, "model": "bench"}
     if steer:
-        body["steering"] = STEERINGS[number % len(STEERINGS)]
+        body["steering"] = {steer: STRENGTHS[number % len(STRENGTHS)]}
     request = urllib.request.Request(
         f"{url}/v1/completions",
         data=json.dumps(body).encode(),
@@ -57,7 +59,7 @@ def complete(url: str, number: int, tokens: int, steer: bool) -> tuple[int, floa
     return usage["completion_tokens"], time.perf_counter() - start
 
 
-def load(url: str, clients: int, per_client: int, tokens: int, steer: bool) -> dict:
+def load(url: str, clients: int, per_client: int, tokens: int, steer: str | None) -> dict:
     """`clients` threads, each sending `per_client` requests one after another."""
     complete(url, 0, 4, steer)  # warm: graphs reserved, pages touched
 
@@ -77,6 +79,22 @@ def load(url: str, clients: int, per_client: int, tokens: int, steer: bool) -> d
     }
 
 
+def store_random_vector(model: Path, name: str) -> None:
+    """A random direction in the middle blocks, stored as `name` for `model`."""
+    import numpy as np
+
+    from edge_steer import model_files, store, vectors
+
+    shape = model_files.model_shape(model)
+    rng = np.random.default_rng(0)
+    directions = {
+        b: rng.standard_normal(shape.n_embd).astype(np.float32)
+        for b in range(shape.n_layer // 3, 2 * shape.n_layer // 3)
+    }
+    vector = vectors.ControlVector(directions, shape.architecture, {"concept": name})
+    vectors.write(vector, store.model_vectors_dir(model) / f"{name}.gguf")
+
+
 def median_row(runs: list[dict]) -> dict:
     """The round with the median total tokens/s (its latencies with it), and every round's."""
     ordered = sorted(runs, key=lambda row: row["tokens_per_s"])
@@ -90,7 +108,7 @@ def servers(args: argparse.Namespace, model: Path) -> dict[str, tuple[list[str],
     llama_args = ["-m", str(model), "-np", lanes, "-c", str(args.ctx * args.lanes)]
     llama_args += ["-t", threads, "-tb", threads, "--host", "127.0.0.1", "--alias", "bench"]
     ours = ["--model", str(model), "--parallel", lanes, "--ctx", ctx, "--threads", threads]
-    ours += ["--preset", "bench=happy:0"]  # the model as `bench`, as llama-server's alias
+    ours += ["--preset", f"bench={args.vector}:0"]  # the model as `bench`, as llama-server's
     found = {
         "llama-server": ([str(binary)], llama_args, dict(os.environ)),
         "edge-steer": ([sys.executable, "-m", "edge_steer", "serve"], ours, dict(os.environ)),
@@ -112,11 +130,18 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="an older edge-steer source tree")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/edge-steer/parity")
     parser.add_argument("--only", help="comma list of servers to run (default: all)")
+    parser.add_argument("--output", default="batch_bench.json", help="file in tools/results")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per level")
+    parser.add_argument("--vector", default="happy", help="a stored vector of the model")
+    parser.add_argument(
+        "--random-vector", action="store_true", help="store a random one as --vector first"
+    )
     args = parser.parse_args()
     from edge_steer import model_files
 
     model = model_files.resolve_model(args.model)
+    if args.random_vector:  # stand-ins have no trained vectors; speed is what is measured
+        store_random_vector(model, args.vector)
     report: dict = {"model": model.name, "settings": vars(args) | {"cache": None}, "rows": {}}
     report["settings"]["baseline"] = str(args.baseline) if args.baseline else None
     chosen = {
@@ -129,13 +154,12 @@ def main() -> None:
             name: stack.enter_context(server_process(a, env=env, program=program)).url
             for name, (program, a, env) in chosen.items()
         }
+        steer = {name: None if name == "llama-server" else args.vector for name in urls}
         for clients in (1, args.lanes, 2 * args.lanes):
             runs: dict[str, list[dict]] = {name: [] for name in urls}
             for _ in range(args.rounds):  # the machine's speed drifts: interleave, take medians
                 for name, url in urls.items():
-                    runs[name].append(
-                        load(url, clients, args.per_client, args.tokens, name != "llama-server")
-                    )
+                    runs[name].append(load(url, clients, args.per_client, args.tokens, steer[name]))
             for name, found in runs.items():
                 row = median_row(found)
                 report["rows"].setdefault(str(clients), {})[name] = row
@@ -145,8 +169,8 @@ def main() -> None:
         return
     report["ratios"] = ratios(report["rows"], args.lanes)
     print(json.dumps(report["ratios"], indent=2))
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    (RESULTS / args.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS / args.output}")
 
 
 def ratios(rows: dict, lanes: int) -> dict:

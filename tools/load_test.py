@@ -1,9 +1,11 @@
 """Load test of `edge-steer serve` on 127.0.0.1, bounded in count and time.
 
-For each --parallel value: start a real server, send REQUESTS greedy completions from CLIENTS
-concurrent `openai` clients, each with one of several (prompt, steering) combinations, and
-check every answer against the tokens the library gives for that combination alone: a lane
-that mixed up steering or prompts shows as a mismatch. Reports failures, mismatches, p50/p95
+For each --parallel value: start a real server, ask it for each (prompt, steering)
+combination alone, one after another, then send REQUESTS greedy completions from CLIENTS
+concurrent `openai` clients and check every answer against its combination's answer alone:
+lanes decode together, so a lane that mixed up steering or prompts, or a row that rounded
+differently beside others, shows as a mismatch. With one lane the answers alone must also
+equal the library's (the CLI's) tokens. Reports failures, mismatches, p50/p95
 latency and total tokens/s; then the same long generation through HTTP (--parallel 1, stream)
 against `edge-steer generate` (the CLI engine), as tokens/s of the generation phase.
 
@@ -51,6 +53,16 @@ def expected_texts(model: str, max_tokens: int) -> dict[tuple[int, int], str]:
                 steered.context.forget(0)  # each prompt in one pass, as `cache_prompt: false`
                 texts[i, j] = steered.generate(prompt, max_tokens=max_tokens, temperature=0)
     return texts
+
+
+def alone_texts(url: str, model_id: str, max_tokens: int) -> dict[tuple[int, int], str]:
+    """Each combination's greedy text from the server, one request at a time."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    combos = len(PROMPTS) * len(STEERINGS)
+    return {
+        r["combo"]: r["text"]
+        for r in (one_request(client, model_id, n, max_tokens) for n in range(combos))
+    }
 
 
 def one_request(client, model_id: str, number: int, max_tokens: int) -> dict:
@@ -127,11 +139,14 @@ def main() -> None:
     parser.add_argument("--parallel", default="1,2,4")
     parser.add_argument("--speed-tokens", type=int, default=128)
     args = parser.parse_args()
-    expected = expected_texts(args.model, args.max_tokens)
+    library = expected_texts(args.model, args.max_tokens)
     report: dict = {"model": args.model, "clients": args.clients, "rows": {}}
     preset = ["--preset", "warm=happy:1"]  # trains `happy` first, if the store lacks it
     for parallel in map(int, args.parallel.split(",")):
         with running_server(["--model", args.model, "--parallel", str(parallel), *preset]) as url:
+            expected = alone_texts(url, args.model, args.max_tokens)
+            if parallel == 1:
+                report["one_lane_equals_library"] = expected == library
             results, wall = run_load(url, args.model, args.requests, args.clients, args.max_tokens)
             report["rows"][parallel] = row = summarise(results, wall, expected)
             print(f"--parallel {parallel}: {row}", flush=True)

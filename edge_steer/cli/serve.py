@@ -60,6 +60,16 @@ def serve(
             help="Also answer requests for this Host name (behind a proxy); '*': any.",
         ),
     ] = [],  # noqa: B006 (Typer reads the default; it is never mutated)
+    repack: Annotated[
+        bool | None,
+        typer.Option(
+            "--repack/--no-repack",
+            help="llama.cpp's repacked CPU weight layouts: faster on AVX2/AVX-512/NEON, but "
+            "batched replies may then differ from a request's reply alone at greedy near-ties "
+            "(default: only with --parallel 1).",
+            show_default=False,
+        ),
+    ] = None,
     queue: Annotated[
         int, typer.Option("--queue", help="Requests that may wait for a lane; then 503.")
     ] = 32,
@@ -94,6 +104,7 @@ def serve(
         api_key=api_key,
         queue_size=queue,
         allow_hosts=allow_host,
+        repack=repack,
     )
     with progress_bar() as on_progress:
         startup.serve(

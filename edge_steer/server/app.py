@@ -135,6 +135,7 @@ def _health(state: ServerState) -> dict[str, Any]:
         "lanes": len(lanes.lanes),
         "ctx_per_lane": lanes.n_ctx,  # tokens one request may hold, prompt and reply
         "batch": lanes.batcher.ctx.n_batch,  # tokens one decode takes, every lane's together
+        "batch_invariant": lanes.batch_invariant,
         "busy": lanes.busy_lanes(),
         "queued": lanes.waiting.qsize(),
         "training": lanes.training.qsize() + (lanes.in_training is not None),

@@ -97,6 +97,7 @@ class Lanes:
         self.lanes = [Lane(slot) for slot in batcher.slots]
         self.pool = pool
         self.n_ctx = n_ctx
+        self.batch_invariant = True  # a reply is the one it gets alone, whatever else runs
         self.queue_size = queue_size
         self.waiting: queue.Queue[Ticket] = queue.Queue()
         self._stop = threading.Event()

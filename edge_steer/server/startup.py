@@ -53,10 +53,17 @@ class ServeOptions:
     api_key: str | None = None
     queue_size: int = 32
     allow_hosts: list[str] = field(default_factory=list)  # Host names besides loopback's
+    repack: bool | None = None  # llama.cpp's repacked CPU layouts; None: with one lane only
 
     @property
     def path(self) -> Path:
         return Path(self.load.model or "")
+
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether a reply is bit for bit the one it gets alone, whatever else runs: with one
+        lane always; with more, when the weights keep llama.cpp's plain layouts."""
+        return self.parallel == 1 or not self.repack
 
 
 def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
@@ -187,9 +194,8 @@ def build(
 ) -> tuple[Served, Lanes]:
     """Model, vectors, presets and lanes for `options` (the engine thread not yet started)."""
     # every lane's KV counts; lanes decoded together need kernels that treat each row alike
-    lanes_kv = replace(
-        options.load, ctx=options.load.ctx * options.parallel, repack=options.parallel == 1
-    )
+    repack = options.parallel == 1 if options.repack is None else options.repack
+    lanes_kv = replace(options.load, ctx=options.load.ctx * options.parallel, repack=repack)
     model = runtime.load_model_from(lanes_kv, on_note=on_note)
     try:
         pool = VectorPool(model, allow_train=options.allow_train)
@@ -202,6 +208,7 @@ def build(
     on_note(_lane_memory(batcher, options))
     served = Served(pool, options.model_id, _aliases(options), n_ctx=options.load.ctx)
     lanes = Lanes(batcher, pool, n_ctx=options.load.ctx, queue_size=options.queue_size)
+    lanes.batch_invariant = options.batch_invariant
     return served, lanes
 
 
@@ -219,7 +226,9 @@ def _batcher(model: Model, options: ServeOptions) -> Batcher:
         n_seq=lanes,
         threads=options.load.threads,
         row_steering=lanes > 1,
-        separate_kv=lanes > 1,  # a lane's cells in order, as alone, however lanes come and go
+        # a lane's cells in order, as alone, however lanes come and go (needed only where the
+        # kernels are batch-invariant; one pool is faster)
+        separate_kv=lanes > 1 and options.batch_invariant,
     )
     first, last = steering.parse_layers(options.layers, model.n_layer) or (1, model.n_layer - 1)
     return Batcher(context, first=first, last=last, prompt_chunk=chunk)
@@ -239,9 +248,14 @@ def _lane_memory(batcher: Batcher, options: ServeOptions) -> str:
     context = batcher.ctx
     sizes = context.buffers
     parts = " + ".join(f"{kind} {size_text(size)}" for kind, size in sizes.items())
+    exact = (
+        "each reply exactly as alone"
+        if options.batch_invariant
+        else "repacked weights: a batched reply may differ from its reply alone at a near-tie"
+    )
     return (
         f"lanes: {options.parallel} sequences of {options.load.ctx} tokens on one context "
-        f"({parts}), batches of up to {context.n_batch} tokens"
+        f"({parts}), batches of up to {context.n_batch} tokens; {exact}"
     )
 
 
