@@ -115,7 +115,11 @@ def http_generation_speed(url: str, model_id: str, prompt: str, n: int) -> float
     with the standard library: on 2 cores a heavy client would take CPU from the server."""
     body = {"model": model_id, "prompt": prompt, "max_tokens": n, "temperature": 0}
     body |= {"stream": True, "cache_prompt": False}
-    request = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode())
+    request = urllib.request.Request(
+        f"{url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     stamps = []
     with urllib.request.urlopen(request, timeout=600) as response:
         for line in response:

@@ -33,7 +33,7 @@ import llama_cpp as ll
 import numpy as np
 
 from ..errors import BadInput
-from .context import Context
+from .context import Context, common_prefix
 from .sampling import Sampler
 
 
@@ -73,14 +73,7 @@ class Batcher:
 
     def reusable(self, slot: Slot, prompt: Sequence[int], key: Hashable) -> int:
         """How many leading `prompt` tokens `slot` already holds under steering `key`."""
-        if slot.key != key:
-            return 0
-        same = 0
-        for a, b in zip(slot.tokens, prompt, strict=False):
-            if a != b:
-                break
-            same += 1
-        return same
+        return common_prefix(slot.tokens, prompt) if slot.key == key else 0
 
     def start(
         self,

@@ -231,12 +231,7 @@ class Context:
 
     def cached_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` the KV cache already holds."""
-        same = 0
-        for a, b in zip(self.tokens, tokens, strict=False):
-            if a != b:
-                break
-            same += 1
-        return same
+        return common_prefix(self.tokens, tokens)
 
     def logits(self) -> np.ndarray:
         """Logits of the last decoded output token."""
@@ -314,6 +309,16 @@ def _same_steering(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     if a is None or b is None:
         return a is b
     return bool(np.array_equal(a, b))
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    same = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        same += 1
+    return same
 
 
 def check_decode(status: int) -> None:
