@@ -3,8 +3,8 @@
 - `pool.py`      the vectors a request may name: stored ones that fit, presets, trainable
                  built-ins; never file paths
 - `requests.py`  OpenAI request bodies -> checked jobs; `api_error.py` errors in OpenAI's shape
-- `lanes.py`     the engine thread: one llama.cpp context per lane, all on one model,
-                 interleaved token by token; a bounded queue
+- `lanes.py`     the engine thread: every lane a sequence of one batched context
+                 (`engine.batching`), each under its own steering; a bounded queue
 - `app.py`       the Starlette app: routes, SSE streaming, auth, the playground page
 - `guard.py`     what a request must satisfy first: Host/Origin, JSON content type, body
                  size and read time, header read time
