@@ -528,6 +528,7 @@ def test_shutdown_answers_every_open_request(demo_path):
                 pool.submit(_request, other, "POST", "/v1/completions", body) for _ in range(2)
             ]
             expected = {"status": "ok", "lanes": 2, "busy": 2, "queued": 1, "training": 0}
+            expected |= {"ctx_per_lane": 4096, "batch": 512, "batch_invariant": True}
             deadline = time.monotonic() + 10
             while health(other.url)[1] != expected and time.monotonic() < deadline:
                 time.sleep(0.1)
