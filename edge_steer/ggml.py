@@ -71,22 +71,17 @@ def tensor_name(tensor: int) -> bytes:
     return _symbol("ggml_get_name", (ctypes.c_void_p,), ctypes.c_char_p)(tensor) or b""
 
 
-def tensor_get(tensor: int, into: ctypes.c_void_p, nbytes: int) -> None:
-    """Copy the first `nbytes` of a tensor (on any backend) into host memory."""
-    _symbol(
-        "ggml_backend_tensor_get",
-        (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t),
-        None,
-    )(tensor, into, 0, nbytes)
+_COPY = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)  # tensor, host, at, n
+
+
+def tensor_get(tensor: int, into: int | ctypes.c_void_p, nbytes: int, offset: int = 0) -> None:
+    """Copy `nbytes` of a tensor (on any backend) from byte `offset` into host memory."""
+    _symbol("ggml_backend_tensor_get", _COPY, None)(tensor, into, offset, nbytes)
 
 
 def tensor_set(tensor: int, data: ctypes.c_void_p, nbytes: int) -> None:
     """Write `nbytes` from host memory over the start of a tensor (on any backend)."""
-    _symbol(
-        "ggml_backend_tensor_set",
-        (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t),
-        None,
-    )(tensor, data, 0, nbytes)
+    _symbol("ggml_backend_tensor_set", _COPY, None)(tensor, data, 0, nbytes)
 
 
 def tensor_rows(tensor: int, rows: list[int] | None = None) -> np.ndarray:
@@ -95,15 +90,10 @@ def tensor_rows(tensor: int, rows: list[int] | None = None) -> np.ndarray:
     if head.type != GGML_TYPE_F32:
         raise RuntimeError(f"expected an F32 tensor, got ggml type {head.type}")
     width, n_rows, row_stride = head.ne[0], head.ne[1], head.nb[1]
-    get = _symbol(
-        "ggml_backend_tensor_get",
-        (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t),
-        None,
-    )
     wanted = range(n_rows) if rows is None else rows
     out = np.empty((len(wanted), width), dtype=np.float32)
     for i, row in enumerate(wanted):
-        get(tensor, out[i].ctypes.data, row * row_stride, width * 4)
+        tensor_get(tensor, out[i].ctypes.data, width * 4, row * row_stride)
     return out
 
 

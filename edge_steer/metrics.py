@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from . import prefixes
 from .dataset import Probe
 from .engine import Context, Model, scoring
 
@@ -27,16 +28,9 @@ def probe_margin(ctx: Context, probes: Sequence[Probe], prefix: str = "") -> flo
         prompt = model.tokenize(prefix + probe.prompt, parse_special=True)
         for continuation in (probe.positive, probe.negative):
             tokens = model.tokenize(prefix + probe.prompt + continuation, parse_special=True)
-            texts.append((tokens, _shared_prefix(prompt, tokens)))
+            texts.append((tokens, max(1, prefixes.common_length(prompt, tokens))))
     totals = [logps.sum() for logps in scoring.score(ctx, texts)]
     return float(np.mean(np.subtract(totals[0::2], totals[1::2])))
-
-
-def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return max(1, n)
 
 
 def perplexity(

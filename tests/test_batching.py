@@ -10,6 +10,7 @@ from conftest import random_rows
 
 from edge_steer.engine import Context, Sampler, SamplerSettings
 from edge_steer.engine.batching import Batcher
+from edge_steer.prefixes import common_length
 
 GREEDY = SamplerSettings(temperature=0)
 NORM = 0.5  # per sqrt(n_embd): distinct greedy text that stays fluent
@@ -69,13 +70,6 @@ def batched(
     return out
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 @pytest.mark.parametrize("stagger", [0, 3])
 def test_per_row_steering_equals_the_native_control_vector(demo_model, stagger) -> None:
     """The same schedule twice, four prompts under one steering: once through llama.cpp's
@@ -124,8 +118,8 @@ def test_with_repacked_weights_sequences_stay_closest_to_their_own(request, mode
     got = batched(model, jobs, 12, stagger=1)
     for mine, own in zip(got, expected, strict=True):
         assert mine[:2] == own[:2]
-        others = [common_prefix(mine, e) for e in expected if e is not own]
-        assert common_prefix(mine, own) > max(others), (mine, own)
+        others = [common_length(mine, e) for e in expected if e is not own]
+        assert common_length(mine, own) > max(others), (mine, own)
 
 
 def two_rows(model, plain: tuple, steered: tuple) -> list[np.ndarray]:

@@ -19,6 +19,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
+from edge_steer.prefixes import common_length  # noqa: E402
 from tools.server_process import health, running_server, server_process  # noqa: E402
 
 PROMPT = "The best thing about mornings is"
@@ -279,14 +280,8 @@ def test_repacked_lanes_stay_with_their_own_steering(demo_path):
         assert "may differ from its reply alone" in server.output()
     for reply, own in zip(replies, alone, strict=True):
         text = reply.choices[0].text
-        shared = [_common_prefix(text, other) for other in alone]
+        shared = [common_length(text, other) for other in alone]
         assert shared.index(max(shared)) == alone.index(own) and text[:8] == own[:8]
-
-
-def _common_prefix(a: str, b: str) -> int:
-    return next(
-        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
-    )
 
 
 def test_allow_train_queue_and_api_key(demo_path):

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import llama_cpp as ll
 import numpy as np
 
+from .. import prefixes
 from ..errors import BadInput
-from .context import Context, common_prefix
+from .context import Context
 from .sampling import Sampler
 
 
@@ -73,7 +74,7 @@ class Batcher:
 
     def reusable(self, slot: Slot, prompt: Sequence[int], key: Hashable) -> int:
         """How many leading `prompt` tokens `slot` already holds under steering `key`."""
-        return common_prefix(slot.tokens, prompt) if slot.key == key else 0
+        return prefixes.common_length(slot.tokens, prompt) if slot.key == key else 0
 
     def start(
         self,

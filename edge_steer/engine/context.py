@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import llama_cpp as ll
 import numpy as np
 
+from .. import prefixes
 from ..constants import DEFAULT_CTX
 from ..errors import BadInput, EngineError
 from . import log
@@ -231,7 +232,7 @@ class Context:
 
     def cached_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` the KV cache already holds."""
-        return common_prefix(self.tokens, tokens)
+        return prefixes.common_length(self.tokens, tokens)
 
     def logits(self) -> np.ndarray:
         """Logits of the last decoded output token."""
@@ -309,16 +310,6 @@ def _same_steering(a: np.ndarray | None, b: np.ndarray | None) -> bool:
     if a is None or b is None:
         return a is b
     return bool(np.array_equal(a, b))
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    same = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        same += 1
-    return same
 
 
 def check_decode(status: int) -> None:

@@ -92,12 +92,20 @@ class Lanes:
     """The batcher's sequences, driven by one thread, fed from a queue of at most
     `queue_size` jobs. `n_ctx`: tokens one request may hold (prompt and reply)."""
 
-    def __init__(self, batcher: Batcher, pool: VectorPool, *, n_ctx: int, queue_size: int = 32):
+    def __init__(
+        self,
+        batcher: Batcher,
+        pool: VectorPool,
+        *,
+        n_ctx: int,
+        queue_size: int = 32,
+        batch_invariant: bool = True,
+    ):
         self.batcher = batcher
         self.lanes = [Lane(slot) for slot in batcher.slots]
         self.pool = pool
         self.n_ctx = n_ctx
-        self.batch_invariant = True  # a reply is the one it gets alone, whatever else runs
+        self.batch_invariant = batch_invariant  # a reply is as alone, whatever else runs
         self.queue_size = queue_size
         self.waiting: queue.Queue[Ticket] = queue.Queue()
         self._stop = threading.Event()

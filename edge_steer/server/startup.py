@@ -207,8 +207,13 @@ def build(
         raise
     on_note(_lane_memory(batcher, options))
     served = Served(pool, options.model_id, _aliases(options), n_ctx=options.load.ctx)
-    lanes = Lanes(batcher, pool, n_ctx=options.load.ctx, queue_size=options.queue_size)
-    lanes.batch_invariant = options.batch_invariant
+    lanes = Lanes(
+        batcher,
+        pool,
+        n_ctx=options.load.ctx,
+        queue_size=options.queue_size,
+        batch_invariant=options.batch_invariant,
+    )
     return served, lanes
 
 
