@@ -151,14 +151,21 @@ def test_per_row_steering_adds_exactly_what_the_control_vector_adds(demo_model) 
     assert not np.array_equal(mixed[0], mixed[1])
 
 
-def test_a_gap_between_busy_lanes_is_padded_and_leaves_no_trace(plain_demo) -> None:
+@pytest.mark.parametrize("moved", ["middle blocks", "last block only"])
+def test_a_gap_between_busy_lanes_is_padded_and_leaves_no_trace(plain_demo, moved) -> None:
     """With KV cells per sequence, llama.cpp would split lanes 0 and 2 into two passes over
     the weights; a throwaway row for idle lane 1 keeps them in one, and its cell is gone
-    after: both sequences still get exactly their tokens alone, and lane 1 holds nothing."""
+    after: both sequences still get exactly their tokens alone, and lane 1 holds nothing.
+    A vector that moves only the last block (where llama.cpp keeps just the output rows,
+    so the padding row is gone) still reaches lane 2's row."""
     model = plain_demo
-    rows = steerings(model)[1]
+    if moved == "middle blocks":
+        rows = steerings(model)[1]
+    else:
+        rows = random_rows(model, {model.n_layer - 1: 4 * NORM * model.n_embd**0.5}, 4)
     prompts = [model.tokenize(p) for p in PROMPTS[:2]]
     expected = [alone(model, prompts[0], None, 10), alone(model, prompts[1], rows, 10)]
+    assert expected[1] != alone(model, prompts[1], None, 10)  # the vector changes the text
     got: list[list[int]] = [[], []]
     with Context(model, n_ctx=1536, n_seq=3, row_steering=True, separate_kv=True) as ctx:
         batcher = Batcher(ctx, first=1, last=model.n_layer - 1, prompt_chunk=512)
@@ -171,4 +178,6 @@ def test_a_gap_between_busy_lanes_is_padded_and_leaves_no_trace(plain_demo) -> N
                 tokens.append(slot.sampled)
                 slot.next_token = slot.sampled if len(tokens) < 10 else None
         assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx.ptr), idle.seq) == -1
+        # the graph stops only where the vector moves a block
+        assert ctx.row_steering.stops == [bool(np.any(block)) for block in rows]
     assert got == expected

@@ -71,6 +71,7 @@ class Batcher:
         self.slots = [Slot(seq) for seq in range(ctx.n_seq)]
         self._admitted: deque[Slot] = deque()  # slots with prompt tokens left, in order
         self._native: Hashable = None  # the steering llama.cpp's control vector holds
+        self._last_stacked: tuple[list, np.ndarray | None] = ([], None)  # see _stacked
 
     def reusable(self, slot: Slot, prompt: Sequence[int], key: Hashable) -> int:
         """How many leading `prompt` tokens `slot` already holds under steering `key`."""
@@ -205,14 +206,24 @@ class Batcher:
         if self._native is not None:
             self.ctx.steer_all_rows(None)
             self._native = None
-        index: dict[Hashable, int] = {}
-        stacked: list[np.ndarray] = []
-        model = self.ctx.model
-        for slot in rows:
-            if slot.key not in index:
-                index[slot.key] = len(stacked)
-                zero = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
-                stacked.append(zero if slot.rows is None else slot.rows)
+        distinct = {slot.key: slot.rows for slot in rows}  # each steering once, in row order
+        index = {key: i for i, key in enumerate(distinct)}
         row_vector = np.array([index[slot.key] for slot in rows], dtype=np.intp)
         outputs = np.flatnonzero([self.ctx.batch.raw.logits[i] for i in range(len(rows))])
-        per_row.plan(np.stack(stacked), row_vector, outputs, self.first, self.last)
+        per_row.plan(self._stacked(distinct), row_vector, outputs, self.first, self.last)
+
+    def _stacked(self, distinct: dict[Hashable, np.ndarray | None]) -> np.ndarray:
+        """The vectors of `distinct` steerings as one array, (n, n_layer, n_embd); the same
+        array again while the steerings are the same (most steps), so nothing is copied."""
+        parts = list(distinct.values())
+        last_parts, last = self._last_stacked
+        if (
+            last is None
+            or len(parts) != len(last_parts)
+            or any(a is not b for a, b in zip(parts, last_parts, strict=False))
+        ):
+            model = self.ctx.model
+            zero = np.zeros((model.n_layer, model.n_embd), dtype=np.float32)
+            last = np.stack([zero if part is None else part for part in parts])
+            self._last_stacked = (parts, last)
+        return last

@@ -10,7 +10,9 @@ for bit the native one) and they are written back.
 
 Cost: ggml asks about every graph node (some 700 a decode on Gemma 3 270M). While no plan is
 set the answer is an immediate False; with a plan, each ask reads the node's name, and the
-graph is computed block by block.
+graph is computed in pieces that end at each block some row's vector moves (a trained vector
+moves a few blocks, not all): on a GPU each piece ends in a synchronisation and two small
+copies.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ class RowSteering:
     def __init__(self, n_layer: int):
         self.n_layer = n_layer
         self.callback = ll.ggml_backend_sched_eval_callback(self._on_eval)
+        self._name = ggml.name_reader()
         self.vectors: np.ndarray | None = None  # (n_vectors, n_layer, n_embd); None: no plan
         self.row_vector = np.zeros(0, dtype=np.intp)  # batch row -> index into vectors
         self.output_rows = np.zeros(0, dtype=np.intp)  # batch rows that produce outputs
-        self.first, self.last = 1, n_layer - 1
+        self.stops = [False] * n_layer  # per block: does some row get a nonzero vector
         self.error: BaseException | None = None
-        self._ubatch: tuple[int, int, int] = (0, 0, -1)  # first row, rows, last layer seen
+        self._ubatch = (0, 0, -1)  # the micro-batch computed: first batch row, rows, last block
+        self._stops_of: np.ndarray | None = None  # the vectors `stops` was computed for
+        self._range = (0, -1)  # and the blocks it was computed for
 
     def plan(
         self,
@@ -45,9 +50,14 @@ class RowSteering:
         last: int,
     ) -> None:
         """Steer the next decode: batch row r gets vectors[row_vector[r]][il] added to the
-        output of block il, for first <= il <= last (a zero vector for unsteered rows)."""
+        output of block il, for first <= il <= last (a zero vector for unsteered rows).
+        Pass the same `vectors` array again while the set is the same: which blocks they
+        move is worked out once per array."""
+        if vectors is not self._stops_of or (first, last) != self._range:
+            moved = np.any(vectors != 0, axis=(0, 2))
+            self.stops = [first <= il <= last and bool(moved[il]) for il in range(self.n_layer)]
+            self._stops_of, self._range = vectors, (first, last)
         self.vectors, self.row_vector, self.output_rows = vectors, row_vector, output_rows
-        self.first, self.last = first, last
         self.error = None
         self._ubatch = (0, 0, -1)
 
@@ -65,28 +75,34 @@ class RowSteering:
         if self.vectors is None:
             return False
         try:
-            name = ggml.tensor_name(tensor)
+            name = self._name(tensor) or b""
             if not name.startswith(b"l_out-"):
                 return False
             layer = int(name[6:])
             if ask:
-                return self.first <= layer <= self.last
+                self._follow_ubatch(tensor, layer)
+                return self.stops[layer]
             self._add(tensor, layer)
             return True
         except BaseException as exc:  # an exception must not cross into C
             self.error = exc
             return False  # ends the graph: the decode's results are not used
 
-    def _rows(self, layer: int, n_rows: int) -> np.ndarray:
-        """Which vector each row of this `l_out` gets. llama.cpp may split a batch into
-        micro-batches, in batch order (with KV cells per sequence, a run of consecutive
-        sequence ids each): blocks start again from the first at each one."""
+    def _follow_ubatch(self, tensor: int, layer: int) -> None:
+        """llama.cpp may split a batch into micro-batches, in batch order (with KV cells per
+        sequence, a run of consecutive sequence ids each). ggml asks about every block's
+        `l_out`, steered or not: blocks starting again mean a new micro-batch, and its
+        first block has all its rows."""
         first, size, seen = self._ubatch
-        if layer <= seen:  # a new micro-batch
+        if layer <= seen:
             first, size = first + size, 0
-        if layer < self.n_layer - 1 or size == 0:
-            size = max(size, n_rows)
+        if size == 0:
+            size = ggml.TensorHead.from_address(tensor).ne[1]
         self._ubatch = (first, size, layer)
+
+    def _rows(self, n_rows: int) -> np.ndarray:
+        """Which vector each row of this `l_out` gets (see `_follow_ubatch`)."""
+        first, size, _ = self._ubatch
         rows = self.row_vector[first : first + size]
         if n_rows != len(rows):  # the last block computes only the rows that give outputs
             outputs = self.output_rows[
@@ -99,7 +115,7 @@ class RowSteering:
         assert self.vectors is not None
         head = ggml.TensorHead.from_address(tensor)
         n_rows, width = head.ne[1], head.ne[0]
-        rows = self._rows(layer, n_rows)
+        rows = self._rows(n_rows)
         if len(rows) != n_rows or head.nb[1] != width * 4 or head.type != ggml.GGML_TYPE_F32:
             raise RuntimeError(f"unexpected l_out-{layer}: {n_rows} rows of {width}")
         states = np.empty((n_rows, width), dtype=np.float32)
