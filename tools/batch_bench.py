@@ -1,13 +1,14 @@
 """Continuous batching, side by side: llama.cpp's own `llama-server` (built from the vendored
 llama.cpp of the installed llama-cpp-python, `-np LANES`, no steering) and `edge-steer serve
---parallel LANES` with a different steering for each client, on one model, with the same
+--parallel LANES` with a different steering for each client (and with `--shared-steering`
+one steering for all), on one model, with the same
 threads, prompts and token counts, at 1, LANES and 2 x LANES concurrent clients. Optionally
 a third server: edge-steer from another source tree (`--baseline DIR`, e.g. a checkout of
 the release before batching). Greedy completions over HTTP from the standard library (a
 heavy client would take the server's CPU on a small machine), bounded in count and time,
 127.0.0.1 only. All servers run at once and the rounds alternate between them (a shared
 machine's speed drifts); reports the median round's total tokens/s and p50/p95 latency,
-and ratios.
+and ratios. Each answer is also checked against the same request's answer alone.
 
     python tools/batch_bench.py --model demo --threads 2 --baseline /tmp/before
     python tools/batch_bench.py --model STANDIN.gguf --tokens 16 --per-client 1 --rounds 1 \
@@ -37,17 +38,24 @@ PROMPTS = [
     "Dear diary, today",
     "Once upon a time in a small village,",
 ]
-STRENGTHS = [0.0, 1.0, -1.0, 0.5]  # of --vector, one per client: four different steerings
+STRENGTHS = (0.0, 1.0, -1.0, 0.5)  # of --vector, one per client: four different steerings
 RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = "edge-steer, one steering"
 
 
-def complete(url: str, number: int, tokens: int, steer: str | None) -> tuple[int, float]:
-    """One greedy completion; (completion tokens, seconds). `steer`: the vector an edge-steer
-    server steers this client with (it serves the model as `bench`, as llama-server does)."""
+# how an edge-steer server steers its clients: (vector, strengths), client k taking strength
+# k % len(strengths); None for llama-server (it serves the model as `bench`, as edge-steer does)
+Steer = tuple[str, tuple[float, ...]] | None
+
+
+def complete(url: str, number: int, tokens: int, steer: Steer) -> tuple[int, float, str]:
+    """One greedy completion; (completion tokens, seconds, text). Request `number` gets
+    prompt `number % 4` and the strength of client `number`."""
     body: dict = {"prompt": PROMPTS[number % len(PROMPTS)], "max_tokens": tokens}
     body |= {"temperature": 0, "cache_prompt": False, "model": "bench"}
     if steer:
-        body["steering"] = {steer: STRENGTHS[number % len(STRENGTHS)]}
+        vector, strengths = steer
+        body["steering"] = {vector: strengths[number % len(strengths)]}
     request = urllib.request.Request(
         f"{url}/v1/completions",
         data=json.dumps(body).encode(),
@@ -55,27 +63,38 @@ def complete(url: str, number: int, tokens: int, steer: str | None) -> tuple[int
     )
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=900) as response:
-        usage = json.load(response)["usage"]
-    return usage["completion_tokens"], time.perf_counter() - start
+        answer = json.load(response)
+    seconds = time.perf_counter() - start
+    return answer["usage"]["completion_tokens"], seconds, answer["choices"][0]["text"]
 
 
-def load(url: str, clients: int, per_client: int, tokens: int, steer: str | None) -> dict:
-    """`clients` threads, each sending `per_client` requests one after another."""
+def answers_alone(url: str, tokens: int, steer: Steer) -> list[str]:
+    """Each (prompt, steering) combination's answer with nothing else in the batch."""
+    return [complete(url, number, tokens, steer)[2] for number in range(len(PROMPTS))]
+
+
+def load(
+    url: str, clients: int, per_client: int, tokens: int, steer: Steer, alone: list[str]
+) -> dict:
+    """`clients` threads, each sending `per_client` requests one after another; counts the
+    answers that differ from the same request's answer alone (`alone`)."""
     complete(url, 0, 4, steer)  # warm: graphs reserved, pages touched
 
-    def client(c: int) -> list[tuple[int, float]]:
-        return [complete(url, c + k * clients, tokens, steer) for k in range(per_client)]
+    def client(c: int) -> list[tuple[int, tuple[int, float, str]]]:
+        numbers = [c + k * clients for k in range(per_client)]
+        return [(n, complete(url, n, tokens, steer)) for n in numbers]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         runs = [run for done in pool.map(client, range(clients)) for run in done]
     wall = time.perf_counter() - start
-    latencies = sorted(seconds for _, seconds in runs)
+    latencies = sorted(seconds for _, (_, seconds, _) in runs)
     return {
         "requests": len(runs),
-        "tokens_per_s": round(sum(n for n, _ in runs) / wall, 2),
+        "tokens_per_s": round(sum(count for _, (count, _, _) in runs) / wall, 2),
         "p50_s": round(statistics.median(latencies), 2),
         "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 2),
+        "differ_from_alone": sum(text != alone[n % len(alone)] for n, (_, _, text) in runs),
     }
 
 
@@ -107,14 +126,17 @@ def servers(args: argparse.Namespace, model: Path) -> dict[str, tuple[list[str],
     binary = build(args.cache, "llama-server")
     llama_args = ["-m", str(model), "-np", lanes, "-c", str(args.ctx * args.lanes)]
     llama_args += ["-t", threads, "-tb", threads, "--host", "127.0.0.1", "--alias", "bench"]
+    llama_args += ["-ngl", "999" if args.gpu_layers == "all" else args.gpu_layers]
     ours = ["--model", str(model), "--parallel", lanes, "--ctx", ctx, "--threads", threads]
+    ours += ["--gpu-layers", args.gpu_layers]
     ours += ["--preset", f"bench={args.vector}:0"]  # the model as `bench`, as llama-server's
     found = {
         "llama-server": ([str(binary)], llama_args, dict(os.environ)),
         "edge-steer": ([sys.executable, "-m", "edge_steer", "serve"], ours, dict(os.environ)),
     }
     if args.baseline:
-        env = dict(os.environ, PYTHONPATH=str(args.baseline))
+        path = [str(args.baseline), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))  # its edge_steer first
         found["edge-steer before"] = (found["edge-steer"][0], found["edge-steer"][1], env)
     return found
 
@@ -133,6 +155,12 @@ def main() -> None:
     parser.add_argument("--output", default="batch_bench.json", help="file in tools/results")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per level")
     parser.add_argument("--vector", default="happy", help="a stored vector of the model")
+    parser.add_argument("--gpu-layers", default="0", help="layers on the GPU: N or all")
+    parser.add_argument(
+        "--shared-steering",
+        action="store_true",
+        help=f"also edge-steer with every client under one steering (row '{SHARED}')",
+    )
     parser.add_argument(
         "--random-vector", action="store_true", help="store a random one as --vector first"
     )
@@ -154,12 +182,19 @@ def main() -> None:
             name: stack.enter_context(server_process(a, env=env, program=program)).url
             for name, (program, a, env) in chosen.items()
         }
-        steer = {name: None if name == "llama-server" else args.vector for name in urls}
+        steer: dict[str, Steer] = {
+            name: None if name == "llama-server" else (args.vector, STRENGTHS) for name in urls
+        }
+        if args.shared_steering and "edge-steer" in urls:  # every client the same: native
+            urls[SHARED] = urls["edge-steer"]
+            steer[SHARED] = (args.vector, (1.0,))
+        alone = {name: answers_alone(url, args.tokens, steer[name]) for name, url in urls.items()}
         for clients in (1, args.lanes, 2 * args.lanes):
             runs: dict[str, list[dict]] = {name: [] for name in urls}
             for _ in range(args.rounds):  # the machine's speed drifts: interleave, take medians
                 for name, url in urls.items():
-                    runs[name].append(load(url, clients, args.per_client, args.tokens, steer[name]))
+                    level = (clients, args.per_client, args.tokens)
+                    runs[name].append(load(url, *level, steer[name], alone[name]))
             for name, found in runs.items():
                 row = median_row(found)
                 report["rows"].setdefault(str(clients), {})[name] = row
@@ -184,6 +219,10 @@ def ratios(rows: dict, lanes: int) -> dict:
         if "edge-steer before" in row:
             out[f"{clients} clients: edge-steer / before"] = round(
                 mine / row["edge-steer before"]["tokens_per_s"], 3
+            )
+        if SHARED in row:
+            out[f"{clients} clients: {SHARED} / llama-server"] = round(
+                row[SHARED]["tokens_per_s"] / row["llama-server"]["tokens_per_s"], 3
             )
     return out
 
