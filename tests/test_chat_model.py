@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import assert_steers_probes_monotonically
 from test_cli import run
 
@@ -38,9 +39,12 @@ def run_long(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
 
 
-def test_eval_chat_measures_steered_replies(chat_path) -> None:
+def test_eval_chat_measures_steered_replies(chat_path, tmp_path) -> None:
     """Replies to everyday questions under happy:±1 read more like the happy (sad)
-    persona-prompted model's own, and loop no more than unsteered ones."""
+    persona-prompted model's own, and loop no more than unsteered ones; the plot shows
+    them under the probe sweep."""
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "chat.png"
     result = run_long(
         "eval",
         "happy",
@@ -53,12 +57,15 @@ def test_eval_chat_measures_steered_replies(chat_path) -> None:
         "2",
         "--no-save",
         "--json",
+        "--plot",
+        str(png),
     )
     assert result.returncode == 0, result.stderr
     chat = {p["strength"]: p for p in json.loads(result.stdout)["chat"]}
     assert chat[-1.0]["persona"] < chat[0.0]["persona"] < chat[1.0]["persona"], chat
     assert max(chat[-1.0]["degenerate"], chat[1.0]["degenerate"]) <= chat[0.0]["degenerate"] + 0.125
     assert all(p["tokens"] > 0 and p["sample"] for p in chat.values())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_chat_needs_an_instruct_model(demo_path) -> None:

@@ -160,3 +160,21 @@ def test_many_long_samples_get_a_context_that_holds_them(calm, tiny_dense_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["points"][0]["degenerate"] is not None
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_chat_table_keeps_its_figures_in_a_narrow_terminal(width) -> None:
+    """The reply column gives way (and goes under 90 columns); the figures never do."""
+    from rich.console import Console
+
+    from edge_steer.chateval import ChatPoint
+    from edge_steer.cli.evaluate import _chat_table
+
+    reply = "It was absolutely fabulous! I'm so excited to be working with you all on this"
+    points = [ChatPoint(s, 0.05 * s, 40, 0.5, 0.125, reply) for s in (-1.0, 0.0, 1.0)]
+    console = Console(width=width, record=True)
+    console.print(_chat_table(points, width))
+    text = console.export_text()
+    assert "+0.050" in text and "-0.050" in text and "12%" in text and "degenerate" in text
+    assert max(map(len, text.splitlines())) <= width
+    assert ("It was absolutely" in text) == (width >= 90)

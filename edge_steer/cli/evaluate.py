@@ -109,7 +109,7 @@ def eval_command(
     if plot:
         span = "-".join(map(str, report.layers)) if report.layers else "all"
         title = f"{report.concept} on {loaded.name} (blocks {span})"
-        plotting.write(plot, {report.concept: report.sweep}, title)
+        plotting.write(plot, {report.concept: report.sweep}, title, chat=report.chat)
         report = replace(report, plot=plot)
     if as_json:
         print_json(report.to_json())
@@ -156,7 +156,7 @@ def _render(report: EvalReport) -> None:
     if report.baseline:
         out.print(_baseline_table(report))
     if report.chat:
-        out.print(_chat_table(report.chat))
+        out.print(_chat_table(report.chat, out.width))
     _verdict(report)
 
 
@@ -180,27 +180,26 @@ def _baseline_table(report: EvalReport) -> Table:
     return table
 
 
-def _chat_table(points: list[ChatPoint]) -> Table:
+def _chat_table(points: list[ChatPoint], width: int) -> Table:
+    """The figures keep their width; the first reply gets what is left of `width` (none in
+    a narrow terminal)."""
     from rich.table import Table
 
     table = Table(
         title="chat replies to everyday questions, read by the unsteered model "
         "(persona: nats/token more likely after the positive than the negative instruction)"
     )
-    for column in ("strength", "persona", "vs unsteered", "tokens", "ended", "degenerate"):
-        table.add_column(column, justify="right")
-    table.add_column("first reply", justify="left", max_width=60, overflow="ellipsis", no_wrap=True)
+    figures = ("strength", "persona", "vs unsteered", "tokens", "ended", "degenerate")
+    for column in figures:
+        table.add_column(column, justify="right", no_wrap=True)
+    room = min(60, width - sum(len(c) + 3 for c in figures) - 4)  # padding and borders
+    if room >= 20:
+        table.add_column("first reply", width=room, overflow="ellipsis", no_wrap=True)
     reference = next(p.persona for p in points if p.strength == 0)
     for p in points:
-        table.add_row(
-            f"{p.strength:+g}",
-            f"{p.persona:+.3f}",
-            f"{p.persona - reference:+.3f}",
-            f"{p.tokens:.0f}",
-            f"{p.ended:.0%}",
-            f"{p.degenerate:.0%}",
-            p.sample.replace("\n", " "),
-        )
+        row = [f"{p.strength:+g}", f"{p.persona:+.3f}", f"{p.persona - reference:+.3f}"]
+        row += [f"{p.tokens:.0f}", f"{p.ended:.0%}", f"{p.degenerate:.0%}"]
+        table.add_row(*row, *([p.sample.replace("\n", " ")] if room >= 20 else []))
     return table
 
 
