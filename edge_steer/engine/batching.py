@@ -150,10 +150,9 @@ class Batcher:
         memory = ll.llama_get_memory(self.ctx.ptr)
         for slot in padded:
             ll.llama_memory_seq_rm(memory, slot.seq, len(slot.tokens), -1)
-        outputs = [i for i in range(batch.n) if batch.raw.logits[i]]
-        for index, slot in zip(outputs, rows, strict=True):
+        for index, slot in zip(batch.output_rows(), rows, strict=True):
             assert slot.sampler is not None
-            slot.sampled = slot.sampler.sample(self.ctx, index)
+            slot.sampled = slot.sampler.sample(self.ctx, int(index))
         return rows
 
     def _with_padding(self, rows: list[Slot]) -> list[Slot]:
@@ -186,8 +185,6 @@ class Batcher:
         """Decode the batch, `rows[i]` being the slot of batch row i."""
         self._steer(rows)
         self.ctx.decode()
-        if self.ctx.row_steering is not None:
-            self.ctx.row_steering.check()
 
     def _steer(self, rows: list[Slot]) -> None:
         """llama.cpp's control vector when every row wants the same steering; otherwise
@@ -209,7 +206,7 @@ class Batcher:
         distinct = {slot.key: slot.rows for slot in rows}  # each steering once, in row order
         index = {key: i for i, key in enumerate(distinct)}
         row_vector = np.array([index[slot.key] for slot in rows], dtype=np.intp)
-        outputs = np.flatnonzero([self.ctx.batch.raw.logits[i] for i in range(len(rows))])
+        outputs = self.ctx.batch.output_rows()
         per_row.plan(self._stacked(distinct), row_vector, outputs, self.first, self.last)
 
     def _stacked(self, distinct: dict[Hashable, np.ndarray | None]) -> np.ndarray:

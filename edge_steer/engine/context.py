@@ -79,6 +79,10 @@ class Batch:
         self.n += 1
         self.raw.n_tokens = self.n
 
+    def output_rows(self) -> np.ndarray:
+        """The rows whose logits the decode keeps, in batch order."""
+        return np.flatnonzero([self.raw.logits[i] for i in range(self.n)])
+
     def __del__(self) -> None:
         ll.llama_batch_free(self.raw)
 
@@ -200,9 +204,12 @@ class Context:
         del self.tokens[keep:]
 
     def decode(self) -> None:
-        """Decode what `batch` holds (one llama.cpp call at a time per model)."""
+        """Decode what `batch` holds (one llama.cpp call at a time per model); raises what
+        went wrong in a per-row steering callback."""
         with self.model.lock:
             check_decode(ll.llama_decode(self.ptr, self.batch.raw))
+        if self.row_steering is not None:
+            self.row_steering.check()
 
     def ingest(self, tokens: Sequence[int]) -> int:
         """Make sequence 0 hold exactly `tokens`, reusing the longest cached prefix.

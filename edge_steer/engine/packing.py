@@ -118,4 +118,4 @@ def _decode_round(
             tokens = sequences[member]
             for pos in range(group.shared, len(tokens)):
                 batch.add(tokens[pos], pos, ids[member], pos == len(tokens) - 1)
-    decode([i for i in range(batch.n) if batch.raw.logits[i]])
+    decode([int(i) for i in batch.output_rows()])
