@@ -13,6 +13,9 @@ and ratios. Each answer is also checked against the same request's answer alone.
     python tools/batch_bench.py --model demo --threads 2 --baseline /tmp/before
     python tools/batch_bench.py --model STANDIN.gguf --tokens 16 --per-client 1 --rounds 1 \
         --ctx 512 --vector bench-random --random-vector --output batch_bench_mistral_standin.json
+    python tools/batch_bench.py --model STANDIN.gguf --gpu-layers all --threads 8 --tokens 64 \
+        --vector bench-random --random-vector --shared-steering --baseline /tmp/before \
+        --output batch_bench_gpu_h200.json      # a CUDA build of llama-cpp-python
 """
 
 from __future__ import annotations
