@@ -67,14 +67,20 @@ def _symbol(name: str, argtypes: tuple, restype: object) -> ctypes._CFunctionTyp
     raise RuntimeError(f"ggml symbol {name} not found in {_lib_dir()}")
 
 
-def tensor_name(tensor: int) -> bytes:
-    return name_reader()(tensor) or b""
+BLOCK_OUTPUT = b"l_out-"  # llama.cpp's name for block il's output: l_out-<il>
 
 
-def name_reader() -> Callable[[int], bytes | None]:
-    """ggml_get_name itself, for eval callbacks that ask it of every graph node (bound once,
-    it costs half what `tensor_name` does)."""
-    return _symbol("ggml_get_name", (ctypes.c_void_p,), ctypes.c_char_p)
+def block_output_reader() -> Callable[[int], int]:
+    """For eval callbacks, which ask it of every graph node: the block whose output a node
+    is (`l_out-<il>`, after its control vector), or -1 for any other node."""
+    name_of = _symbol("ggml_get_name", (ctypes.c_void_p,), ctypes.c_char_p)  # bound once
+    skip = len(BLOCK_OUTPUT)
+
+    def block_output(tensor: int) -> int:
+        name = name_of(tensor) or b""
+        return int(name[skip:]) if name.startswith(BLOCK_OUTPUT) else -1
+
+    return block_output
 
 
 _COPY = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t)  # tensor, host, at, n

@@ -46,7 +46,7 @@ class StateRecorder:
     def __init__(self, n_layer: int, n_embd: int):
         self.n_layer, self.n_embd = n_layer, n_embd
         self.callback = ll.ggml_backend_sched_eval_callback(self._on_eval)
-        self._name = ggml.name_reader()
+        self._block_output = ggml.block_output_reader()
         self.rows: list[int] = []
         self.n_tokens = 0
         self.through = n_layer - 1
@@ -72,10 +72,9 @@ class StateRecorder:
         try:
             if self.interrupted:
                 return False
-            name = self._name(tensor) or b""
-            if not name.startswith(b"l_out-"):
+            layer = self._block_output(tensor)
+            if layer < 0:
                 return False
-            layer = int(name[6:])
             if ask:
                 return layer <= self.through
             self._store(layer, tensor)

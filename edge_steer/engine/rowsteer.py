@@ -31,7 +31,7 @@ class RowSteering:
     def __init__(self, n_layer: int):
         self.n_layer = n_layer
         self.callback = ll.ggml_backend_sched_eval_callback(self._on_eval)
-        self._name = ggml.name_reader()
+        self._block_output = ggml.block_output_reader()
         self.vectors: np.ndarray | None = None  # (n_vectors, n_layer, n_embd); None: no plan
         self.row_vector = np.zeros(0, dtype=np.intp)  # batch row -> index into vectors
         self.output_rows = np.zeros(0, dtype=np.intp)  # batch rows that produce outputs
@@ -75,10 +75,9 @@ class RowSteering:
         if self.vectors is None:
             return False
         try:
-            name = self._name(tensor) or b""
-            if not name.startswith(b"l_out-"):
+            layer = self._block_output(tensor)
+            if layer < 0:
                 return False
-            layer = int(name[6:])
             if ask:
                 self._follow_ubatch(tensor, layer)
                 return self.stops[layer]
