@@ -60,10 +60,16 @@ class ServeOptions:
         return Path(self.load.model or "")
 
     @property
+    def repacked(self) -> bool:
+        """Whether the weights take llama.cpp's repacked layouts: as asked, else with one
+        lane only (lanes decoded together need kernels that treat each row alike)."""
+        return self.parallel == 1 if self.repack is None else self.repack
+
+    @property
     def batch_invariant(self) -> bool:
         """Whether a reply is bit for bit the one it gets alone, whatever else runs: with one
         lane always; with more, when the weights keep llama.cpp's plain layouts."""
-        return self.parallel == 1 or not self.repack
+        return self.parallel == 1 or not self.repacked
 
 
 def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
@@ -193,9 +199,10 @@ def build(
     on_progress: runtime.Progress = lambda *_: None,
 ) -> tuple[Served, Lanes]:
     """Model, vectors, presets and lanes for `options` (the engine thread not yet started)."""
-    # every lane's KV counts; lanes decoded together need kernels that treat each row alike
-    repack = options.parallel == 1 if options.repack is None else options.repack
-    lanes_kv = replace(options.load, ctx=options.load.ctx * options.parallel, repack=repack)
+    # every lane's KV counts
+    lanes_kv = replace(
+        options.load, ctx=options.load.ctx * options.parallel, repack=options.repacked
+    )
     model = runtime.load_model_from(lanes_kv, on_note=on_note)
     try:
         pool = VectorPool(model, allow_train=options.allow_train)
