@@ -297,7 +297,7 @@ def _training(model: Model, settings: BenchSettings, threads: int, step):
         states = training.hidden_states(model, prompts, options)
         middle = time.perf_counter()
         if rep:
-            training.finish(model, states[0::2], states[1::2], pairs, options, name=name)
+            training.finish(model, states[0::2], states[1::2], options, name=name)
         end = time.perf_counter()
         plain_s = _plain(model, tokens, options)
         if rep:

@@ -1,6 +1,5 @@
-"""What training, block choice, calibration and evaluation all measure on a context: probe
-margins, perplexity, repetition. Its own module, so that training does not import the
-evaluator."""
+"""What calibration and evaluation both measure on a context: probe margins, perplexity,
+repetition. Its own module, so that training does not import the evaluator."""
 
 from __future__ import annotations
 

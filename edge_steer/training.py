@@ -1,5 +1,5 @@
-"""Contrast pairs -> hidden states -> blocks and method (choose.py) -> per-block directions
--> sign -> scale -> calibrated strength -> ControlVector.
+"""Contrast pairs -> hidden states -> per-block directions -> sign -> scale -> calibrated
+strength -> ControlVector.
 
 Everything runs on the GGUF being steered (quantized, any backend), through the engine's
 capture API: the state read from `l_out-N` (output of block N) becomes `direction.N`.
@@ -14,38 +14,45 @@ in total, about GAIN times the contrast the model itself draws between the two p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import calibrate, choose, vectors
+from . import calibrate, vectors
 from .engine import Context, Model, hidden
 from .errors import BadInput
 from .vectors import ControlVector, Key
 
 METHODS = ("pca-diff", "pca-center", "mean-diff")
-DEFAULT_METHOD = "pca-diff"
+DEFAULT_METHOD = "mean-diff"  # docs/training.md "Blocks and method"
 GAIN = 1.0
 SEQUENCES = 64  # prompts decoded side by side in one llama_decode
-DEFAULT_SPAN = (0.5, 0.85)  # fractions of depth, when too few pairs to choose (choose.py)
+DEFAULT_SPAN = (0.1, 0.85)  # fractions of depth: the steered blocks unless --layers
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total), as each stage goes
-STAGES = ("reading prompts", "choosing blocks", "calibrating")
+STAGES = ("reading prompts", "calibrating")
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    method: str | None = None  # None: chosen from held-in validation (choose.py)
-    layers: tuple[int, int] | None = None  # steered blocks; None: chosen likewise
+    method: str = DEFAULT_METHOD
+    layers: tuple[int, int] | None = None  # steered blocks; None: default_layers()
     batch: int = 512
     threads: int | None = None
     budget: float | None = calibrate.BUDGET  # perplexity ratio at +/-1; None: no calibration
 
 
 def default_layers(n_layer: int) -> tuple[int, int]:
-    """Blocks from half to 85% of the depth (Gemma 3 270M: 9-14 of 0-17; Mistral 7B: 16-26 of
-    0-31): the span when there are too few pairs to choose one on held-in pairs."""
-    return choose.span_blocks(n_layer, DEFAULT_SPAN)
+    """Blocks from 10% to 85% of the depth (Gemma 3 270M: 2-14 of 0-17; SmolLM2 135M: 3-25 of
+    0-29; Mistral 7B: 3-26 of 0-31). Spread over many blocks, a push of a given fluency cost
+    moves behaviour further than on a third of them (docs/training.md "Blocks and method")."""
+    return span_blocks(n_layer, DEFAULT_SPAN)
+
+
+def span_blocks(n_layer: int, span: tuple[float, float]) -> tuple[int, int]:
+    """Blocks from span[0] to span[1] of the depth (block 0 cannot be steered)."""
+    first = max(1, round(n_layer * span[0]))
+    return first, min(n_layer - 1, max(first, round(n_layer * span[1]) - 1))
 
 
 def hidden_states(
@@ -76,11 +83,8 @@ def hidden_states(
 
 
 def deepest(model: Model, options: TrainOptions) -> int:
-    """The deepest block training may read: of the given span, else of any candidate span."""
-    if options.layers:
-        return options.layers[1]
-    spans = [*choose.SPANS, DEFAULT_SPAN]
-    return max(choose.span_blocks(model.n_layer, span)[1] for span in spans)
+    """The deepest block training reads: the last steered one."""
+    return (options.layers or default_layers(model.n_layer))[1]
 
 
 def unit_directions(pos: np.ndarray, neg: np.ndarray, method: str) -> np.ndarray:
@@ -136,7 +140,7 @@ def train(
     report = progress or _quiet
     prompts = [p for pair in pairs for p in pair]
     states = hidden_states(model, prompts, options, lambda *done: report(STAGES[0], *done))
-    return finish(model, states[0::2], states[1::2], pairs, options, name=name, progress=report)
+    return finish(model, states[0::2], states[1::2], options, name=name, progress=report)
 
 
 def _quiet(*_args: object) -> None:
@@ -147,59 +151,14 @@ def finish(
     model: Model,
     pos: np.ndarray,
     neg: np.ndarray,
-    pairs: Sequence[tuple[str, str]],
     options: TrainOptions,
     *,
     name: str,
     progress: Progress = _quiet,
 ) -> ControlVector:
-    """Everything after reading the states of `pairs`: choose blocks and method, direct,
-    calibrate."""
-    options, how = chosen(model, pos, neg, pairs, options, lambda *n: progress(STAGES[1], *n))
+    """Everything after reading the states: direct, then calibrate."""
     vector = from_states(model, pos, neg, options, name=name)
-    vector.metadata.update(how)
-    return calibrated(model, vector, options, lambda *n: progress(STAGES[2], *n))
-
-
-def chosen(
-    model: Model,
-    pos: np.ndarray,
-    neg: np.ndarray,
-    pairs: Sequence[tuple[str, str]],
-    options: TrainOptions,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[TrainOptions, dict[str, str | float]]:
-    """Options with the method and blocks they leave open chosen on held-in pairs
-    (choose.py), and metadata saying how; the defaults when there are too few pairs to
-    hold some back."""
-    if options.method and options.layers:
-        return options, {Key.CHOSEN_BY: "given"}
-    if len(pos) < choose.MIN_PAIRS:
-        method = options.method or DEFAULT_METHOD
-        layers = options.layers or default_layers(model.n_layer)
-        return replace(options, method=method, layers=layers), {Key.CHOSEN_BY: "default"}
-    fit, held = choose.split(len(pos))
-
-    def units(method: str) -> tuple[np.ndarray, np.ndarray]:
-        directions = unit_directions(pos[fit], neg[fit], method)
-        return directions, separations(pos[fit], neg[fit], directions)
-
-    best, tried = choose.best(
-        model,
-        units,
-        [text for i in held[: choose.PAIRS] for text in pairs[i]],
-        method=options.method,
-        layers=options.layers,
-        budget=options.budget or calibrate.BUDGET,
-        threads=options.threads,
-        progress=progress,
-    )
-    how: dict[str, str | float] = {
-        Key.CHOSEN_BY: "validation",
-        Key.CANDIDATES: " ".join(c.describe() for c in tried),  # method:blocks:xscale:effect
-        Key.CHOSEN_SCALE: round(best.scale, 6),  # where calibration starts looking
-    }
-    return replace(options, method=best.method, layers=best.layers), how
+    return calibrated(model, vector, options, lambda *n: progress(STAGES[1], *n))
 
 
 def calibrated(
@@ -215,15 +174,8 @@ def calibrated(
         return vector
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     span = (vector.layers[0], vector.layers[-1])
-    start = vector.metadata.get(Key.CHOSEN_SCALE, calibrate.FIRST_SCALE)
     found = calibrate.calibrate(
-        model,
-        rows,
-        span,
-        budget=options.budget,
-        first=float(start),
-        threads=options.threads,
-        progress=progress,
+        model, rows, span, budget=options.budget, threads=options.threads, progress=progress
     )
     result = vector.scaled(found.scale)
     result.metadata.update(found.metadata())
@@ -235,7 +187,7 @@ def from_states(
 ) -> ControlVector:
     """The vector from paired states: direction.N comes from l_out-N, for the steered blocks."""
     first, last = options.layers or default_layers(model.n_layer)
-    method = options.method or DEFAULT_METHOD
+    method = options.method
     units = unit_directions(pos, neg, method)
     gaps = separations(pos, neg, units)
     blocks = range(first, last + 1)

@@ -28,7 +28,6 @@ def test_demo_chat_is_an_instruct_model_that_ends_its_turn(chat_path) -> None:
 def test_happy_trained_on_the_chat_model_moves_its_probes(chat_model) -> None:
     pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), chat_model, limit=64)
     vector = training.train(chat_model, pairs, training.TrainOptions(), name="happy")
-    assert vector.metadata["chosen_by"] == "validation"
     assert_steers_probes_monotonically(chat_model, vector, "happy")
 
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from edge_steer import vectors
+from edge_steer import training, vectors
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -174,9 +174,9 @@ def test_training_progress_names_each_stage_in_a_log(tiny_dense_path, tmp_path) 
     )
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    for stage in ("reading prompts", "choosing blocks", "calibrating"):
+    for stage in training.STAGES:
         assert any(line.startswith(f"{stage}: done in ") for line in lines), result.stderr
-    assert "choosing blocks: 1/" in result.stderr and "━" not in result.stderr
+    assert "calibrating: 1/" in result.stderr and "━" not in result.stderr
     assert all(line.strip() for line in lines), result.stderr
 
 

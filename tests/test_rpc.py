@@ -186,8 +186,6 @@ def test_vector_trained_across_workers_matches_and_evaluates_the_same(
     length of block 1's (a tiny separation) differs by up to 1.6x, so only the verdict and
     the directions are compared there."""
     concept = dataset.load_builtin("happy")
-    # fixed blocks and method: the held-in choice between near-equal candidates may differ
-    # with the kernels' rounding, and this compares directions, not choices
     layers = training.default_layers(demo_model.n_layer)
     options = training.TrainOptions(method="pca-diff", layers=layers, threads=THREADS, budget=None)
     pairs = dataset.contrast_pairs(concept, demo_model, limit=32, seed=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import assert_steers_probes_monotonically
 
-from edge_steer import calibrate, choose, dataset, library, metrics, training, vectors
+from edge_steer import calibrate, dataset, library, metrics, training, vectors
 from edge_steer.engine import Context, Model
 
 TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
@@ -45,35 +45,25 @@ def test_moe_model_trains_unchanged(tiny_moe_path) -> None:
     with Model(tiny_moe_path) as moe:
         pairs = dataset.contrast_pairs(dataset.load_builtin("lazy"), moe, limit=16)
         vec = training.train(moe, pairs, training.TrainOptions(), name="lazy")
-        spans = {choose.span_blocks(moe.n_layer, span) for span in choose.SPANS}
-    assert vec.metadata["chosen_by"] == "validation"
-    assert (vec.layers[0], vec.layers[-1]) in spans
+        span = training.default_layers(moe.n_layer)
+    assert (vec.layers[0], vec.layers[-1]) == span
+    assert vec.metadata["method"] == training.DEFAULT_METHOD
     assert all(np.isfinite(d).all() and d.any() for d in vec.directions.values())
 
 
-def test_reproduced_is_the_share_of_the_persona_effect() -> None:
-    rng = np.random.default_rng(0)
-    base = rng.dirichlet(np.ones(16), size=6).astype(np.float32)  # (pos, neg) x 3 pairs
-    persona = base[0::2] - base[1::2]
-    up, down = base[1::2] + 0.5 * persona, base[0::2] - 0.5 * persona  # halfway both ways
-    assert choose.reproduced(base, up, down) == pytest.approx(0.5, rel=1e-5)
-    assert choose.reproduced(base, base[1::2], base[0::2]) == 0.0  # no push, no effect
-    wrong = choose.reproduced(base, base[1::2] - persona, base[0::2] + persona)
-    assert wrong == pytest.approx(-1.0, rel=1e-5)  # pushed the other way
-    same = np.repeat(base[:1], 2, axis=0)
-    assert choose.reproduced(same, same[1:], same[:1]) == 0.0  # no persona effect at all
+@pytest.mark.parametrize(
+    ("n_layer", "blocks"), [(18, (2, 14)), (30, (3, 25)), (32, (3, 26)), (2, (1, 1))]
+)
+def test_default_blocks_run_from_a_tenth_to_85_percent_of_the_depth(n_layer, blocks) -> None:
+    """Gemma 3 270M, SmolLM2 135M, Mistral 7B, and a model too shallow for a span."""
+    assert training.default_layers(n_layer) == blocks
 
 
-def test_given_or_too_few_pairs_skip_the_choice(tiny_dense) -> None:
-    options = training.TrainOptions(method="mean-diff", layers=(2, 3))
+def test_capture_stops_after_the_last_steered_block(tiny_dense) -> None:
+    """Blocks past the span are never computed: their states stay zero."""
+    options = training.TrainOptions(layers=(1, 2))
     states = training.hidden_states(tiny_dense, TEXTS, options)
-    pos, neg = states[0::2], states[1::2]  # 4 pairs: fewer than choose.MIN_PAIRS
-    pairs = list(zip(TEXTS[0::2], TEXTS[1::2], strict=True))
-    given = training.chosen(tiny_dense, pos, neg, pairs, options)
-    assert given == (options, {"chosen_by": "given"})
-    defaults, how = training.chosen(tiny_dense, pos, neg, pairs, training.TrainOptions())
-    assert how == {"chosen_by": "default"} and defaults.method == training.DEFAULT_METHOD
-    assert defaults.layers == training.default_layers(tiny_dense.n_layer)
+    assert states[:, :3].any(axis=(0, 2)).all() and not states[:, 3:].any()
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +160,8 @@ def test_tiny_models_calibrate_too(tiny_dense_path, tiny_moe_path, moe) -> None:
     assert "scale_rule" not in plain.metadata or plain.metadata["scale_rule"] == "separation"
 
 
-def test_blocks_and_method_are_the_best_held_in_candidate(happy) -> None:
-    tried = str(happy.metadata["candidates"]).split()  # method:first-last:xscale:share
-    assert happy.metadata["chosen_by"] == "validation" and len(tried) == 4
-    method, blocks, _scale, _share = max(tried, key=lambda c: float(c.rsplit(":", 1)[1])).split(":")
-    first, last = happy.metadata["layer_first"], happy.metadata["layer_last"]
-    assert (happy.metadata["method"], f"{first}-{last}") == (method, blocks)
-    assert happy.layers == list(range(int(first), int(last) + 1))
+def test_a_built_in_concept_steers_the_default_blocks_by_the_default_method(happy) -> None:
+    first, last = training.default_layers(18)  # Gemma 3 270M: blocks 0-17
+    assert (happy.metadata["layer_first"], happy.metadata["layer_last"]) == (first, last)
+    assert happy.layers == list(range(first, last + 1))
+    assert happy.metadata["method"] == training.DEFAULT_METHOD

@@ -2,7 +2,7 @@
 
 Runs the whole command (wall time and peak RSS of the process, default settings) on a model,
 then the same training in-process with a timer around each stage: capture (hidden states
-of every contrast prompt), choice (blocks and method on held-in pairs) and calibration.
+of every contrast prompt) and calibration.
 `--before REF` also runs the whole command from another commit of this repository (a
 temporary git worktree), so that before and after are measured in one run, on one machine.
 
@@ -62,21 +62,15 @@ def stages(model_path: Path, concept: str, threads: int) -> dict:
         start = time.perf_counter()
         states = training.hidden_states(model, prompts, options)
         captured = time.perf_counter()
-        pos, neg = states[0::2], states[1::2]
-        chosen, how = training.chosen(model, pos, neg, pairs, options)
-        choice = time.perf_counter()
-        vector = training.from_states(model, pos, neg, chosen, name=concept)
-        vector.metadata.update(how)  # calibration starts from the choice's scale, as in train
-        calibrated = training.calibrated(model, vector, chosen)
+        vector = training.from_states(model, states[0::2], states[1::2], options, name=concept)
+        calibrated = training.calibrated(model, vector, options)
         end = time.perf_counter()
     return {
         "pairs": len(pairs),
         "prompt_tokens": tokens,
         "persona_pairs": len(dataset.persona_prefixes(dataset.load_builtin(concept), model)),
         "capture_s": round(captured - start, 1),
-        "choice_s": round(choice - captured, 1),
-        "calibration_s": round(end - choice, 1),
-        "candidates": how.get("candidates"),
+        "calibration_s": round(end - captured, 1),
         "calibration_points": calibrated.metadata.get("calibration_points"),
     }
 

@@ -2,7 +2,7 @@
 
 Capture costs about one prompt's unshared tokens per pair, so at 7B the pair count sets most
 of the first `--vector`'s wait. For each model, concept and pair count this trains a vector
-with the defaults (block choice and calibration included) and measures its effect on the
+with the defaults (calibration included) and measures its effect on the
 concept's held-out probes and the neutral-text perplexity at -1 and +1, as `eval` does.
 
     python tools/pairs_curve.py --models demo,demo-chat --counts 32,64,96,128 --json out.json

@@ -1,11 +1,10 @@
-"""Which blocks and method steer best? Train every candidate of `choose.py` for each concept
-(from one hidden-state capture), calibrate it, and measure held-out effect at -1 and +1.
+"""Which blocks and method steer best? Train each concept once per span of depth and method
+(from one hidden-state capture), calibrate each, and measure held-out effect at -1 and +1.
 
-The evidence behind choose.py's rule: per concept, each candidate's held-in effect and
-estimated budget scale (what choose.py judges by), next to what eval measures on held-out
-probes at the calibrated scale.
+The evidence behind training.DEFAULT_SPAN and DEFAULT_METHOD (docs/training.md "Blocks and
+method"): at equal fluency cost, which span and method move the held-out probes furthest.
 
-    python tools/span_sweep.py --model demo --concepts honest,lazy --json sweep.json
+    python tools/span_sweep.py --model demo-chat --concepts honest,lazy --json sweep.json
 """
 
 from __future__ import annotations
@@ -18,47 +17,45 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edge_steer import choose, dataset, evaluate, model_files, training, vectors
+from edge_steer import dataset, evaluate, model_files, training, vectors
 from edge_steer.engine import Model
 
+SPANS = "0.1-0.85,0.3-0.65,0.5-0.85"  # fractions of depth: today's default, then the old two
 
-def _candidate(text: str) -> choose.Candidate:
-    """A candidate back from its `describe()` text (method:first-last:xscale:share)."""
-    method, blocks, scale, share = text.split(":")
-    first, last = (int(n) for n in blocks.split("-"))
-    return choose.Candidate(method, (first, last), float(scale[1:]), float(share))
+
+def parse_spans(text: str) -> list[tuple[float, float]]:
+    return [(float(a), float(b)) for a, b in (part.split("-") for part in text.split(","))]
 
 
 def sweep_concept(model: Model, name: str, args: argparse.Namespace) -> list[dict]:
     pairs = dataset.contrast_pairs(dataset.load_builtin(name), model, limit=args.pairs)
-    options = training.TrainOptions(threads=args.threads)
-    states = training.hidden_states(model, [p for pair in pairs for p in pair], options)
+    spans = [training.span_blocks(model.n_layer, s) for s in parse_spans(args.spans)]
+    deepest = training.TrainOptions(threads=args.threads, layers=(1, max(b for _, b in spans)))
+    states = training.hidden_states(model, [p for pair in pairs for p in pair], deepest)
     pos, neg = states[0::2], states[1::2]
-    _, how = training.chosen(model, pos, neg, pairs, options)
-    tried = [_candidate(text) for text in str(how["candidates"]).split()]
     settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=args.samples)
     probes = dataset.load_builtin(name).probes
     rows_out = []
-    for candidate in tried:
-        fixed = replace(options, method=candidate.method, layers=candidate.layers)
-        vector = training.finish(model, pos, neg, pairs, fixed, name=name)
-        rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
-        with evaluate.context(model, settings, args.threads) as ctx:
-            result = evaluate.sweep(ctx, rows, candidate.layers, probes, settings)
-        low, high = result.nearest(-1.0), result.nearest(1.0)
-        assert low and high
-        row = {
-            "concept": name,
-            "candidate": candidate.describe(),
-            "held_in_effect": round(candidate.effect, 3),
-            "scale_estimate": round(candidate.scale, 3),
-            "effect": [round(result.effect(low), 2), round(result.effect(high), 2)],
-            "ppl": [round(result.ppl_ratio(low), 3), round(result.ppl_ratio(high), 3)],
-            "degenerate": [low.degenerate, high.degenerate, result.reference.degenerate],
-            "calibration_scale": vector.metadata.get("calibration_scale"),
-        }
-        print(json.dumps(row), flush=True)
-        rows_out.append(row)
+    for method in args.methods.split(","):
+        for layers in spans:
+            options = replace(deepest, method=method, layers=layers)
+            vector = training.finish(model, pos, neg, options, name=name)
+            rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+            with evaluate.context(model, settings, args.threads) as ctx:
+                result = evaluate.sweep(ctx, rows, layers, probes, settings)
+            low, high = result.nearest(-1.0), result.nearest(1.0)
+            assert low and high
+            row = {
+                "concept": name,
+                "method": method,
+                "blocks": list(layers),
+                "effect": [round(result.effect(low), 2), round(result.effect(high), 2)],
+                "ppl": [round(result.ppl_ratio(low), 3), round(result.ppl_ratio(high), 3)],
+                "degenerate": [low.degenerate, high.degenerate, result.reference.degenerate],
+                "calibration_scale": vector.metadata.get("calibration_scale"),
+            }
+            print(json.dumps(row), flush=True)
+            rows_out.append(row)
     return rows_out
 
 
@@ -66,8 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo")
     parser.add_argument("--concepts", default=",".join(dataset.builtin_names()))
+    parser.add_argument("--spans", default=SPANS, help="fractions of depth, FROM-TO,...")
+    parser.add_argument("--methods", default="mean-diff,pca-diff")
     parser.add_argument("--pairs", type=int, default=128)
-    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()

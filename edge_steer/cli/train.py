@@ -10,12 +10,6 @@ import typer
 from ..errors import BadInput
 from .options import LOAD, LayersOpt, clean_errors, err, load_model, out, progress_bar, with_options
 
-_HOW = {
-    "validation": "chosen on held-in pairs",
-    "default": "defaults: too few pairs to hold some back",
-    "given": "as given",
-}
-
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
@@ -38,7 +32,7 @@ def train(
         str | None,
         typer.Option(
             "--method",
-            help="pca-diff, pca-center or mean-diff (default: chosen on held-in pairs).",
+            help="pca-diff, pca-center or mean-diff (default: mean-diff).",
         ),
     ] = None,
     layers: LayersOpt = None,
@@ -73,7 +67,9 @@ def train(
         seed=seed,
         limit=limit,
     )
-    options = training.TrainOptions(method=method, layers=span, threads=opts.threads)
+    options = training.TrainOptions(
+        method=method or training.DEFAULT_METHOD, layers=span, threads=opts.threads
+    )
     start = time.perf_counter()
     err.print(f"[dim]training {name!r} on {loaded.name} from {len(data)} pairs[/]")
     with progress_bar() as on_progress:
@@ -82,10 +78,9 @@ def train(
         convert.save(vector, output)
     path = library.store_vector(loaded, name, vector)
     meta = vector.metadata
-    how = _HOW.get(str(meta.get(Key.CHOSEN_BY)), "")
     err.print(
         f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get(Key.LAYER_FIRST)}-"
-        f"{meta.get(Key.LAYER_LAST)}, {meta.get(Key.METHOD)} ({how})[/]"
+        f"{meta.get(Key.LAYER_LAST)}, {meta.get(Key.METHOD)}[/]"
     )
     out.print(f"stored {path}")
     if output:

@@ -54,7 +54,7 @@ class Training:
     """The request waits for `vector` to be trained on first use: how far that has got."""
 
     vector: str
-    stage: str  # "reading prompts", "choosing blocks", "calibrating"
+    stage: str  # training.STAGES: "reading prompts", "calibrating"
     done: int
     total: int
 
