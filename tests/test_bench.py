@@ -85,7 +85,7 @@ def test_results_script_writes_its_blocks_plots_and_json(tmp_path) -> None:
     for part in results.PARTS:
         begin, end = results.markers(part)
         assert text.count(begin) == 1 and text.count(end) == 1
-    assert "| happy | 3-4 |" in text and "random weights" in text
+    assert "| happy | 1-4 |" in text and "random weights" in text
     assert "| tiny-mixtral | tg128 |" in text and "Targets:" in text
     assert "![eval on tiny-mistral](results/eval-tiny-dense.png)" in text
     assert (out / "eval-tiny-dense.png").read_bytes()[:4] == b"\x89PNG"

