@@ -56,12 +56,11 @@ def calibrate(
     span: tuple[int, int],
     *,
     budget: float = BUDGET,
-    first: float = FIRST_SCALE,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Calibration:
     """The factor for `rows` (the vector by block, as trained) at which the worse of +/-1
-    raises calibration-text perplexity by `budget`; the search starts at `first`.
+    raises calibration-text perplexity by `budget`; the search starts at FIRST_SCALE.
     `progress(done, STEPS)` follows the search steps (it may end early: then STEPS/STEPS)."""
     text = dataset.calibration_text()
     with Context(model, n_ctx=TOKENS + 16, n_batch=TOKENS + 16, threads=threads) as ctx:
@@ -80,17 +79,15 @@ def calibrate(
 
         report = progress or (lambda _done, _total: None)
         report(0, STEPS)
-        found = _search(cost, budget, reference, first, lambda done: report(done, STEPS))
+        found = _search(cost, budget, reference, lambda done: report(done, STEPS))
         report(STEPS, STEPS)
         return found
 
 
-def _search(
-    cost, budget: float, reference: float, first: float, step: Callable[[int], None]
-) -> Calibration:
-    """Secant steps on y = log(log ratio) against x = log(scale), from `first`."""
+def _search(cost, budget: float, reference: float, step: Callable[[int], None]) -> Calibration:
+    """Secant steps on y = log(log ratio) against x = log(scale), from FIRST_SCALE."""
     points: list[tuple[float, float]] = []
-    scale = first
+    scale = FIRST_SCALE
 
     def miss(ratio: float) -> float:
         """How far a measured ratio is from the budget, in log terms."""
