@@ -1,7 +1,8 @@
 """What a chat user sees under steering, measured without an outside judge.
 
 At each strength the steered model answers everyday questions (`dataset.chat_questions`,
-never the probes) in its own chat format, sampled with the same seeds at every strength.
+never the probes) in its own chat format, REPLIES times each, sampled with the same seeds at
+every strength.
 Each reply is then read by the *unsteered* model twice: once after the concept's positive
 persona instruction and the question, once after the negative one. The persona score is
 log P(reply | positive) - log P(reply | negative) per reply token: does the steered reply
@@ -22,6 +23,10 @@ from .engine import Context, Model, Sampler, continuations, scoring
 from .errors import BadInput
 
 REPLY_TOKENS = 64  # per reply: enough for a tone to show, cheap enough for every strength
+# replies per question: a loop at +/-1 is a rare event (a few in a hundred on SmolLM2 135M),
+# and one in 8 replies read as 12% where 32 replies gave 0-3% (docs/results.md)
+REPLIES = 3
+MAX_REPLIES = 8  # 64 replies side by side in one context, as many sequences as training uses
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class ChatPoint:
     ended: float  # share of replies that ended their turn within REPLY_TOKENS
     degenerate: float  # share of replies that loop
     sample: str  # the first reply
+    replies: int  # how many replies the shares are of
 
 
 def chat_sweep(
@@ -42,12 +48,15 @@ def chat_sweep(
     strengths: Sequence[float],
     *,
     seed: int = 0,
+    replies: int = REPLIES,
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[ChatPoint]:
-    """Replies at each strength (0 included), scored as the module says."""
+    """`replies` replies per question at each strength (0 included), scored as the module
+    says; reply i is sampled with seed + i at every strength."""
     require_chat(model)
-    questions = dataset.chat_questions()
+    check_replies(replies)
+    questions = [q for q in dataset.chat_questions() for _ in range(replies)]
     prompts = [_prompt(model, question) for question in questions]
     personas = dataset.persona_instruction(concept)
     n_ctx = sum(map(len, prompts)) + len(prompts) * (REPLY_TOKENS + 64)
@@ -56,12 +65,17 @@ def chat_sweep(
     with Context(model, n_ctx=n_ctx, n_seq=len(prompts), threads=threads) as ctx:
         for done, strength in enumerate(strengths, start=1):
             ctx.set_steering(rows * np.float32(strength) if strength else None, *span)
-            replies = _replies(ctx, prompts, seed)
+            answers = _replies(ctx, prompts, seed)
             ctx.set_steering(None)
-            found.append(_point(ctx, strength, questions, replies, personas))
+            found.append(_point(ctx, strength, questions, answers, personas))
             if progress:
                 progress(done, len(strengths))
     return found
+
+
+def check_replies(replies: int) -> None:
+    if not 1 <= replies <= MAX_REPLIES:
+        raise BadInput(f"--chat-replies must be 1-{MAX_REPLIES}, got {replies}")
 
 
 def require_chat(model: Model) -> None:
@@ -111,4 +125,5 @@ def _point(
         ended=float(np.mean([len(r) < REPLY_TOKENS for r in replies])),
         degenerate=float(np.mean([metrics.is_degenerate(r) for r in replies])),
         sample=ctx.model.detokenize(replies[0]),
+        replies=len(replies),
     )

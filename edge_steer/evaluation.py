@@ -43,11 +43,13 @@ class EvalOptions:
     save: bool = True  # store the recommended range in the vector's file
     retrain: bool = False
     chat: bool = False  # also steer chat replies (instruct models)
+    chat_replies: int = chateval.REPLIES  # per question and strength
     threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.samples < 0 or self.sample_tokens < 1:
             raise BadInput("--samples must be 0 or more and --sample-tokens at least 1")
+        chateval.check_replies(self.chat_replies)
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ def _chat(
         definition,
         [p.strength for p in result.points],
         seed=options.seed,
+        replies=options.chat_replies,
         threads=options.threads,
         progress=lambda done, total: on_progress(label, done, total),
     )

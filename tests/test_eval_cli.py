@@ -171,10 +171,15 @@ def test_chat_table_keeps_its_figures_in_a_narrow_terminal(width) -> None:
     from edge_steer.cli.evaluate import _chat_table
 
     reply = "It was absolutely fabulous! I'm so excited to be working with you all on this"
-    points = [ChatPoint(s, 0.05 * s, 40, 0.5, 0.125, reply) for s in (-1.0, 0.0, 1.0)]
+    points = [ChatPoint(s, 0.05 * s, 40, 0.5, 0.125, reply, 24) for s in (-1.0, 0.0, 1.0)]
     console = Console(width=width, record=True)
     console.print(_chat_table(points, width))
     text = console.export_text()
     assert "+0.050" in text and "-0.050" in text and "12%" in text and "degenerate" in text
     assert max(map(len, text.splitlines())) <= width
     assert ("It was absolutely" in text) == (width >= 90)
+
+
+def test_eval_chat_replies_out_of_range_fail_before_the_model_loads() -> None:
+    result = run("eval", "happy", "-m", "no-such-model", "--chat", "--chat-replies", "0")
+    assert result.returncode == 2 and "--chat-replies must be 1-8" in result.stderr, result.stderr

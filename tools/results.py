@@ -116,6 +116,7 @@ def _chat_points(
             "ended": p.ended,
             "degenerate": p.degenerate,
             "sample": p.sample,
+            "replies": p.replies,
         }
         for p in found
     ]
@@ -200,12 +201,12 @@ def eval_markdown(name: str, model_name: str, rows: list[dict], plot: str | None
 
 
 CHAT_LEGEND = (
-    "What a chat user sees (`edge-steer eval --chat`): the steered model answers the eight "
-    "questions of `concepts/chat_questions.txt` in its chat format (64 sampled tokens, same "
-    "seeds at every strength); persona = mean per-token log P(reply | positive persona "
-    "instruction) - log P(reply | negative one), read by the unsteered model (it should rise "
-    "with the strength); loops = share of replies that degenerate (`metrics.is_degenerate`); "
-    "ended = share that end their turn."
+    "What a chat user sees (`edge-steer eval --chat`): the steered model answers each of the "
+    f"eight questions of `concepts/chat_questions.txt` {chateval.REPLIES} times in its chat "
+    f"format ({chateval.REPLY_TOKENS} sampled tokens, same seeds at every strength); persona = "
+    "mean per-token log P(reply | positive persona instruction) - log P(reply | negative one), "
+    "read by the unsteered model (it should rise with the strength); loops = how many of the "
+    "replies degenerate (`metrics.is_degenerate`); ended = share that end their turn."
 )
 
 
@@ -229,15 +230,22 @@ def chat_markdown(model_name: str, rows: list[dict]) -> list[str]:
         def cells(key: str, form: str, points: list[dict] = points) -> str:
             return " / ".join(format(p[key], form) for p in points)
 
+        loops = " / ".join(str(_loops(p)) for p in points) + f" of {points[0]['replies']}"
+
         def quote(text: str) -> str:
             return "“" + " ".join(text.split())[:90].replace("|", "/") + "…”"
 
         lines.append(
-            f"| {r['concept']} | {cells('persona', '+.3f')} | {cells('degenerate', '.0%')} "
+            f"| {r['concept']} | {cells('persona', '+.3f')} | {loops} "
             f"| {cells('ended', '.0%')} | {quote(points[0]['sample'])} "
             f"| {quote(points[-1]['sample'])} |"
         )
     return [*lines, "", *_chat_notes(measured)]
+
+
+def _loops(point: dict) -> int:
+    """How many of a chat point's replies loop."""
+    return round(point["degenerate"] * point["replies"])
 
 
 def _chat_notes(rows: list[dict]) -> list[str]:
@@ -250,9 +258,9 @@ def _chat_notes(rows: list[dict]) -> list[str]:
         if scores != sorted(scores):
             falling.append(r["concept"] + " (" + " / ".join(f"{x:+.3f}" for x in scores) + ")")
         loops += [
-            f"{r['concept']} {p['strength']:+g} ({p['degenerate']:.0%})"
+            f"{r['concept']} {p['strength']:+g} ({_loops(p)} of {p['replies']})"
             for p in points
-            if p["degenerate"] > zero["degenerate"]
+            if _loops(p) > _loops(zero)
         ]
     rising = len(rows) - len(falling)
     text = f"The persona score rises with the strength in {rising} of {len(rows)} concepts"

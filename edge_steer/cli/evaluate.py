@@ -77,6 +77,9 @@ def eval_command(
             "(instruct models).",
         ),
     ] = False,
+    chat_replies: Annotated[
+        int, typer.Option("--chat-replies", help="With --chat: replies per question and strength.")
+    ] = 3,
     as_json: JsonOpt = False,
     *,
     opts,
@@ -96,6 +99,7 @@ def eval_command(
         save=save,
         retrain=retrain,
         chat=chat,
+        chat_replies=chat_replies,
         threads=opts.threads,
     )
     if plot:
@@ -186,8 +190,9 @@ def _chat_table(points: list[ChatPoint], width: int) -> Table:
     from rich.table import Table
 
     table = Table(
-        title="chat replies to everyday questions, read by the unsteered model "
-        "(persona: nats/token more likely after the positive than the negative instruction)"
+        title=f"{points[0].replies} chat replies to everyday questions at each strength, read "
+        "by the unsteered model (persona: nats/token more likely after the positive than the "
+        "negative instruction)"
     )
     figures = ("strength", "persona", "vs unsteered", "tokens", "ended", "degenerate")
     for column in figures:
