@@ -180,6 +180,19 @@ def test_chat_table_keeps_its_figures_in_a_narrow_terminal(width) -> None:
     assert ("It was absolutely" in text) == (width >= 90)
 
 
+def test_chat_loops_inside_the_recommended_range_are_flagged() -> None:
+    from edge_steer.chateval import ChatPoint
+    from edge_steer.cli.evaluate import chat_loop_warnings
+
+    loops = {-2.0: 6, -1.0: 0, 0.0: 1, 1.0: 5, 2.0: 9}  # of 24 replies
+    points = [ChatPoint(s, 0.0, 64, 0.0, n / 24, "", 24) for s, n in loops.items()]
+    warnings = chat_loop_warnings(points, [-1.0, 1.0])
+    assert warnings == [
+        "chat at +1: 5 of 24 replies loop (1 unsteered); for chat, stay nearer 0 than +1"
+    ]
+    assert chat_loop_warnings(points, None) == []
+
+
 def test_eval_chat_replies_out_of_range_fail_before_the_model_loads() -> None:
     result = run("eval", "happy", "-m", "no-such-model", "--chat", "--chat-replies", "0")
     assert result.returncode == 2 and "--chat-replies must be 1-8" in result.stderr, result.stderr

@@ -162,6 +162,8 @@ def _render(report: EvalReport) -> None:
     if report.chat:
         out.print(_chat_table(report.chat, out.width))
     _verdict(report)
+    for line in chat_loop_warnings(report.chat or [], report.recommended):
+        out.print(f"[yellow]{line}[/]")
 
 
 def _baseline_table(report: EvalReport) -> Table:
@@ -206,6 +208,25 @@ def _chat_table(points: list[ChatPoint], width: int) -> Table:
         row += [f"{p.tokens:.0f}", f"{p.ended:.0%}", f"{p.degenerate:.0%}"]
         table.add_row(*row, *([p.sample.replace("\n", " ")] if room >= 20 else []))
     return table
+
+
+def chat_loop_warnings(points: list[ChatPoint], recommended: list[float] | None) -> list[str]:
+    """Recommended strengths at which more chat replies loop than unsteered: the range
+    comes from probes and perplexity, which do not see a reply running into a loop."""
+    if not points or not recommended:
+        return []
+    low, high = recommended
+    unsteered = next(p for p in points if p.strength == 0)
+    return [
+        f"chat at {p.strength:+g}: {_looping(p)} of {p.replies} replies loop "
+        f"({_looping(unsteered)} unsteered); for chat, stay nearer 0 than {p.strength:+g}"
+        for p in points
+        if p.strength and low <= p.strength <= high and _looping(p) > _looping(unsteered)
+    ]
+
+
+def _looping(point: ChatPoint) -> int:
+    return round(point.degenerate * point.replies)
 
 
 def _verdict(report: EvalReport) -> None:
