@@ -23,8 +23,8 @@ from .engine import Context, Model, Sampler, continuations, scoring
 from .errors import BadInput
 
 REPLY_TOKENS = 64  # per reply: enough for a tone to show, cheap enough for every strength
-# replies per question: a loop at +/-1 is a rare event (a few in a hundred on SmolLM2 135M),
-# and one in 8 replies read as 12% where 32 replies gave 0-3% (docs/results.md)
+# replies per question: a loop at +/-1 is a rare event (SmolLM2's trippy +1: 2-7 in 96,
+# docs/training.md), and with one reply per question each chance loop moved the share by 12%
 REPLIES = 3
 MAX_REPLIES = 8  # 64 replies side by side in one context, as many sequences as training uses
 
@@ -38,6 +38,11 @@ class ChatPoint:
     degenerate: float  # share of replies that loop
     sample: str  # the first reply
     replies: int  # how many replies the shares are of
+
+    @property
+    def looping(self) -> int:
+        """How many of the replies loop."""
+        return round(self.degenerate * self.replies)
 
 
 def chat_sweep(

@@ -218,15 +218,11 @@ def chat_loop_warnings(points: list[ChatPoint], recommended: list[float] | None)
     low, high = recommended
     unsteered = next(p for p in points if p.strength == 0)
     return [
-        f"chat at {p.strength:+g}: {_looping(p)} of {p.replies} replies loop "
-        f"({_looping(unsteered)} unsteered); for chat, stay nearer 0 than {p.strength:+g}"
+        f"chat at {p.strength:+g}: {p.looping} of {p.replies} replies loop "
+        f"({unsteered.looping} unsteered); for chat, stay nearer 0 than {p.strength:+g}"
         for p in points
-        if p.strength and low <= p.strength <= high and _looping(p) > _looping(unsteered)
+        if p.strength and low <= p.strength <= high and p.looping > unsteered.looping
     ]
-
-
-def _looping(point: ChatPoint) -> int:
-    return round(point.degenerate * point.replies)
 
 
 def _verdict(report: EvalReport) -> None:
