@@ -37,13 +37,22 @@ def perplexity(
 ) -> float:
     """Perplexity of `text` (its first `limit` tokens) in independent windows, each starting
     fresh with BOS (and `prefix`, which is context only: its own tokens are not scored)."""
+    return fluency(ctx, text, window, prefix, limit)[0]
+
+
+def fluency(
+    ctx: Context, text: str, window: int = 256, prefix: str = "", limit: int | None = None
+) -> tuple[float, float]:
+    """`perplexity`, and the mean entropy (nats) of the next-token distributions over the
+    same tokens: a push that flattens them makes sampled text wander off (calibrate.py)."""
     model: Model = ctx.model
     tokens = model.tokenize(text, add_special=False)[:limit]
     bos = [model.bos] if model.bos >= 0 else []
     head = model.tokenize(prefix, parse_special=True) if prefix else bos
     start = max(1, len(head))
     windows = [(head + tokens[i : i + window], start) for i in range(0, len(tokens), window)]
-    return float(np.exp(-np.concatenate(scoring.score(ctx, windows)).mean()))
+    logps, entropies = zip(*scoring.score_and_entropy(ctx, windows), strict=True)
+    return float(np.exp(-np.concatenate(logps).mean())), float(np.concatenate(entropies).mean())
 
 
 def repetition(tokens: Sequence[int], n: int = REPEAT_NGRAM) -> float:

@@ -167,15 +167,16 @@ def calibrated(
     options: TrainOptions,
     progress: Callable[[int, int], None] | None = None,
 ) -> ControlVector:
-    """The vector scaled so that +/-1 costs `options.budget` in perplexity (calibrate.py);
-    the file holds the scaled directions, so llama.cpp's --control-vector-scaled F:1.0 means
-    what --vector F:1.0 means."""
+    """The vector scaled so that +/-1 costs `options.budget` in perplexity, or on a chat model
+    the entropy budget if that binds first (calibrate.py); the file holds the scaled
+    directions, so llama.cpp's --control-vector-scaled F:1.0 means what --vector F:1.0 means."""
     if options.budget is None:
         return vector
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     span = (vector.layers[0], vector.layers[-1])
+    budget = calibrate.budget_for(model, options.budget)
     found = calibrate.calibrate(
-        model, rows, span, budget=options.budget, threads=options.threads, progress=progress
+        model, rows, span, budget=budget, threads=options.threads, progress=progress
     )
     result = vector.scaled(found.scale)
     result.metadata.update(found.metadata())

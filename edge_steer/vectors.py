@@ -75,6 +75,7 @@ class Key:
     SCALE_BLOCKS = "scale_blocks"
     SEPARATIONS = "separations"
     CALIBRATION_BUDGET = "calibration_budget"
+    CALIBRATION_ENTROPY_BUDGET = "calibration_entropy_budget"
     CALIBRATION_SCALE = "calibration_scale"
     CALIBRATION_REFERENCE_PPL = "calibration_reference_ppl"
     CALIBRATION_POINTS = "calibration_points"

@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import assert_steers_probes_monotonically
 from test_cli import run
 
-from edge_steer import dataset, training
+from edge_steer import calibrate, dataset, metrics, training, vectors
+from edge_steer.engine import Context
 
 
 def test_demo_chat_is_an_instruct_model_that_ends_its_turn(chat_path) -> None:
@@ -29,6 +31,30 @@ def test_happy_trained_on_the_chat_model_moves_its_probes(chat_model) -> None:
     pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), chat_model, limit=64)
     vector = training.train(chat_model, pairs, training.TrainOptions(), name="happy")
     assert_steers_probes_monotonically(chat_model, vector, "happy")
+
+
+def test_on_a_chat_model_plus_and_minus_one_also_keep_within_the_entropy_budget(
+    chat_model,
+) -> None:
+    """SmolLM2's `honest` flattens the next-token distributions at -1 before it reaches the
+    perplexity budget (docs/training.md, step 7): calibrated, the worse sign adds the entropy
+    budget (within the search's tolerance), and perplexity stays under its own budget."""
+    pairs = dataset.contrast_pairs(dataset.load_builtin("honest"), chat_model)
+    vector = training.train(chat_model, pairs, training.TrainOptions(), name="honest")
+    assert float(vector.metadata["calibration_entropy_budget"]) == calibrate.ENTROPY_BUDGET
+    rows = vectors.combine([(vector, 1.0)], chat_model.n_layer, chat_model.n_embd)
+    span = (vector.layers[0], vector.layers[-1])
+    text, tokens = dataset.calibration_text(), calibrate.TOKENS
+    with Context(chat_model, n_ctx=tokens + 16, n_batch=tokens + 16) as ctx:
+        measured = {}
+        for sign in (0.0, 1.0, -1.0):
+            ctx.set_steering(rows * np.float32(sign) if sign else None, *span)
+            measured[sign] = metrics.fluency(ctx, text, window=tokens, limit=tokens)
+    (ppl, flat), signs = measured[0.0], (1.0, -1.0)
+    rises = [measured[s][1] - flat for s in signs]
+    ratios = [measured[s][0] / ppl for s in signs]
+    assert 0.85 * calibrate.ENTROPY_BUDGET <= max(rises) <= 1.1 * calibrate.ENTROPY_BUDGET
+    assert max(ratios) < calibrate.BUDGET, (ratios, rises)
 
 
 def run_long(*args: str) -> subprocess.CompletedProcess:

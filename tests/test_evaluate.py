@@ -160,6 +160,31 @@ def test_side_by_side_scoring_and_sampling_match_one_at_a_time(demo_model) -> No
     assert all(len(tokens) == 8 for tokens in batched) and all(c == copies[0] for c in copies)
 
 
+def test_scored_entropy_is_that_of_the_whole_next_token_distribution(demo_model) -> None:
+    """`score_and_entropy`'s entropies match -sum p log p of the full next-token distribution
+    at each scored position (the same logits: to float32 rounding; read in another batch
+    shape: at most positions, since llama.cpp's numbers shift with it), and its
+    log-probabilities are `score`'s."""
+    from edge_steer.engine import Context, scoring
+
+    tokens = demo_model.tokenize("The river ran on past the mill and under the bridge.")
+    with Context(demo_model, n_ctx=256, n_seq=1) as ctx:
+        ((logps, entropies),) = scoring.score_and_entropy(ctx, [(tokens, 3)])
+        plain = scoring.score(ctx, [(tokens, 3)])[0]
+        probs = scoring.next_token_probs(ctx, [tokens[:i] for i in range(3, len(tokens))])
+    p = probs.astype(np.float64)
+    expected = -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
+    assert np.array_equal(logps, plain) and len(entropies) == len(tokens) - 3
+    assert np.median(np.abs(entropies - expected)) < 2e-3, (entropies, expected)
+    assert entropies.std() > 0.1  # positions differ: not one number repeated
+    logits = np.log(np.maximum(probs, 1e-30))  # float32 rows like llama.cpp's
+    _, same_logits = scoring._log_probs(logits, np.zeros(len(logits), dtype=np.int64))
+    exact = logits.astype(np.float64)
+    exact = np.exp(exact - exact.max(axis=1, keepdims=True))
+    exact /= exact.sum(axis=1, keepdims=True)
+    assert np.allclose(same_logits, -(exact * np.log(exact)).sum(axis=1), atol=1e-5)
+
+
 def test_eval_scores_probes_alike_whatever_the_sample_count(demo_model) -> None:
     from edge_steer import dataset
 

@@ -143,6 +143,7 @@ def test_plus_and_minus_one_cost_the_calibrated_budget_on_gemma(demo_model, happ
     worse = max(ppl[1.0], ppl[-1.0]) / ppl[0.0]
     assert abs(np.log(worse) - np.log(calibrate.BUDGET)) <= 0.04, (ppl, happy.metadata)
     assert float(happy.metadata["calibration_budget"]) == calibrate.BUDGET
+    assert "calibration_entropy_budget" not in happy.metadata  # a base model: perplexity only
     points = str(happy.metadata["calibration_points"]).split(",")
     assert 1 <= len(points) <= calibrate.STEPS
 

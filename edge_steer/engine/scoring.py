@@ -17,11 +17,20 @@ if TYPE_CHECKING:
 SCORED_TOGETHER = 8  # texts `score` decodes side by side, in any context
 
 Scored = tuple[Sequence[int], int]  # (tokens, first position scored)
+Measured = tuple[np.ndarray, np.ndarray]  # (log-probabilities, entropies) per scored token
 
 
 def score(ctx: Context, texts: Sequence[Scored]) -> list[np.ndarray]:
     """For each (tokens, start): log P(tokens[i] | tokens[:i]) for every i >= start
-    (1 <= start < len(tokens)), each from an empty cache.
+    (1 <= start < len(tokens)), each from an empty cache; see `score_and_entropy`."""
+    return [logps for logps, _ in score_and_entropy(ctx, texts)]
+
+
+def score_and_entropy(ctx: Context, texts: Sequence[Scored]) -> list[Measured]:
+    """For each (tokens, start): log P(tokens[i] | tokens[:i]) for every i >= start
+    (1 <= start < len(tokens)), each from an empty cache, and the entropy (nats) of the
+    next-token distribution at each of those positions: how unsure the model is there,
+    whatever the text goes on to say.
 
     Texts share batches as separate sequences (up to SCORED_TOGETHER, whatever the context's
     n_seq: llama.cpp's numbers shift with batch shape, by up to 0.07 nats a token, and a
@@ -31,17 +40,17 @@ def score(ctx: Context, texts: Sequence[Scored]) -> list[np.ndarray]:
     for tokens, start in texts:
         if not 1 <= start < len(tokens) <= ctx.n_batch:
             raise BadInput(f"cannot score {len(tokens)} tokens from position {start}")
-    scores: list[np.ndarray] = [np.empty(0)] * len(texts)
+    scores: list[Measured] = [(np.empty(0), np.empty(0))] * len(texts)
     inputs = [tokens[:-1] for tokens, _ in texts]
     with ctx.scratch():
         for group in packing.packed_groups(ctx, inputs, SCORED_TOGETHER):
-            logps = _score_group(ctx, [texts[i] for i in group])
-            for index, values in zip(group, logps, strict=True):
+            measured = _score_group(ctx, [texts[i] for i in group])
+            for index, values in zip(group, measured, strict=True):
                 scores[index] = values
     return scores
 
 
-def _score_group(ctx: Context, texts: Sequence[Scored]) -> list[np.ndarray]:
+def _score_group(ctx: Context, texts: Sequence[Scored]) -> list[Measured]:
     ctx.forget(0)
     ctx.batch.clear()
     targets: list[int] = []
@@ -52,26 +61,33 @@ def _score_group(ctx: Context, texts: Sequence[Scored]) -> list[np.ndarray]:
         targets.extend(tokens[start:])
         counts.append(len(tokens) - start)
     ctx.decode()
-    logps = _log_probs(ctx.output_logits(len(targets)), np.asarray(targets))
-    return np.split(logps, np.cumsum(counts)[:-1])
+    logps, entropies = _log_probs(ctx.output_logits(len(targets)), np.asarray(targets))
+    cuts = np.cumsum(counts)[:-1]
+    return list(zip(np.split(logps, cuts), np.split(entropies, cuts), strict=True))
 
 
-def _log_probs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log-softmax of each logits row at its target, in blocks of rows so that a 262k
-    vocabulary never needs more than ~16 MiB of scratch. float32 throughout: numpy's pairwise
-    sum keeps the normaliser's relative error near 1e-7."""
+def _log_probs(logits: np.ndarray, targets: np.ndarray) -> Measured:
+    """log-softmax of each logits row at its target, and the row's entropy, in blocks of rows
+    so that a 262k vocabulary never needs more than ~32 MiB of scratch. float32 throughout:
+    numpy's pairwise sum keeps the normaliser's relative error near 1e-7."""
     n_vocab = logits.shape[1]
     out = np.empty(len(targets), dtype=np.float64)
+    entropies = np.empty(len(targets), dtype=np.float64)
     step = max(1, (16 << 20) // (4 * n_vocab))
-    scratch = np.empty((min(step, len(targets)), n_vocab), dtype=np.float32)
+    shape = (min(step, len(targets)), n_vocab)
+    centred, weights = np.empty(shape, dtype=np.float32), np.empty(shape, dtype=np.float32)
     for lo in range(0, len(targets), step):
         rows = logits[lo : lo + step]
-        shifted = scratch[: len(rows)]
+        z, e = centred[: len(rows)], weights[: len(rows)]
         top = rows.max(axis=1)
-        np.exp(np.subtract(rows, top[:, None], out=shifted), out=shifted)
+        np.exp(np.subtract(rows, top[:, None], out=z), out=e)
+        total = e.sum(axis=1)
         picked = rows[np.arange(len(rows)), targets[lo : lo + step]]
-        out[lo : lo + step] = picked - top - np.log(shifted.sum(axis=1))
-    return out
+        out[lo : lo + step] = picked - top - np.log(total)
+        # H = log(total) - sum(e * z) / total, with z = logits - top and e = exp(z)
+        weighted = np.multiply(e, z, out=z).sum(axis=1)
+        entropies[lo : lo + step] = np.log(total) - weighted / total
+    return out, entropies
 
 
 def next_token_probs(ctx: Context, sequences: Sequence[Sequence[int]]) -> np.ndarray:
