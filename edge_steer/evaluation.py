@@ -270,6 +270,7 @@ def _report(
         vector=str(path),
         calibration={
             "budget": vector.metadata.get(Key.CALIBRATION_BUDGET),
+            "entropy_budget": vector.metadata.get(Key.CALIBRATION_ENTROPY_BUDGET),
             "scale": vector.metadata.get(Key.CALIBRATION_SCALE),
         },
         concept=concept,

@@ -193,6 +193,17 @@ def test_chat_loops_inside_the_recommended_range_are_flagged() -> None:
     assert chat_loop_warnings(points, None) == []
 
 
+def test_the_calibration_line_names_the_entropy_budget_of_chat_models() -> None:
+    from edge_steer.cli.evaluate import calibration_line
+
+    base = {"budget": 1.15, "entropy_budget": None, "scale": 6.2}
+    chat = {**base, "entropy_budget": 0.25}
+    assert calibration_line(base).startswith("calibrated: ±1 = x1.15 perplexity on held-in")
+    assert "x1.15 perplexity or +0.25 nats of entropy, whichever came first" in (
+        calibration_line(chat)
+    )
+
+
 def test_eval_chat_replies_out_of_range_fail_before_the_model_loads() -> None:
     result = run("eval", "happy", "-m", "no-such-model", "--chat", "--chat-replies", "0")
     assert result.returncode == 2 and "--chat-replies must be 1-8" in result.stderr, result.stderr

@@ -150,12 +150,8 @@ def _render(report: EvalReport) -> None:
             style="green" if p.in_range else ("red" if over else ""),
         )
     out.print(table)
-    budget, scale = report.calibration["budget"], report.calibration["scale"]
-    if scale is not None:
-        out.print(
-            f"[dim]calibrated: ±1 = x{budget} perplexity on held-in text "
-            f"(scale {scale:g}); effect/cost = nats per nat of perplexity[/]"
-        )
+    if report.calibration["scale"] is not None:
+        out.print(f"[dim]{calibration_line(report.calibration)}[/]")
     out.print(chart(report.sweep, report.max_ppl_ratio))
     if report.baseline:
         out.print(_baseline_table(report))
@@ -164,6 +160,17 @@ def _render(report: EvalReport) -> None:
     _verdict(report)
     for line in chat_loop_warnings(report.chat or [], report.recommended):
         out.print(f"[yellow]{line}[/]")
+
+
+def calibration_line(calibration: dict) -> str:
+    """What +/-1 was calibrated to: a perplexity budget, and on chat models an entropy one."""
+    limit = f"x{calibration['budget']} perplexity"
+    if calibration.get("entropy_budget") is not None:
+        limit += f" or +{calibration['entropy_budget']} nats of entropy, whichever came first,"
+    return (
+        f"calibrated: ±1 = {limit} on held-in text (scale {calibration['scale']:g}); "
+        "effect/cost = nats per nat of perplexity"
+    )
 
 
 def _baseline_table(report: EvalReport) -> Table:
