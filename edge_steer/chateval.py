@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from math import comb
 
 import numpy as np
 
@@ -27,6 +28,7 @@ REPLY_TOKENS = 64  # per reply: enough for a tone to show, cheap enough for ever
 # docs/training.md), and with one reply per question each chance loop moved the share by 12%
 REPLIES = 3
 MAX_REPLIES = 8  # 64 replies side by side in one context, as many sequences as training uses
+LOOPS_SIGNIFICANT = 0.05  # `excess_loops_p` under this: more loops than chance explains
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,16 @@ class ChatPoint:
     def looping(self) -> int:
         """How many of the replies loop."""
         return round(self.degenerate * self.replies)
+
+
+def excess_loops_p(steered: ChatPoint, unsteered: ChatPoint) -> float:
+    """How likely chance alone makes at least `steered.looping` of the loops land among the
+    steered replies, were steering harmless (Fisher's exact test, one-sided): a loop is rare
+    (SmolLM2 unsteered: 1 of 192), so 1 of 24 against 0 of 24 says nothing (p = 0.5)."""
+    k, n, loops = steered.looping, steered.replies, steered.looping + unsteered.looping
+    total = n + unsteered.replies
+    tail = sum(comb(loops, x) * comb(total - loops, n - x) for x in range(k, min(loops, n) + 1))
+    return tail / comb(total, n)
 
 
 def chat_sweep(

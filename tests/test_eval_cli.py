@@ -184,13 +184,27 @@ def test_chat_loops_inside_the_recommended_range_are_flagged() -> None:
     from edge_steer.chateval import ChatPoint
     from edge_steer.cli.evaluate import chat_loop_warnings
 
-    loops = {-2.0: 6, -1.0: 0, 0.0: 1, 1.0: 5, 2.0: 9}  # of 24 replies
+    loops = {-2.0: 6, -1.0: 1, 0.0: 0, 1.0: 5, 2.0: 9}  # of 24 replies
     points = [ChatPoint(s, 0.0, 64, 0.0, n / 24, "", 24) for s, n in loops.items()]
     warnings = chat_loop_warnings(points, [-1.0, 1.0])
-    assert warnings == [
-        "chat at +1: 5 of 24 replies loop (1 unsteered); for chat, stay nearer 0 than +1"
+    assert warnings == [  # not -1: one loop against none is what chance does half the time
+        "chat at +1: 5 of 24 replies loop (0 unsteered; chance alone: p = 0.025); "
+        "for chat, stay nearer 0 than +1"
     ]
     assert chat_loop_warnings(points, None) == []
+
+
+def test_excess_loops_are_weighed_against_chance() -> None:
+    """Fisher's exact test, one-sided: its values for 24 replies against 24 unsteered."""
+    from edge_steer.chateval import ChatPoint, excess_loops_p
+
+    def point(loops: int, replies: int = 24) -> ChatPoint:
+        return ChatPoint(1.0, 0.0, 64, 0.0, loops / replies, "", replies)
+
+    assert excess_loops_p(point(1), point(0)) == 0.5  # which of two halves the one loop hit
+    assert excess_loops_p(point(0), point(3)) == 1.0
+    assert excess_loops_p(point(5), point(0)) == pytest.approx(0.02483, abs=1e-5)
+    assert excess_loops_p(point(5), point(1)) > 0.05 > excess_loops_p(point(7, 64), point(0, 64))
 
 
 def test_the_calibration_line_names_the_entropy_budget_of_chat_models() -> None:

@@ -257,20 +257,20 @@ def _chat_notes(rows: list[dict]) -> list[str]:
         scores = [p["persona"] for p in points]
         if scores != sorted(scores):
             falling.append(r["concept"] + " (" + " / ".join(f"{x:+.3f}" for x in scores) + ")")
-        loops += [
-            f"{r['concept']} {p['strength']:+g} ({_loops(p)} of {p['replies']})"
-            for p in points
-            if _loops(p) > _loops(zero)
-        ]
+        for p in points:
+            chance = chateval.excess_loops_p(chateval.ChatPoint(**p), chateval.ChatPoint(**zero))
+            if _loops(p) > _loops(zero):
+                note = f"{r['concept']} {p['strength']:+g} ({_loops(p)} of {p['replies']}"
+                loops.append((f"{note}, chance alone p = {chance:.2g})", chance))
     rising = len(rows) - len(falling)
     text = f"The persona score rises with the strength in {rising} of {len(rows)} concepts"
     text += f"; not in {', '.join(falling)}." if falling else "."
-    text += (
-        f" More looping replies than unsteered: {', '.join(loops)}."
-        if loops
-        else " No strength makes more replies loop than unsteered."
-    )
-    return [text]
+    if not loops:
+        return [text + " No strength makes more replies loop than unsteered."]
+    beyond = [note for note, chance in loops if chance < chateval.LOOPS_SIGNIFICANT]
+    text += f" More looping replies than unsteered: {', '.join(note for note, _ in loops)}"
+    text += f"; more than chance explains (p < {chateval.LOOPS_SIGNIFICANT:g}): "
+    return [text + (", ".join(beyond) if beyond else "none") + "."]
 
 
 def _eval_notes(rows: list[dict]) -> list[str]:

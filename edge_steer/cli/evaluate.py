@@ -218,17 +218,23 @@ def _chat_table(points: list[ChatPoint], width: int) -> Table:
 
 
 def chat_loop_warnings(points: list[ChatPoint], recommended: list[float] | None) -> list[str]:
-    """Recommended strengths at which more chat replies loop than unsteered: the range
-    comes from probes and perplexity, which do not see a reply running into a loop."""
+    """Recommended strengths at which more chat replies loop than unsteered, by more than
+    chance explains: the range comes from probes and perplexity, which do not see a reply
+    running into a loop."""
+    from ..chateval import LOOPS_SIGNIFICANT, excess_loops_p
+
     if not points or not recommended:
         return []
     low, high = recommended
     unsteered = next(p for p in points if p.strength == 0)
     return [
         f"chat at {p.strength:+g}: {p.looping} of {p.replies} replies loop "
-        f"({unsteered.looping} unsteered); for chat, stay nearer 0 than {p.strength:+g}"
+        f"({unsteered.looping} unsteered; chance alone: p = {excess_loops_p(p, unsteered):.2g}); "
+        f"for chat, stay nearer 0 than {p.strength:+g}"
         for p in points
-        if p.strength and low <= p.strength <= high and p.looping > unsteered.looping
+        if p.strength
+        and low <= p.strength <= high
+        and excess_loops_p(p, unsteered) < LOOPS_SIGNIFICANT
     ]
 
 
