@@ -30,7 +30,7 @@ from .vectors import Key
 BUDGET = 1.15  # perplexity ratio that strength +/-1 costs (the worse sign); docs/training.md
 # nats of mean next-token entropy that +/-1 may add on a chat model: on SmolLM2-135M-Instruct
 # the concept-signs that added 0.33 or more looped in 4-11% of chat replies, those under 0.18
-# at most as often as unsteered replies (docs/training.md, step 7)
+# no more often than chance allows against unsteered replies (docs/training.md, step 7)
 ENTROPY_BUDGET = 0.25
 TOLERANCE = 0.02  # accept a scale whose perplexity ratio is within 2% of the budget
 TOKENS = 128  # calibration tokens: enough for a stable ratio, cheap on 262k-token vocabularies
