@@ -95,6 +95,23 @@ def assert_steers_probes_monotonically(model, vector, concept: str) -> None:
     assert ppl[1] / ppl[0] <= 1.25 and ppl[-1] / ppl[0] <= 1.25, ppl
 
 
+def calibration_fluency(model, vector) -> dict[float, tuple[float, float]]:
+    """(perplexity, mean next-token entropy) of the calibration text unsteered (0) and at +1
+    and -1, from the file's own directions, measured the way calibration measures them."""
+    from edge_steer import calibrate, dataset, metrics, vectors
+    from edge_steer.engine import Context
+
+    rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
+    span = (vector.layers[0], vector.layers[-1])
+    text, tokens = dataset.calibration_text(), calibrate.TOKENS
+    measured = {}
+    with Context(model, n_ctx=tokens + 16, n_batch=tokens + 16) as ctx:
+        for sign in (0.0, 1.0, -1.0):
+            ctx.set_steering(rows * np.float32(sign) if sign else None, *span)
+            measured[sign] = metrics.fluency(ctx, text, window=tokens, limit=tokens)
+    return measured
+
+
 def random_rows(model, layers: dict[int, float], seed: int = 0) -> np.ndarray:
     """An (n_layer, n_embd) steering array with random directions of the given norms."""
     rng = np.random.default_rng(seed)

@@ -8,13 +8,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from conftest import assert_steers_probes_monotonically
+from conftest import assert_steers_probes_monotonically, calibration_fluency
 from test_cli import run
 
-from edge_steer import calibrate, dataset, metrics, training, vectors
-from edge_steer.engine import Context
+from edge_steer import calibrate, dataset, training
 
 
 def test_demo_chat_is_an_instruct_model_that_ends_its_turn(chat_path) -> None:
@@ -42,14 +40,7 @@ def test_on_a_chat_model_plus_and_minus_one_also_keep_within_the_entropy_budget(
     pairs = dataset.contrast_pairs(dataset.load_builtin("honest"), chat_model)
     vector = training.train(chat_model, pairs, training.TrainOptions(), name="honest")
     assert float(vector.metadata["calibration_entropy_budget"]) == calibrate.ENTROPY_BUDGET
-    rows = vectors.combine([(vector, 1.0)], chat_model.n_layer, chat_model.n_embd)
-    span = (vector.layers[0], vector.layers[-1])
-    text, tokens = dataset.calibration_text(), calibrate.TOKENS
-    with Context(chat_model, n_ctx=tokens + 16, n_batch=tokens + 16) as ctx:
-        measured = {}
-        for sign in (0.0, 1.0, -1.0):
-            ctx.set_steering(rows * np.float32(sign) if sign else None, *span)
-            measured[sign] = metrics.fluency(ctx, text, window=tokens, limit=tokens)
+    measured = calibration_fluency(chat_model, vector)
     (ppl, flat), signs = measured[0.0], (1.0, -1.0)
     rises = [measured[s][1] - flat for s in signs]
     ratios = [measured[s][0] / ppl for s in signs]

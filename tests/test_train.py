@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_steers_probes_monotonically
+from conftest import assert_steers_probes_monotonically, calibration_fluency
 
-from edge_steer import calibrate, dataset, library, metrics, training, vectors
-from edge_steer.engine import Context, Model
+from edge_steer import calibrate, dataset, library, training, vectors
+from edge_steer.engine import Model
 
 TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
 
@@ -132,14 +132,7 @@ def test_plus_and_minus_one_cost_the_calibrated_budget_on_gemma(demo_model, happ
     BUDGET in calibration-text perplexity, within TOLERANCE (2%, the search's stopping rule;
     a search that runs out of steps may end a little further, so 4% is allowed here)."""
     assert happy.metadata["scale_rule"] == "calibrated"
-    rows = vectors.combine([(happy, 1.0)], demo_model.n_layer, demo_model.n_embd)
-    span = (happy.layers[0], happy.layers[-1])
-    text, tokens = dataset.calibration_text(), calibrate.TOKENS
-    with Context(demo_model, n_ctx=tokens + 16, n_batch=tokens + 16) as ctx:
-        ppl = {}
-        for sign in (0.0, 1.0, -1.0):
-            ctx.set_steering(rows * np.float32(sign) if sign else None, *span)
-            ppl[sign] = metrics.perplexity(ctx, text, window=tokens, limit=tokens)
+    ppl = {sign: found[0] for sign, found in calibration_fluency(demo_model, happy).items()}
     worse = max(ppl[1.0], ppl[-1.0]) / ppl[0.0]
     assert abs(np.log(worse) - np.log(calibrate.BUDGET)) <= 0.04, (ppl, happy.metadata)
     assert float(happy.metadata["calibration_budget"]) == calibrate.BUDGET
