@@ -258,8 +258,10 @@ def _chat_notes(rows: list[dict]) -> list[str]:
         if scores != sorted(scores):
             falling.append(r["concept"] + " (" + " / ".join(f"{x:+.3f}" for x in scores) + ")")
         for p in points:
-            chance = chateval.excess_loops_p(chateval.ChatPoint(**p), chateval.ChatPoint(**zero))
             if _loops(p) > _loops(zero):
+                chance = chateval.excess_loops_p(
+                    chateval.ChatPoint(**p), chateval.ChatPoint(**zero)
+                )
                 note = f"{r['concept']} {p['strength']:+g} ({_loops(p)} of {p['replies']}"
                 loops.append((f"{note}, chance alone p = {chance:.2g})", chance))
     rising = len(rows) - len(falling)

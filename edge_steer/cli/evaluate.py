@@ -227,14 +227,13 @@ def chat_loop_warnings(points: list[ChatPoint], recommended: list[float] | None)
         return []
     low, high = recommended
     unsteered = next(p for p in points if p.strength == 0)
+    inside = [p for p in points if p.strength and low <= p.strength <= high]
     return [
         f"chat at {p.strength:+g}: {p.looping} of {p.replies} replies loop "
-        f"({unsteered.looping} unsteered; chance alone: p = {excess_loops_p(p, unsteered):.2g}); "
+        f"({unsteered.looping} unsteered; chance alone: p = {chance:.2g}); "
         f"for chat, stay nearer 0 than {p.strength:+g}"
-        for p in points
-        if p.strength
-        and low <= p.strength <= high
-        and excess_loops_p(p, unsteered) < LOOPS_SIGNIFICANT
+        for p, chance in ((p, excess_loops_p(p, unsteered)) for p in inside)
+        if chance < LOOPS_SIGNIFICANT
     ]
 
 
