@@ -12,23 +12,101 @@ import os
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
 
 GGML_TYPE_F32 = 0
-MAX_DIMS = 4
+GGML_OP_NONE, GGML_OP_ADD = 0, 2  # enum ggml_op
+MAX_DIMS, MAX_OP_PARAMS, MAX_SRC, MAX_NAME = 4, 64, 10, 64  # GGML_MAX_* of ggml.h
 
 
-class TensorHead(ctypes.Structure):
-    """The stable first fields of `struct ggml_tensor` (ggml.h): type, buffer, ne[4], nb[4]."""
+class Tensor(ctypes.Structure):
+    """`struct ggml_tensor` (ggml.h) up to its name: the shape the eval callbacks read, and
+    the operands per-row steering repoints. `check_layout` proves it on a live tensor."""
 
     _fields_ = [
         ("type", ctypes.c_int),
         ("buffer", ctypes.c_void_p),
         ("ne", ctypes.c_int64 * MAX_DIMS),
         ("nb", ctypes.c_size_t * MAX_DIMS),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * (MAX_OP_PARAMS // 4)),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * MAX_SRC),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * MAX_NAME),
     ]
+
+
+def check_layout(tensor: int) -> None:
+    """Raise unless `Tensor` lays out this ggml's tensors: ggml's own accessors for the name
+    and the data must find them where `Tensor` says they are."""
+    name_at = _symbol("ggml_get_name", (ctypes.c_void_p,), ctypes.c_void_p)(tensor)
+    data_at = _symbol("ggml_get_data", (ctypes.c_void_p,), ctypes.c_void_p)(tensor)
+    mine = Tensor.from_address(tensor)
+    if name_at != tensor + Tensor.name.offset or data_at != mine.data:
+        raise RuntimeError("this ggml's struct ggml_tensor is not the one edge-steer knows")
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [
+        ("mem_size", ctypes.c_size_t),
+        ("mem_buffer", ctypes.c_void_p),
+        ("no_alloc", ctypes.c_bool),
+    ]
+
+
+class DeviceRows:
+    """An F32 tensor of up to `capacity` rows of `width` floats in a buffer of type `buft`
+    (a block's device: CPU, CUDA, Metal...), owned here; `write` sets its rows. Call `close`
+    once no graph can read it."""
+
+    def __init__(self, buft: int, width: int, capacity: int):
+        size = _symbol("ggml_tensor_overhead", (), ctypes.c_size_t)()
+        init = _symbol("ggml_init", (_InitParams,), ctypes.c_void_p)
+        self._ctx = init(_InitParams(size, None, True))
+        if not self._ctx:
+            raise RuntimeError("ggml_init failed")
+        new_2d = (ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+        self.tensor = _symbol("ggml_new_tensor_2d", new_2d, ctypes.c_void_p)(
+            self._ctx, GGML_TYPE_F32, width, capacity
+        )
+        alloc = _symbol(
+            "ggml_backend_alloc_ctx_tensors_from_buft",
+            (ctypes.c_void_p, ctypes.c_void_p),
+            ctypes.c_void_p,
+        )
+        self._buffer = alloc(self._ctx, buft)
+        if not self._buffer:
+            self.close()
+            raise RuntimeError(f"could not allocate {capacity} rows of {width} floats")
+        self.capacity = capacity
+
+    def write(self, rows: np.ndarray) -> None:
+        """Make the tensor `rows` (n, width; float32, contiguous) on its device."""
+        head = Tensor.from_address(self.tensor)
+        if len(rows) > self.capacity:
+            raise RuntimeError(f"{len(rows)} rows where {self.capacity} fit")
+        head.ne[1] = len(rows)
+        head.nb[2] = head.nb[3] = head.nb[1] * len(rows)
+        tensor_set(self.tensor, rows.ctypes.data_as(ctypes.c_void_p), rows.nbytes)
+
+    def close(self) -> None:
+        if getattr(self, "_buffer", None):
+            _symbol("ggml_backend_buffer_free", (ctypes.c_void_p,), None)(self._buffer)
+            self._buffer = None
+        if self._ctx:
+            _symbol("ggml_free", (ctypes.c_void_p,), None)(self._ctx)
+            self._ctx = None
+
+
+def buffer_type(buffer: int) -> int:
+    """The type of a backend buffer (which device and memory kind it is)."""
+    return _symbol("ggml_backend_buffer_get_type", (ctypes.c_void_p,), ctypes.c_void_p)(buffer)
 
 
 def _lib_dir() -> Path:
@@ -60,7 +138,7 @@ def _symbol(name: str, argtypes: tuple, restype: object) -> ctypes._CFunctionTyp
     for stem in ("ggml-base", "ggml", "ggml-cpu", "llama"):
         lib = _load(stem)
         if lib is not None and hasattr(lib, name):
-            func = getattr(lib, name)
+            func: Any = lib[name]  # a function object of its own: attribute access shares one
             func.argtypes = list(argtypes)
             func.restype = restype
             return func
@@ -98,7 +176,7 @@ def tensor_set(tensor: int, data: ctypes.c_void_p, nbytes: int) -> None:
 
 def tensor_rows(tensor: int, rows: list[int] | None = None) -> np.ndarray:
     """Copy an F32 2-D tensor (ne0 = width, ne1 = rows) from any backend into a numpy array."""
-    head = TensorHead.from_address(tensor)
+    head = Tensor.from_address(tensor)
     if head.type != GGML_TYPE_F32:
         raise RuntimeError(f"expected an F32 tensor, got ggml type {head.type}")
     width, n_rows, row_stride = head.ne[0], head.ne[1], head.nb[1]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from conftest import random_rows
 
-from edge_steer.engine import Context, Sampler, SamplerSettings
+from edge_steer import machine
+from edge_steer.engine import Context, Model, Sampler, SamplerSettings
 from edge_steer.engine.batching import Batcher
 from edge_steer.prefixes import common_length
 
@@ -137,6 +138,22 @@ def two_rows(model, plain: tuple, steered: tuple) -> list[np.ndarray]:
         return list(ctx.output_logits(2).copy())
 
 
+@pytest.mark.skipif(not machine.gpus(), reason="no GPU device in this llama.cpp build")
+def test_on_the_gpu_per_row_steering_adds_exactly_what_the_control_vector_adds(
+    tiny_dense_path,
+) -> None:
+    """With every block on the GPU, the rows live in GPU memory and the repointed adds run
+    there: still bit for bit the control vector's logits, and a plain row gets nothing."""
+    with Model(tiny_dense_path, gpu_layers=999) as model:
+        rows = steerings(model)[1]
+        native = two_rows(model, ("v", rows), ("v", rows))
+        per_row = two_rows(model, ("v", rows), ("w", rows))
+        mixed = two_rows(model, (None, None), ("w", rows))
+        unsteered = two_rows(model, (None, None), (None, None))
+    assert all(np.array_equal(a, b) for a, b in zip(native, per_row, strict=True))
+    assert np.array_equal(mixed[0], unsteered[0]) and np.array_equal(mixed[1], native[1])
+
+
 def test_per_row_steering_adds_exactly_what_the_control_vector_adds(demo_model) -> None:
     """Logits, bit for bit, in one decode of two rows: each row under its own steering
     through the eval callback equals the same row under llama.cpp's control vector."""
@@ -178,6 +195,47 @@ def test_a_gap_between_busy_lanes_is_padded_and_leaves_no_trace(plain_demo, move
                 tokens.append(slot.sampled)
                 slot.next_token = slot.sampled if len(tokens) < 10 else None
         assert ll.llama_memory_seq_pos_max(ll.llama_get_memory(ctx.ptr), idle.seq) == -1
-        # the graph stops only where the vector moves a block
-        assert ctx.row_steering.stops == [bool(np.any(block)) for block in rows]
+        # rows are written only where the vector moves a block
+        assert ctx.row_steering.moved == [bool(np.any(block)) for block in rows]
     assert got == expected
+
+
+def first_rows(model, steer) -> np.ndarray:
+    """Logits of one decode holding BOS for sequences 0 and 1, after `steer(ctx)`."""
+    with Context(model, n_ctx=1024, n_seq=2, row_steering=True) as ctx:
+        steer(ctx)
+        return decode_bos_pair(ctx)
+
+
+def decode_bos_pair(ctx) -> np.ndarray:
+    ll.llama_memory_clear(ll.llama_get_memory(ctx.ptr), True)
+    ctx.batch.clear()
+    for seq in (0, 1):
+        ctx.batch.add(ctx.model.bos, 0, seq, True)
+    ctx.decode()
+    return ctx.output_logits(2).copy()
+
+
+def test_a_reused_graph_follows_each_plan(plain_demo) -> None:
+    """llama.cpp reuses a graph whose shapes repeat, with the adds per-row steering
+    repointed: one decode under vectors that move many blocks, then one of the same shape
+    under a vector that moves a single block, gives that vector's own logits (the blocks
+    it leaves alone are pointed back at the zero control vector), and row 0 stays plain."""
+    model = plain_demo
+    last = model.n_layer - 1
+    many = steerings(model)[1]
+    one = random_rows(model, {3: 4 * NORM * model.n_embd**0.5}, 5)
+    zero = np.zeros_like(one)
+    plain = first_rows(model, lambda ctx: None)
+    native = first_rows(model, lambda ctx: ctx.steer_all_rows(one, 1, last))
+    with Context(model, n_ctx=1024, n_seq=2, row_steering=True) as ctx:
+        ctx.zero_control_vector(1, last)
+        per_row, both = ctx.row_steering, np.arange(2)
+        per_row.plan(np.stack([zero, many]), both, both, 1, last)
+        before = decode_bos_pair(ctx)
+        per_row.plan(np.stack([zero, one]), both, both, 1, last)
+        after = decode_bos_pair(ctx)
+        assert ll.llama_perf_context(ctx.ptr).n_reused >= 1  # the second graph was reused
+    assert not np.array_equal(before[1], after[1])
+    assert np.array_equal(after[0], plain[0])
+    assert np.array_equal(after[1], native[1])

@@ -8,8 +8,9 @@ decodes. Sequences join and leave between steps; each keeps its KV cells (`Slot.
 for the next prompt that starts the same way under the same steering.
 
 Steering: when every row of a step wants the same vectors, llama.cpp's own control vector
-does it (`Context.steer_all_rows`: no Python per token); when they differ, `rowsteer` adds
-each row's own vectors, bit for bit what the control vector would add.
+does it (`Context.steer_all_rows`: no Python per token); when they differ, `rowsteer` points
+the control vector's adds at each row's own vectors, bit for bit what the control vector
+would add.
 
 Exactness: llama.cpp's CPU kernels are not all batch-invariant. Its repacked weight layouts
 (AVX2/AVX-512/NEON, the default) multiply rows in blocks of four, and a row rounds differently
@@ -36,6 +37,8 @@ from .. import prefixes
 from ..errors import BadInput
 from .context import Context
 from .sampling import Sampler
+
+_PER_ROW = object()  # the context's control vector is rowsteer's zeros, not a steering's
 
 
 @dataclass(eq=False)
@@ -70,7 +73,7 @@ class Batcher:
         self.prompt_chunk = prompt_chunk
         self.slots = [Slot(seq) for seq in range(ctx.n_seq)]
         self._admitted: deque[Slot] = deque()  # slots with prompt tokens left, in order
-        self._native: Hashable = None  # the steering llama.cpp's control vector holds
+        self._native: Hashable = None  # the steering llama.cpp's control vector holds (a key)
         self._last_stacked: tuple[list, np.ndarray | None] = ([], None)  # see _stacked
 
     def reusable(self, slot: Slot, prompt: Sequence[int], key: Hashable) -> int:
@@ -188,7 +191,7 @@ class Batcher:
 
     def _steer(self, rows: list[Slot]) -> None:
         """llama.cpp's control vector when every row wants the same steering; otherwise
-        none, and each row's own vectors through `rowsteer`."""
+        one of zeros, whose adds `rowsteer` points at each row's own vectors."""
         per_row = self.ctx.row_steering
         keys = {slot.key for slot in rows}
         if len(keys) == 1:
@@ -200,9 +203,9 @@ class Batcher:
                 self._native = key
             return
         assert per_row is not None  # one sequence (no row steering) never mixes steerings
-        if self._native is not None:
-            self.ctx.steer_all_rows(None)
-            self._native = None
+        if self._native is not _PER_ROW:
+            self.ctx.zero_control_vector(self.first, self.last)
+            self._native = _PER_ROW
         distinct = {slot.key: slot.rows for slot in rows}  # each steering once, in row order
         index = {key: i for i, key in enumerate(distinct)}
         row_vector = np.array([index[slot.key] for slot in rows], dtype=np.intp)

@@ -124,7 +124,7 @@ class Context:
         if capture and row_steering:
             raise BadInput("a context either records hidden states or steers rows, not both")
         self.recorder = StateRecorder(model.n_layer, model.n_embd) if capture else None
-        self.row_steering = RowSteering(model.n_layer) if row_steering else None
+        self.row_steering = RowSteering(model.n_layer, n_seq) if row_steering else None
         if self.recorder is not None:
             params.cb_eval = self.recorder.callback  # referenced by self.recorder
         if self.row_steering is not None:
@@ -139,7 +139,7 @@ class Context:
         self.separate_kv = separate_kv
         self.batch = Batch(self.n_batch)
         self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
-        self._steering: np.ndarray | None = None
+        self._steering: tuple[np.ndarray, int, int] | None = None  # (buffer, first, last)
         self._last_stats = GenerationStats()
 
     def _agree_on_sizes(self, n_ctx: int, n_batch: int) -> None:
@@ -173,6 +173,14 @@ class Context:
         cached sequence was computed under (`batching.Batcher`)."""
         self._steer(rows, first, last, keep_cache=True)
 
+    def zero_control_vector(self, first: int = 1, last: int = -1) -> None:
+        """A control vector of zeros over blocks first..last, keeping the KV cache: it adds
+        nothing, but ends each of those blocks in an add that per-row steering
+        (`rowsteer`) points at each row's own vectors."""
+        m = self.model
+        last = m.n_layer - 1 if last < 0 else last
+        self._apply_steering(np.zeros((m.n_layer, m.n_embd), dtype=np.float32), first, last)
+
     def _steer(self, rows: np.ndarray | None, first: int, last: int, *, keep_cache: bool) -> None:
         m = self.model
         last = m.n_layer - 1 if last < 0 else last
@@ -180,16 +188,22 @@ class Context:
         if rows is not None and np.any(rows[first : last + 1]):
             buf = np.zeros((m.n_layer, m.n_embd), dtype=np.float32)
             buf[first - 1 : last] = rows[first : last + 1]  # what llama.cpp adds, and no more
-        if _same_steering(buf, self._steering):
-            return  # same vectors: the cached tokens stay valid, and no graph rebuild
-        if not keep_cache:
+        if not keep_cache and not _same_steering(buf, first, last, self._steering):
             self.forget(0)  # tokens in the KV cache were computed under the old steering
-        self._steering = buf  # keep the memory alive while llama.cpp might read it
-        pointer = None if buf is None else buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        self._apply_steering(buf, first, last)
+
+    def _apply_steering(self, buf: np.ndarray | None, first: int, last: int) -> None:
+        """Hand llama.cpp `buf` (None: off) over blocks first..last, unless it already holds
+        it: a new control vector makes its next decode rebuild the graphs."""
+        m = self.model
+        if _same_steering(buf, first, last, self._steering):
+            return
+        self._steering = None if buf is None else (buf, first, last)  # alive while in use
         with m.lock:
             if buf is None:
                 ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
                 return
+            pointer = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             if ll.llama_set_adapter_cvec(self.ptr, pointer, buf.size, m.n_embd, first, last):
                 raise EngineError(f"llama.cpp refused the control vector: {log.last_error()}")
 
@@ -305,6 +319,8 @@ class Context:
             with self.model.lock:
                 ll.llama_free(self.ptr)
             self.ptr = None
+        if self.row_steering is not None:
+            self.row_steering.close()
 
     def __enter__(self) -> Context:
         return self
@@ -313,10 +329,13 @@ class Context:
         self.close()
 
 
-def _same_steering(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return bool(np.array_equal(a, b))
+def _same_steering(
+    buf: np.ndarray | None, first: int, last: int, held: tuple[np.ndarray, int, int] | None
+) -> bool:
+    """Whether llama.cpp already holds control vector `buf` over blocks first..last."""
+    if buf is None or held is None:
+        return buf is None and held is None
+    return held[1:] == (first, last) and bool(np.array_equal(buf, held[0]))
 
 
 def check_decode(status: int) -> None:

@@ -88,7 +88,7 @@ class StateRecorder:
         self.seen.add(layer)
         if not self.rows:
             return  # a decode that only fills the KV cache (shared prefixes)
-        n_rows = ggml.TensorHead.from_address(tensor).ne[1]
+        n_rows = ggml.Tensor.from_address(tensor).ne[1]
         # the last block only computes output rows, which are exactly the wanted ones
         pick = list(range(n_rows)) if n_rows == len(self.rows) else self.rows
         self.out[:, layer, :] = ggml.tensor_rows(tensor, pick)
