@@ -14,13 +14,14 @@ copy of hidden states and no Python per row.
 Cost: ggml asks about every graph node (some 700 a decode on Gemma 3 270M). While no plan is
 set the answer is an immediate False; with a plan, each ask reads the node's name, and each
 block some vector moves gets its rows written to its device (one small copy, skipped while
-the rows are the ones it holds: most steps of a steady batch). A graph that
-llama.cpp reuses keeps the repointed operands; blocks that a later plan leaves alone are
-pointed back at the control vector.
+the rows are the ones it holds: most steps of a steady batch). A graph that llama.cpp
+reuses keeps the repointed operands; blocks that a later plan leaves alone are pointed back
+at the control vector.
 
-A plan's rows must fit one micro-batch at a time (`capacity`: the batcher's steps hold one
-row per sequence); on a GPU, llama.cpp could still be computing one micro-batch while the
-next is asked about, and both would read the same tensor.
+A plan holds at most `capacity` rows (the context's sequences: the batcher's mixed steps
+hold one row per sequence), so it is one micro-batch. Were llama.cpp to split it, a GPU
+could still be computing one micro-batch while the rows of the next are written over the
+same tensor.
 """
 
 from __future__ import annotations
