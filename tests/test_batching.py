@@ -9,7 +9,7 @@ import pytest
 from conftest import random_rows
 
 from edge_steer import machine
-from edge_steer.engine import Context, Model, Sampler, SamplerSettings
+from edge_steer.engine import Context, Model, Sampler, SamplerSettings, batching
 from edge_steer.engine.batching import Batcher
 from edge_steer.prefixes import common_length
 
@@ -29,9 +29,10 @@ def steerings(model) -> list[np.ndarray | None]:
     return [None, *(random_rows(model, middle, seed) for seed in (1, 2, 3))]
 
 
-def alone(model, prompt: list[int], rows: np.ndarray | None, n: int) -> list[int]:
-    """Greedy tokens of `prompt` under `rows`, decoded on its own (what the CLI does)."""
-    with Context(model, n_ctx=256) as ctx:
+def alone(model, prompt: list[int], rows: np.ndarray | None, n: int, chunk: int = 512) -> list[int]:
+    """Greedy tokens of `prompt` under `rows`, decoded on its own (what the CLI does), the
+    prompt in chunks of `chunk` tokens."""
+    with Context(model, n_ctx=256, n_batch=chunk) as ctx:
         ctx.set_steering(rows)
         pieces = ctx.generate(prompt, Sampler(model, GREEDY), max_tokens=n)
         "".join(pieces)
@@ -239,3 +240,37 @@ def test_a_reused_graph_follows_each_plan(plain_demo) -> None:
     assert not np.array_equal(before[1], after[1])
     assert np.array_equal(after[0], plain[0])
     assert np.array_equal(after[1], native[1])
+
+
+def test_a_prompt_admitted_between_mixed_steps_keeps_them_per_row(plain_demo) -> None:
+    """Two sequences under two steerings generate (per row); a third, under a third
+    steering that also moves the last block, is admitted with a prompt of several chunks,
+    the first ones giving no output (so llama.cpp's last block has no rows).
+    Its chunks go through per-row steering too (one vector, broadcast), so the control
+    vector never changes (which would rebuild llama.cpp's graphs twice), and all three
+    still get exactly their tokens alone."""
+    model, chunk = plain_demo, 8
+    long_prompt = model.tokenize(" ".join(PROMPTS) + " and then, after all of that,")
+    assert len(long_prompt) > 2 * chunk
+    prompts = [model.tokenize(PROMPTS[0]), model.tokenize(PROMPTS[1]), long_prompt]
+    last_block = random_rows(model, {model.n_layer - 1: 4 * NORM * model.n_embd**0.5}, 6)
+    vectors = [*steerings(model)[1:3], steerings(model)[3] + last_block]  # where no output is
+    jobs = list(zip(prompts, vectors, strict=True))
+    expected = [alone(model, prompt, rows, 12, chunk) for prompt, rows in jobs]
+    got: list[list[int]] = [[], [], []]
+    with Context(model, n_ctx=768, n_seq=3, row_steering=True, separate_kv=True) as ctx:
+        batcher = Batcher(ctx, first=1, last=model.n_layer - 1, prompt_chunk=chunk)
+        for slot, (prompt, rows) in zip(batcher.slots[:2], jobs, strict=False):
+            batcher.start(slot, prompt, Sampler(model, GREEDY), slot.seq, rows)
+        steps = 0
+        while min(map(len, got)) < 12:
+            if steps == 3:  # both generate, per row: admit the third
+                assert batcher._native is batching._PER_ROW
+                batcher.start(batcher.slots[2], long_prompt, Sampler(model, GREEDY), 2, jobs[2][1])
+            for slot in batcher.step():
+                got[slot.seq].append(slot.sampled)
+                slot.next_token = slot.sampled if len(got[slot.seq]) < 12 else None
+            if steps >= 3 and batcher._admitted:
+                assert batcher._native is batching._PER_ROW  # no switch for the prompt
+            steps += 1
+    assert got == expected

@@ -63,9 +63,10 @@ class RowSteering:
     ) -> None:
         """Steer the next decode: batch row r gets vectors[row_vector[r]][il] added to the
         output of block il, for first <= il <= last (a zero vector for unsteered rows). The
-        context must hold a zero control vector over those blocks. Pass the same `vectors`
-        array again while the set is the same: which blocks they move is worked out once."""
-        if len(row_vector) > self.capacity:
+        context must hold a zero control vector over those blocks. At most `capacity` rows,
+        unless they all get one vector. Pass the same `vectors` array again while the set is
+        the same: which blocks they move is worked out once."""
+        if len(row_vector) > self.capacity and np.any(row_vector != row_vector[0]):
             raise ValueError(f"{len(row_vector)} rows where per-row steering holds {self.capacity}")
         if vectors is not self._moved_by or (first, last) != self._range:
             moved = np.any(vectors != 0, axis=(0, 2))
@@ -135,7 +136,7 @@ class RowSteering:
         assert self.vectors is not None
         device = self._rows_of.get(layer)
         mine = device is not None and node.src[1] == device.tensor
-        if not self.moved[layer]:
+        if not self.moved[layer] or node.ne[1] == 0:  # (a prompt chunk with no output)
             if mine:  # a reused graph, repointed under an earlier plan
                 node.src[1] = self._direction_of[layer]
             return
@@ -147,6 +148,8 @@ class RowSteering:
         rows = self._rows(node.ne[1])
         if len(rows) != node.ne[1]:
             raise RuntimeError(f"l_out-{layer} has {node.ne[1]} rows, the plan {len(rows)}")
+        if np.all(rows == rows[0]):
+            rows = rows[:1]  # one vector for every row: ggml_add broadcasts it, as natively
         held = self._held.get(layer)
         if held is None or held[0] is not self.vectors or not np.array_equal(held[1], rows):
             device.write(np.ascontiguousarray(self.vectors[rows, layer]))
