@@ -87,16 +87,17 @@ class DeviceRows:
         self.capacity = capacity
 
     def write(self, rows: np.ndarray) -> None:
-        """Make the tensor `rows` (n, width; float32, contiguous) on its device."""
+        """Make the tensor `rows` (n, width) on its device, as float32."""
         head = Tensor.from_address(self.tensor)
-        if len(rows) > self.capacity:
-            raise RuntimeError(f"{len(rows)} rows where {self.capacity} fit")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or not 0 < len(rows) <= self.capacity or rows.shape[1] != head.ne[0]:
+            raise RuntimeError(f"{rows.shape} rows where {self.capacity} of {head.ne[0]} fit")
         head.ne[1] = len(rows)
         head.nb[2] = head.nb[3] = head.nb[1] * len(rows)
         tensor_set(self.tensor, rows.ctypes.data_as(ctypes.c_void_p), rows.nbytes)
 
     def close(self) -> None:
-        if getattr(self, "_buffer", None):
+        if self._buffer:
             _symbol("ggml_backend_buffer_free", (ctypes.c_void_p,), None)(self._buffer)
             self._buffer = None
         if self._ctx:

@@ -162,6 +162,8 @@ def test_per_row_steering_adds_exactly_what_the_control_vector_adds(demo_model) 
     native = two_rows(demo_model, ("v", rows), ("v", rows))  # one key: the control vector
     per_row = two_rows(demo_model, ("v", rows), ("w", rows))  # two keys: the callback
     assert all(np.array_equal(a, b) for a, b in zip(native, per_row, strict=True))
+    wide = two_rows(demo_model, ("v", rows), ("w", rows.astype(np.float64)))  # float32 there
+    assert all(np.array_equal(a, b) for a, b in zip(native, wide, strict=True))
     unsteered = two_rows(demo_model, (None, None), (None, None))
     mixed = two_rows(demo_model, (None, None), ("w", rows))
     assert np.array_equal(mixed[0], unsteered[0])  # the plain row gets nothing added

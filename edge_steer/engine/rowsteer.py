@@ -152,7 +152,7 @@ class RowSteering:
             rows = rows[:1]  # one vector for every row: ggml_add broadcasts it, as natively
         held = self._held.get(layer)
         if held is None or held[0] is not self.vectors or not np.array_equal(held[1], rows):
-            device.write(np.ascontiguousarray(self.vectors[rows, layer]))
+            device.write(self.vectors[rows, layer])
             self._held[layer] = (self.vectors, rows)
         node.src[1] = device.tensor
 
