@@ -73,7 +73,7 @@ class Batcher:
         self.prompt_chunk = prompt_chunk
         self.slots = [Slot(seq) for seq in range(ctx.n_seq)]
         self._admitted: deque[Slot] = deque()  # slots with prompt tokens left, in order
-        self._native: Hashable = None  # the steering llama.cpp's control vector holds (a key)
+        self._native: Hashable = None  # the key llama.cpp's control vector holds, or _PER_ROW
         self._last_stacked: tuple[list, np.ndarray | None] = ([], None)  # see _stacked
 
     def reusable(self, slot: Slot, prompt: Sequence[int], key: Hashable) -> int:

@@ -188,16 +188,18 @@ class Context:
         if rows is not None and np.any(rows[first : last + 1]):
             buf = np.zeros((m.n_layer, m.n_embd), dtype=np.float32)
             buf[first - 1 : last] = rows[first : last + 1]  # what llama.cpp adds, and no more
-        if not keep_cache and not _same_steering(buf, first, last, self._steering):
-            self.forget(0)  # tokens in the KV cache were computed under the old steering
-        self._apply_steering(buf, first, last)
+        self._apply_steering(buf, first, last, keep_cache=keep_cache)
 
-    def _apply_steering(self, buf: np.ndarray | None, first: int, last: int) -> None:
+    def _apply_steering(
+        self, buf: np.ndarray | None, first: int, last: int, *, keep_cache: bool = True
+    ) -> None:
         """Hand llama.cpp `buf` (None: off) over blocks first..last, unless it already holds
         it: a new control vector makes its next decode rebuild the graphs."""
         m = self.model
         if _same_steering(buf, first, last, self._steering):
-            return
+            return  # same vectors: the cached tokens stay valid, and no graph rebuild
+        if not keep_cache:
+            self.forget(0)  # tokens in the KV cache were computed under the old steering
         self._steering = None if buf is None else (buf, first, last)  # alive while in use
         with m.lock:
             if buf is None:

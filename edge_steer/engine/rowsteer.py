@@ -101,13 +101,14 @@ class RowSteering:
                 self._checked = True
             layer = self._block_output(tensor)
             if layer >= 0:
-                self._follow_ubatch(tensor, layer)
-                self._point(ggml.Tensor.from_address(tensor), layer)
+                node = ggml.Tensor.from_address(tensor)
+                self._follow_ubatch(node, layer)
+                self._point(node, layer)
         except BaseException as exc:  # an exception must not cross into C
             self.error = exc  # `check` raises it after the decode, whose results are void
         return False  # never a stop: the graph runs through
 
-    def _follow_ubatch(self, tensor: int, layer: int) -> None:
+    def _follow_ubatch(self, node: ggml.Tensor, layer: int) -> None:
         """llama.cpp may split a batch into micro-batches, in batch order (with KV cells per
         sequence, a run of consecutive sequence ids each). ggml asks about every block's
         `l_out`, steered or not: blocks starting again mean a new micro-batch, and its
@@ -116,7 +117,7 @@ class RowSteering:
         if layer <= seen:
             first, size = first + size, 0
         if size == 0:
-            size = ggml.Tensor.from_address(tensor).ne[1]
+            size = node.ne[1]
         self._ubatch = (first, size, layer)
 
     def _rows(self, n_rows: int) -> np.ndarray:
