@@ -11,6 +11,7 @@ from conftest import random_rows
 from edge_steer import machine
 from edge_steer.engine import Context, Model, Sampler, SamplerSettings, batching
 from edge_steer.engine.batching import Batcher
+from edge_steer.errors import BadInput
 from edge_steer.prefixes import common_length
 
 GREEDY = SamplerSettings(temperature=0)
@@ -40,11 +41,20 @@ def alone(model, prompt: list[int], rows: np.ndarray | None, n: int, chunk: int 
 
 
 def batched(
-    model, jobs, n: int, *, stagger: int = 0, keys: str = "each", separate_kv: bool = False
+    model,
+    jobs,
+    n: int,
+    *,
+    stagger: int = 0,
+    keys: str = "each",
+    separate_kv: bool = False,
+    merge: bool = False,
+    decodes: list[int] | None = None,
 ) -> list[list[int]]:
     """Greedy tokens of each (prompt, rows) job, all on one context, continuous batching;
     job i joins `stagger * i` steps after the first. keys="one": every job's steering is
-    taken for the same (so llama.cpp's control vector does it)."""
+    taken for the same (so llama.cpp's control vector does it). `decodes` gets a 1 for
+    each llama_decode."""
     out: list[list[int]] = [[] for _ in jobs]
     with Context(
         model,
@@ -54,7 +64,12 @@ def batched(
         row_steering=True,
         separate_kv=separate_kv,
     ) as ctx:
-        batcher = Batcher(ctx, first=1, last=model.n_layer - 1, prompt_chunk=512)
+        batcher = Batcher(
+            ctx, first=1, last=model.n_layer - 1, prompt_chunk=512, merge_prompts=merge
+        )
+        if decodes is not None:
+            decode = ctx.decode
+            ctx.decode = lambda: decodes.append(1) or decode()  # type: ignore[method-assign]
         step = 0
         while any(len(tokens) < n for tokens in out):
             for i, (prompt, rows) in enumerate(jobs):
@@ -117,11 +132,43 @@ def test_with_repacked_weights_sequences_stay_closest_to_their_own(request, mode
     prompts = [model.tokenize(p) for p in PROMPTS]
     jobs = list(zip(prompts, steerings(model), strict=True))
     expected = [alone(model, prompt, rows, 12) for prompt, rows in jobs]
-    got = batched(model, jobs, 12, stagger=1)
+    assert_closest_to_their_own(batched(model, jobs, 12, stagger=1), expected)
+
+
+def assert_closest_to_their_own(got: list[list[int]], expected: list[list[int]]) -> None:
+    """Each sequence starts as it does alone and stays closest to its own tokens alone."""
     for mine, own in zip(got, expected, strict=True):
         assert mine[:2] == own[:2]
         others = [common_length(mine, e) for e in expected if e is not own]
         assert common_length(mine, own) > max(others), (mine, own)
+
+
+@pytest.mark.parametrize("keys", ["one", "each"])
+def test_merged_prompt_chunks_join_the_decode_of_rows_under_their_steering(demo_model, keys):
+    """With `merge_prompts` (repacked layouts: a reply is not as alone anyway) a prompt
+    chunk joins the generating rows' decode when they all share its steering, as in
+    llama-server: one decode fewer per request admitted beside others, and each sequence
+    still gets its own prompt and steering. Under different steerings the chunk keeps a
+    decode of its own (per-row steering holds one row per sequence)."""
+    model = demo_model
+    prompts = [model.tokenize(p) for p in PROMPTS]
+    vectors = [steerings(model)[1]] * 4 if keys == "one" else steerings(model)
+    jobs = list(zip(prompts, vectors, strict=True))
+    expected = [alone(model, prompt, rows, 12) for prompt, rows in jobs]
+    apart: list[int] = []
+    merged: list[int] = []
+    batched(model, jobs, 12, stagger=2, keys=keys, decodes=apart)
+    got = batched(model, jobs, 12, stagger=2, keys=keys, merge=True, decodes=merged)
+    assert len(merged) == len(apart) - (len(jobs) - 1 if keys == "one" else 0)
+    assert_closest_to_their_own(got, expected)
+
+
+def test_merging_prompts_needs_one_kv_pool(demo_model) -> None:
+    """With KV cells per sequence a batch holds throwaway rows for idle lanes: one would sit
+    at the admitted lane's next position, where its chunk goes."""
+    ctx = Context(demo_model, n_ctx=1024, n_seq=2, row_steering=True, separate_kv=True)
+    with ctx, pytest.raises(BadInput, match="one KV pool"):
+        Batcher(ctx, first=1, last=3, prompt_chunk=512, merge_prompts=True)
 
 
 def two_rows(model, plain: tuple, steered: tuple) -> list[np.ndarray]:

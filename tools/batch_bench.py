@@ -16,6 +16,8 @@ and ratios. Each answer is also checked against the same request's answer alone.
     python tools/batch_bench.py --model STANDIN.gguf --gpu-layers all --threads 8 --tokens 64 \
         --vector bench-random --random-vector --shared-steering --baseline /tmp/before \
         --output batch_bench_gpu_h200.json      # a CUDA build of llama-cpp-python
+    python tools/batch_bench.py --model demo --threads 2 --shared-steering --repack \
+        --output batch_bench_repack.json      # edge-steer with llama-server's weight layouts
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def servers(args: argparse.Namespace, model: Path) -> dict[str, tuple[list[str],
     llama_args += ["-t", threads, "-tb", threads, "--host", "127.0.0.1", "--alias", "bench"]
     llama_args += ["-ngl", "999" if args.gpu_layers == "all" else args.gpu_layers]
     ours = ["--model", str(model), "--parallel", lanes, "--ctx", ctx, "--threads", threads]
-    ours += ["--gpu-layers", args.gpu_layers]
+    ours += ["--gpu-layers", args.gpu_layers] + (["--repack"] if args.repack else [])
     ours += ["--preset", f"bench={args.vector}:0"]  # the model as `bench`, as llama-server's
     found = {
         "llama-server": ([str(binary)], llama_args, dict(os.environ)),
@@ -166,6 +168,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--random-vector", action="store_true", help="store a random one as --vector first"
+    )
+    parser.add_argument(
+        "--repack",
+        action="store_true",
+        help="edge-steer servers with --repack (llama-server's layouts, replies not as alone)",
     )
     args = parser.parse_args()
     from edge_steer import model_files

@@ -21,7 +21,9 @@ alone, whatever other rows share its decode; a prompt chunk is too, if it has it
 itself. So a step decodes the generating rows together and a prompt chunk on its own, cut
 as `Context.ingest` cuts it: with plain layouts every sequence gets exactly the tokens it
 gets decoded alone (tested on Gemma 3 Q4_K_M; F16 and F32 weights go through tiled kernels
-that are not batch-invariant either way).
+that are not batch-invariant either way). Where exactness is given up for the repacked
+layouts' speed, `merge_prompts` puts the chunk in the generating rows' decode, as
+llama-server does, saving a pass over the weights per chunk.
 """
 
 from __future__ import annotations
@@ -62,15 +64,29 @@ class Slot:
 class Batcher:
     """The slots of `ctx` (one per sequence id) and the step that decodes them together.
     `prompt_chunk` is how many prompt tokens a step takes (the CLI's n_batch); a batch of
-    the context must hold a chunk, and one token of every slot."""
+    the context must hold a chunk, and one token of every slot. `merge_prompts`: a prompt
+    chunk shares the generating rows' decode when they are all under its steering (one
+    pass over the weights, as in llama-server), for contexts whose kernels are not
+    batch-invariant anyway; else it has a decode of its own."""
 
-    def __init__(self, ctx: Context, *, first: int, last: int, prompt_chunk: int):
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        first: int,
+        last: int,
+        prompt_chunk: int,
+        merge_prompts: bool = False,
+    ):
         if ctx.n_batch < max(prompt_chunk, ctx.n_seq):
             raise BadInput(f"a batch of {ctx.n_batch} cannot take {prompt_chunk} prompt tokens")
         if ctx.n_seq > 1 and ctx.row_steering is None:
             raise BadInput("batching sequences needs a context made with row_steering=True")
+        if merge_prompts and ctx.separate_kv:  # its batches hold throwaway rows (_add_tokens)
+            raise BadInput("prompts merge into generating decodes only with one KV pool")
         self.ctx, self.first, self.last = ctx, first, last
         self.prompt_chunk = prompt_chunk
+        self.merge_prompts = merge_prompts
         self.slots = [Slot(seq) for seq in range(ctx.n_seq)]
         self._admitted: deque[Slot] = deque()  # slots with prompt tokens left, in order
         self._native: Hashable = None  # the key llama.cpp's control vector holds, or _PER_ROW
@@ -122,67 +138,84 @@ class Batcher:
 
     def step(self) -> list[Slot]:
         """The next token of every generating slot in one decode, then one prompt chunk in
-        a decode of its own. Returns the slots that sampled a token (`Slot.sampled`): each
-        generating slot, and the admitted one once its whole prompt is in."""
-        sampled = self._generate()
-        if self._admitted:
-            sampled += self._prefill(self._admitted[0])
+        a decode of its own (or, with `merge_prompts`, in the same decode). Returns the
+        slots that sampled a token (`Slot.sampled`): each generating slot, and the admitted
+        one once its whole prompt is in."""
+        rows = [slot for slot in self.slots if slot.busy and slot.next_token is not None]
+        admitted = self._admitted[0] if self._admitted else None
+        if admitted is not None and rows and self._merges(rows, admitted):
+            return self._decode_step(rows, admitted)
+        sampled = self._decode_step(rows, None) if rows else []
+        if admitted is not None:
+            sampled += self._decode_step([], admitted)
         return sampled
 
-    def _generate(self) -> list[Slot]:
-        rows = [slot for slot in self.slots if slot.busy and slot.next_token is not None]
-        if not rows:
-            return []
-        batch = self.ctx.batch
-        batch.clear()
-        steer_as: list[Slot] = []  # whose steering each batch row takes
+    def _merges(self, rows: list[Slot], admitted: Slot) -> bool:
+        """Whether the admitted slot's prompt chunk joins the generating rows' decode, as in
+        llama-server: only with `merge_prompts`, and under one steering for all (a chunk's
+        rows under a steering of their own would overflow per-row steering's capacity)."""
+        return self.merge_prompts and all(slot.key == admitted.key for slot in rows)
+
+    def _decode_step(self, rows: list[Slot], admitted: Slot | None) -> list[Slot]:
+        """One decode: the next token of each generating slot of `rows`, then the next
+        chunk of `admitted`'s prompt; samples for each of them that has an output."""
+        self.ctx.batch.clear()
+        steer_as, padded = self._add_tokens(rows)
+        done = False
+        if admitted is not None:
+            done = self._add_chunk(admitted, n_before=len(steer_as))
+            steer_as += [admitted] * (self.ctx.batch.n - len(steer_as))
+        self._decode(steer_as, prompt=not rows)
+        memory = ll.llama_get_memory(self.ctx.ptr)
+        for slot in padded:
+            ll.llama_memory_seq_rm(memory, slot.seq, len(slot.tokens), -1)
+        sampled = list(rows)
+        if done:
+            sampled.append(self._admitted.popleft())
+        for index, slot in zip(self.ctx.batch.output_rows(), sampled, strict=True):
+            assert slot.sampler is not None
+            slot.sampled = slot.sampler.sample(self.ctx, int(index))
+        return sampled
+
+    def _add_tokens(self, rows: list[Slot]) -> tuple[list[Slot], list[Slot]]:
+        """Each generating slot's next token into the batch; returns whose steering each
+        batch row takes, and the slots given a throwaway row (see below)."""
+        steer_as: list[Slot] = []
         padded: list[Slot] = []
         for slot in self._with_padding(rows):
             if slot.next_token is None or not slot.busy:
                 # llama.cpp splits a batch over KV streams into runs of consecutive sequence
                 # ids, each run a pass over the weights: a throwaway row closes the gap
-                batch.add(self.ctx.model.bos, len(slot.tokens), slot.seq, False)
+                self.ctx.batch.add(self.ctx.model.bos, len(slot.tokens), slot.seq, False)
                 padded.append(slot)
                 steer_as.append(rows[0])
                 continue
-            batch.add(slot.next_token, len(slot.tokens), slot.seq, True)
+            self.ctx.batch.add(slot.next_token, len(slot.tokens), slot.seq, True)
             slot.tokens.append(slot.next_token)
             slot.next_token = None
             steer_as.append(slot)
-        self._decode(steer_as)
-        memory = ll.llama_get_memory(self.ctx.ptr)
-        for slot in padded:
-            ll.llama_memory_seq_rm(memory, slot.seq, len(slot.tokens), -1)
-        for index, slot in zip(batch.output_rows(), rows, strict=True):
-            assert slot.sampler is not None
-            slot.sampled = slot.sampler.sample(self.ctx, int(index))
-        return rows
+        return steer_as, padded
 
     def _with_padding(self, rows: list[Slot]) -> list[Slot]:
         """`rows`, and with KV cells per sequence every slot between them."""
-        if not self.ctx.separate_kv:
+        if not self.ctx.separate_kv or not rows:
             return rows
         return self.slots[rows[0].seq : rows[-1].seq + 1]
 
-    def _prefill(self, slot: Slot) -> list[Slot]:
-        """The next chunk of `slot`'s prompt, cut as `Context.ingest` cuts it, alone in its
-        decode (see the module's note); samples after the last chunk."""
-        chunk = slot.pending[: self.prompt_chunk]
+    def _add_chunk(self, slot: Slot, n_before: int) -> bool:
+        """The next chunk of `slot`'s prompt into the batch, after `n_before` rows: on its
+        own, cut as `Context.ingest` cuts it (see the module's note), else what the batch
+        has room for. Returns whether that was the prompt's last chunk (its last row then
+        gives an output)."""
+        size = self.prompt_chunk if n_before == 0 else self.ctx.n_batch - n_before
+        chunk = slot.pending[:size]
         done = len(chunk) == len(slot.pending)
-        batch = self.ctx.batch
-        batch.clear()
         start = len(slot.tokens)
         for k, token in enumerate(chunk):
-            batch.add(token, start + k, slot.seq, done and k == len(chunk) - 1)
+            self.ctx.batch.add(token, start + k, slot.seq, done and k == len(chunk) - 1)
         slot.tokens.extend(chunk)
         del slot.pending[: len(chunk)]
-        self._decode([slot] * len(chunk), prompt=True)
-        if not done:
-            return []
-        self._admitted.popleft()
-        assert slot.sampler is not None
-        slot.sampled = slot.sampler.sample(self.ctx, len(chunk) - 1)
-        return [slot]
+        return done
 
     def _decode(self, rows: list[Slot], *, prompt: bool = False) -> None:
         """Decode the batch, `rows[i]` being the slot of batch row i (all one slot's for a

@@ -243,7 +243,13 @@ def _batcher(model: Model, options: ServeOptions) -> Batcher:
         separate_kv=lanes > 1 and options.batch_invariant,
     )
     first, last = steering.parse_layers(options.layers, model.n_layer) or (1, model.n_layer - 1)
-    return Batcher(context, first=first, last=last, prompt_chunk=chunk)
+    return Batcher(
+        context,
+        first=first,
+        last=last,
+        prompt_chunk=chunk,
+        merge_prompts=not options.batch_invariant,  # a chunk beside others: not as alone
+    )
 
 
 def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progress) -> None:
