@@ -2,27 +2,59 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import BadInput, DoesNotFit, EdgeSteerError
 
-def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
+
+def write_atomically(
+    path: str | Path,
+    write: Callable[[Path], object],
+    check: Callable[[Path], object] | None = None,
+) -> Path:
     """Call `write(temp_path)` in the target's folder, then rename it over `path`: readers
-    never see a half-written file, and a failed write leaves any old file as it was."""
+    never see a half-written file, and a failed write leaves any old file as it was.
+    `check(temp_path)` reads it back first: writers that buffer in C (numpy's `tofile`, so
+    gguf-py) can lose the end of a file on a full disk without an error. A failed write is
+    one line: DoesNotFit when the disk is full, BadInput otherwise."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
+        _check_written(path, Path(tmp), check)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; keep the usual mode
         os.replace(tmp, path)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _check_written(path: Path, tmp: Path, check: Callable[[Path], object] | None) -> None:
+    if check is None:
+        return
+    try:
+        check(tmp)
+    except EdgeSteerError as exc:
+        raise DoesNotFit(
+            f"{path} was not written whole (is the disk full?): free some space or write elsewhere"
+        ) from exc
+
+
+def _write_error(path: Path, exc: OSError) -> EdgeSteerError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DoesNotFit(f"no space left to write {path}: free some space or write elsewhere")
+    reason = exc.strerror or str(exc)
+    return BadInput(f"cannot write {path} ({reason}): pass a path in a folder you can write to")
 
 
 def _umask() -> int:

@@ -206,7 +206,7 @@ def write(vector: ControlVector, path: str | Path) -> Path:
         writer.write_tensors_to_file()
         writer.close()
 
-    return files.write_atomically(path, write_to)
+    return files.write_atomically(path, write_to, check=read)
 
 
 def _add_meta(writer, key: str, value: str | int | float) -> None:
@@ -330,6 +330,11 @@ def parse_mix(expression: str) -> list[tuple[str, float]]:
                 'e.g. "happy*0.5 + lazy*-1"'
             )
         terms.append((names[0], weight))
+    if not sum(abs(weight) for _, weight in terms) <= MAX_STRENGTH:
+        raise BadInput(
+            f"mix {expression!r} is too strong: its weights' sizes add up to more than "
+            f"{MAX_STRENGTH:g}: use smaller weights, and a strength when you steer with it (NAME:2)"
+        )
     return terms
 
 

@@ -12,10 +12,10 @@ import pytest
 from conftest import safetensors_bytes, write_raw
 from typer.testing import CliRunner
 
-from edge_steer import convert, steering, vectors
+from edge_steer import convert, files, steering, vectors
 from edge_steer.cli import app
 from edge_steer.engine import Context, hidden
-from edge_steer.errors import BadInput, DamagedFile
+from edge_steer.errors import BadInput, DamagedFile, DoesNotFit
 
 runner = CliRunner()
 
@@ -299,6 +299,8 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert code == 2 and "n_embd" in output and not (tmp_path / "n.gguf").exists()
     code, output = invoke("vectors", "mix", "mixa*mixb", "-o", str(tmp_path / "n.gguf"))
     assert code == 2 and "bad mix term" in output
+    code, output = invoke("vectors", "mix", "mixa*1e40", "-o", str(tmp_path / "n.gguf"))
+    assert code == 2 and "too strong" in output and not (tmp_path / "n.gguf").exists()
     code, output = invoke("vectors", "rm", "MixA", "narrow")  # not a terminal: never guess
     assert code == 2 and "add --yes" in output and "mixa.gguf" in output
     assert (store / "fp1" / "mixa.gguf").exists() and (store / "narrow.gguf").exists()
@@ -308,6 +310,25 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert code == 2 and "not in the store" in output and (tmp_path / "m.gguf").exists()
     code, output = invoke("vectors", "info", "mixa")
     assert code == 2 and "no stored vector named 'mixa'" in output
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_file(tmp_path) -> None:
+    """Writing under a file is BadInput; a GGUF whose end was lost (as gguf-py's buffered
+    writes lose it on a full disk, silently) is caught by reading it back: DoesNotFit, and
+    neither leaves a file behind, temporary or not."""
+    vector = trained_like()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BadInput, match=r"cannot write .*: pass a path in a folder"):
+        vectors.write(vector, tmp_path / "file" / "v.gguf")
+    whole = vectors.write(vector, tmp_path / "whole.gguf").read_bytes()
+
+    def write_truncated(tmp) -> None:
+        tmp.write_bytes(whole[:-100])
+
+    target = tmp_path / "cut.gguf"
+    with pytest.raises(DoesNotFit, match=r"not written whole .*disk full"):
+        files.write_atomically(target, write_truncated, check=vectors.read)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "whole.gguf"]
 
 
 def test_train_writes_npz_too(tiny_dense_path, tmp_path) -> None:
