@@ -72,6 +72,22 @@ def test_bad_options_are_one_clean_line(command, args, words, tiny_dense_path) -
     assert_clean_error(result, words)
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--port", "70000"], "--port 70000: use 1-65535"),
+        (["--port", "0"], "--port 0: use 1-65535"),
+        (["--parallel", "1000"], "--parallel must be 1 to 256"),
+        (["--preset", "x=nosuch:1"], "unknown vector 'nosuch'"),
+        (["--layers", "99-100"], "outside the model's steerable blocks"),
+        (["--host", "999.1.1.1", "--api-key", "k"], "pass another --host"),
+    ],
+)
+def test_serve_checks_what_it_can_before_it_says_listening(args, words, tiny_dense_path):
+    result = run("serve", "--model", str(tiny_dense_path), "--port", "18797", *args)
+    assert_clean_error(result, words)
+
+
 def test_a_huge_context_that_cannot_fit_is_refused_at_once(demo_path) -> None:
     """Was: 64 s of allocating, then std::bad_alloc. Within --ctx's range, but the demo
     model's KV cache for it is some 300 GB."""

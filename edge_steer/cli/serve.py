@@ -89,6 +89,7 @@ def serve(
     from .download_bar import RichBar
 
     presets = startup.parse_presets(preset)  # before minutes of downloading, not after
+    startup.check_counts(parallel, queue, port)
     load = load_options(opts, ctx)
     every_lane = dataclasses.replace(load, ctx=ctx * parallel)  # each lane's KV counts
     path, _ = runtime.model_path(every_lane, on_note=note, download_bar=RichBar)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -25,11 +26,10 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from .. import model_files, runtime, steering
-from ..engine import DEFAULT_BATCH, Context, Model
+from .. import dataset, files, model_files, runtime, steering, store
+from ..engine import DEFAULT_BATCH, MAX_SEQUENCES, Context, Model
 from ..engine.batching import Batcher
 from ..errors import BadInput, EdgeSteerError, EngineError
-from ..files import size_text
 from .app import ServerState, create_app
 from .guard import Admission, HeaderDeadline, allowed_hosts
 from .lanes import Lanes
@@ -92,25 +92,51 @@ def _preset_spec(item: str, spec: str) -> dict[str, float]:
         ) from None
 
 
+def check_counts(parallel: int, queue_size: int, port: int) -> None:
+    """The numbers, before a model is resolved (a 1000-lane context would be refused for
+    its RAM, with advice about --ctx)."""
+    if not 1 <= parallel <= MAX_SEQUENCES or queue_size < 0:
+        raise BadInput(f"--parallel must be 1 to {MAX_SEQUENCES} and --queue at least 0")
+    if not 1 <= port <= 65535:
+        raise BadInput(f"--port {port}: use 1-65535")
+
+
 def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None:
-    """What can be wrong before anything loads: counts, and the port."""
+    """What can be wrong before anything loads: counts, the port, and what the model file's
+    header can settle (--layers, presets' vectors), so that nothing says "listening" first."""
     options.load.check()
-    if options.parallel < 1 or options.queue_size < 0:
-        raise BadInput("--parallel must be at least 1 and --queue at least 0")
+    check_counts(options.parallel, options.queue_size, options.port)
+    _check_against_model(options)
     if options.host not in LOOPBACK and not options.api_key:
         on_note(
             f"warning: --host {options.host} without --api-key: anyone who can reach port "
             f"{options.port} can use this model; pass --api-key KEY or use a firewall"
         )
-    with socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET) as probe:
+    _check_listening(options.host, options.port)
+
+
+def _check_against_model(options: ServeOptions) -> None:
+    """--layers against the model's blocks; each preset's vector a file, a stored vector or
+    a built-in concept (trained once loaded)."""
+    steering.parse_layers(options.layers, model_files.model_shape(options.path).n_layer)
+    for spec in options.presets.values():
+        for name in spec:
+            if files.looks_like_path(name) or name.lower() not in dataset.builtin_names():
+                store.resolve_vector(name, options.path)
+
+
+def _check_listening(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((options.host, options.port))
+            probe.bind((host, port))
         except OSError as exc:
-            raise BadInput(
-                f"cannot listen on {options.host}:{options.port} ({exc.strerror}): "
+            fix = (
                 "pass another --port, or stop what uses it"
-            ) from None
+                if exc.errno == errno.EADDRINUSE
+                else "pass another --host (an address of this machine) or --port"
+            )
+            raise BadInput(f"cannot listen on {host}:{port} ({exc.strerror}): {fix}") from None
 
 
 def serve(
@@ -265,7 +291,7 @@ def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progres
 def _lane_memory(batcher: Batcher, options: ServeOptions) -> str:
     context = batcher.ctx
     sizes = context.buffers
-    parts = " + ".join(f"{kind} {size_text(size)}" for kind, size in sizes.items())
+    parts = " + ".join(f"{kind} {files.size_text(size)}" for kind, size in sizes.items())
     exact = (
         "each reply exactly as alone"
         if options.batch_invariant
