@@ -219,7 +219,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, port: int, allow_remote: bool) -> None:
-    """Refuse a non-loopback bind without the opt-in, and a port already taken."""
+    """Refuse a host that is not an IP address (llama.cpp's RPC server takes no names), a
+    non-loopback bind without the opt-in, and a port already taken."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise BadInput(
+            f"--host {host}: the RPC server takes an IP address, e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
     if not is_loopback(host) and not allow_remote:
         raise BadInput(
             f"--host {host} exposes the worker beyond this machine, where {SECURITY_WARNING} "
@@ -287,7 +294,12 @@ def run_worker(
     if threads < 1:
         raise BadInput(f"--threads {threads}: use 1 or more")
     if cache_dir:
-        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+        except OSError as exc:
+            reason = "not a folder" if os.path.exists(cache_dir) else exc.strerror
+            fix = "pass a folder you can write to"
+            raise BadInput(f"--cache {cache_dir}: {reason}; {fix}") from None
     on_note(f"worker on {host}:{port}: {', '.join(names)}, {threads} threads; Ctrl-C stops it")
     child = multiprocessing.get_context("spawn").Process(
         target=serve, args=(f"{host}:{port}", cache_dir, threads, names), daemon=True

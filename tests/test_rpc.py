@@ -339,6 +339,20 @@ def test_worker_refuses_a_public_bind_without_opt_in() -> None:
     assert "no authentication" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--host", "localhost"], "takes an IP address"),
+        (["--cache", "{file}"], "not a folder"),
+    ],
+)
+def test_worker_refuses_what_its_rpc_server_cannot_use(args, words, tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    result = run("worker", "--port", str(free_port()), *args, timeout=60)
+    one_error_line(result, 2, words)
+
+
 def test_worker_stops_on_ctrl_c_and_frees_its_port(tmp_path) -> None:
     port = free_port()
     proc = start_worker(port, tmp_path / "w.log")
