@@ -100,15 +100,14 @@ class SteeredModel(llm.Model):
         @classmethod
         def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
             """The engine's own limits for each setting, as the CLI and the server check."""
-            from .engine import SAMPLING_LIMITS, SamplerSettings, out_of_range
+            from .engine import SamplerSettings, out_of_range, range_text
 
             if value is None:
                 return value
             name = info.field_name or ""
             alone = SamplerSettings(**{name: value})  # type: ignore[arg-type]
             if out_of_range(alone):
-                low, high = SAMPLING_LIMITS[name]
-                raise ValueError(f"{value} is out of range: use {low:g} to {high:g}")
+                raise ValueError(f"{value} is out of range: use {range_text(name)}")
             return value
 
     def __init__(self, name: str):

@@ -206,7 +206,7 @@ def write(vector: ControlVector, path: str | Path) -> Path:
         writer.write_tensors_to_file()
         writer.close()
 
-    return files.write_atomically(path, write_to, check=read)
+    return files.write_atomically(path, write_to, check=gguffile.read_header)  # all there?
 
 
 def _add_meta(writer, key: str, value: str | int | float) -> None:

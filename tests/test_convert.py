@@ -12,7 +12,7 @@ import pytest
 from conftest import safetensors_bytes, write_raw
 from typer.testing import CliRunner
 
-from edge_steer import convert, files, steering, vectors
+from edge_steer import convert, files, gguffile, steering, vectors
 from edge_steer.cli import app
 from edge_steer.engine import Context, hidden
 from edge_steer.errors import BadInput, DamagedFile, DoesNotFit
@@ -327,7 +327,7 @@ def test_a_failed_write_is_one_line_and_leaves_no_file(tmp_path) -> None:
 
     target = tmp_path / "cut.gguf"
     with pytest.raises(DoesNotFit, match=r"not written whole .*disk full"):
-        files.write_atomically(target, write_truncated, check=vectors.read)
+        files.write_atomically(target, write_truncated, check=gguffile.read_header)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "whole.gguf"]
 
 

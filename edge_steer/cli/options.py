@@ -249,7 +249,7 @@ _SAMPLING_FLAGS = {
 
 def sampler_settings(opts: SimpleNamespace):
     """SamplerSettings from the SAMPLING options, each checked against the engine's limits."""
-    from ..engine import SAMPLING_LIMITS, SamplerSettings, out_of_range
+    from ..engine import SamplerSettings, out_of_range, range_text
 
     settings = SamplerSettings(
         temperature=opts.temp,
@@ -261,10 +261,9 @@ def sampler_settings(opts: SimpleNamespace):
         seed=opts.seed,
     )
     if bad := out_of_range(settings):
-        low, high = SAMPLING_LIMITS[bad]
         raise BadInput(
             f"{_SAMPLING_FLAGS[bad]} {getattr(settings, bad)} is out of range: "
-            f"use {low:g} to {high:g}"
+            f"use {range_text(bad)}"
         )
     return settings
 

@@ -145,7 +145,7 @@ SETTING_ALIASES = {"temp": "temperature", "n": "max_tokens"}
 
 
 def _set(session, rest: str) -> None:
-    from ..engine import SAMPLING_LIMITS, out_of_range
+    from ..engine import out_of_range, range_text
 
     if not rest:
         shown = dataclasses.asdict(session.settings) | {"max_tokens": session.max_tokens}
@@ -162,8 +162,7 @@ def _set(session, rest: str) -> None:
     else:
         settings = dataclasses.replace(session.settings, **{name: value})
         if out_of_range(settings):
-            low, high = SAMPLING_LIMITS[name]
-            raise BadInput(f"{name} {value} is out of range: use {low:g} to {high:g}")
+            raise BadInput(f"{name} {value} is out of range: use {range_text(name)}")
         session.settings = settings
     err.print(f"[dim]{name} = {value}[/]")
 

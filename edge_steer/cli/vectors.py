@@ -1,4 +1,4 @@
-"""`edge-steer vectors ...`: convert, list, inspect, mix and remove control-vector files."""
+"""`edge-steer vectors ...`: convert, list, info, mix and rm control-vector files."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .options import JsonOpt, clean_errors, err, model_file, out
 
 app = typer.Typer(
     no_args_is_help=True,
-    help="Control-vector files: convert, list, inspect, mix, remove.",
+    help="Control-vector files: convert, list, info, mix, rm.",
 )
 
 ModelCheckOpt = Annotated[

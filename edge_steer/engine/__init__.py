@@ -30,7 +30,7 @@ from .context import (
 )
 from .log import LOG_TAIL
 from .model import Model, backend_info, default_threads, utf8
-from .sampling import SAMPLING_LIMITS, Sampler, SamplerSettings, out_of_range
+from .sampling import SAMPLING_LIMITS, Sampler, SamplerSettings, out_of_range, range_text
 from .scoring import SCORED_TOGETHER
 
 __all__ = [
@@ -52,5 +52,6 @@ __all__ = [
     "default_threads",
     "out_of_range",
     "prefill",
+    "range_text",
     "utf8",
 ]

@@ -48,6 +48,13 @@ SAMPLING_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+def range_text(name: str, joiner: str = " to ") -> str:
+    """SAMPLING_LIMITS[name] for people: `0 to 1048576` (not 1.04858e+06), `0 to 2`."""
+    return joiner.join(
+        f"{limit:g}" if isinstance(limit, float) else str(limit) for limit in SAMPLING_LIMITS[name]
+    )
+
+
 def out_of_range(settings: SamplerSettings) -> str | None:
     """The first setting outside SAMPLING_LIMITS (NaN and infinities included), or None."""
     for name, (low, high) in SAMPLING_LIMITS.items():

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from .. import chat, vectors
 from ..constants import DEFAULT_CTX
-from ..engine import SAMPLING_LIMITS, Model, SamplerSettings
+from ..engine import SAMPLING_LIMITS, Model, SamplerSettings, range_text
 from ..errors import BadInput
 from .api_error import ApiError
 from .pool import VectorPool
@@ -275,7 +275,7 @@ def _number(body: Mapping[str, Any], name: str, default: float, whole: bool = Fa
     if isinstance(value, bool) or not isinstance(value, kinds) or value != value:  # NaN
         raise ApiError(f"`{name}` must be a {'whole ' if whole else ''}number", param=name)
     if not low <= value <= high:  # exact for any int, where float(value) may overflow
-        raise ApiError(f"`{name}` must be between {low:g} and {high:g}", param=name)
+        raise ApiError(f"`{name}` must be between {range_text(name, ' and ')}", param=name)
     return float(value)
 
 
