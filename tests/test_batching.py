@@ -323,3 +323,31 @@ def test_a_prompt_admitted_between_mixed_steps_keeps_them_per_row(plain_demo) ->
                 assert batcher._native is batching._PER_ROW  # no switch for the prompt
             steps += 1
     assert got == expected
+
+
+def test_a_short_prompt_does_not_wait_for_a_long_ones_prefill(plain_demo) -> None:
+    """Admitted prompts take turns, a chunk each: a short prompt admitted behind a long one
+    samples its first token after the long one's first chunk, not after all of them, and
+    both still get exactly their tokens alone."""
+    model, chunk = plain_demo, 8
+    long_prompt = model.tokenize(" ".join(PROMPTS) + " and then, after all of that,")
+    short_prompt = model.tokenize(PROMPTS[2])
+    assert len(long_prompt) > 3 * chunk and len(short_prompt) <= chunk
+    jobs = [(long_prompt, steerings(model)[1]), (short_prompt, steerings(model)[2])]
+    expected = [alone(model, prompt, rows, 6, chunk) for prompt, rows in jobs]
+    got: list[list[int]] = [[], []]
+    first_token_step: dict[int, int] = {}
+    with Context(model, n_ctx=512, n_seq=2, row_steering=True, separate_kv=True) as ctx:
+        batcher = Batcher(ctx, first=1, last=model.n_layer - 1, prompt_chunk=chunk)
+        for slot, (prompt, rows) in zip(batcher.slots, jobs, strict=True):
+            batcher.start(slot, prompt, Sampler(model, GREEDY), slot.seq, rows)
+        step = 0
+        while min(map(len, got)) < 6:
+            for slot in batcher.step():
+                first_token_step.setdefault(slot.seq, step)
+                got[slot.seq].append(slot.sampled)
+                slot.next_token = slot.sampled if len(got[slot.seq]) < 6 else None
+            step += 1
+    assert first_token_step[1] == 1  # the long prompt's first chunk, then the short one
+    assert first_token_step[0] > first_token_step[1]
+    assert got == expected

@@ -138,7 +138,8 @@ class Batcher:
 
     def step(self) -> list[Slot]:
         """The next token of every generating slot in one decode, then one prompt chunk in
-        a decode of its own (or, with `merge_prompts`, in the same decode). Returns the
+        a decode of its own (or, with `merge_prompts`, in the same decode); admitted prompts
+        take turns, a chunk each. Returns the
         slots that sampled a token (`Slot.sampled`): each generating slot, and the admitted
         one once its whole prompt is in."""
         rows = [slot for slot in self.slots if slot.busy and slot.next_token is not None]
@@ -172,6 +173,8 @@ class Batcher:
         sampled = list(rows)
         if done:
             sampled.append(self._admitted.popleft())
+        elif admitted is not None:  # prompts take turns: a short one never waits for a long
+            self._admitted.rotate(-1)  # one's whole prefill
         for index, slot in zip(self.ctx.batch.output_rows(), sampled, strict=True):
             assert slot.sampler is not None
             slot.sampled = slot.sampler.sample(self.ctx, int(index))
