@@ -235,6 +235,12 @@ def test_malformed_json_and_messages(server):
     assert _post(f"{server}/v1/completions", b"{not json")[0] == 400
     status, body, _ = _post(f"{server}/v1/chat/completions", {"model": "demo", "messages": "hi"})
     assert status == 400 and body["error"]["param"] == "messages"
+    many = [{"role": "user", "content": "a"}] * 5000  # more messages than a lane has tokens
+    status, body, _ = _post(f"{server}/v1/chat/completions", {"model": "demo", "messages": many})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert body["error"]["message"].startswith("5000 messages cannot fit")  # before tokenizing
+    status, body, _ = _post(f"{server}/v1/completions", {"model": 5, "prompt": "hi"})
+    assert status == 400 and "`model` must be a model's name" in body["error"]["message"]
 
 
 def test_a_client_that_disconnects_frees_its_lane(server, client):

@@ -98,7 +98,8 @@ def parse(body: dict[str, Any], kind: Kind, served: Served) -> Job:
     _refuse_unsupported(body)
     model_name = body.get("model")
     if not isinstance(model_name, str) or not model_name:
-        raise ApiError("`model` is required: GET /v1/models lists them", param="model")
+        what = "is required" if model_name is None else "must be a model's name"
+        raise ApiError(f"`model` {what}: GET /v1/models lists them", param="model")
     steering = _steering(model_name, body.get("steering"), served)
     prompt, stops = _chat_prompt(body, served) if kind == "chat" else _text_prompt(body, served)
     if len(prompt) >= served.n_ctx:
@@ -190,6 +191,13 @@ def _chat_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tu
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError("`messages` must be a non-empty list", param="messages")
+    if len(messages) >= served.n_ctx:  # a token each at least; llama.cpp's tokenizer would
+        raise ApiError(  # take time quadratic in their number to say so
+            f"{len(messages)} messages cannot fit a lane's context of {served.n_ctx} tokens: "
+            "send fewer, or restart the server with a larger --ctx",
+            param="messages",
+            code="context_length_exceeded",
+        )
     plain = [_message(m, i) for i, m in enumerate(messages)]
     tokens, stops = chat.format_prompt(served.model, plain)
     return tokens, tuple(stops)
