@@ -77,6 +77,9 @@ def test_health_and_models(server, client):
     assert body["ctx_per_lane"] == 4096 and body["batch"] == 512 and body["batch_invariant"]
     models = {m.id: m.model_extra["steering"] for m in client.models.list()}
     assert models == {"demo": {}, "cheerful": {"happy": 1.0}}
+    assert client.models.retrieve("cheerful").model_extra["steering"] == {"happy": 1.0}
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
 
 
 def test_vectors_lists_what_fits(server):
@@ -301,6 +304,9 @@ def test_allow_train_queue_and_api_key(demo_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
+        request = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": "bearer k1"})
+        with urllib.request.urlopen(request) as response:  # an auth scheme ignores case
+            assert response.status == 200
         lines = _stream_lines(url, {"formal": 1.0}, "k1")  # trains `formal` first
         training = [line for line in lines if line.startswith(": training 'formal': ")]
         stages = {line.split(": ")[2].rsplit(" ", 1)[0] for line in training}

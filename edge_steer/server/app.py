@@ -68,6 +68,7 @@ def create_app(
         Route("/", playground),
         Route("/health", health),
         Route("/v1/models", list_models),
+        Route("/v1/models/{model_id:path}", get_model),
         Route("/v1/vectors", list_vectors),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -100,8 +101,9 @@ def _state(request: Request) -> ServerState:
 def _authorized(request: Request, state: ServerState) -> bool:
     if not state.api_key:
         return True
-    given = request.headers.get("authorization", "").encode()
-    return hmac.compare_digest(given, f"Bearer {state.api_key}".encode())
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    right = hmac.compare_digest(key.strip().encode(), state.api_key.encode())
+    return scheme.lower() == "bearer" and right  # schemes ignore case (RFC 9110)
 
 
 # -- routes -------------------------------------------------------------------------------
@@ -143,10 +145,27 @@ def _health(state: ServerState) -> dict[str, Any]:
 
 
 async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": _models(request)})
+
+
+async def get_model(request: Request) -> Response:
+    """One entry of /v1/models, as OpenAI's `client.models.retrieve` asks for it."""
+    wanted = request.path_params["model_id"]
+    for entry in _models(request):
+        if entry["id"] == wanted:
+            return JSONResponse(entry)
+    raise ApiError(
+        f"unknown model {wanted!r}: GET /v1/models lists them",
+        status=404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _models(request: Request) -> list[dict[str, Any]]:
     served, _ = _state(request).running()
     entries = [_model_entry(served.model_id, {})]
-    entries += [_model_entry(name, spec) for name, spec in served.pool.presets.items()]
-    return JSONResponse({"object": "list", "data": entries})
+    return entries + [_model_entry(name, spec) for name, spec in served.pool.presets.items()]
 
 
 def _model_entry(name: str, steering: dict[str, float]) -> dict[str, Any]:
