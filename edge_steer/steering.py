@@ -48,7 +48,19 @@ class Steering:
             vector = self.active[name][0]
         else:
             vector = library.for_model(self.model).get(name, self.resolve)
+            self._check_in_layers(name, vector)
         self.active[name] = (vector, strength)
+
+    def _check_in_layers(self, name: str, vector: vectors.ControlVector) -> None:
+        """A vector with no direction in the chosen blocks would steer nothing, silently."""
+        if self.layers is None:
+            return
+        first, last = self.layers
+        if not any(first <= layer <= last for layer in vector.layers):
+            raise BadInput(
+                f"layers {first}-{last} hold none of {name}'s blocks "
+                f"({vectors.block_span(vector.layers)}): pick blocks among them"
+            )
 
     def strengths(self) -> dict[str, float]:
         return {name: strength for name, (_, strength) in self.active.items()}

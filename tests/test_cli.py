@@ -41,6 +41,7 @@ def bad_files(tmp_path_factory, tiny_dense_path):
     nan[3] = np.nan
     path = folder / "nan.gguf"
     vectors.write(vectors.ControlVector({1: nan}), path)
+    vectors.write(vectors.ControlVector({1: np.ones(64, np.float32)}), folder / "first.gguf")
     return folder
 
 
@@ -58,11 +59,13 @@ def bad_files(tmp_path_factory, tiny_dense_path):
         (["--vector", "nosuchvector"], "built-in concept (trained on first use: concise,"),
         (["--layers", "2-40"], "outside the model's steerable blocks 1-5"),
         (["--layers", "x"], "bad layer range"),
+        (["--vector", "{bad}/first.gguf", "--layers", "2-4"], "hold none of {bad}/first.gguf"),
     ],
 )
 def test_bad_input_is_one_clean_line(args, words, bad_files, tiny_dense_path) -> None:
     args = [a.replace("{bad}", str(bad_files)) for a in args]
     model = [] if "--model" in args else ["--model", str(tiny_dense_path)]
+    words = words.replace("{bad}", str(bad_files))
     assert_clean_error(run("chat", *model, *args, "-p", "hi", "-n", "4"), words)
 
 
