@@ -54,10 +54,15 @@ def alien():
 
 
 @pytest.fixture(scope="module")
-def server(demo_path, wobble, alien) -> str:
+def served(demo_path, wobble, alien):
     args = ["--model", "demo", "--parallel", "4", "--preset", "cheerful=happy:1"]
-    with running_server(args) as url:
-        yield url
+    with server_process(args) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def server(served) -> str:
+    return served.url
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +251,8 @@ def test_malformed_json_and_messages(server):
     assert status == 400 and "`model` must be a model's name" in body["error"]["message"]
 
 
-def test_a_client_that_disconnects_frees_its_lane(server, client):
+def test_a_client_that_disconnects_frees_its_lane(served, server, client):
+    """...and leaves its log line: 499, as nginx logs a client gone before its answer."""
     stream = client.completions.create(
         model="demo", prompt=PROMPT, max_tokens=3000, temperature=0.8, stream=True
     )
@@ -268,6 +274,9 @@ def test_a_client_that_disconnects_frees_its_lane(server, client):
     connection.close()
     _wait_idle(server)
     assert health(server)[1]["busy"] == 0
+    gone = [line for line in served.output().splitlines() if " 499 " in line]
+    assert len(gone) == 2 and all("the client went away after" in line for line in gone)
+    assert gone[0].endswith(" · streamed") and not gone[1].endswith(" · streamed")
 
 
 def _wait_idle(url: str, seconds: float = 10, key: str | None = None) -> None:

@@ -63,7 +63,7 @@ def refuse(exc: EdgeSteerError, method: str, path: str) -> Response:
     """The answer to a refused request, logged as one line. ASCII JSON, so no text a client
     sent can fail to encode."""
     error = as_api_error(exc)
-    log.info("%s %s %d %s", method, _one_line(path), error.http_status, _one_line(str(error)))
+    log.info("%s %s %d %s", method, one_line(path), error.http_status, one_line(str(error)))
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.http_status == 503 else None
     return Response(
         json.dumps(error.body()),
@@ -73,7 +73,7 @@ def refuse(exc: EdgeSteerError, method: str, path: str) -> Response:
     )
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """`text` for the log: one line, at most LOG_CHARS, whatever a client put in it."""
     text = " ".join(text.split())
     return text if len(text) <= LOG_CHARS else text[:LOG_CHARS] + "..."

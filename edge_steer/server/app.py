@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from ..errors import EdgeSteerError
 from ..vectors import describe
-from .api_error import ApiError, as_api_error, log, refuse, shutting_down
+from .api_error import ApiError, as_api_error, log, one_line, refuse, shutting_down
 from .guard import Admission, Guard
 from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket, Training
 from .requests import Job, Kind, Served, decode, parse
@@ -249,6 +249,7 @@ async def _collect(
         while True:
             event = await events.get()
             if event is None:
+                reply.log_unfinished(499, "the client went away")
                 return Response(status_code=499)  # nobody is listening any more
             if isinstance(event, Piece):
                 pieces.append(event.text)
@@ -282,7 +283,9 @@ async def _stream(
             elif isinstance(event, Training):
                 yield _training_comment(event)
             elif isinstance(event, Failed):  # also when the server shuts down
-                yield _sse(as_api_error(event.error).body())
+                error = as_api_error(event.error)
+                reply.log_unfinished(error.http_status, one_line(str(error)))
+                yield _sse(error.body())
                 yield "data: [DONE]\n\n"
                 return
             elif isinstance(event, Finished):
@@ -293,6 +296,7 @@ async def _stream(
                 yield "data: [DONE]\n\n"
                 return
     finally:
+        reply.log_unfinished(499, "the client went away")  # unless it has its line
         ticket.cancel()  # after the end a no-op; before it, frees the lane of a client gone
 
 
@@ -316,22 +320,38 @@ class _Reply:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
+    logged: bool = False  # its one log line is written
 
     def log(self, done: Finished) -> None:
         """One line per answered request, as llama-server and Ollama log them: which model
         and steering, how many tokens, how long, and why it ended."""
-        seconds = time.monotonic() - self.started
+        self._log(
+            200,
+            f"{done.prompt_tokens} prompt + {done.completion_tokens} completion tokens · "
+            f"{self._seconds():.2f} s · {done.reason}",
+        )
+
+    def log_unfinished(self, status: int, why: str) -> None:
+        """The line of a request that got no answer: its client went away (499, as nginx
+        logs it) or a stream ended in an error event (shutting down, a failed decode)."""
+        self._log(status, f"{why} after {self._seconds():.2f} s")
+
+    def _log(self, status: int, detail: str) -> None:
+        if self.logged:
+            return
+        self.logged = True
         log.info(
-            "POST /v1/%s 200 %s · steering %s · %d prompt + %d completion tokens · %.2f s · %s%s",
+            "POST /v1/%s %d %s · steering %s · %s%s",
             "chat/completions" if self.kind == "chat" else "completions",
+            status,
             self.job.model,
             describe(self.job.steering),
-            done.prompt_tokens,
-            done.completion_tokens,
-            seconds,
-            done.reason,
+            detail,
             " · streamed" if self.job.stream else "",
         )
+
+    def _seconds(self) -> float:
+        return time.monotonic() - self.started
 
     def _head(self, stream: bool) -> dict[str, Any]:
         chat = self.kind == "chat"
