@@ -354,6 +354,18 @@ def _stream_lines(url: str, steering: dict[str, float], key: str) -> list[str]:
         return [line for line in response.read().decode().splitlines() if line]
 
 
+def test_every_request_waiting_on_a_training_hears_of_it(demo_path):
+    """Two streams name one untrained built-in at once: the trainer takes one, the other
+    waits behind it. Both get the training's progress as SSE comments (the second sat
+    silent for the whole training, which a proxy's read timeout may not wait out)."""
+    args = ["--model", "demo", "--parallel", "2", "--allow-train"]
+    with running_server(args) as url, ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda _: _stream_lines(url, {"concise": 1}, "-"), range(2)))
+    for lines in both:
+        assert any(line.startswith(": training 'concise': ") for line in lines), lines
+        assert lines[-1] == "data: [DONE]"
+
+
 def test_a_damaged_stored_vector_is_422(client, wobble):
     broken = wobble.with_name("broken.gguf")
     broken.write_bytes(wobble.read_bytes()[:100])  # truncated

@@ -254,7 +254,7 @@ class Lanes:
                 for name in self.pool.untrained(ticket.job.steering):
                     if ticket.cancelled.is_set() or self._stop.is_set():
                         break
-                    self.pool.train(name, _reporter(ticket, name))
+                    self.pool.train(name, self._reporter(ticket, name))
             except Exception as exc:  # this thread must outlive any one request
                 ticket.deliver(Failed(_as_error(exc)))
                 continue
@@ -264,10 +264,18 @@ class Lanes:
                 if not (self._stop.is_set() or ticket.cancelled.is_set()):
                     self.waiting.put_nowait(ticket)
 
+    def _reporter(self, ticket: Ticket, vector: str) -> Callable[[str, int, int], None]:
+        """Training progress for the request that waits on it, and for every request
+        queued behind it (they wait on it too): each stream gets bytes while it waits, so
+        that no proxy's read timeout gives up on it."""
 
-def _reporter(ticket: Ticket, vector: str) -> Callable[[str, int, int], None]:
-    """Training progress for the request that waits on it."""
-    return lambda stage, done, total: ticket.deliver(Training(vector, stage, done, total))
+        def report(stage: str, done: int, total: int) -> None:
+            with self.training.mutex:  # a snapshot of who waits
+                behind = list(self.training.queue)
+            for waiting in (ticket, *behind):
+                waiting.deliver(Training(vector, stage, done, total))
+
+        return report
 
 
 def _as_error(exc: Exception) -> EdgeSteerError:
