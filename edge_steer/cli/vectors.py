@@ -46,10 +46,16 @@ def convert_command(
         int, typer.Option("--shift", help="Add this to every block (-1 for cvector-generator).")
     ] = 0,
     model: ModelCheckOpt = None,
-    model_hint: Annotated[str | None, typer.Option("--model-hint")] = None,
+    model_hint: Annotated[
+        str | None,
+        typer.Option("--model-hint", help="The architecture it is for (e.g. llama); metadata."),
+    ] = None,
     source_note: Annotated[str | None, typer.Option("--source", help="Where it came from.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="How it was made.")] = None,
-    scale_rule: Annotated[str | None, typer.Option("--scale-rule")] = None,
+    scale_rule: Annotated[
+        str | None,
+        typer.Option("--scale-rule", help="How strength 1 was set (e.g. calibrated); metadata."),
+    ] = None,
     layers: LayersKeepOpt = None,
 ) -> None:
     """Convert a control vector between formats, with explicit layer numbering."""
