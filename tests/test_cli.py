@@ -51,6 +51,8 @@ def bad_files(tmp_path_factory, tiny_dense_path):
         (["--model", "missing.gguf"], "model file not found"),
         (["--model", "{bad}/text.gguf"], "not a GGUF file"),
         (["--model", "{bad}/truncated.gguf"], "truncated"),
+        (["--model", "{bad}"], "is a folder, not a model file"),
+        (["--vector", "{bad}"], "is a folder, not a control vector"),
         (["--vector", "{bad}/wide.gguf"], "n_embd 32 but the model has 64"),
         (["--vector", "{bad}/nan.gguf"], "NaN"),
         (["--vector", "lazy:abc"], "bad vector spec 'lazy:abc'"),
