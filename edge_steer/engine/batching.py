@@ -139,9 +139,8 @@ class Batcher:
     def step(self) -> list[Slot]:
         """The next token of every generating slot in one decode, then one prompt chunk in
         a decode of its own (or, with `merge_prompts`, in the same decode); admitted prompts
-        take turns, a chunk each. Returns the
-        slots that sampled a token (`Slot.sampled`): each generating slot, and the admitted
-        one once its whole prompt is in."""
+        take turns, a chunk each. Returns the slots that sampled a token (`Slot.sampled`):
+        each generating slot, and the admitted one once its whole prompt is in."""
         rows = [slot for slot in self.slots if slot.busy and slot.next_token is not None]
         admitted = self._admitted[0] if self._admitted else None
         if admitted is not None and rows and self._merges(rows, admitted):
@@ -210,7 +209,7 @@ class Batcher:
         own, cut as `Context.ingest` cuts it (see the module's note), else what the batch
         has room for. Returns whether that was the prompt's last chunk (its last row then
         gives an output)."""
-        size = self.prompt_chunk if n_before == 0 else self.ctx.n_batch - n_before
+        size = min(self.prompt_chunk, self.ctx.n_batch - n_before)
         chunk = slot.pending[:size]
         done = len(chunk) == len(slot.pending)
         start = len(slot.tokens)
