@@ -203,6 +203,7 @@ BAD_REQUESTS = [
     ({"steering": {"../happy": 1}}, 400, "unknown_vector"),
     ({"model": "demo+happy:x"}, 400, "invalid_steering"),
     ({"n": 2}, 400, None),
+    ({"logit_bias": {"15": 100}}, 400, None),
     ({"max_tokens": 0}, 400, None),
     ({"temperature": -1}, 400, None),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, None),
@@ -249,6 +250,12 @@ def test_malformed_json_and_messages(server):
     assert body["error"]["message"].startswith("5000 messages cannot fit")  # before tokenizing
     status, body, _ = _post(f"{server}/v1/completions", {"model": 5, "prompt": "hi"})
     assert status == 400 and "`model` must be a model's name" in body["error"]["message"]
+    chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    json_mode = chat | {"response_format": {"type": "json_object"}}  # never silently ignored
+    status, body, _ = _post(f"{server}/v1/chat/completions", json_mode)
+    assert status == 400 and body["error"]["param"] == "response_format"
+    text_mode = chat | {"response_format": {"type": "text"}}
+    assert _post(f"{server}/v1/chat/completions", text_mode)[0] == 200
 
 
 def test_a_client_that_disconnects_frees_its_lane(served, server, client):

@@ -137,10 +137,19 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         "best_of": body.get("best_of") not in (None, 1),
         "suffix": body.get("suffix") is not None,
         "tools": bool(body.get("tools")) or bool(body.get("functions")),
+        "response_format": _format_type(body.get("response_format")) not in (None, "text"),
+        "logit_bias": bool(body.get("logit_bias")),
     }
     for name, present in refused.items():
         if present:
             raise ApiError(f"`{name}` is not supported by edge-steer serve", param=name)
+
+
+def _format_type(response_format: object) -> object:
+    """`response_format`'s type: only plain text is produced (no JSON mode or schema)."""
+    if isinstance(response_format, dict):
+        return response_format.get("type")
+    return response_format
 
 
 def preset_and_suffix(model_name: str, served: Served) -> tuple[dict[str, float], str]:
