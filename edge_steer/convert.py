@@ -13,7 +13,6 @@ Whatever could not be detected is said in the notes `load` returns.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -338,11 +337,7 @@ def check_output(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.suffix not in OUTPUT_SUFFIXES:
         raise BadInput(f"unsupported output {path.name}: use a .gguf or .npz file name")
-    if path.is_dir():
-        raise BadInput(f"output {path} is a folder: name a .gguf or .npz file in it")
-    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write {path}: {folder} is not a writable folder")
+    files.check_writable(path)
     return path
 
 

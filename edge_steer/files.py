@@ -39,6 +39,16 @@ def write_atomically(
     return path
 
 
+def check_writable(path: Path) -> None:
+    """An output file whose folder exists, or can be made, and can be written: checked
+    before minutes of work, not after."""
+    if path.is_dir():
+        raise BadInput(f"output {path} is a folder: name a file in it")
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write {path}: {folder} is not a writable folder")
+
+
 def _check_written(path: Path, tmp: Path, check: Callable[[Path], object] | None) -> None:
     if check is None:
         return

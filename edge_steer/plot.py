@@ -17,8 +17,12 @@ if TYPE_CHECKING:
 EXTRA_HINT = "pip install matplotlib (the `plot` extra)"  # edge-steer is not on PyPI yet
 
 
-def require() -> None:
-    """Fail early, before minutes of measuring, when the optional extra is missing."""
+def require(path: str | Path) -> None:
+    """Fail early, before minutes of measuring, when the optional extra is missing or
+    `path` is not a PNG file that can be written."""
+    if Path(path).suffix.lower() != ".png":
+        raise BadInput(f"--plot {path}: name a .png file")
+    files.check_writable(Path(path))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -37,7 +41,7 @@ def write(
     With a single sweep, its recommended range is shaded and the persona-prompt baseline is
     drawn as stars at +1 / -1. Written to a temp file, then renamed into place.
     """
-    require()
+    require(path)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 9.5 if chat else 6.5), layout="constrained")

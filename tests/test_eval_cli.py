@@ -112,6 +112,8 @@ def test_default_sweep_is_whole_steps_and_halves_a_first_step_over_the_limit(
         ("{vec} --probes missing.jsonl", "probes file not found"),
         ("nosuchvector", "unknown vector 'nosuchvector'"),
         ("{vec} --samples -1", "--samples must be 0 or more"),
+        ("{vec} --probes {probes} --plot plot.txt", "--plot plot.txt: name a .png file"),
+        ("{vec} --probes {probes} --plot {vec}/p.png", "is not a writable folder"),
     ],
 )
 def test_bad_eval_input_is_one_clean_line(args, words, calm, tiny_dense_path) -> None:

@@ -105,7 +105,7 @@ def eval_command(
     if plot:
         from .. import plot as plotting
 
-        plotting.require()
+        plotting.require(plot)
     evaluation.vector_name(vector)  # a bad spec fails before the model loads
     loaded = load_model(opts, evaluate.EVAL_CTX)
     with progress_bar() as on_progress:
