@@ -283,7 +283,7 @@ class Steered:
             raise BadInput(
                 f"unknown sampling option {unknown[0]!r}: use {', '.join(sorted(known))}"
             )
-        tokens = self.model.tokenize(prompt)
+        tokens = self.model.tokenize_prompt(prompt)
         sampler = Sampler(self.model, SamplerSettings(**sampling))  # type: ignore[arg-type]
         return self.context.generate(tokens, sampler, max_tokens=max_tokens)
 

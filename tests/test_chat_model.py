@@ -25,6 +25,18 @@ def test_demo_chat_is_an_instruct_model_that_ends_its_turn(chat_path) -> None:
     assert "User:" not in reply["text"] and "Assistant:" not in reply["text"]
 
 
+def test_a_hand_written_template_in_a_prompt_is_read_as_its_special_tokens(chat_model) -> None:
+    """As llama-cli and llama-server read a prompt: `<|im_start|>` is one special token, not
+    its characters, so a completion prompt can carry the model's own chat template."""
+    prompt = "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"
+    result = run("generate", "-m", "demo-chat", "-p", prompt, "-n", "60", "--json", "--temp", "0")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["prompt_tokens"] == len(chat_model.tokenize(prompt, parse_special=True))
+    assert reply["prompt_tokens"] < len(chat_model.tokenize(prompt)) - 6  # 3 specials, ~7 each
+    assert reply["generated_tokens"] < 60  # in its own template, the model ends its turn
+
+
 def test_happy_trained_on_the_chat_model_moves_its_probes(chat_model) -> None:
     pairs = dataset.contrast_pairs(dataset.load_builtin("happy"), chat_model, limit=64)
     vector = training.train(chat_model, pairs, training.TrainOptions(), name="happy")

@@ -124,6 +124,11 @@ class Model:
             tokens = tokens[1:]  # the text wrote BOS itself (chat templates) and we added one
         return tokens
 
+    def tokenize_prompt(self, text: str) -> list[int]:
+        """A user's prompt as llama-cli and llama-server read it: the text of a special token
+        (`<|im_start|>`, `[INST]`) is that token, so hand-written templates work."""
+        return self.tokenize(text, parse_special=True)
+
     def piece(self, token: int, *, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)

@@ -237,7 +237,7 @@ def _text_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tu
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # one prompt in a list, as some clients send it
     if isinstance(prompt, str) and prompt:
-        return served.model.tokenize(prompt), ()
+        return served.model.tokenize_prompt(prompt), ()
     n_vocab = served.model.n_vocab
     if (
         isinstance(prompt, list)
