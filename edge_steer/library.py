@@ -79,11 +79,16 @@ def train_and_store(
     return store_vector(model, name, train_vector(model, name, pairs, options, progress))
 
 
+def is_builtin(name: str) -> bool:
+    """Whether SPEC name `name` means a built-in concept (any case; never a path)."""
+    return not files.looks_like_path(name) and name.lower() in dataset.builtin_names()
+
+
 def resolve(
     model: Model, name: str, *, retrain: bool = False, progress: training.Progress | None = None
 ) -> Path:
     """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
-    builtin = not files.looks_like_path(name) and name.lower() in dataset.builtin_names()
+    builtin = is_builtin(name)
     name = name.lower() if builtin else name  # `Happy` is the built-in `happy`
     if not (builtin and retrain):
         try:

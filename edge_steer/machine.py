@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,3 +188,25 @@ def gpu_build_command(system: str, machine: str) -> str:
         f'CMAKE_ARGS="{flag}" pip install --force-reinstall --no-cache-dir '
         f"llama-cpp-python=={version('llama-cpp-python')}"
     )
+
+
+def check_port(port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise BadInput(f"--port {port}: use 1-65535")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Refuse, before a server says it listens, a port it could not listen on: out of range,
+    taken, or on a host that is no address of this machine."""
+    check_port(port)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as exc:
+            fix = (
+                "pass another --port, or stop what uses it"
+                if exc.errno == errno.EADDRINUSE
+                else "pass another --host (an address of this machine) or --port"
+            )
+            raise BadInput(f"cannot listen on {host}:{port} ({exc.strerror}): {fix}") from None

@@ -222,26 +222,19 @@ def check_bind(host: str, port: int, allow_remote: bool) -> None:
     """Refuse a host that is not an IP address (llama.cpp's RPC server takes no names), a
     non-loopback bind without the opt-in, and a port already taken."""
     try:
-        ipaddress.ip_address(host)
+        ipaddress.IPv4Address(host)
     except ValueError:
         raise BadInput(
-            f"--host {host}: the RPC server takes an IP address, e.g. 127.0.0.1 or 0.0.0.0"
+            f"--host {host}: the RPC server takes an IP address (v4), e.g. 127.0.0.1 or 0.0.0.0"
         ) from None
     if not is_loopback(host) and not allow_remote:
         raise BadInput(
             f"--host {host} exposes the worker beyond this machine, where {SECURITY_WARNING} "
             "Pass --allow-remote to do it anyway, or keep --host 127.0.0.1"
         )
-    if not 0 < port < 65536:
-        raise BadInput(f"--port {port}: use 1-65535")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise BadInput(
-                f"cannot listen on {host}:{port} ({exc.strerror}): pick another --port or --host"
-            ) from None
+    from . import machine
+
+    machine.check_can_listen(host, port)
 
 
 def serving_devices(names: Sequence[str]) -> list[str]:

@@ -33,7 +33,7 @@ from ..vectors import describe
 from .api_error import ApiError, as_api_error, log, one_line, refuse, shutting_down
 from .guard import Admission, Guard
 from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket, Training
-from .requests import Job, Kind, Served, decode, parse
+from .requests import Job, Kind, Served, decode, parse, unknown_model
 
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 
@@ -154,12 +154,7 @@ async def get_model(request: Request) -> Response:
     for entry in _models(request):
         if entry["id"] == wanted:
             return JSONResponse(entry)
-    raise ApiError(
-        f"unknown model {wanted!r}: GET /v1/models lists them",
-        status=404,
-        param="model",
-        code="model_not_found",
-    )
+    raise unknown_model(wanted, _state(request).running()[0])
 
 
 def _models(request: Request) -> list[dict[str, Any]]:

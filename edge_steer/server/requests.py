@@ -159,8 +159,12 @@ def preset_and_suffix(model_name: str, served: Served) -> tuple[dict[str, float]
         return dict(served.pool.presets[base]), suffix
     if base == served.model_id or base in served.aliases:
         return {}, suffix
-    raise ApiError(
-        f"unknown model {base!r}: this server serves {', '.join(map(repr, served.names()))}",
+    raise unknown_model(base, served)
+
+
+def unknown_model(name: str, served: Served) -> ApiError:
+    return ApiError(
+        f"unknown model {name!r}: this server serves {', '.join(map(repr, served.names()))}",
         status=404,
         param="model",
         code="model_not_found",

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import errno
-import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -26,7 +24,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from .. import dataset, files, model_files, runtime, steering, store
+from .. import files, library, machine, model_files, runtime, steering, store
 from ..engine import DEFAULT_BATCH, MAX_SEQUENCES, Context, Model
 from ..engine.batching import Batcher
 from ..errors import BadInput, EdgeSteerError, EngineError
@@ -97,8 +95,7 @@ def check_counts(parallel: int, queue_size: int, port: int) -> None:
     its RAM, with advice about --ctx)."""
     if not 1 <= parallel <= MAX_SEQUENCES or queue_size < 0:
         raise BadInput(f"--parallel must be 1 to {MAX_SEQUENCES} and --queue at least 0")
-    if not 1 <= port <= 65535:
-        raise BadInput(f"--port {port}: use 1-65535")
+    machine.check_port(port)
 
 
 def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None:
@@ -112,7 +109,7 @@ def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None
             f"warning: --host {options.host} without --api-key: anyone who can reach port "
             f"{options.port} can use this model; pass --api-key KEY or use a firewall"
         )
-    _check_listening(options.host, options.port)
+    machine.check_can_listen(options.host, options.port)
 
 
 def _check_against_model(options: ServeOptions) -> None:
@@ -121,22 +118,8 @@ def _check_against_model(options: ServeOptions) -> None:
     steering.parse_layers(options.layers, model_files.model_shape(options.path).n_layer)
     for spec in options.presets.values():
         for name in spec:
-            if files.looks_like_path(name) or name.lower() not in dataset.builtin_names():
+            if not library.is_builtin(name):
                 store.resolve_vector(name, options.path)
-
-
-def _check_listening(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-        except OSError as exc:
-            fix = (
-                "pass another --port, or stop what uses it"
-                if exc.errno == errno.EADDRINUSE
-                else "pass another --host (an address of this machine) or --port"
-            )
-            raise BadInput(f"cannot listen on {host}:{port} ({exc.strerror}): {fix}") from None
 
 
 def serve(
