@@ -23,6 +23,42 @@ def format_prompt(model: Model, messages: list[dict[str, str]]) -> tuple[list[in
     return model.tokenize(text, parse_special=True), ()
 
 
+def fit_to_context(
+    model: Model,
+    messages: list[dict[str, str]],
+    n_ctx: int,
+    max_tokens: int,
+    raise_with: str = "--ctx",
+) -> tuple[list[int], tuple, int]:
+    """`format_prompt` of a conversation that fits the context, and how many of its earliest
+    messages (after the system prompt) it leaves out to fit.
+
+    A conversation that leaves the reply less than min(max_tokens, n_ctx / 4) tokens loses
+    whole turns from its start, as ollama and llama-cli's context shift drop them, until it
+    takes half the context: each drop re-evaluates the whole prompt (minutes for a 7B on a
+    Pi), so the next turns fit without another. Turns go whole, so the kept ones still begin
+    with a user message, as templates such as Mistral's demand. The newest message is
+    always kept; when it alone does not fit, that is a BadInput."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system) :]
+    tokens, stops = format_prompt(model, messages)
+    dropped, most = 0, n_ctx - min(max_tokens, n_ctx // 4)
+    while len(tokens) > most and dropped < len(turns) - 1:
+        dropped = next(
+            (i for i in range(dropped + 1, len(turns)) if turns[i]["role"] == "user"),
+            len(turns) - 1,
+        )
+        tokens, stops = format_prompt(model, system + turns[dropped:])
+        most = n_ctx // 2
+    if len(tokens) >= n_ctx:
+        with_system = " with the system prompt" if system else ""
+        raise BadInput(
+            f"the message is {len(tokens)} tokens{with_system} but the context holds {n_ctx}: "
+            f"raise {raise_with}, or shorten the message"
+        )
+    return tokens, stops, dropped
+
+
 def until_stop(pieces: Iterator[str], stops: tuple[str, ...]) -> Generator[str, None, bool]:
     """Pass text through until a stop string, holding back what could be its beginning.
     Returns (to `yield from`) whether a stop string ended it.
@@ -106,6 +142,7 @@ class ChatSession:
     system: str | None = None
     max_tokens: int = 512
     messages: list[dict[str, str]] = field(default_factory=list)
+    forgotten: int = 0  # the earliest messages, left out once the context filled up
     last_stats: GenerationStats = field(default_factory=GenerationStats)  # the last reply's
 
     def __post_init__(self) -> None:
@@ -113,12 +150,25 @@ class ChatSession:
 
     def conversation(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages
+        return head + self.messages[self.forgotten :]
+
+    def prompt(self) -> tuple[list[int], tuple]:
+        """The conversation's tokens and stops, leaving out its earliest turns where the
+        context is full (`fit_to_context`); `messages` keeps them all, for /save."""
+        model, n_ctx = self.ctx.model, self.ctx.n_ctx
+        tokens, stops, dropped = fit_to_context(model, self.conversation(), n_ctx, self.max_tokens)
+        self.forgotten += dropped
+        return tokens, stops
 
     def reply(self, text: str) -> Iterator[str]:
-        """Stream the assistant's answer; a reply cut short (Ctrl-C) is kept as said."""
+        """Stream the assistant's answer; a reply cut short (Ctrl-C) is kept as said. A
+        message too long for the context is not kept."""
         self.messages.append({"role": "user", "content": text})
-        tokens, stop = format_prompt(self.ctx.model, self.conversation())
+        try:
+            tokens, stop = self.prompt()
+        except BadInput:
+            self.messages.pop()
+            raise
         answer: list[str] = []
         try:
             sampler = Sampler(self.ctx.model, self.settings)
@@ -136,7 +186,7 @@ class ChatSession:
         self.steering.set(name, strength)
         self.steering.apply(self.ctx)
         if self.messages:
-            self.ctx.ingest(format_prompt(self.ctx.model, self.conversation())[0])
+            self.ctx.ingest(self.prompt()[0])
 
     def set_system(self, text: str | None) -> None:
         self.system = text or None
@@ -159,12 +209,13 @@ class ChatSession:
         for name, strength in strengths.items():
             steering.set(name, strength)
         self.steering.active = steering.active
-        self.system, self.messages = system, messages
+        self.system, self.messages, self.forgotten = system, messages, 0
         self.ctx.forget(0)
         self.steering.apply(self.ctx)
         if self.messages:
-            self.ctx.ingest(format_prompt(self.ctx.model, self.conversation())[0])
+            self.ctx.ingest(self.prompt()[0])
 
     def clear(self) -> None:
         self.messages.clear()
+        self.forgotten = 0
         self.ctx.forget(0)

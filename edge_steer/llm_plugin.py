@@ -135,18 +135,20 @@ class SteeredModel(llm.Model):
     def _reply(
         self, prompt: llm.Prompt, response: llm.Response, conversation: llm.Conversation | None
     ) -> Iterator[str]:
-        from .chat import format_prompt, until_stop
+        from .chat import fit_to_context, until_stop
         from .engine import Sampler
 
         options = cast(SteeredModel.Options, prompt.options)
         steered = _steered(self.name, options.ctx or DEFAULT_CTX)
         _steer(steered, options.vector, options.layers)
-        tokens, stops = format_prompt(steered.model, _messages(prompt, conversation))
+        messages, max_tokens = _messages(prompt, conversation), options.max_tokens or MAX_TOKENS
+        context = steered.context
+        tokens, stops, _ = fit_to_context(
+            steered.model, messages, context.n_ctx, max_tokens, raise_with="-o ctx"
+        )
         sampler = Sampler(steered.model, _sampling(options))
         try:
-            pieces = steered.context.generate(
-                tokens, sampler, max_tokens=options.max_tokens or MAX_TOKENS
-            )
+            pieces = context.generate(tokens, sampler, max_tokens=max_tokens)
             yield from until_stop(pieces, stops)
         finally:
             sampler.close()

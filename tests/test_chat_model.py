@@ -12,7 +12,12 @@ import pytest
 from conftest import assert_steers_probes_monotonically, calibration_fluency
 from test_cli import run
 
-from edge_steer import calibrate, dataset, training
+from edge_steer import calibrate, dataset, steering, training
+from edge_steer.chat import ChatSession
+from edge_steer.engine import Context, SamplerSettings
+from edge_steer.errors import BadInput
+
+GREEDY = SamplerSettings(temperature=0)
 
 
 def test_demo_chat_is_an_instruct_model_that_ends_its_turn(chat_path) -> None:
@@ -35,6 +40,34 @@ def test_a_hand_written_template_in_a_prompt_is_read_as_its_special_tokens(chat_
     assert reply["prompt_tokens"] == len(chat_model.tokenize(prompt, parse_special=True))
     assert reply["prompt_tokens"] < len(chat_model.tokenize(prompt)) - 6  # 3 specials, ~7 each
     assert reply["generated_tokens"] < 60  # in its own template, the model ends its turn
+
+
+def test_a_full_context_drops_the_earliest_whole_turns_and_keeps_the_system_prompt(
+    chat_model,
+) -> None:
+    """As ollama and llama-cli go on when a chat outgrows the context: the earliest turns
+    leave the prompt, whole (the kept ones start with a user message), down to half the
+    context so that the next turns fit again; the system prompt stays, /save keeps every
+    message, and a message that alone does not fit is refused and not kept."""
+    long = " ".join(["Tell me more about the weather in spring."] * 8)  # ~80 tokens
+    with Context(chat_model, n_ctx=512) as ctx:
+        session = ChatSession(ctx, steering.build(chat_model, [], None), GREEDY, "Be brief.", 24)
+        sizes = []
+        for turn in range(8):
+            "".join(session.reply(f"{turn}: {long}"))
+            sizes.append((session.forgotten, session.last_stats.prompt_tokens))
+        assert len(session.messages) == 16 and session.forgotten % 2 == 0
+        seen = session.conversation()
+        assert seen[0] == {"role": "system", "content": "Be brief."}
+        assert seen[1]["role"] == "user" and seen[1] == session.messages[session.forgotten]
+        drops = [i for i in range(1, 8) if sizes[i][0] > sizes[i - 1][0]]
+        assert drops and drops[0] >= 3  # only once the context had filled up
+        for i in drops:  # each drop re-evaluated a prompt of at most half the context
+            assert sizes[i][1] <= ctx.n_ctx // 2 < sizes[i][1] + 160
+        assert len(drops) < len(sizes) - drops[0]  # not a re-evaluation every turn after
+        with pytest.raises(BadInput, match=r"the message is \d+ tokens with the system prompt"):
+            "".join(session.reply(" ".join(["spring"] * 600)))
+        assert len(session.messages) == 16
 
 
 def test_happy_trained_on_the_chat_model_moves_its_probes(chat_model) -> None:

@@ -110,6 +110,17 @@ def test_llm_chat_keeps_the_model_and_its_cache_between_turns(llm_env) -> None:
     assert details["cached_prompt_tokens"] >= first["input_tokens"]  # not read again
 
 
+def test_llm_chat_goes_on_past_a_full_context(llm_env) -> None:
+    """Once the conversation outgrows `-o ctx`, its earliest turns leave the prompt (down
+    to half the context), as in edge-steer's own chat, instead of an error every turn."""
+    long = " ".join(["Tell me more about the weather in spring."] * 8)  # ~80 tokens
+    lines = "".join(f"{turn} {long}\n" for turn in range(5)) + "quit\n"
+    result = llm_cli(llm_env, "chat", "-m", MODEL, *GREEDY, "-o", "ctx", "512", stdin=lines)
+    assert result.returncode == 0 and "Error" not in result.stdout, result.stdout[-500:]
+    sizes = [r["input_tokens"] for r in logged(llm_env, 5)]
+    assert sizes[3] > sizes[4] and max(sizes) < 512 - 24 and sizes[4] <= 256, sizes
+
+
 @pytest.mark.parametrize(
     ("option", "words"),
     [

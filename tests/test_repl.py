@@ -6,13 +6,20 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from edge_steer import vectors
+import pytest
+
+from edge_steer import steering, vectors
+from edge_steer.chat import ChatSession
+from edge_steer.cli import repl
+from edge_steer.engine import Context, SamplerSettings
+from edge_steer.errors import EdgeSteerError
 
 
 def at_terminal(model: Path, keys: list[str | float], home: Path) -> str:
@@ -51,13 +58,15 @@ LEFT, UP, CTRL_C = "\x1b[D", "\x1b[A", "\x03"
 
 def test_line_editing_history_set_save_and_load(tiny_dense_path, tmp_path) -> None:
     """Left arrows move inside the line (no `^[[D` typed in), Up recalls the last line, /set
-    changes sampling, /save writes the conversation and /load brings it back after /clear."""
+    changes sampling, a failed command is one line, /save writes the conversation and /load
+    brings it back after /clear."""
     saved, again = tmp_path / "talk.json", tmp_path / "again.json"
     keys = [
         f"hllo{LEFT * 3}e\r",
         f"{UP}\r",  # the same message again, from history
         "/set temperature 0.25\r",
         "/set top_k 7\r",
+        "/set warmth 1\r",  # at a terminal, a failed command is a line and the chat goes on
         "/set\r",
         f"/save {saved}\r",
         "/clear\r",
@@ -69,7 +78,7 @@ def test_line_editing_history_set_save_and_load(tiny_dense_path, tmp_path) -> No
     assert "Traceback" not in shown
     conversation = json.loads(saved.read_text())
     assert [m["content"] for m in conversation["messages"][0::2]] == ["hello", "hello"]
-    assert "temperature=0.25" in shown and "top_k=7" in shown
+    assert "temperature=0.25" in shown and "top_k=7" in shown and "unknown setting" in shown
     assert json.loads(again.read_text())["messages"] == conversation["messages"]
     assert "hello" in (tmp_path / "chat_history").read_text()
 
@@ -104,31 +113,42 @@ def piped_chat(model: Path, script: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, input=script, capture_output=True, text=True, timeout=120)
 
 
-def test_help_lists_every_command_and_bad_input_is_one_line(tiny_dense_path, tmp_path) -> None:
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"messages": [{"role": "wizard", "content": 1}]}')
-    script = "\n".join(
-        [
-            "/help",
-            "/set temperature 9",
-            "/set warmth 1",
-            "/set seed lots",
-            f"/load {bad}",
-            f"/load {tmp_path / 'missing.json'}",
-            f"/save {tmp_path}/no/such/folder/\0x",
-            "/bye",
-        ]
-    )
-    result = piped_chat(tiny_dense_path, script + "\n")
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+def test_help_lists_every_command_and_a_script_stops_at_its_first_failure(tiny_dense_path):
+    """Piped in, the chat is a script: a failed command ends it with one line and exit 2,
+    as `python < script` does, since its next lines would run under a steering or history
+    it did not ask for."""
+    result = piped_chat(tiny_dense_path, "/help\n/set warmth 1\nhello\n")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     for command in ("/vector", "/vectors", "/system", "/set", "/clear", "/save", "/load"):
         assert command in result.stderr
     for word in ("/bye", "/quit", "/exit", "Ctrl-D"):
         assert word in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 6, result.stderr
-    assert "temperature 9.0 is out of range" in errors[0] and "unknown setting" in errors[1]
-    assert "bad message" in errors[3] and "no file" in errors[4]
+    assert result.stderr.splitlines()[-1].startswith("error: unknown setting 'warmth'")
+    assert not result.stdout.strip()  # no reply to the line after it
+    unknown = piped_chat(tiny_dense_path, "/vectros\n")
+    assert unknown.returncode == 2 and "unknown command /vectros" in unknown.stderr
+
+
+def test_bad_commands_are_one_line_each_and_change_nothing(tiny_dense, tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "wizard", "content": 1}]}')
+    cases = [
+        ("/set temperature 9", "temperature 9.0 is out of range"),
+        ("/set warmth 1", "unknown setting"),
+        ("/set seed lots", "seed"),
+        (f"/load {bad}", "bad message"),
+        (f"/load {tmp_path / 'missing.json'}", "no file"),
+        (f"/save {tmp_path}/no/such/folder/\0x", "cannot save"),
+        ("/vector lazy", "usage: /vector NAME STRENGTH"),
+    ]
+    with Context(tiny_dense, n_ctx=256) as ctx:
+        session = ChatSession(ctx, steering.build(tiny_dense, [], None), SamplerSettings())
+        "".join(session.reply("hello"))
+        before = session.saved()
+        for line, words in cases:
+            with pytest.raises(EdgeSteerError, match=re.escape(words)):
+                repl._command(session, line)
+            assert session.saved() == before, line
 
 
 def test_load_brings_back_the_vectors_of_a_saved_conversation(tiny_dense_path, tmp_path):

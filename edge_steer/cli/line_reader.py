@@ -15,9 +15,14 @@ from .console import out
 Read = Callable[[bool], str]  # read(continuing) -> one line; EOFError at the end
 
 
+def is_script() -> bool:
+    """Input piped in (or from a file): a script, not a person at a terminal."""
+    return not sys.stdin.isatty()
+
+
 def line_reader() -> Read:
     """The reader for this terminal (or pipe)."""
-    if not sys.stdin.isatty():
+    if is_script():
         return _piped
     if not sys.stdout.isatty():  # `chat > file`: prompts stay off the file, as input() does
         return lambda continuing: input()

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from ..errors import BadInput, EdgeSteerError, NotFound
-from .line_reader import line_reader, read_message
+from .line_reader import is_script, line_reader, read_message
 from .options import err, print_error, stream
 from .progress import StepProgress
 
@@ -23,10 +23,13 @@ vector's training (the conversation stays as it was); Ctrl-D or /bye leaves."""
 
 
 def repl(session, progress: StepProgress) -> None:
-    """Read messages and slash commands until /bye or Ctrl-D."""
+    """Read messages and slash commands until /bye or Ctrl-D. At a terminal a failed
+    command or message is one red line and the chat goes on; a script piped in stops at its
+    first failure with its exit code, as `python < script` does, since its next lines would
+    run under a steering or history it did not ask for."""
     from .. import vectors
 
-    read = line_reader()
+    read, script = line_reader(), is_script()
     err.print(
         f"[dim]{session.ctx.model.name} · vectors: "
         f"{vectors.describe(session.steering.strengths())} · /help for commands[/]"
@@ -46,7 +49,11 @@ def repl(session, progress: StepProgress) -> None:
             if line.startswith("/"):
                 _command(session, line.strip())
             elif line.strip():
-                stream(session.reply(line), quiet=False)
+                _reply(session, line)
+        except EdgeSteerError as exc:
+            if script:
+                raise
+            print_error(exc)
         except KeyboardInterrupt:
             progress.close()
             err.print("\n[dim]\\[stopped][/]")
@@ -54,16 +61,22 @@ def repl(session, progress: StepProgress) -> None:
             progress.close()  # a step cut short takes its bar with it
 
 
+def _reply(session, line: str) -> None:
+    forgotten = session.forgotten
+    stream(session.reply(line), quiet=False)
+    if session.forgotten > forgotten:
+        err.print(
+            f"[dim](the context is full: the model no longer sees the {session.forgotten} "
+            "earliest messages; /save keeps them all)[/]"
+        )
+
+
 def _command(session, line: str) -> None:
     word, _, rest = line.partition(" ")
     command = COMMANDS.get(word)
     if command is None:
-        err.print(f"[red]unknown command {word}[/]: /help lists them", highlight=False)
-        return
-    try:
-        command[0](session, rest.strip())
-    except EdgeSteerError as exc:
-        print_error(exc)
+        raise BadInput(f"unknown command {word}: /help lists them")
+    command[0](session, rest.strip())
 
 
 def _help(_session, _rest: str) -> None:

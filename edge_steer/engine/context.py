@@ -236,7 +236,7 @@ class Context:
         if len(tokens) > self.n_ctx:
             raise BadInput(
                 f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}: "
-                "raise --ctx, or shorten the prompt (in chat, /clear drops the earlier turns)"
+                "raise --ctx, or shorten the prompt"
             )
         same = min(self.cached_prefix(tokens), len(tokens) - 1)
         self.forget(same)
