@@ -171,6 +171,13 @@ def _renumber(source: Source, base: str, shift: int) -> dict[int, np.ndarray]:
             dropped.append(key)
         else:
             directions[block] = array
+    if dropped and not directions:
+        keys = f"{dropped[0]}-{dropped[-1]}" if len(dropped) > 1 else str(dropped[0])
+        given = f"with --shift {shift}, " if shift else ""
+        raise BadInput(
+            f"{given}every direction (key {keys}) lands before block 1, which llama.cpp "
+            f"cannot steer: --shift {1 - dropped[0] + shift - offset} keeps them all"
+        )
     if zero:
         source.notes.append(f"skipped {zero} all-zero direction(s)")
     if dropped:

@@ -183,6 +183,8 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
     assert plain.layers == [1, 2, 3, 4, 5, 6] and any(
         "assumed --layer-base block" in n for n in notes
     )
+    with pytest.raises(BadInput, match=r"with --shift -9, every direction \(key 0-6\) lands "):
+        convert.load(tmp_path / "hs.npy", shift=-9)  # (--shift 1 would keep key 0 too)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +195,8 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
         ("x.json", b'{"1": ["a"]}', "lists of numbers", DamagedFile),
         ("x.json", b'{"1": [1, NaN]}', "NaN or Inf", DamagedFile),
         ("x.json", b'{"alpha": [1, 2]}', "cannot tell the layer", DamagedFile),
-        ("x.json", b'{"0": [1, 2]}', "no direction.N", DamagedFile),
+        ("x.json", b'{"0": [1, 2]}', "lands before block 1.*--shift 1 keeps", BadInput),
+        ("x.json", b"{}", "no direction.N", DamagedFile),
         ("x.json", b'{"1": [1, 2], "2": [1, 2, 3]}', "unlike the other layers", DamagedFile),
         ("x.json", b'{"1": [[1, 2], [3, 4]]}', "must be 1-D", DamagedFile),
         (
