@@ -64,7 +64,12 @@ def repl(session, progress: StepProgress) -> None:
 def _reply(session, line: str) -> None:
     forgotten = session.forgotten
     stream(session.reply(line), quiet=False)
-    if session.forgotten > forgotten:
+    _note_forgotten(session, forgotten)
+
+
+def _note_forgotten(session, before: int) -> None:
+    """Say so when the context has just had to drop the conversation's earliest turns."""
+    if session.forgotten > before:
         err.print(
             f"[dim](the context is full: the model no longer sees the {session.forgotten} "
             "earliest messages; /save keeps them all)[/]"
@@ -151,6 +156,7 @@ def _load(session, rest: str) -> None:
         f"{vectors.describe(session.steering.strengths())}[/]",
         highlight=False,
     )
+    _note_forgotten(session, 0)
 
 
 # /set NAME VALUE: the sampler's settings (engine.SamplerSettings) and the reply length
