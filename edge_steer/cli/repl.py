@@ -108,12 +108,13 @@ def _vector(session, rest: str) -> None:
     if len(parts) != 2:
         raise BadInput("usage: /vector NAME STRENGTH (e.g. /vector lazy -0.5; 0 removes it)")
     name, strength = vectors.parse_spec(f"{parts[0]}:{parts[1]}")
-    start = time.perf_counter()
+    start, forgotten = time.perf_counter(), session.forgotten
     session.set_vector(name, strength)
     err.print(
         f"[dim]vectors: {vectors.describe(session.steering.strengths())} "
         f"(history re-evaluated in {time.perf_counter() - start:.2f}s)[/]"
     )
+    _note_forgotten(session, forgotten)
 
 
 def _system(session, rest: str) -> None:
