@@ -174,6 +174,11 @@ def from_personas(name: str, positive: str, negative: str) -> Concept:
             f"{len(pos)} positive vs {len(neg)} negative persona words: give the same number "
             "on both sides (they are paired by position)"
         )
+    same = [p for p, n in zip(pos, neg, strict=True) if p.casefold() == n.casefold()]
+    if same:
+        raise BadInput(
+            f"persona word {same[0]!r} is on both sides: pair each word with its opposite"
+        )
     concept = Concept(
         name=name.strip(),
         positive=pos,
@@ -200,6 +205,11 @@ def _check_concept(concept: Concept) -> None:
     for word in concept.positive + concept.negative:
         if "{" in word or "}" in word:
             raise BadInput(f"{where}: persona {word!r} contains a brace: remove it")
+        if any("\ud800" <= char <= "\udfff" for char in word):  # undecodable bytes
+            raise BadInput(
+                f"{where}: persona {word!r} is not valid text (bytes that are not UTF-8?): "
+                "check the terminal's or the file's encoding"
+            )
     for pair in concept.examples:
         if not all(isinstance(text, str) and text.strip() for text in pair):
             raise BadInput(f"{where}: every example needs a non-empty positive and negative text")
@@ -286,9 +296,10 @@ def _chat(concept: Concept, model: ChatFormatter, persona: str) -> str | None:
 
 
 def load_pairs_jsonl(path: str | Path) -> list[tuple[str, str]]:
-    """Explicit training prompts, one {"positive": ..., "negative": ...} object per line."""
+    """Explicit training prompts, one {"positive": ..., "negative": ...} object per line; a
+    pair given twice counts once (it would weigh twice and pass the two-pair minimum)."""
     rows = _read_jsonl(path, ("positive", "negative"), "pairs")
-    return [(row["positive"], row["negative"]) for row in rows]
+    return list(dict.fromkeys((row["positive"], row["negative"]) for row in rows))
 
 
 def load_probes_jsonl(path: str | Path) -> list[Probe]:
@@ -302,7 +313,7 @@ def _read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict
     path = Path(path).expanduser()
     shape = "{" + ", ".join(f'"{k}": "..."' for k in keys) + "}"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's BOM
     except FileNotFoundError:
         raise NotFound(f"{what} file not found: {path}: check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -329,6 +340,6 @@ def _check_row(line: str, where: str, keys: tuple[str, ...], shape: str) -> dict
             raise BadInput(f'{where}: missing "{key}": each line needs {shape}')
         if not isinstance(row[key], str) or not row[key].strip():
             raise BadInput(f'{where}: "{key}" must be a non-empty string')
-    if row["positive"] == row["negative"]:
-        raise BadInput(f'{where}: "positive" and "negative" are identical: make them contrast')
+    if row["positive"].split() == row["negative"].split():
+        raise BadInput(f'{where}: "positive" and "negative" are the same text: make them contrast')
     return {key: row[key] for key in keys}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chateval, dataset, evaluate, runtime, steering, vectors
+from . import chateval, dataset, evaluate, library, runtime, steering, vectors
 from .dataset import Probe
 from .engine import Model
 from .errors import BadInput
@@ -143,6 +143,8 @@ def evaluate_vector(
     first use) on `model`. Checks what it can before any long step: the spec, the probes,
     and with `chat` that the model has a chat template."""
     name = vector_name(vector)
+    if options.retrain:
+        library.check_retrain([name])
     if options.chat:
         chateval.require_chat(model)
     span = steering.parse_layers(options.layers, model.n_layer)
@@ -154,12 +156,15 @@ def evaluate_vector(
     words, prefixes = (None, None)
     if options.baseline or options.personas:
         words, prefixes = _personas(model, concept, options.personas)
+    definition = _definition(concept, options.personas, "--chat") if options.chat else None
     rows = vectors.combine([(read, 1.0)], model.n_layer, model.n_embd)
     steered = (rows, span or (1, model.n_layer - 1))
     result = _sweep(model, steered, probes, options, prefixes, concept, on_progress)
     if options.save:
         evaluate.save(path, result, model, f"{span[0]}-{span[1]}" if span else "all")
-    chat = _chat(model, steered, concept, options, result, on_progress) if options.chat else None
+    chat = None
+    if definition is not None:
+        chat = _chat(model, steered, definition, options, result, on_progress)
     report = _report(result, model, read, path, concept, span, words, prefixes, len(probes))
     return replace(report, chat=chat, saved=str(path) if options.save else None)
 
@@ -199,14 +204,13 @@ def _sweep(
 def _chat(
     model: Model,
     steered: Steered,
-    concept: str,
+    definition: dataset.Concept,
     options: EvalOptions,
     result: evaluate.Sweep,
     on_progress: Progress,
 ) -> list[chateval.ChatPoint]:
     """`chateval.chat_sweep` at the probe sweep's strengths."""
-    definition = _definition(concept, options.personas, "--chat")
-    label = f"chat replies under {concept!r}"
+    label = f"chat replies under {definition.name!r}"
     return chateval.chat_sweep(
         model,
         *steered,

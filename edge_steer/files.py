@@ -45,8 +45,11 @@ def check_writable(path: Path) -> None:
     if path.is_dir():
         raise BadInput(f"output {path} is a folder: name a file in it")
     folder = next(p for p in [path.parent, *path.parent.parents] if p.exists())
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write {path}: {folder} is not a writable folder")
+    try:  # a real file, not os.access: root passes that test even on /sys and /proc
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise BadInput(f"cannot write {path}: {folder} is not a writable folder") from None
 
 
 def _check_written(path: Path, tmp: Path, check: Callable[[Path], object] | None) -> None:

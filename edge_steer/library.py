@@ -36,18 +36,48 @@ def contrast_pairs(
     negative: str | None = None,
     pairs_file: str | None = None,
     seed: int = 0,
-    limit: int | None = DEFAULT_PAIRS,
+    limit: int | None = None,
 ) -> list[tuple[str, str]]:
-    """Training pairs from explicit prompts, persona words, or the built-in concept `name`."""
+    """Training pairs from explicit prompts, persona words, or the built-in concept `name`:
+    at most `limit`, picked by `seed` (None: every line of a pairs file, else
+    DEFAULT_PAIRS persona x continuation pairs)."""
+    check_sources(name, positive, negative, pairs_file, limit)
     if pairs_file:
-        if positive or negative:
-            raise BadInput("pass either --pairs or --positive/--negative, not both")
-        return dataset.load_pairs_jsonl(pairs_file)
+        return _sample(dataset.load_pairs_jsonl(pairs_file), seed, limit)
     if positive or negative:
         concept = dataset.from_personas(name, positive or "", negative or "")
     else:
         concept = dataset.load_builtin(name)
-    return dataset.contrast_pairs(concept, model, seed=seed, limit=limit)
+    return dataset.contrast_pairs(concept, model, seed=seed, limit=limit or DEFAULT_PAIRS)
+
+
+def check_sources(
+    name: str,
+    positive: str | None,
+    negative: str | None,
+    pairs_file: str | None,
+    limit: int | None = None,
+) -> None:
+    """One source of pairs, and a concept of the user's own under a name of its own: stored
+    as `happy`, it would be steered and evaluated as the built-in happy."""
+    if limit is not None and limit < 2:
+        raise BadInput(f"--limit {limit}: training needs at least 2 pairs")
+    if pairs_file and (positive or negative):
+        raise BadInput("pass either --pairs or --positive/--negative, not both")
+    if (pairs_file or positive or negative) and is_builtin(name):
+        raise BadInput(
+            f"{name!r} is a built-in concept: name your own another way (e.g. "
+            f"{name.lower()}-mine), or leave out --positive/--negative/--pairs to train the "
+            "built-in one"
+        )
+
+
+def _sample(pairs: list[tuple[str, str]], seed: int, limit: int | None) -> list[tuple[str, str]]:
+    """At most `limit` of a file's pairs, picked at random by `seed`, in the file's order."""
+    if limit is None or len(pairs) <= limit:
+        return pairs
+    kept = np.random.default_rng(seed).choice(len(pairs), size=limit, replace=False)
+    return [pairs[i] for i in sorted(kept)]
 
 
 def train_vector(
@@ -82,6 +112,18 @@ def train_and_store(
 def is_builtin(name: str) -> bool:
     """Whether SPEC name `name` means a built-in concept (any case; never a path)."""
     return not files.looks_like_path(name) and name.lower() in dataset.builtin_names()
+
+
+def check_retrain(names: Iterable[str]) -> None:
+    """--retrain trains built-in concepts again from their own data; a vector of the user's
+    (a file, or trained from pairs the store does not keep) has none, so a --retrain that
+    names only those would change nothing."""
+    names = list(names)
+    if names and not any(is_builtin(name) for name in names):
+        raise BadInput(
+            f"--retrain trains built-in concepts again, and none of {', '.join(names)} is one: "
+            "train your own with `edge-steer train NAME --pairs ...` (or persona words)"
+        )
 
 
 def resolve(

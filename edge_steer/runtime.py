@@ -210,6 +210,7 @@ def steer(
     names are files, stored vectors or built-in concepts (trained on first use)."""
     specs = _specs(vectors)
     if retrain:  # read what is trained now, not what this process read before
+        library.check_retrain(spec_strengths(specs))
         for name in spec_strengths(specs):
             library.for_model(model).drop(name)
     return steering.build(

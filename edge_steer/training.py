@@ -27,6 +27,7 @@ METHODS = ("pca-diff", "pca-center", "mean-diff")
 DEFAULT_METHOD = "mean-diff"  # docs/training.md "Blocks and method"
 GAIN = 1.0
 SEQUENCES = 64  # prompts decoded side by side in one llama_decode
+MAX_PROMPT_TOKENS = 2048  # per training prompt (built-in ones take some 30-80)
 DEFAULT_SPAN = (0.1, 0.85)  # fractions of depth: the steered blocks unless --layers
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total), as each stage goes
@@ -69,6 +70,7 @@ def hidden_states(
     `steering` (rows by block) is applied while reading, to train on top of other vectors.
     """
     tokens = [model.tokenize(p, parse_special=True) for p in prompts]
+    _check_lengths(model, prompts, tokens)
     batch = max(options.batch, max(len(t) for t in tokens))
     with Context(  # cells for a full batch of prefixes and one of what follows them
         model,
@@ -80,6 +82,19 @@ def hidden_states(
     ) as ctx:
         ctx.set_steering(steering)
         return hidden.capture_last(ctx, tokens, through=deepest(model, options), progress=progress)
+
+
+def _check_lengths(model: Model, prompts: Sequence[str], tokens: list[list[int]]) -> None:
+    """Training reads one state per prompt, with the whole prompt in one decode: past
+    MAX_PROMPT_TOKENS its attention buffers outgrow a laptop (and past the model's own
+    context its positions mean nothing), so a long prompt is refused before any work."""
+    limit = min(MAX_PROMPT_TOKENS, model.n_ctx_train or MAX_PROMPT_TOKENS)
+    longest = max(range(len(tokens)), key=lambda i: len(tokens[i]))
+    if len(tokens[longest]) > limit:
+        raise BadInput(
+            f"a training prompt is {len(tokens[longest])} tokens ({prompts[longest][:40]!r}...), "
+            f"where training takes at most {limit}: shorten the pairs or persona words"
+        )
 
 
 def deepest(model: Model, options: TrainOptions) -> int:
@@ -192,6 +207,11 @@ def from_states(
     units = unit_directions(pos, neg, method)
     gaps = separations(pos, neg, units)
     blocks = range(first, last + 1)
+    if not np.any(gaps[first : last + 1]):
+        raise BadInput(
+            f"{name!r}: both sides give the same hidden states in blocks {first}-{last}, "
+            "so there is no direction to steer by: make the two sides contrast"
+        )
     scale = GAIN / len(blocks)
     return ControlVector(
         {n: units[n] * gaps[n] * np.float32(scale) for n in blocks},

@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import assert_steers_probes_monotonically, calibration_fluency
 from test_cli import run
 
-from edge_steer import calibrate, dataset, steering, training
+from edge_steer import calibrate, dataset, evaluation, steering, training, vectors
 from edge_steer.chat import ChatSession
 from edge_steer.engine import Context, SamplerSettings
 from edge_steer.errors import BadInput
@@ -68,6 +69,24 @@ def test_a_full_context_drops_the_earliest_whole_turns_and_keeps_the_system_prom
         with pytest.raises(BadInput, match=r"the message is \d+ tokens with the system prompt"):
             "".join(session.reply(" ".join(["spring"] * 600)))
         assert len(session.messages) == 16
+
+
+def test_eval_chat_of_a_custom_concept_needs_its_personas_before_any_measuring(
+    chat_model, tmp_path
+) -> None:
+    """Was: the whole probe sweep ran first (minutes on a 7B), then --chat failed."""
+    rng = np.random.default_rng(0)
+    directions = {n: rng.normal(size=chat_model.n_embd).astype(np.float32) for n in (8, 9)}
+    vector = vectors.ControlVector(directions, "llama", {"concept": "sarcastic"})
+    path = vectors.write(vector, tmp_path / "sarcastic.gguf")
+    probes = [dataset.Probe("I think that", " is great.", " is awful.")] * 2
+    options = evaluation.EvalOptions(strengths=(-1, 1), probes=probes, chat=True, save=False)
+    measured = []
+    with pytest.raises(BadInput, match="--chat needs persona words for the custom concept"):
+        evaluation.evaluate_vector(
+            chat_model, str(path), options, on_progress=lambda *step: measured.append(step)
+        )
+    assert not measured
 
 
 def test_happy_trained_on_the_chat_model_moves_its_probes(chat_model) -> None:

@@ -62,6 +62,7 @@ def bad_files(tmp_path_factory, tiny_dense_path):
         (["--layers", "2-40"], "outside the model's steerable blocks 1-5"),
         (["--layers", "x"], "bad layer range"),
         (["--vector", "{bad}/first.gguf", "--layers", "2-4"], "hold none of {bad}/first.gguf"),
+        (["--vector", "{bad}/first.gguf", "--retrain"], "--retrain trains built-in concepts"),
     ],
 )
 def test_bad_input_is_one_clean_line(args, words, bad_files, tiny_dense_path) -> None:

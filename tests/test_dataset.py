@@ -142,6 +142,8 @@ def test_from_personas_splits_and_pairs_words():
         ("x", "lazy", "", "persona words"),
         ("  ", "lazy", "diligent", "name"),
         ("x", "la{zy", "diligent", "brace"),
+        ("x", "happy, calm", "sad, Calm", "'calm' is on both sides"),
+        ("x", "caf\udce9", "tea", "not valid text"),  # a terminal's Latin-1 byte, undecoded
     ],
 )
 def test_from_personas_rejects_bad_input(name, positive, negative, expected):
@@ -307,7 +309,8 @@ GOOD_PAIR = json.dumps({"positive": "a", "negative": "b"})
         (('{"postive": "a", "negative": "b"}',), r'line 1: missing "positive"'),
         ((GOOD_PAIR, "", '{"positive": "  ", "negative": "b"}'), r'line 3: "positive" must be'),
         (('{"positive": 3, "negative": "b"}',), r'"positive" must be a non-empty string'),
-        (('{"positive": "same", "negative": "same"}',), r"identical"),
+        (('{"positive": "same", "negative": "same"}',), r"the same text"),
+        (('{"positive": "I love food.", "negative": "I love food. "}',), r"the same text"),
         (("", "  "), r"has no pairs"),
     ],
 )
@@ -317,6 +320,15 @@ def test_load_pairs_jsonl_rejects_defects(tmp_path, lines, expected):
         dataset.load_pairs_jsonl(path)
     assert str(path) in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_load_pairs_jsonl_reads_a_bom_and_counts_a_repeated_pair_once(tmp_path):
+    """Windows Notepad starts UTF-8 files with a BOM; a pair given twice would weigh twice
+    (and twenty copies of one pair would pass the two-pair minimum)."""
+    path = tmp_path / "pairs.jsonl"
+    other = json.dumps({"positive": "c", "negative": "d"})
+    path.write_text("\n".join([GOOD_PAIR, GOOD_PAIR, other, GOOD_PAIR]), encoding="utf-8-sig")
+    assert dataset.load_pairs_jsonl(path) == [("a", "b"), ("c", "d")]
 
 
 def test_load_pairs_jsonl_rejects_missing_empty_and_binary_files(tmp_path):
@@ -337,7 +349,7 @@ def test_load_pairs_jsonl_rejects_missing_empty_and_binary_files(tmp_path):
     [
         ({"positive": " a", "negative": " b"}, 'missing "prompt"'),
         ({"prompt": "", "positive": " a", "negative": " b"}, '"prompt" must be'),
-        ({"prompt": "p", "positive": " a", "negative": " a"}, "identical"),
+        ({"prompt": "p", "positive": " a", "negative": " a"}, "the same text"),
     ],
 )
 def test_load_probes_jsonl_rejects_defects(tmp_path, row, expected):

@@ -127,6 +127,39 @@ def test_library_refuses_path_like_names(demo_model) -> None:
         library.train_and_store(demo_model, "a/b", [("x", "y")] * 2, training.TrainOptions())
 
 
+def test_training_refuses_what_cannot_give_a_direction(tiny_dense, tmp_path) -> None:
+    """A prompt past what training takes is refused before any decode (it took 206 s, or
+    failed to allocate, before); sides that read the same states give no direction (it was
+    stored as an all-zero "calibrated" vector); a concept of the user's own may not take a
+    built-in name, under which it would be steered and evaluated as the built-in one."""
+    from edge_steer.errors import BadInput
+
+    limit = min(training.MAX_PROMPT_TOKENS, tiny_dense.n_ctx_train)
+    long = " ".join(["pirate"] * (limit + 10))
+    with pytest.raises(BadInput, match=rf"a training prompt is \d+ tokens .* at most {limit}"):
+        pairs = [(long, "butler"), ("a", "b")]
+        training.train(tiny_dense, pairs, training.TrainOptions(), name="x")
+    states = np.random.default_rng(0).normal(size=(4, tiny_dense.n_layer, 64))
+    with pytest.raises(BadInput, match="same hidden states"):
+        training.from_states(tiny_dense, states, states, training.TrainOptions(), name="same")
+    for source in ({"positive": "pirate", "negative": "butler"}, {"pairs_file": "p.jsonl"}):
+        with pytest.raises(BadInput, match=r"'Happy' is a built-in concept: .* happy-mine"):
+            library.contrast_pairs(tiny_dense, "Happy", **source)
+
+
+def test_limit_and_seed_pick_from_a_pairs_file(tiny_dense, tmp_path) -> None:
+    """--limit N takes a seeded sample of N of a file's pairs, in the file's order; without
+    it every line is used."""
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(f'{{"positive": "p{i}", "negative": "n{i}"}}\n' for i in range(20)))
+    every = library.contrast_pairs(tiny_dense, "mine", pairs_file=str(path))
+    assert len(every) == 20
+    picks = [library.contrast_pairs(tiny_dense, "mine", pairs_file=str(path), limit=5, seed=s)
+             for s in (1, 1, 2)]  # fmt: skip
+    assert picks[0] == picks[1] != picks[2] and len(picks[0]) == 5
+    assert picks[0] == sorted(picks[0], key=every.index)
+
+
 def test_plus_and_minus_one_cost_the_calibrated_budget_on_gemma(demo_model, happy) -> None:
     """Measured again from the file's own directions, at both signs: the worse one costs
     BUDGET in calibration-text perplexity, within TOLERANCE (2%, the search's stopping rule;

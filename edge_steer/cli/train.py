@@ -40,10 +40,17 @@ def train(
         str | None,
         typer.Option("--output", "-o", help="Also write the vector here (.gguf or .npz)."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Shuffles the training pairs.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Which pairs --limit picks, and their order.")
+    ] = 0,
     limit: Annotated[
-        int, typer.Option("--limit", help="Most persona x continuation pairs to train on.")
-    ] = 128,
+        int | None,
+        typer.Option(
+            "--limit",
+            help="Most pairs to train on (default: 128 persona x continuation pairs; "
+            "every line of --pairs).",
+        ),
+    ] = None,
     *,
     opts,
 ) -> None:
@@ -54,6 +61,7 @@ def train(
     if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
     store.check_name(name)
+    library.check_sources(name, positive, negative, pairs, limit)
     if output:
         convert.check_output(output)  # before minutes of training, not after
     loaded = load_model(opts, training.TrainOptions.batch)
@@ -74,9 +82,7 @@ def train(
     err.print(f"[dim]training {name!r} on {loaded.name} from {len(data)} pairs[/]")
     with progress_bar() as on_progress:
         vector = library.train_vector(loaded, name, data, options, on_progress)
-    if output:  # first, so that a failed write leaves the stored vector as it was
-        convert.save(vector, output)
-    path = library.store_vector(loaded, name, vector)
+    path = library.store_vector(loaded, name, vector)  # first: a failed -o loses no training
     meta = vector.metadata
     err.print(
         f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get(Key.LAYER_FIRST)}-"
@@ -84,4 +90,5 @@ def train(
     )
     out.print(f"stored {path}")
     if output:
+        convert.save(vector, output)
         out.print(f"wrote {output}")
