@@ -9,8 +9,10 @@ huggingface_hub drives while downloading).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # llama.cpp's libraries must be loaded before numpy's: with numpy loaded first, a CUDA build of
@@ -21,7 +23,7 @@ import llama_cpp  # noqa: F401
 from . import library, model_files, offload, steering
 from . import rpc as rpc_
 from .constants import DEFAULT_CTX
-from .engine import Context, Generation, Model, Sampler, SamplerSettings
+from .engine import Context, Generation, Model, Sampler, SamplerSettings, out_of_range, range_text
 from .errors import BadInput
 from .files import size_text
 from .vectors import spec_strengths
@@ -267,26 +269,35 @@ def open_context(
 
 @dataclass
 class Steered:
-    """A loaded model, one context and the steering on it: what `load` returns."""
+    """A loaded model, one context and the steering on it: what `load` returns.
+
+    One context holds one conversation's KV cache, so calls take turns: a call from another
+    thread waits for the one running (a stream runs until it is used up or closed), and a
+    call from the thread whose stream is still open is refused, as it would overwrite that
+    stream's cache. `close` from another thread stops a running stream at its next piece."""
 
     model: Model
     context: Context
     steering: steering.Steering
+    _turn_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _holder: int | None = field(default=None, repr=False)  # the thread whose call runs
+    _closed: bool = field(default=False, repr=False)
 
     def stream(
         self, prompt: str, *, max_tokens: int = 256, **sampling: float | int | None
     ) -> Generation:
         """Continue `prompt`: iterate the result for text as it comes; its `stats` say what
         was decoded. `sampling`: SamplerSettings fields (temperature, top_k, top_p, min_p,
-        repeat_penalty, seed)."""
-        known = set(SamplerSettings.__dataclass_fields__)
-        if unknown := sorted(set(sampling) - known):
-            raise BadInput(
-                f"unknown sampling option {unknown[0]!r}: use {', '.join(sorted(known))}"
-            )
+        repeat_penalty, seed), checked against the ranges the CLI takes."""
+        self._check_open()
+        if not isinstance(prompt, str):
+            raise BadInput(f"the prompt must be a str, not {type(prompt).__name__}")
+        _check_max_tokens(max_tokens)
+        settings = sampler_settings(sampling)
         tokens = self.model.tokenize_prompt(prompt)
-        sampler = Sampler(self.model, SamplerSettings(**sampling))  # type: ignore[arg-type]
-        return self.context.generate(tokens, sampler, max_tokens=max_tokens)
+        sampler = Sampler(self.model, settings)
+        generation = self.context.generate(tokens, sampler, max_tokens=max_tokens)
+        return Generation(self._in_turn(generation), generation.stats)
 
     def generate(self, prompt: str, *, max_tokens: int = 256, **sampling: float | int | None):
         """The continuation of `prompt` as one string (see `stream`)."""
@@ -294,18 +305,88 @@ class Steered:
 
     def set_vector(self, name: str, strength: float) -> None:
         """Add, re-weight (or with 0, remove) one vector; takes effect on the next call."""
-        self.steering.set(name, strength)
-        self.steering.apply(self.context)
+        with self._turn():
+            self.steering.set(name, strength)
+            self.steering.apply(self.context)
 
     def close(self) -> None:
+        """Free the context and the model. A stream of this thread left open is suspended,
+        not running, so it is freed at once (the stream then raises); another thread's
+        running call is waited for, up to its next piece."""
+        self._closed = True
+        if self._holder == threading.get_ident():
+            self._free()
+            return
+        with self._turn_lock:
+            self._free()
+
+    def _free(self) -> None:
         self.context.close()
         self.model.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BadInput("this Steered is closed: load the model again (edge_steer.load)")
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        if self._holder == threading.get_ident():
+            raise BadInput(
+                "a stream of this Steered is still open: finish or close it first (for "
+                "replies side by side, load another, or run `edge-steer serve`)"
+            )
+        with self._turn_lock:
+            self._check_open()
+            self._holder = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._holder = None
+
+    def _in_turn(self, pieces: Iterator[str]) -> Iterator[str]:
+        with self._turn():
+            while not self._closed:  # checked before each piece: close() may have freed all
+                piece = next(pieces, None)
+                if piece is None:
+                    return
+                yield piece
+            raise BadInput("this Steered was closed during the stream")
 
     def __enter__(self) -> Steered:
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _check_max_tokens(max_tokens: object) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise BadInput(
+            f"max_tokens={max_tokens!r}: use a whole number, 1 or more (generation also "
+            "stops at the end of the context)"
+        )
+
+
+WHOLE_SETTINGS = ("top_k", "repeat_last_n", "seed")
+
+
+def sampler_settings(given: Mapping[str, object]) -> SamplerSettings:
+    """SamplerSettings from keyword values, each checked: a known name, a number (the seed
+    a whole one, or None), within SAMPLING_LIMITS."""
+    known = set(SamplerSettings.__dataclass_fields__)
+    if unknown := sorted(set(given) - known):
+        raise BadInput(f"unknown sampling option {unknown[0]!r}: use {', '.join(sorted(known))}")
+    for name, value in given.items():
+        whole = name in WHOLE_SETTINGS
+        if name == "seed" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            raise BadInput(f"{name}={value!r}: use {'a whole number' if whole else 'a number'}")
+    settings = SamplerSettings(**given)  # type: ignore[arg-type]
+    if wrong := out_of_range(settings):
+        value = getattr(settings, wrong)
+        raise BadInput(f"{wrong}={value!r} is out of range: use {range_text(wrong)}")
+    return settings
 
 
 def load(

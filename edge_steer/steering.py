@@ -72,6 +72,12 @@ class Steering:
         return vectors.combine(self.active.values(), m.n_layer, m.n_embd)
 
     def apply(self, ctx: Context) -> None:
+        shape = (self.model.n_layer, self.model.n_embd)
+        if shape != (ctx.model.n_layer, ctx.model.n_embd):
+            raise BadInput(
+                f"this steering was built for {self.model.name} ({shape[0]} blocks of "
+                f"{shape[1]}), the context is on {ctx.model.name}: build one for that model"
+            )
         first, last = self.layers or (1, self.model.n_layer - 1)
         ctx.set_steering(self.rows(), first, last)
 

@@ -112,7 +112,7 @@ class Batcher:
         if not prompt:
             raise BadInput("an empty prompt")
         keep = min(self.reusable(slot, prompt, key), len(prompt) - 1) if reuse else 0
-        memory = ll.llama_get_memory(self.ctx.ptr)
+        memory = ll.llama_get_memory(self.ctx.live)
         ll.llama_memory_seq_rm(memory, slot.seq, keep, -1)
         del slot.tokens[keep:]
         slot.key, slot.rows = key, rows
@@ -132,7 +132,7 @@ class Batcher:
 
     def forget(self, slot: Slot) -> None:
         """Drop what the slot's KV cells hold (after a failed decode, say)."""
-        ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx.ptr), slot.seq, 0, -1)
+        ll.llama_memory_seq_rm(ll.llama_get_memory(self.ctx.live), slot.seq, 0, -1)
         slot.tokens.clear()
         slot.key, slot.rows = None, None
 
@@ -166,7 +166,7 @@ class Batcher:
             done = self._add_chunk(admitted, n_before=len(steer_as))
             steer_as += [admitted] * (self.ctx.batch.n - len(steer_as))
         self._decode(steer_as, prompt=not rows)
-        memory = ll.llama_get_memory(self.ctx.ptr)
+        memory = ll.llama_get_memory(self.ctx.live)
         for slot in padded:
             ll.llama_memory_seq_rm(memory, slot.seq, len(slot.tokens), -1)
         sampled = list(rows)

@@ -130,7 +130,7 @@ class Context:
         if self.row_steering is not None:
             params.cb_eval = self.row_steering.callback  # referenced by self.row_steering
         with model.lock, log.recorded() as lines:
-            self.ptr = ll.llama_init_from_model(model.ptr, params)
+            self.ptr = ll.llama_init_from_model(model.live, params)
         self.buffers = log.buffer_sizes(lines, log.CONTEXT_BUFFER)  # "CPU KV", "CUDA0 compute"
         if not self.ptr:
             raise EngineError(f"could not create a llama.cpp context: {log.last_error()}")
@@ -141,6 +141,15 @@ class Context:
         self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
         self._steering: tuple[np.ndarray, int, int] | None = None  # (buffer, first, last)
         self._last_stats = GenerationStats()
+
+    @property
+    def live(self) -> int:
+        """The llama.cpp context, for a call into it: once it or its model is closed, a
+        BadInput rather than a crash (see `Model.live`)."""
+        if not self.ptr:
+            raise BadInput("the context is closed: open another")
+        self.model.live  # noqa: B018  # raises once the model is closed
+        return self.ptr
 
     def _agree_on_sizes(self, n_ctx: int, n_batch: int) -> None:
         """Take the sizes llama.cpp made, which every check before a decode relies on: a
@@ -203,16 +212,16 @@ class Context:
         self._steering = None if buf is None else (buf, first, last)  # alive while in use
         with m.lock:
             if buf is None:
-                ll.llama_set_adapter_cvec(self.ptr, None, 0, m.n_embd, -1, -1)
+                ll.llama_set_adapter_cvec(self.live, None, 0, m.n_embd, -1, -1)
                 return
             pointer = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            if ll.llama_set_adapter_cvec(self.ptr, pointer, buf.size, m.n_embd, first, last):
+            if ll.llama_set_adapter_cvec(self.live, pointer, buf.size, m.n_embd, first, last):
                 raise EngineError(f"llama.cpp refused the control vector: {log.last_error()}")
 
     # -- decoding -------------------------------------------------------------------------
     def forget(self, keep: int = 0) -> None:
         """Drop everything after the first `keep` tokens of sequence 0 from the KV cache."""
-        memory = ll.llama_get_memory(self.ptr)
+        memory = ll.llama_get_memory(self.live)
         if keep == 0:
             ll.llama_memory_clear(memory, True)
         else:
@@ -223,7 +232,7 @@ class Context:
         """Decode what `batch` holds (one llama.cpp call at a time per model); raises what
         went wrong in a per-row steering callback."""
         with self.model.lock:
-            check_decode(ll.llama_decode(self.ptr, self.batch.raw))
+            check_decode(ll.llama_decode(self.live, self.batch.raw))
         if self.row_steering is not None:
             self.row_steering.check()
 
@@ -259,13 +268,13 @@ class Context:
 
     def logits(self) -> np.ndarray:
         """Logits of the last decoded output token."""
-        ptr = ll.llama_get_logits_ith(self.ptr, -1)
+        ptr = ll.llama_get_logits_ith(self.live, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
     def output_logits(self, n_rows: int) -> np.ndarray:
         """The last decode's logits, one row per output token in batch order (a view that
         the next decode overwrites)."""
-        logits = ll.llama_get_logits(self.ptr)
+        logits = ll.llama_get_logits(self.live)
         return np.ctypeslib.as_array(logits, shape=(n_rows, self.model.n_vocab))
 
     @contextlib.contextmanager

@@ -76,7 +76,7 @@ class Model:
         self.load_log = tuple(lines)
         if not self.ptr:
             raise EngineError(f"llama.cpp could not load {self.path}: {log.last_error()}")
-        self.vocab = ll.llama_model_get_vocab(self.ptr)
+        self._vocab = ll.llama_model_get_vocab(self.ptr)
         self.n_layer = ll.llama_model_n_layer(self.ptr)
         self.n_embd = ll.llama_model_n_embd(self.ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self.vocab)
@@ -86,6 +86,20 @@ class Model:
         self.name = self.meta("general.name") or self.path.stem
         template = ll.llama_model_chat_template(self.ptr, None)
         self.chat_template: str | None = template.decode() if template else None
+
+    @property
+    def live(self) -> int:
+        """The llama.cpp model, for a call into it: after `close` a BadInput, not a crash
+        (llama.cpp reads freed memory, or aborts, when handed a freed or NULL model)."""
+        if not self.ptr:
+            raise BadInput(f"the model {self.name} is closed: load it again")
+        return self.ptr
+
+    @property
+    def vocab(self) -> int:
+        """The model's vocabulary, which lives and dies with it (see `live`)."""
+        self.live  # noqa: B018  # raises once closed
+        return self._vocab
 
     @property
     def overridden(self) -> dict[str, str]:
@@ -108,7 +122,7 @@ class Model:
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(4096)
-        n = ll.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        n = ll.llama_model_meta_val_str(self.live, key.encode(), buf, len(buf))
         return buf.value.decode(errors="replace") if n >= 0 else None
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False):
@@ -159,9 +173,10 @@ class Model:
         return buf.raw[:n].decode(errors="replace") if n >= 0 else None
 
     def close(self) -> None:
-        if self.ptr:
-            ll.llama_model_free(self.ptr)
-            self.ptr = None
+        with self.lock:  # not under a decode of one of its contexts (they take the lock)
+            if self.ptr:
+                ll.llama_model_free(self.ptr)
+                self.ptr = None
 
     def __enter__(self) -> Model:
         return self

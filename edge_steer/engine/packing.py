@@ -108,7 +108,7 @@ def _decode_round(
             batch.add(token, pos, ids[lead], False)
     if batch.n:
         decode([])
-        memory = ll.llama_get_memory(ctx.ptr)
+        memory = ll.llama_get_memory(ctx.live)
         for group in packed:
             for member in group.members[1:]:
                 ll.llama_memory_seq_cp(memory, ids[group.members[0]], ids[member], -1, -1)

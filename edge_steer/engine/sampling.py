@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 class Decoded(Protocol):
     """What a sampler reads logits from: a context (`Context` fits)."""
 
-    ptr: object
+    @property
+    def live(self) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Sampler:
     def sample(self, ctx: Decoded, row: int = -1) -> int:
         """Pick the next token from the logits of batch row `row` (default: the last one);
         llama.cpp also records it for the penalties."""
-        return ll.llama_sampler_sample(self.ptr, ctx.ptr, row)
+        return ll.llama_sampler_sample(self.ptr, ctx.live, row)
 
     def accept_prompt(self, prompt: Sequence[int]) -> None:
         """Record the prompt's last `repeat_last_n` tokens, as the penalties would have seen

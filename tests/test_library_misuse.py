@@ -1,0 +1,119 @@
+"""The Python API (`edge_steer.load`) used wrongly, as scripts, notebooks and servers do: a
+closed object, two calls at once, values of the wrong kind. Each is a clear exception, never
+a crash of the interpreter and never text corrupted by another call."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from edge_steer import runtime, steering
+from edge_steer.errors import BadInput
+
+PROMPT = "The best thing about mornings is"
+
+# each case in a child process: a regression would kill it (llama.cpp aborts or segfaults on
+# freed memory), and must not take the test run with it
+CASES = {
+    "generate after close": "s.close(); s.generate('hi', max_tokens=4)",
+    "set_vector after close": "s.close(); s.set_vector('x', 1)",
+    "an open stream, then close": "g = s.stream(P, max_tokens=9); next(g); s.close(); list(g)",
+    "the context closed": "s.context.close(); s.generate('hi', max_tokens=4)",
+    "the model closed": "s.model.close(); s.generate('hi', max_tokens=4)",
+    "close from another thread": (
+        "t = threading.Thread(target=stream_slowly); t.start(); started.wait(); s.close(); "
+        "t.join(); raise errors[0]"
+    ),
+}
+CHILD = """
+import sys, threading, time
+from edge_steer import runtime
+from edge_steer.errors import BadInput
+P, errors, started = {prompt!r}, [], threading.Event()
+def stream_slowly():
+    try:
+        for _ in s.stream(P, max_tokens=400):
+            started.set()
+            time.sleep(0.01)
+    except BadInput as exc:
+        errors.append(exc)
+s = runtime.load({model!r}, ctx=512, threads=1)
+try:
+    {case}
+except BadInput as exc:
+    print("BadInput:", exc)
+"""
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_closed_object_raises_instead_of_crashing(case, tiny_dense_path) -> None:
+    code = CHILD.format(prompt=PROMPT, model=str(tiny_dense_path), case=CASES[case])
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("BadInput:") and "closed" in result.stdout, result.stdout
+
+
+@pytest.fixture(scope="module")
+def steered(tiny_dense_path):
+    with runtime.load(tiny_dense_path, ctx=512, threads=1) as loaded:
+        yield loaded
+
+
+def test_calls_take_turns_and_an_open_stream_is_not_overwritten(steered) -> None:
+    """A second call from the thread whose stream is open is refused (it would overwrite
+    the stream's KV cache: the stream went on as `<strong><em>...`); calls from several
+    threads wait their turn and each gets its own text."""
+    alone = steered.generate(PROMPT, max_tokens=12, temperature=0)
+    stream = steered.stream(PROMPT, max_tokens=12, temperature=0)
+    head = next(stream)
+    for call in (
+        lambda: steered.generate("Hello", max_tokens=4),
+        lambda: steered.set_vector("x", 1),
+    ):
+        with pytest.raises(BadInput, match="a stream of this Steered is still open"):
+            call()
+    assert head + "".join(stream) == alone
+    results: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(steered.generate(PROMPT, max_tokens=12, temperature=0))
+        )
+        for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [alone] * 4
+
+
+@pytest.mark.parametrize(
+    ("prompt", "options", "words"),
+    [
+        (PROMPT, {"max_tokens": 0}, "max_tokens=0: use a whole number, 1 or more"),
+        (PROMPT, {"max_tokens": "10"}, "max_tokens='10'"),
+        (PROMPT, {"temperature": -1}, "temperature=-1 is out of range: use 0 to 2"),
+        (PROMPT, {"temperature": float("nan")}, "temperature=nan is out of range"),
+        (PROMPT, {"top_k": -5}, "top_k=-5 is out of range"),
+        (PROMPT, {"top_k": 2.5}, "top_k=2.5: use a whole number"),
+        (PROMPT, {"temperature": "hot"}, "temperature='hot': use a number"),
+        (PROMPT, {"seed": "abc"}, "seed='abc': use a whole number"),
+        (123, {}, "the prompt must be a str, not int"),
+        (b"bytes", {}, "the prompt must be a str, not bytes"),
+    ],
+)
+def test_generate_checks_its_arguments_as_the_cli_does(steered, prompt, options, words) -> None:
+    """They ran (-1 and 0 gave '' silently; NaN sampled) or raised TypeError/AttributeError."""
+    with pytest.raises(BadInput, match=words.replace("(", r"\(")):
+        steered.generate(prompt, **options)
+
+
+def test_a_steering_for_another_model_is_refused(steered, demo_model) -> None:
+    other = steering.build(demo_model, [], None)
+    with pytest.raises(BadInput, match=r"this steering was built for .* build one for that model"):
+        other.apply(steered.context)
