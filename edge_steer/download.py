@@ -9,6 +9,7 @@ which is recorded. Each file is hashed once; the result is remembered by (size, 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib
 import importlib.util
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalog, files, machine, store
-from .errors import BadInput, DamagedFile, DoesNotFit, NetworkError, NotFound
+from .errors import BadInput, DamagedFile, DoesNotFit, EdgeSteerError, NetworkError, NotFound
 from .files import size_text
 
 HF_PREFIX = "hf:"
@@ -53,7 +54,8 @@ def source(spec: str) -> Source:
     if spec.startswith(HF_PREFIX):
         owner, _, rest = spec[len(HF_PREFIX) :].partition("/")
         name, _, file = rest.partition("/")
-        if not (owner and name and file):
+        parts = [owner, name, *file.split("/")]
+        if not (owner and name and file) or any(part in ("", ".", "..") for part in parts):
             raise BadInput(f"bad model spec {spec!r}: use hf:OWNER/REPO/FILE.gguf")
         return Source(repo=f"{owner}/{name}", file=file)
     entry = catalog.lookup(spec)
@@ -132,12 +134,34 @@ def _hub_errors(src: Source):
         status = exc.response.status_code if exc.response is not None else "?"
         raise NetworkError(f"the Hub answered HTTP {status} for {src.file} in {where}") from None
     except (OSError, *_transport_errors()) as exc:  # type: ignore[misc]  # mypy: no * here
-        # no connection, disk full, size mismatch
+        if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+            raise _cache_error(src, exc) from None
+        # no connection, size mismatch
         raise NetworkError(
             f"could not fetch {src.name} from {constants.ENDPOINT} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the network or "
             "HF_ENDPOINT and run the command again, or use --model demo offline"
         ) from None
+
+
+# errors of this machine's disk, not of the network: the fix is here
+LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _cache_error(src: Source, exc: OSError) -> EdgeSteerError:
+    """The download cache could not be written: DoesNotFit for a full disk, else BadInput."""
+    from huggingface_hub import constants
+
+    cache = constants.HF_HUB_CACHE
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return DoesNotFit(
+            f"no space left to download {src.name} into {cache}: free some space, or point "
+            "HF_HOME at a bigger disk"
+        )
+    return BadInput(
+        f"cannot write the download cache {cache} ({exc.strerror}): point HF_HOME at a folder "
+        "you can write to"
+    )
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:
@@ -269,13 +293,18 @@ def remove(src: Source) -> bool:
     if path is None:
         return False
     blob = path.resolve()
-    path.unlink()
-    if src.entry and src.entry.pypi:
-        return True
-    snapshots = path.parents[len(Path(src.file).parts)]  # <repo>/snapshots/<commit>/<file>
-    links = (p for p in snapshots.rglob("*") if p.is_symlink())
-    if blob != path and not any(p.resolve() == blob for p in links):
-        blob.unlink(missing_ok=True)
+    try:
+        path.unlink()
+        if src.entry and src.entry.pypi:
+            return True
+        snapshots = path.parents[len(Path(src.file).parts)]  # <repo>/snapshots/<commit>/<file>
+        links = (p for p in snapshots.rglob("*") if p.is_symlink())
+        if blob != path and not any(p.resolve() == blob for p in links):
+            blob.unlink(missing_ok=True)
+    except OSError as exc:
+        raise BadInput(
+            f"cannot delete {path} ({exc.strerror}): it is in a cache you cannot write to"
+        ) from None
     records = _records()
     if records.pop(str(blob), None):
         _write_records(records)

@@ -7,6 +7,7 @@ real Hub is never reached.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -189,6 +190,8 @@ def test_unknown_files_repos_and_an_unreachable_hub_are_clean_errors(hub, env, t
         run("pull", "hf:someone/else/x.gguf", env=env), NotFound, "someone/else not found"
     )
     assert_refused(run("pull", "hf:just-a-name", env=env), BadInput, "use hf:OWNER/REPO/FILE")
+    for spec in (f"hf:{REPO}/../../etc/passwd", f"hf:{REPO}/./tiny.gguf"):  # were tracebacks
+        assert_refused(run("pull", spec, env=env), BadInput, "bad model spec")
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         nowhere = {**env, "HF_ENDPOINT": f"http://127.0.0.1:{s.getsockname()[1]}"}
@@ -222,3 +225,21 @@ def test_a_model_too_big_for_this_machine_is_refused_before_any_download(hub, en
     result = run("pull", catalog.short_name(biggest), env=env)
     assert_refused(result, DoesNotFit, "of RAM", "available", "would fit", "--force")
     assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "words"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), DoesNotFit, "no space left"),
+        (OSError(errno.EROFS, "Read-only file system"), BadInput, "point HF_HOME at a folder"),
+        (PermissionError(errno.EACCES, "Permission denied"), BadInput, "cannot write the"),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), NetworkError, "check the network"),
+    ],
+)
+def test_a_full_or_read_only_cache_is_not_called_a_network_failure(error, expected, words):
+    """The disk's errors reach the same handler as the network's (huggingface_hub raises
+    both as OSError): a full disk said "check the network" with exit 1, where it is exit 3."""
+    from edge_steer import download
+
+    with pytest.raises(expected, match=words), download._hub_errors(download.source(SPEC)):
+        raise error
