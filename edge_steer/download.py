@@ -82,6 +82,16 @@ def cached_path(src: Source) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def recorded(path: Path) -> dict | None:
+    """What `verify` recorded of a cached file (size, sha256), while it is unchanged."""
+    blob = path.resolve()
+    seen = _records().get(str(blob))
+    stat = blob.stat()
+    if seen and (seen["size"], seen["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+        return seen
+    return None
+
+
 def fetch(
     src: Source,
     offline: bool = False,
@@ -237,10 +247,17 @@ def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = 
     stat = blob.stat()
     if src.size is not None and stat.st_size != src.size:
         _reject(src, path, f"is {stat.st_size} bytes, expected {src.size}")
-    records = _records()
-    seen = records.get(str(blob))
-    if seen and (seen["size"], seen["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+    if recorded(path):
         return
+    with blob.open("rb") as head:
+        magic = head.read(4)
+    if magic != b"GGUF":
+        remove(src)
+        raise DamagedFile(
+            f"{src.name} is not a GGUF file (the Hub serves something else under that name) "
+            "and was deleted: check the repository's file names"
+        )
+    records = _records()
     expected = src.sha256 or (blob.name if SHA256.fullmatch(blob.name) else None)
     actual = _sha256(blob, f"verifying {src.file}", tqdm_class)
     if expected and actual != expected:

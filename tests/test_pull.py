@@ -124,6 +124,14 @@ def test_a_corrupted_download_is_detected_reported_and_never_loaded(hub, env, hf
     assert not cached(hf_home).exists() and not any(blobs.iterdir())
 
 
+def test_a_file_that_is_not_a_gguf_is_deleted_not_kept_as_verified(hub, env, hf_home) -> None:
+    """Its sha256 matched the Hub's, so it was kept as verified; every pull after said "not a
+    GGUF file ... download it again" without downloading."""
+    hub.add(REPO, "tiny.gguf", b"<html>not a model</html>" * 100)
+    assert_refused(run("pull", SPEC, env=env), DamagedFile, "is not a GGUF file", "deleted")
+    assert not cached(hf_home).exists()
+
+
 def test_pinned_size_and_sha256_are_checked(hub, env, tiny) -> None:
     hub.add(REPO, "tiny.gguf", tiny)
     sha = hashlib.sha256(tiny).hexdigest()
@@ -212,6 +220,9 @@ def test_models_list_info_and_rm(hub, env, hf_home, tiny, demo_path) -> None:
 
     hub.add(REPO, "tiny.gguf", tiny)
     assert run("pull", SPEC, env=env).returncode == 0
+    pulled = json.loads(run("models", "info", SPEC, "--json", env=env).stdout)  # was refused
+    assert pulled["size"] == len(tiny) and pulled["size_exact"] and pulled["downloaded"]
+    assert pulled["sha256"] == hashlib.sha256(tiny).hexdigest()
     removed = run("models", "rm", SPEC, env=env)
     assert removed.returncode == 0 and "removed" in removed.stdout
     assert not cached(hf_home).exists() and not any(cached(hf_home).parents[2].glob("blobs/*"))

@@ -33,19 +33,40 @@ def pull(name: SpecArg, offline: OfflineOpt = False, force: ForceOpt = False) ->
     out.print(str(model_file(name, force=force, offline=offline)))
 
 
+def _describe_file(spec: str) -> dict:
+    """An hf:REPO/FILE outside the catalog: what its download recorded."""
+    from .. import download
+
+    src = download.source(spec)
+    path = download.cached_path(src)
+    seen = download.recorded(path) if path else None
+    return {
+        "name": src.name,
+        "source": src.name,
+        "revision": src.revision,
+        "size": seen["size"] if seen else None,
+        "size_exact": seen is not None,
+        "sha256": seen["sha256"] if seen else None,
+        "downloaded": path is not None,
+        "path": str(path) if path else None,
+    }
+
+
 def _describe(entry) -> dict:
+    """A catalog entry; once downloaded, with the file's own size and sha256."""
     from .. import catalog, download, machine
 
     path = download.cached_path(download.source(entry.name))
+    seen = download.recorded(path) if path and not entry.pypi else None
     return {
         "name": catalog.short_name(entry),
         "title": entry.title,
         "quant": entry.quant,
         "source": f"pypi:{entry.pypi}" if entry.pypi else f"hf:{entry.repo}/{entry.file}",
         "revision": entry.revision,
-        "size": entry.size,
-        "size_exact": entry.size_exact,
-        "sha256": entry.sha256,
+        "size": seen["size"] if seen else entry.size,
+        "size_exact": bool(seen) or entry.size_exact,
+        "sha256": seen["sha256"] if seen else entry.sha256,
         "arch": entry.arch,
         "params_b": entry.params_b,
         "active_params_b": entry.active_params_b,
@@ -101,7 +122,7 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
 
     from .. import catalog
 
-    data = _describe(catalog.lookup(name))
+    data = _describe_file(name) if name.startswith("hf:") else _describe(catalog.lookup(name))
     if as_json:
         print(json.dumps(data))
         return
