@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +113,8 @@ def fetch(
             )
         size = _remote_size(src)
         cache = Path(constants.HF_HUB_CACHE)
+        if freed := _remove_stale_partials(src, cache):
+            say(f"removed {size_text(freed, decimal=True)} of downloads an earlier pull left")
         _check_disk(src, size, cache, force)
         say(
             f"downloading {src.name}: {src.repo}/{src.file} "
@@ -120,6 +123,27 @@ def fetch(
         path = _download(src, tqdm_class)
     verify(src, path, say, tqdm_class)
     return path
+
+
+STALE_PARTIAL_SECONDS = 600  # a live download writes all the time; one this quiet is dead
+
+
+def _remove_stale_partials(src: Source, cache: Path) -> int:
+    """Delete the repository's partial downloads that no process writes to any more, and
+    return their bytes. huggingface_hub gives each process its own `.incomplete` file and
+    deletes it when the process ends, but not after a kill -9 or a power cut: each was left
+    for good (up to a whole Mixtral, 28 GB), and the next pull started a new one."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    blobs = cache / repo_folder_name(repo_id=src.repo, repo_type="model") / "blobs"
+    freed, now = 0, time.time()
+    for partial in blobs.glob("*.incomplete"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete
+            stat = partial.stat()
+            if now - stat.st_mtime > STALE_PARTIAL_SECONDS:
+                partial.unlink()
+                freed += stat.st_size
+    return freed
 
 
 @contextlib.contextmanager

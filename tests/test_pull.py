@@ -115,6 +115,23 @@ def test_a_pull_cut_off_halfway_resumes_with_the_right_sha256(hub, env, tiny) ->
     assert hashlib.sha256(path.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+def test_partial_downloads_of_killed_pulls_are_removed(hub, env, hf_home, tiny) -> None:
+    """huggingface_hub deletes a process's partial file when it ends, but not after kill -9:
+    each stayed for good (up to 28 GB for Mixtral). One no process writes to any more goes;
+    one being written now (another pull's) stays."""
+    hub.add(REPO, "tiny.gguf", tiny)
+    blobs = cached(hf_home).parents[2] / "blobs"
+    blobs.mkdir(parents=True)
+    stale, live = blobs / "abc.0a1b2c3d.incomplete", blobs / "abc.4e5f6a7b.incomplete"
+    stale.write_bytes(b"x" * 3_000_000)
+    live.write_bytes(b"x" * 1000)
+    os.utime(stale, (1, 1))
+    result = run("pull", SPEC, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "removed 3.0 MB of downloads an earlier pull left" in result.stderr
+    assert not stale.exists() and live.exists()
+
+
 def test_a_corrupted_download_is_detected_reported_and_never_loaded(hub, env, hf_home, tiny):
     hub.add(REPO, "tiny.gguf", tiny, corrupt=True)
     result = generate(SPEC, env)
