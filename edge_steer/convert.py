@@ -55,7 +55,11 @@ def load(
     vectors.check_file(path)
     if layer_base is not None and layer_base not in LAYER_BASES:
         raise BadInput(f"bad --layer-base {layer_base!r}: use block or hidden-states")
-    source = _reader(path)(path)
+    try:
+        source = _reader(path)(path)
+    except (OSError, RecursionError) as exc:  # unreadable (/proc/self/mem), nested past limit
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise DamagedFile(f"cannot read {path} ({reason}): pass a vector file") from None
     base = layer_base or source.layer_base or _guess_base(source, n_layer)
     if source.usual_shift and not shift and base == "block":
         source.notes.append(

@@ -23,7 +23,7 @@ from .dataset import Probe
 from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings, continuations
 from .errors import BadInput
 from .metrics import is_degenerate, perplexity, probe_margin
-from .vectors import Key
+from .vectors import MAX_STRENGTH, Key
 
 EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
 SAMPLE_PROMPT = 128  # tokens kept for each sample's prompt (persona prefix included)
@@ -84,8 +84,8 @@ def _strength_values(spec: str) -> list[float]:
         count = math.floor((high - low) / step + 1e-9) + 1
         _too_many(count)
         values = [low + i * step for i in range(count)]
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError("strengths must be finite numbers")
+    if not all(math.isfinite(v) and abs(v) <= MAX_STRENGTH for v in values):
+        raise ValueError(f"strengths must be numbers from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g}")
     return values
 
 

@@ -27,6 +27,10 @@ def _quiet(_what: str, _done: int, _total: int) -> None:
     pass
 
 
+MAX_SAMPLES = 64  # sampled continuations per strength, side by side (the default is 8)
+MAX_SAMPLE_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class EvalOptions:
     """What to measure. `strengths` defaults to evaluate.DEFAULT_STRENGTHS refined around
@@ -47,9 +51,18 @@ class EvalOptions:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.samples < 0 or self.sample_tokens < 1:
-            raise BadInput("--samples must be 0 or more and --sample-tokens at least 1")
+        if not (0 <= self.samples <= MAX_SAMPLES and 1 <= self.sample_tokens <= MAX_SAMPLE_TOKENS):
+            raise BadInput(
+                f"--samples must be 0 to {MAX_SAMPLES} and --sample-tokens 1 to "
+                f"{MAX_SAMPLE_TOKENS} (every sample is decoded side by side in one context)"
+            )
         chateval.check_replies(self.chat_replies)
+        strengths = self.strengths or ()
+        if self.save and strengths and not (min(strengths) < 0 < max(strengths)):
+            raise BadInput(
+                "--strengths on one side of 0 cannot judge the other side, so their result "
+                "is not stored: add strengths on both sides, or pass --no-save"
+            )
 
 
 @dataclass(frozen=True)

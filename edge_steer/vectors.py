@@ -348,7 +348,9 @@ def mix(weighted: Iterable[tuple[str, ControlVector, float]]) -> ControlVector:
     for _, vector, weight in weighted:
         for layer, direction in vector.directions.items():
             directions[layer] = directions.get(layer, 0) + np.float32(weight) * direction
-    layers = sorted(directions)
+    layers = sorted(n for n, direction in directions.items() if np.any(direction))
+    if not layers:
+        raise BadInput("the mix cancels out (every direction sums to zero): it would steer nothing")
     metadata: dict[str, str | int | float] = {
         Key.SOURCE: " + ".join(f"{name}*{weight:g}" for name, _, weight in weighted),
         Key.METHOD: "mix",

@@ -206,6 +206,7 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
             DamagedFile,
         ),
         ("x.npz", b"PK\x03\x04garbage", "damaged .npz", DamagedFile),
+        ("x.json", b"[" * 100000 + b"]" * 100000, "RecursionError", DamagedFile),
     ],
 )
 def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message, error) -> None:
@@ -304,6 +305,12 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert code == 2 and "bad mix term" in output
     code, output = invoke("vectors", "mix", "mixa*1e40", "-o", str(tmp_path / "n.gguf"))
     assert code == 2 and "too strong" in output and not (tmp_path / "n.gguf").exists()
+    code, output = invoke("vectors", "mix", "mixa - mixa", "-o", str(tmp_path / "n.gguf"))
+    assert code == 2 and "the mix cancels out" in output and not (tmp_path / "n.gguf").exists()
+    (store / "dir.gguf").mkdir()  # listed as damaged; rm named it with files and crashed midway
+    code, output = invoke("vectors", "rm", "narrow", "dir", "--yes")
+    assert code == 2 and "is a folder" in output and (store / "narrow.gguf").exists()
+    (store / "dir.gguf").rmdir()
     code, output = invoke("vectors", "rm", "MixA", "narrow")  # not a terminal: never guess
     assert code == 2 and "add --yes" in output and "mixa.gguf" in output
     assert (store / "fp1" / "mixa.gguf").exists() and (store / "narrow.gguf").exists()

@@ -111,7 +111,10 @@ def test_default_sweep_is_whole_steps_and_halves_a_first_step_over_the_limit(
         ),
         ("{vec} --probes missing.jsonl", "probes file not found"),
         ("nosuchvector", "unknown vector 'nosuchvector'"),
-        ("{vec} --samples -1", "--samples must be 0 or more"),
+        ("{vec} --samples -1", "--samples must be 0 to 64"),
+        ("{vec} --samples 100000", "--samples must be 0 to 64"),  # was llama.cpp's error
+        ("{vec} --strengths=1e308", "strengths must be numbers from -10 to 10"),  # was NaN JSON
+        ("{vec} --probes {probes} --strengths 1", "on one side of 0 cannot judge the other"),
         ("{vec} --probes {probes} --plot plot.txt", "--plot plot.txt: name a .png file"),
         ("{vec} --probes {probes} --plot {vec}/p.png", "is not a writable folder"),
     ],

@@ -37,7 +37,8 @@ def test_strengths_syntax(text, expected) -> None:
         ("a..b", "bad strengths 'a..b'"),
         ("1,,2", "bad strengths"),
         ("", "bad strengths"),
-        ("nan,1", "finite"),
+        ("nan,1", "numbers from -10 to 10"),
+        ("1e308", "numbers from -10 to 10"),  # ran, and wrote NaN into --json
         ("-100..100:0.5", "401 strengths is too many"),
         (",".join(str(i) for i in range(50)), "50 strengths is too many"),
     ],

@@ -199,6 +199,8 @@ def rm_command(
         raise BadInput(
             f"{outside[0]} is not in the store {store.vectors_dir()}: delete it yourself"
         )
+    if folders := [p for p in doomed if p.is_dir()]:  # checked before any file goes
+        raise BadInput(f"{folders[0]} is a folder, not a vector: delete it yourself")
     if not yes:
         _confirm_delete(doomed)
     for path in doomed:
