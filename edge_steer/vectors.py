@@ -49,6 +49,9 @@ class ControlVector:
         )
 
 
+CONVERTIBLE = (".npz", ".npy", ".json", ".safetensors")  # `vectors convert` reads them
+
+
 def check_file(path: Path) -> None:
     """The checks every reader shares before it opens a file."""
     if path.is_dir():
@@ -101,6 +104,11 @@ def read(path: str | Path) -> ControlVector:
     """Read and validate a control-vector GGUF; any defect is a one-line DamagedFile."""
     path = Path(path)
     check_file(path)
+    if path.suffix.lower() in CONVERTIBLE:  # what `convert`, `mix` and `train -o` may write
+        raise BadInput(
+            f"{path} is not a GGUF control vector, which steering (and llama.cpp) reads: "
+            f"convert it with `edge-steer vectors convert {path} -o {path.with_suffix('.gguf')}`"
+        )
     header = read_header(path)
     if header.architecture != ARCH:
         raise BadInput(
