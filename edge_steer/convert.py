@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 LAYER_BASES = ("block", "hidden-states")
 OUTPUT_SUFFIXES = (".gguf", ".npz")
+MAX_BLOCK = 4096  # far past any model's depth (Mixtral has 32 blocks, the largest ~200)
 NPZ_META_KEY = "__edge_steer__"  # JSON: model hint, metadata, numbering (our own npz files)
 
 
@@ -173,6 +174,11 @@ def _renumber(source: Source, base: str, shift: int) -> dict[int, np.ndarray]:
             zero += 1
         elif block < 1:
             dropped.append(key)
+        elif block > MAX_BLOCK:
+            raise BadInput(
+                f"key {key} lands on block {block}: no model has that many (at most "
+                f"{MAX_BLOCK}); check the file's numbering and --shift"
+            )
         else:
             directions[block] = array
     if dropped and not directions:
@@ -314,7 +320,7 @@ def _keyed_arrays(path: Path, arrays: dict[str, np.ndarray], tool: str) -> Sourc
     keyed: dict[int, np.ndarray] = {}
     for name, array in arrays.items():
         match = re.search(r"(\d+)\D*$", name)
-        if not match:
+        if not match or re.fullmatch(r"\s*-\d+\s*", name):  # "-3": not layer 3
             raise DamagedFile(f"{path}: cannot tell the layer of {name!r}: name it direction.N")
         key = int(match[1])
         if key in keyed:

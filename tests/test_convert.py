@@ -207,6 +207,8 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
         ),
         ("x.npz", b"PK\x03\x04garbage", "damaged .npz", DamagedFile),
         ("x.json", b"[" * 100000 + b"]" * 100000, "RecursionError", DamagedFile),
+        ("x.json", b'{"-3": [1, 2]}', "cannot tell the layer of '-3'", DamagedFile),  # was 3
+        ("x.json", b'{"99999999999999999999": [1, 2]}', "no model has that many", BadInput),
     ],
 )
 def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message, error) -> None:
