@@ -145,9 +145,8 @@ def _reader(path: Path) -> Callable[[Path], Source]:
         return _read_safetensors
     if path.suffix == ".json":
         return _read_json
-    raise BadInput(
-        f"{path}: unknown format: convert reads .gguf, .npz, .npy, .safetensors and .json"
-    )
+    *others, last = vectors.CONVERTIBLE
+    raise BadInput(f"{path}: unknown format: convert reads .gguf, {', '.join(others)} and {last}")
 
 
 def _guess_base(source: Source, n_layer: int | None) -> str:

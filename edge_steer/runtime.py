@@ -23,7 +23,16 @@ import llama_cpp  # noqa: F401
 from . import library, model_files, offload, steering
 from . import rpc as rpc_
 from .constants import DEFAULT_CTX
-from .engine import Context, Generation, Model, Sampler, SamplerSettings, out_of_range, range_text
+from .engine import (
+    Context,
+    Generation,
+    Model,
+    Sampler,
+    SamplerSettings,
+    out_of_range,
+    range_text,
+    takes_whole_number,
+)
 from .errors import BadInput
 from .files import size_text
 from .vectors import spec_strengths
@@ -367,9 +376,6 @@ def _check_max_tokens(max_tokens: object) -> None:
         )
 
 
-WHOLE_SETTINGS = ("top_k", "repeat_last_n", "seed")
-
-
 def sampler_settings(given: Mapping[str, object]) -> SamplerSettings:
     """SamplerSettings from keyword values, each checked: a known name, a number (the seed
     a whole one, or None), within SAMPLING_LIMITS."""
@@ -377,7 +383,7 @@ def sampler_settings(given: Mapping[str, object]) -> SamplerSettings:
     if unknown := sorted(set(given) - known):
         raise BadInput(f"unknown sampling option {unknown[0]!r}: use {', '.join(sorted(known))}")
     for name, value in given.items():
-        whole = name in WHOLE_SETTINGS
+        whole = takes_whole_number(name)
         if name == "seed" and value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):

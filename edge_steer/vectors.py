@@ -49,7 +49,7 @@ class ControlVector:
         )
 
 
-CONVERTIBLE = (".npz", ".npy", ".json", ".safetensors")  # `vectors convert` reads them
+CONVERTIBLE = (".npz", ".npy", ".safetensors", ".json")  # what `vectors convert` reads too
 
 
 def check_file(path: Path) -> None:

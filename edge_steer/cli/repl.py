@@ -189,7 +189,7 @@ def _set(session, rest: str) -> None:
 
 def _setting_value(name: str, text: str, session) -> int | float | None:
     """`text` parsed as setting `name` wants it: a count, a number, or a seed (or `random`)."""
-    from ..engine import SamplerSettings
+    from ..engine import SamplerSettings, takes_whole_number
 
     fields = {f.name: f for f in dataclasses.fields(SamplerSettings)}
     if name not in fields and name != "max_tokens":
@@ -197,7 +197,7 @@ def _setting_value(name: str, text: str, session) -> int | float | None:
         raise BadInput(f"unknown setting {name!r}: use one of {known}")
     if name == "seed" and text.lower() in ("random", "none"):
         return None
-    whole = name in ("seed", "max_tokens") or isinstance(getattr(session.settings, name), int)
+    whole = name == "max_tokens" or takes_whole_number(name)
     try:
         value = int(text) if whole else float(text)
     except ValueError:

@@ -30,7 +30,14 @@ from .context import (
 )
 from .log import LOG_TAIL
 from .model import Model, backend_info, default_threads, utf8
-from .sampling import SAMPLING_LIMITS, Sampler, SamplerSettings, out_of_range, range_text
+from .sampling import (
+    SAMPLING_LIMITS,
+    Sampler,
+    SamplerSettings,
+    out_of_range,
+    range_text,
+    takes_whole_number,
+)
 from .scoring import SCORED_TOGETHER
 
 __all__ = [
@@ -53,5 +60,6 @@ __all__ = [
     "out_of_range",
     "prefill",
     "range_text",
+    "takes_whole_number",
     "utf8",
 ]

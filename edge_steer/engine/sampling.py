@@ -49,6 +49,11 @@ SAMPLING_LIMITS: dict[str, tuple[float, float]] = {
 }
 
 
+def takes_whole_number(name: str) -> bool:
+    """Whether sampler setting `name` is a count or the seed, not a real number."""
+    return name == "seed" or isinstance(getattr(SamplerSettings(), name), int)
+
+
 def range_text(name: str, joiner: str = " to ") -> str:
     """SAMPLING_LIMITS[name] for people: `0 to 1048576` (not 1.04858e+06), `0 to 2`."""
     return joiner.join(
