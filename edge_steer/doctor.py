@@ -63,7 +63,11 @@ def report() -> dict:
             "backends": list(backends),
             "gpu_backends": gpu_backends,
         },
-        "cpu": {"cores": machine.cpu_cores(), "features": machine.cpu_features()},
+        "cpu": {
+            "cores": machine.cpu_cores(),
+            "threads": machine.math_cores(),
+            "features": machine.cpu_features(),
+        },
         "ram": {"total": machine.total_ram(), "available": machine.available_ram()},
         "devices": [vars(d) for d in machine.devices()],
         "vram_free": machine.free_vram(),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import re
 import shutil
 import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +61,62 @@ def free_disk(path: Path) -> int:
 
 def cpu_cores() -> int:
     """Cores this process may run on."""
+    return len(_allowed_cpus()) or os.cpu_count() or 1
+
+
+def math_cores(sysfs: Path = Path("/sys/devices")) -> int:
+    """How many threads llama.cpp should compute with: the physical cores this process may
+    run on, not their SMT twins, and on hybrid chips only the performance cores (llama.cpp's
+    own default). Each step waits for its slowest thread, so a thread sharing a core with
+    another, or on an efficiency core, slows every token down instead of speeding it up."""
+    macos = _sysctl_int("hw.perflevel0.physicalcpu") or _sysctl_int("hw.physicalcpu")
+    if macos:
+        return macos
+    cpus = _allowed_cpus()
+    performance = _cpu_list(sysfs / "cpu_core" / "cpus")  # Intel hybrid: its P-cores
+    cpus = (cpus & performance) or cpus
+    cores = {
+        _read(sysfs / "system" / "cpu" / f"cpu{cpu}" / "topology" / "thread_siblings_list")
+        for cpu in cpus
+    }
+    if not cpus or None in cores:
+        return cpu_cores()
+    return len(cores)
+
+
+def _allowed_cpus() -> set[int]:
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return set()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpu_list(path: Path) -> set[int]:
+    """A sysfs CPU list such as '0-7,16' as a set; empty where the file is missing."""
+    cpus: set[int] = set()
+    for part in (_read(path) or "").split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit():
+            cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def _sysctl_int(name: str) -> int | None:
+    """A macOS sysctl integer (the number of performance cores, say); None elsewhere."""
+    if not sys.platform.startswith("darwin"):
+        return None
+    value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+    libc = ctypes.CDLL(None)
+    if libc.sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0):
+        return None
+    return value.value if value.value > 0 else None
 
 
 # -- backends and devices ------------------------------------------------------------------

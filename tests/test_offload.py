@@ -242,6 +242,35 @@ def test_doctor_json_describes_this_build() -> None:
         assert "CMAKE_ARGS=" in run("doctor").stdout
 
 
+def _fake_sysfs(root: Path, siblings: dict[int, str], performance: str | None = None) -> Path:
+    for cpu, twins in siblings.items():
+        topology = root / "system" / "cpu" / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(twins + "\n")
+    if performance is not None:
+        (root / "cpu_core").mkdir()
+        (root / "cpu_core" / "cpus").write_text(performance + "\n")
+    return root
+
+
+def test_default_threads_are_physical_performance_cores(tmp_path, monkeypatch) -> None:
+    """llama.cpp's default: one thread per physical core, SMT twins and E-cores left out."""
+    monkeypatch.setattr(machine, "_allowed_cpus", lambda: {0, 1, 2, 3, 4, 5})
+    smt = {0: "0,3", 1: "1,4", 2: "2,5", 3: "0,3", 4: "1,4", 5: "2,5"}
+    assert machine.math_cores(_fake_sysfs(tmp_path / "smt", smt)) == 3
+    hybrid = {0: "0-1", 1: "0-1", 2: "2-3", 3: "2-3", 4: "4", 5: "5"}  # 2 P-cores, 2 E-cores
+    assert machine.math_cores(_fake_sysfs(tmp_path / "hybrid", hybrid, "0-3")) == 2
+    assert machine.math_cores(_fake_sysfs(tmp_path / "plain", {c: str(c) for c in smt})) == 6
+    assert machine.math_cores(tmp_path / "missing") == machine.cpu_cores() == 6
+    monkeypatch.setattr(machine, "_allowed_cpus", lambda: {0, 3})  # taskset to one core's twins
+    assert machine.math_cores(tmp_path / "smt") == 1
+
+
+def test_default_threads_on_this_machine() -> None:
+    assert 1 <= machine.math_cores() <= machine.cpu_cores()
+    assert json.loads(run("doctor", "--json").stdout)["cpu"]["threads"] == machine.math_cores()
+
+
 def test_gpu_build_command_per_platform() -> None:
     assert "-DGGML_METAL=on" in machine.gpu_build_command("Darwin", "arm64")
     assert "-DGGML_CUDA=on" in machine.gpu_build_command("Linux", "x86_64")

@@ -35,8 +35,10 @@ def _render(info: dict) -> None:
         f"[bold]build[/]    llama-cpp-python {build['llama_cpp_python']}; "
         f"backends {', '.join(build['backends'])}; GPU: {gpu}"
     )
+    cpu = info["cpu"]
     out.print(
-        f"[bold]cpu[/]      {info['cpu']['cores']} cores; {' '.join(info['cpu']['features'])}"
+        f"[bold]cpu[/]      {cpu['cores']} cores, {cpu['threads']} threads by default; "
+        f"{' '.join(cpu['features'])}"
     )
     ram, vram = info["ram"], info["vram_free"]
     out.print(

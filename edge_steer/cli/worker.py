@@ -51,7 +51,7 @@ def worker(
     code = rpc.run_worker(
         host,
         port,
-        threads=threads or machine.cpu_cores(),
+        threads=threads or machine.math_cores(),
         devices=names,
         cache_dir=cache,
         allow_remote=allow_remote,

@@ -15,7 +15,7 @@ from . import log
 
 
 def default_threads() -> int:
-    return max(1, machine.cpu_cores())
+    return max(1, machine.math_cores())
 
 
 def backend_info() -> dict[str, object]:
