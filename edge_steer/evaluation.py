@@ -47,7 +47,7 @@ class EvalOptions:
     save: bool = True  # store the recommended range in the vector's file
     retrain: bool = False
     chat: bool = False  # also steer chat replies (instruct models)
-    chat_replies: int = chateval.REPLIES  # per question and strength
+    chat_replies: int | None = None  # per question and strength; None: chateval.REPLIES
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -56,7 +56,15 @@ class EvalOptions:
                 f"--samples must be 0 to {MAX_SAMPLES} and --sample-tokens 1 to "
                 f"{MAX_SAMPLE_TOKENS} (every sample is decoded side by side in one context)"
             )
-        chateval.check_replies(self.chat_replies)
+        if self.chat_replies is not None:
+            if not self.chat:
+                raise BadInput("--chat-replies needs --chat: add --chat, or leave it out")
+            chateval.check_replies(self.chat_replies)
+        if self.personas and not (self.baseline or self.chat):
+            raise BadInput(
+                "--personas names the personas that --baseline and --chat use: add one of "
+                "them, or leave --personas out"
+            )
         strengths = self.strengths or ()
         if self.save and strengths and not (min(strengths) < 0 < max(strengths)):
             raise BadInput(
@@ -167,7 +175,7 @@ def evaluate_vector(
     concept = str(read.metadata.get(Key.CONCEPT) or path.stem)
     probes = options.probes or _builtin_probes(concept)
     words, prefixes = (None, None)
-    if options.baseline or options.personas:
+    if options.baseline:
         words, prefixes = _personas(model, concept, options.personas)
     definition = _definition(concept, options.personas, "--chat") if options.chat else None
     rows = vectors.combine([(read, 1.0)], model.n_layer, model.n_embd)
@@ -230,7 +238,7 @@ def _chat(
         definition,
         [p.strength for p in result.points],
         seed=options.seed,
-        replies=options.chat_replies,
+        replies=options.chat_replies or chateval.REPLIES,
         threads=options.threads,
         progress=lambda done, total: on_progress(label, done, total),
     )

@@ -226,3 +226,16 @@ def test_the_calibration_line_names_the_entropy_budget_of_chat_models() -> None:
 def test_eval_chat_replies_out_of_range_fail_before_the_model_loads() -> None:
     result = run("eval", "happy", "-m", "no-such-model", "--chat", "--chat-replies", "0")
     assert result.returncode == 2 and "--chat-replies must be 1-8" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--chat-replies", "2"], "--chat-replies needs --chat: add --chat, or leave it out"),
+        (["--personas", "calm,angry"], "add one of them, or leave --personas out"),
+    ],
+)
+def test_eval_flags_without_their_partner_are_refused(flags, words) -> None:
+    """Was: silently ignored (--chat-replies), or a --baseline nobody asked for (--personas)."""
+    result = run("eval", "happy", "-m", "no-such-model", *flags)
+    assert result.returncode == 2 and words in result.stderr, result.stderr

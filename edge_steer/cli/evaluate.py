@@ -55,7 +55,9 @@ def eval_command(
     ] = False,
     personas: Annotated[
         str | None,
-        typer.Option("--personas", help="POSITIVE,NEGATIVE persona words for --baseline."),
+        typer.Option(
+            "--personas", help="POSITIVE,NEGATIVE persona words for --baseline and --chat."
+        ),
     ] = None,
     samples: Annotated[
         int, typer.Option("--samples", help="Sampled generations per strength (degeneration).")
@@ -78,8 +80,11 @@ def eval_command(
         ),
     ] = False,
     chat_replies: Annotated[
-        int, typer.Option("--chat-replies", help="With --chat: replies per question and strength.")
-    ] = 3,
+        int | None,
+        typer.Option(
+            "--chat-replies", help="With --chat: replies per question and strength [default: 3]."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
     *,
     opts,
