@@ -74,7 +74,17 @@ def load(
     vector = vectors.ControlVector(
         vectors.validate(directions, str(path)), source.model_hint, metadata
     )
+    if shift or base != (source.layer_base or base):
+        _note_moved(vector, source.notes)
     return vector, source.notes
+
+
+def _note_moved(vector: vectors.ControlVector, notes: list[str]) -> None:
+    if vectors.forget_measurements(vector):
+        notes.append(
+            "dropped the file's calibration and eval results, which measured its old blocks: "
+            "run `edge-steer eval` on the result for a recommended range"
+        )
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,10 @@ def convert(
     n_layer = shape.n_layer if shape else None
     vector, notes = load(path, layer_base=layer_base, shift=shift, n_layer=n_layer)
     if relabel.layers is not None:
+        before = len(vector.directions)
         _keep_layers(vector, relabel.layers, n_layer or max(vector.layers) + 1)
+        if len(vector.directions) < before:
+            _note_moved(vector, notes)
     if relabel.model_hint is not None:
         vector.model_hint = relabel.model_hint
     given = {
@@ -303,6 +316,10 @@ def _read_json(path: Path) -> Source:
     if wrapped:
         source.model_hint = str(doc.get("model_hint", ""))
         source.layer_base = doc.get("layer_base")
+        if source.layer_base not in (None, *LAYER_BASES):
+            raise DamagedFile(
+                f"{path}: unknown layer_base {source.layer_base!r}: use block or hidden-states"
+            )
         source.metadata = {
             k: v for k, v in doc.get("metadata", {}).items() if isinstance(v, str | int | float)
         }

@@ -23,7 +23,7 @@ from .dataset import Probe
 from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings, continuations
 from .errors import BadInput
 from .metrics import is_degenerate, perplexity, probe_margin
-from .vectors import MAX_STRENGTH, Key
+from .vectors import EVAL_KEYS, MAX_STRENGTH, Key
 
 EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
 SAMPLE_PROMPT = 128  # tokens kept for each sample's prompt (persona prefix included)
@@ -34,15 +34,6 @@ DEFAULT_STEP = 0.5
 MAX_STRENGTHS = 41
 # the CLI's sampling without the repetition penalty, which would hide the very loops counted
 SAMPLING = SamplerSettings(repeat_penalty=1.0, seed=0)
-EVAL_KEYS = (  # metadata that `save` (re)writes; `vectors info` and `/vectors` show them
-    Key.RECOMMENDED_MIN,
-    Key.RECOMMENDED_MAX,
-    Key.EVAL_VERDICT,
-    Key.EVAL_SUMMARY,
-    Key.EVAL_LAYERS,
-    Key.EVAL_MODEL,
-    Key.EVAL_MODEL_NAME,
-)
 Progress = Callable[[int, int], None]
 
 

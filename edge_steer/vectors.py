@@ -94,6 +94,38 @@ class Key:
     EVAL_MODEL_NAME = "eval_model_name"
 
 
+EVAL_KEYS = (  # what `eval` measured: `evaluate.save` rewrites them; `vectors info` shows them
+    Key.RECOMMENDED_MIN,
+    Key.RECOMMENDED_MAX,
+    Key.EVAL_VERDICT,
+    Key.EVAL_SUMMARY,
+    Key.EVAL_LAYERS,
+    Key.EVAL_MODEL,
+    Key.EVAL_MODEL_NAME,
+)
+MEASURED_KEYS = (  # measurements of these very blocks: stale once a vector's blocks change
+    Key.SEPARATIONS,
+    Key.CALIBRATION_BUDGET,
+    Key.CALIBRATION_ENTROPY_BUDGET,
+    Key.CALIBRATION_SCALE,
+    Key.CALIBRATION_REFERENCE_PPL,
+    Key.CALIBRATION_POINTS,
+    Key.CALIBRATION_TOKENS,
+    *EVAL_KEYS,
+)
+
+
+def forget_measurements(vector: ControlVector) -> bool:
+    """Drop what training's calibration and `eval` measured (after the blocks changed, ±1
+    no longer means the calibrated strength). Whether there was anything to drop."""
+    stale = [k for k in vector.metadata if k in MEASURED_KEYS]
+    for key in stale:
+        del vector.metadata[key]
+    if vector.metadata.get(Key.SCALE_RULE) == "calibrated":
+        del vector.metadata[Key.SCALE_RULE]
+    return bool(stale)
+
+
 def is_calibrated(vector: ControlVector) -> bool:
     """Whether ±1 was calibrated to the fluency budget: the calibration's own record, not a
     label that converting or mixing could set."""

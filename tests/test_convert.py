@@ -209,6 +209,12 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
         ("x.json", b"[" * 100000 + b"]" * 100000, "RecursionError", DamagedFile),
         ("x.json", b'{"-3": [1, 2]}', "cannot tell the layer of '-3'", DamagedFile),  # was 3
         ("x.json", b'{"99999999999999999999": [1, 2]}', "no model has that many", BadInput),
+        (
+            "x.json",
+            b'{"directions": {"1": [1, 2]}, "layer_base": "layers"}',
+            "unknown layer_base 'layers': use block or hidden-states",
+            DamagedFile,
+        ),
     ],
 )
 def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message, error) -> None:
@@ -380,3 +386,34 @@ def test_info_and_list_show_the_recommended_range(edge_steer_home) -> None:
     assert rows["rangey"]["recommended"] == [-1.5, 2.0]
     assert "-1.5 .. +2" in invoke("vectors", "list")[1]
     path.unlink()
+
+
+@pytest.mark.parametrize("options", [["--shift", "1"], ["--layers", "2-3"]])
+def test_moving_blocks_drops_calibration_and_eval_results(tmp_path, options) -> None:
+    """Was: kept, so a vector cut to two blocks still claimed the trained ±1 and range."""
+    measured = {
+        "concept": "calm",
+        "scale_rule": "calibrated",
+        "calibration_scale": 1.7,
+        "calibration_budget": 1.15,
+        "separations": "0,1,2,3,4",
+        "recommended_min": -1.5,
+        "recommended_max": 2.0,
+        "eval_verdict": "works",
+    }
+    source = vectors.ControlVector(
+        {n: np.full(8, n, np.float32) for n in (1, 2, 3, 4)}, "llama", measured
+    )
+    vectors.write(source, tmp_path / "calm.gguf")
+    code, output = invoke(
+        "vectors", "convert", str(tmp_path / "calm.gguf"), "-o", str(tmp_path / "o.gguf"), *options
+    )
+    assert code == 0 and "dropped the file's calibration and eval results" in output, output
+    result = vectors.read(tmp_path / "o.gguf")
+    assert not vectors.is_calibrated(result) and vectors.recommended_range(result) is None
+    assert result.metadata["concept"] == "calm" and "scale_rule" not in result.metadata
+    code, output = invoke(
+        "vectors", "convert", str(tmp_path / "calm.gguf"), "-o", str(tmp_path / "same.npz")
+    )
+    assert code == 0 and "dropped" not in output
+    assert vectors.is_calibrated(convert.load(tmp_path / "same.npz")[0])
