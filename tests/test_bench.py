@@ -43,10 +43,25 @@ def test_bench_json_on_the_tiny_moe(tiny_moe_path) -> None:
     assert data["checks"]["steered_differs"] is True
     for name, target in bench.TARGETS.items():
         assert data["ratios"][name]["target"] == target
-        assert data["ratios"][name]["ok"] == (data["ratios"][name]["value"] >= target)
+        judged = data["ratios"][name]
+        measured = {k: judged[k] for k in ("value", "paired_median", "noise")}
+        assert judged == bench.judge(measured, target)
     assert data["training"]["pairs"] == 4 and data["training"]["prompt_tokens"] > 8
     assert data["backend"]["threads"] == 1 and data["backend"]["gpu_layers"] == "auto"
     assert "CPU" in data["backend"]["system_info"] and data["peak_rss_bytes"] > 20 * 2**20
+
+
+def test_a_ratio_within_its_noise_is_not_called_ok() -> None:
+    """Was: 0.985 +- 0.03 against a 0.99 target read "below target", 0.995 +- 0.03 "ok"."""
+    verdicts = [
+        bench.judge({"value": value, "noise": noise}, 0.99)["ok"]
+        for value, noise in ((0.995, 0.03), (0.985, 0.03), (1.03, 0.03), (0.95, 0.03), (0.99, 0))
+    ]
+    assert verdicts == [None, None, True, False, True]
+    steady = bench.Series("tg", "a", 10, seconds=[1.0, 1.0, 1.0], counts=[10, 10, 10])
+    shaky = bench.Series("tg", "b", 10, seconds=[1.0, 1.25, 0.8], counts=[10, 10, 10])
+    assert bench.ratio(steady, steady)["noise"] == 0
+    assert bench.ratio(shaky, steady)["noise"] > 0.2
 
 
 def test_bench_table(tiny_dense_path) -> None:

@@ -20,6 +20,12 @@ from .options import (
     with_options,
 )
 
+VERDICTS = {
+    True: "[green]ok[/]",
+    False: "[red]below target[/]",
+    None: "[yellow]within the noise: rerun with more --reps on a quiet machine[/]",
+}
+
 
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
@@ -92,10 +98,10 @@ def render(report: dict) -> None:
     for name, r in report["ratios"].items():
         mark = ""
         if "target" in r:
-            verdict = "[green]ok[/]" if r["ok"] else "[red]below target[/]"
-            mark = f" (target >= {r['target']}) {verdict}"
+            mark = f" (target >= {r['target']}) {VERDICTS[r['ok']]}"
         out.print(
-            f"{name}: [bold]{r['value']:.3f}[/] (paired median {r['paired_median']:.3f}){mark}"
+            f"{name}: [bold]{r['value']:.3f}[/] ± {r['noise']:.3f} "
+            f"(paired median {r['paired_median']:.3f}){mark}"
         )
     c = report["checks"]
     out.print(
