@@ -8,7 +8,6 @@ huggingface_hub drives while downloading).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from pathlib import Path
 # H100 machine, even with no layers on the GPU. Every path that loads a model comes through here.
 import llama_cpp  # noqa: F401
 
-from . import library, model_files, offload, steering
+from . import library, machine, model_files, offload, steering
 from . import rpc as rpc_
 from .constants import DEFAULT_CTX
 from .engine import (
@@ -256,7 +255,7 @@ def check_threads(threads: int | None) -> None:
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise BadInput(
             f"--threads {threads} is out of range: use 1 to {MAX_THREADS} "
-            f"(this machine has {os.cpu_count() or 1} cores; leave it out for all of them)"
+            f"(leave it out for {machine.math_cores()}, one per physical core here)"
         )
 
 
