@@ -96,7 +96,7 @@ class SteeredModel(llm.Model):
                 _check_known(name)
             return value
 
-        @field_validator("temperature", "top_k", "top_p", "min_p", "repeat_penalty")
+        @field_validator("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
         @classmethod
         def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
             """The engine's own limits for each setting, as the CLI and the server check."""

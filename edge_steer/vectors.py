@@ -283,17 +283,25 @@ def combine(weighted: Iterable[tuple[ControlVector, float]], n_layer: int, n_emb
     return rows
 
 
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
+def parse_number(text: str) -> float | None:
+    """A strength or weight as people write it (`-1`, `0.5`, `2e-1`), else None. Python's
+    float() also takes `1_0` (10: a typo at the strongest setting), other scripts' digits
+    and `nan`."""
+    text = text.strip()
+    return float(text) if NUMBER.fullmatch(text) else None
+
+
 def parse_spec(spec: str) -> tuple[str, float]:
     """`NAME_OR_PATH[:STRENGTH]` -> (name, strength); strength defaults to 1.0."""
     text = spec.strip()
     drive = text[:2] if re.match(r"^[A-Za-z]:[\\/]", text) else ""  # C:\\vec.gguf on Windows
     parts = text[len(drive) :].split(":")
     name, strength = drive + parts[0], parts[1] if len(parts) == 2 else "1.0"
-    try:
-        value = float(strength)
-    except ValueError:
-        value = math.nan
-    if len(parts) > 2 or not parts[0] or not math.isfinite(value):
+    value = parse_number(strength)
+    if len(parts) > 2 or not parts[0] or value is None or not math.isfinite(value):
         raise BadInput(
             f"bad vector spec {spec!r}: use NAME_OR_PATH[:STRENGTH], e.g. lazy:-1.0 or happy"
         )
@@ -362,10 +370,11 @@ def parse_mix(expression: str) -> list[tuple[str, float]]:
             weight, term = -weight, term[1:]
         names = []
         for part in term.split("*"):
-            try:
-                weight *= float(part)
-            except ValueError:
+            number = parse_number(part)
+            if number is None:
                 names.append(part.strip())
+            else:
+                weight *= number
         if len(names) != 1 or not re.fullmatch(r"\S+", names[0]) or not math.isfinite(weight):
             raise BadInput(
                 f"bad mix term {term!r} in {expression!r}: use NAME*WEIGHT joined by ' + ', "

@@ -43,6 +43,21 @@ def test_a_hand_written_template_in_a_prompt_is_read_as_its_special_tokens(chat_
     assert reply["generated_tokens"] < 60  # in its own template, the model ends its turn
 
 
+def test_a_character_cut_by_max_tokens_is_dropped_not_shown_as_a_replacement(chat_model):
+    """SmolLM2 writes 🎉 as byte tokens; stopping between them gave a trailing U+FFFD."""
+    from edge_steer.engine import Sampler
+
+    prompt = chat_model.tokenize("🎉🎉🎉🎉")
+    texts, tails = [], []
+    for n in range(1, 9):
+        with Context(chat_model, n_ctx=64) as ctx:
+            texts.append("".join(ctx.generate(prompt, Sampler(chat_model, GREEDY), max_tokens=n)))
+            generated = b"".join(chat_model.piece(t) for t in ctx.tokens[len(prompt) :])
+        tails.append(generated.decode(errors="replace").endswith("\ufffd"))
+        assert texts[-1] == generated.decode(errors="ignore"), n
+    assert any(tails) and not any("\ufffd" in text for text in texts)  # a cut really happened
+
+
 def test_a_full_context_drops_the_earliest_whole_turns_and_keeps_the_system_prompt(
     chat_model,
 ) -> None:

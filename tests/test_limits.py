@@ -65,6 +65,9 @@ def test_generate_with_a_small_context_still_generates(demo_path) -> None:
         (["-v", ",".join(f"v{i}:0.5" for i in range(40))], "too strong"),
         (["-v", "x" * 300], "bad vector name 'xxxxxxxx"),
         (["-v", "x" * 300 + ":1"], "bad vector name"),
+        (["-v", "happy:1_0"], "bad vector spec 'happy:1_0'"),  # was strength 10
+        (["--seed", "4294967295"], "--seed 4294967295 is out of range: use -1 to 4294967294"),
+        (["--seed", str(2**40)], "--seed 1099511627776 is out of range"),  # was 0
     ],
 )
 @pytest.mark.parametrize("command", ["generate", "chat"])

@@ -550,6 +550,92 @@ def test_shutdown_answers_every_open_request(demo_path):
     assert "Traceback" not in log and "CancelledError" not in log, log
 
 
+# -- a hostile client's sweep: what it found ------------------------------------------------
+
+
+def test_text_far_past_the_context_is_refused_before_tokenizing(server):
+    """Was: 3.9 MB of spaces took llama.cpp's tokenizer 20 s (quadratic), a client's leaving
+    stopped nothing, and eight such requests held the worker threads for minutes."""
+    start = time.monotonic()
+    for body in (
+        {"model": "demo", "prompt": " " * 3_900_000, "max_tokens": 1},
+        {"model": "demo", "messages": [{"role": "user", "content": " " * 3_900_000}]},
+    ):
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        status, reply = _request(server, "POST", path, body)
+        _assert_error(status, reply, 400, "context_length_exceeded")
+        assert "the prompt is at least" in reply["error"]["message"]
+    assert time.monotonic() - start < 5
+
+
+def _steering_of(server: ServerProcess, change: dict) -> dict | str:
+    body = {"model": "demo", "prompt": "Hi", "max_tokens": 1} | change
+    status, reply = _request(server, "POST", "/v1/completions", body)
+    assert status == 200, reply
+    return reply["steering"]
+
+
+def test_names_ignore_case_when_a_request_overrides_a_preset(server, stored):
+    w1, _ = stored
+    assert _steering_of(server, {"model": "strong"}) == {w1: 6.0}
+    assert _steering_of(server, {"model": "strong", "steering": {w1.upper(): 0}}) == {}
+    assert _steering_of(server, {"model": "strong", "steering": {w1.upper(): -1}}) == {w1: -1.0}
+    assert _steering_of(server, {"steering": f"{w1}:1,{w1.upper()}:0.5"}) == {w1: 1.5}
+
+
+BAD_FIELDS = [
+    ({"seed": 4294967295}, "seed"),  # llama.cpp's "random"
+    ({"seed": 2**32}, "seed"),  # was seed 0
+    ({"n": True}, "n"),
+    ({"top_logprobs": 5}, "top_logprobs"),
+    ({"stream": True, "stream_options": "yes"}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
+    ({"model": "demo+w1:1_0"}, "model"),  # was strength 10
+    ({"model": "demo+w1:\u0661"}, "model"),  # an Arabic-Indic one: was 1.0
+]
+
+
+@pytest.mark.parametrize(("change", "param"), BAD_FIELDS)
+def test_fields_of_the_wrong_kind_are_refused(server, stored, change, param):
+    body = json.dumps({"model": "demo", "prompt": "Hi", "max_tokens": 1} | change)
+    status, reply = _request(server, "POST", "/v1/completions", body.encode())
+    _assert_error(status, reply, 400)
+    assert reply["error"]["param"] == param
+    assert "PATH" not in reply["error"]["message"]  # the server takes no paths
+
+
+def test_chat_content_that_a_template_would_cut_is_refused(server):
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Hi\u0000 and a long question the template would cut"},
+    ]
+    body = {"model": "demo", "messages": messages, "max_tokens": 1}
+    status, reply = _request(server, "POST", "/v1/chat/completions", body)
+    _assert_error(status, reply, 400)
+    assert reply["error"]["param"] == "messages[2]" and "NUL" in reply["error"]["message"]
+    part = {"role": "user", "content": [{"type": "text"}]}  # was read as ""
+    status, reply = _request(server, "POST", "/v1/chat/completions", body | {"messages": [part]})
+    _assert_error(status, reply, 400)
+
+
+def test_what_the_server_does_not_speak_is_named(server, stored):
+    gzipped = {"Content-Encoding": "gzip"}
+    status, reply = _request(server, "POST", "/v1/completions", b"\x1f\x8b", gzipped)
+    _assert_error(status, reply, 415, "unsupported_media_type")
+    assert "Content-Encoding: gzip" in reply["error"]["message"]
+    for path in ("/v1/embeddings", "/v1/chat/completions/"):  # was a 307 nobody logged
+        status, reply = _request(server, "POST", path, {"model": "demo", "input": "Hi"})
+        _assert_error(status, reply, 404)
+        assert "/v1/chat/completions, /v1/completions" in reply["error"]["message"]
+    status, reply = _request(server, "POST", "/v1/completions", {"model": "+w1:1", "prompt": "a"})
+    _assert_error(status, reply, 404, "model_not_found")
+    assert "no model before '+'" in reply["error"]["message"]
+    status, entry = _request(server, "GET", f"/v1/models/demo+{stored[0]}:0.5")
+    assert status == 200 and entry["steering"] == {stored[0]: 0.5}, entry
+    _assert_error(*_request(server, "GET", "/v1/models/demo+nope:1"), 400, "unknown_vector")
+
+
 def test_the_log_has_no_traceback(server):
     """Last: nothing any test sent made the server print a traceback."""
     assert "Traceback" not in server.output()

@@ -244,6 +244,7 @@ _SAMPLING_FLAGS = {
     "min_p": "--min-p",
     "repeat_penalty": "--repeat-penalty",
     "repeat_last_n": "--repeat-last-n",
+    "seed": "--seed",
 }
 
 

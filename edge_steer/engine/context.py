@@ -317,7 +317,7 @@ class Context:
             stats.seconds += time.perf_counter() - start
             if piece:
                 yield piece
-        yield decoder.decode(b"", final=True)
+        # a character the last token left incomplete is dropped, not shown as U+FFFD
 
     @property
     def stats(self) -> GenerationStats:

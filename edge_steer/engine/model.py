@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,6 +144,21 @@ class Model:
         (`<|im_start|>`, `[INST]`) is that token, so hand-written templates work."""
         return self.tokenize(text, parse_special=True)
 
+    @functools.cached_property
+    def longest_piece(self) -> int:
+        """Bytes of text one token can stand for at most (special tokens' text included)."""
+        return max(len(self.piece(t, special=True)) for t in range(self.n_vocab))
+
+    def fewest_tokens(self, text: bytes, limit: int) -> int:
+        """A lower bound on the tokens `text` becomes, exact enough to tell whether it
+        reaches `limit`: how text far past a context is refused without tokenizing it,
+        which llama.cpp does in time that grows with the square of some inputs (20 s for
+        4 MB of spaces). Scans the vocabulary once, and only for text of `limit` bytes or
+        more (a token holds one byte at least)."""
+        if len(text) < limit:
+            return 0
+        return -(-len(text) // self.longest_piece)
+
     def piece(self, token: int, *, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = ll.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
@@ -161,6 +177,11 @@ class Model:
         """Format a conversation with the GGUF's own template; None if llama.cpp can't."""
         if not self.chat_template:
             return None
+        if any("\0" in m["content"] for m in messages):
+            raise BadInput(
+                "a message holds a NUL character (\\x00), which would cut it short in the "
+                "chat template: remove it"
+            )
         keep = [(utf8(m["role"]), utf8(m["content"])) for m in messages]  # outlive the call
         chat = (ll.llama_chat_message * len(keep))(*(ll.llama_chat_message(r, c) for r, c in keep))
         tmpl = self.chat_template.encode()

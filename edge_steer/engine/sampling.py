@@ -46,6 +46,9 @@ SAMPLING_LIMITS: dict[str, tuple[float, float]] = {
     "repeat_last_n": (0, 1 << 20),
     "frequency_penalty": (-2.0, 2.0),
     "presence_penalty": (-2.0, 2.0),
+    # llama.cpp's seeds are 32-bit and 2^32-1 means random, as -1 does here: anything else
+    # would silently be another seed, or no seed at all
+    "seed": (-1, (1 << 32) - 2),
 }
 
 
@@ -65,7 +68,9 @@ def out_of_range(settings: SamplerSettings) -> str | None:
     """The first setting outside SAMPLING_LIMITS (NaN and infinities included), or None."""
     for name, (low, high) in SAMPLING_LIMITS.items():
         value = getattr(settings, name)
-        if not (math.isfinite(value) and low <= value <= high):
+        if value is None:  # the seed: random
+            continue
+        if not ((isinstance(value, int) or math.isfinite(value)) and low <= value <= high):
             return name
     return None
 

@@ -33,7 +33,7 @@ from ..vectors import describe
 from .api_error import ApiError, as_api_error, log, one_line, refuse, shutting_down
 from .guard import Admission, Guard
 from .lanes import Busy, Event, Failed, Finished, Lanes, Piece, Ticket, Training
-from .requests import Job, Kind, Served, decode, parse, unknown_model
+from .requests import Job, Kind, Served, decode, parse, steering_of, unknown_model
 
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streaming client is still there
 
@@ -83,6 +83,7 @@ def create_app(
             ClientDisconnect: _gone,
         },
     )
+    app.router.redirect_slashes = False  # a 307 that POST clients may not follow: a 404 says it
     app.state.server = state
     return app
 
@@ -154,7 +155,11 @@ async def get_model(request: Request) -> Response:
     for entry in _models(request):
         if entry["id"] == wanted:
             return JSONResponse(entry)
-    raise unknown_model(wanted, _state(request).running()[0])
+    served, _ = _state(request).running()
+    if "+" not in wanted:
+        raise unknown_model(wanted, served)
+    steering = await run_in_threadpool(steering_of, wanted, served)  # reads vector files
+    return JSONResponse(_model_entry(wanted, steering))
 
 
 def _models(request: Request) -> list[dict[str, Any]]:
@@ -403,7 +408,14 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    error = ApiError(str(exc.detail), status=exc.status_code, code=f"http_{exc.status_code}")
+    message = str(exc.detail)
+    if exc.status_code == 404:
+        message = (
+            f"edge-steer serve has no {one_line(request.url.path)}: it serves "
+            "/v1/chat/completions, /v1/completions, /v1/models and /v1/vectors "
+            "(no embeddings, no Responses API)"
+        )
+    error = ApiError(message, status=exc.status_code, code=f"http_{exc.status_code}")
     response = refuse(error, request.method, request.url.path)
     response.headers.update(exc.headers or {})
     return response

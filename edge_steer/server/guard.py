@@ -131,6 +131,13 @@ def _check_post(headers: Headers, max_body: int) -> None:
             status=415,
             code="unsupported_media_type",
         )
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise ApiError(
+            f"`Content-Encoding: {encoding}` is not supported: send the body uncompressed",
+            status=415,
+            code="unsupported_media_type",
+        )
     length = headers.get("content-length", "")
     if length.isdigit() and (len(length) > 18 or int(length) > max_body):
         raise _too_large(max_body)

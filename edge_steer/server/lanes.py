@@ -314,4 +314,4 @@ def _pieces(
             break
         slot.next_token = token
         yield ""
-    yield decoder.decode(b"", final=True)
+    # a character the last token left incomplete is dropped, not sent as U+FFFD

@@ -103,14 +103,8 @@ def parse(body: dict[str, Any], kind: Kind, served: Served) -> Job:
     steering = _steering(model_name, body.get("steering"), served)
     prompt, stops = _chat_prompt(body, served) if kind == "chat" else _text_prompt(body, served)
     if len(prompt) >= served.n_ctx:
-        raise ApiError(
-            f"the prompt is {len(prompt)} tokens but a lane's context holds {served.n_ctx}: "
-            "shorten it, or restart the server with a larger --ctx",
-            param="messages" if kind == "chat" else "prompt",
-            code="context_length_exceeded",
-        )
+        raise _too_long(str(len(prompt)), served, "messages" if kind == "chat" else "prompt")
     default = served.n_ctx - len(prompt) if kind == "chat" else COMPLETION_MAX_TOKENS
-    stream_options = body.get("stream_options") or {}
     return Job(
         kind=kind,
         model=model_name,
@@ -121,18 +115,47 @@ def parse(body: dict[str, Any], kind: Kind, served: Served) -> Job:
         stops=tuple(dict.fromkeys([*stops, *_stops(body.get("stop"))])),
         stream=_flag(body, "stream"),
         cache_prompt=_flag(body, "cache_prompt", default=True),
-        include_usage=isinstance(stream_options, dict)
-        and bool(stream_options.get("include_usage")),
+        include_usage=_include_usage(body.get("stream_options")),
     )
+
+
+def _too_long(tokens: str, served: Served, param: str) -> ApiError:
+    return ApiError(
+        f"the prompt is {tokens} tokens but a lane's context holds {served.n_ctx}: "
+        "shorten it, or restart the server with a larger --ctx",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def _refuse_past_context(text: str, served: Served, param: str) -> None:
+    """Text that cannot fit is refused before llama.cpp tokenizes it, which can take many
+    seconds (and goes on after the client has left)."""
+    fewest = served.model.fewest_tokens(text.encode(), served.n_ctx)
+    if fewest >= served.n_ctx:
+        raise _too_long(f"at least {fewest}", served, param)
+
+
+def _include_usage(stream_options: object) -> bool:
+    if stream_options is None:
+        return False
+    usage = stream_options.get("include_usage") if isinstance(stream_options, dict) else None
+    if not isinstance(stream_options, dict) or not isinstance(usage, bool | None):
+        raise ApiError(
+            '`stream_options` must be an object such as {"include_usage": true}',
+            param="stream_options",
+        )
+    return bool(usage)
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     """Fields we cannot honour fail loudly rather than being silently ignored."""
     n = body.get("n", 1)
-    if n not in (1, None):
+    if n not in (1, None) or isinstance(n, bool):
         raise ApiError("only n=1 is supported: send one request per choice", param="n")
     refused = {
         "logprobs": body.get("logprobs") not in (None, False, 0),
+        "top_logprobs": body.get("top_logprobs") not in (None, 0),
         "echo": bool(body.get("echo")),
         "best_of": body.get("best_of") not in (None, 1),
         "suffix": body.get("suffix") is not None,
@@ -154,7 +177,14 @@ def _format_type(response_format: object) -> object:
 
 def preset_and_suffix(model_name: str, served: Served) -> tuple[dict[str, float], str]:
     """`MODEL`, `PRESET` or either with `+SPEC`: the preset's steering and the suffix."""
-    base, _, suffix = model_name.partition("+")
+    base, plus, suffix = model_name.partition("+")
+    if plus and not base:
+        raise ApiError(
+            f"`model` names no model before '+': use MODEL+SPEC, e.g. {served.model_id}+happy:1",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
     if base in served.pool.presets:
         return dict(served.pool.presets[base]), suffix
     if base == served.model_id or base in served.aliases:
@@ -171,10 +201,16 @@ def unknown_model(name: str, served: Served) -> ApiError:
     )
 
 
+def steering_of(model_name: str, served: Served) -> dict[str, float]:
+    """What a model name with a suffix steers by (`demo+happy:1`, `cheerful+lazy:-1`)."""
+    return _steering(model_name, None, served)
+
+
 def _steering(model_name: str, field_value: object, served: Served) -> dict[str, float]:
     """Preset, then the model-name suffix, then the body's `steering` field; later wins."""
-    steering, suffix = preset_and_suffix(model_name, served)
-    steering.update(served.pool.check(spec_strengths(suffix, "model"), "model"))
+    preset, suffix = preset_and_suffix(model_name, served)
+    steering = _folded(preset)
+    steering.update(_folded(served.pool.check(spec_strengths(suffix, "model"), "model")))
     if isinstance(field_value, str):
         field_value = spec_strengths(field_value, "steering")
     if field_value is not None and not isinstance(field_value, dict):
@@ -183,7 +219,7 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
             param="steering",
             code="invalid_steering",
         )
-    steering.update(served.pool.check(field_value or {}))
+    steering.update(_folded(served.pool.check(field_value or {})))
     steering = {name: s for name, s in steering.items() if s != 0}
     try:
         vectors.check_strengths(steering)  # preset, suffix and field together
@@ -192,12 +228,25 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
     return steering
 
 
+def _folded(steering: Mapping[str, float]) -> dict[str, float]:
+    """Names ignore case, as in the store: `HAPPY` overrides a preset's `happy`."""
+    folded: dict[str, float] = {}
+    for name, strength in steering.items():
+        folded[name.lower()] = folded.get(name.lower(), 0.0) + strength
+    return folded
+
+
 def spec_strengths(spec: str, param: str) -> dict[str, float]:
     """ "happy:0.8,lazy:-1" -> {"happy": 0.8, "lazy": -1.0}; repeats add up, as on the CLI."""
     try:
         return vectors.spec_strengths([spec])
-    except BadInput as exc:
-        raise ApiError(str(exc), param=param, code="invalid_steering") from None
+    except BadInput:
+        raise ApiError(
+            f"bad steering spec {spec!r}: use NAME[:STRENGTH], comma-separated, "
+            "e.g. happy:0.8,lazy:-1",
+            param=param,
+            code="invalid_steering",
+        ) from None
 
 
 def _chat_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tuple[str, ...]]:
@@ -212,6 +261,7 @@ def _chat_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tu
             code="context_length_exceeded",
         )
     plain = [_message(m, i) for i, m in enumerate(messages)]
+    _refuse_past_context("".join(m["content"] for m in plain), served, "messages")
     tokens, stops = chat.format_prompt(served.model, plain)
     return tokens, tuple(stops)
 
@@ -227,12 +277,18 @@ def _message(message: object, index: int) -> dict[str, str]:
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
             raise ApiError(f"{where}: only text content parts are supported", param=where)
-        texts = [p.get("text", "") for p in content]
+        texts = [p.get("text") for p in content]
         if not all(isinstance(text, str) for text in texts):
             raise ApiError(f"{where}: a text part's `text` must be a string", param=where)
         content = "".join(texts)
     if not isinstance(content, str):
         raise ApiError(f"{where}: `content` must be a string", param=where)
+    if "\0" in content:
+        raise ApiError(
+            f"{where}: `content` holds a NUL character (\\u0000), where the chat template "
+            "would cut it short: remove it",
+            param=where,
+        )
     return {"role": role, "content": content}
 
 
@@ -241,6 +297,7 @@ def _text_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tu
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # one prompt in a list, as some clients send it
     if isinstance(prompt, str) and prompt:
+        _refuse_past_context(prompt, served, "prompt")
         return served.model.tokenize_prompt(prompt), ()
     n_vocab = served.model.n_vocab
     if (
@@ -272,8 +329,11 @@ def _settings(body: Mapping[str, Any]) -> SamplerSettings:
     the engine's SAMPLING_LIMITS, as the CLI checks them."""
     base = SamplerSettings()
     seed = body.get("seed")
+    low, high = SAMPLING_LIMITS["seed"]
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError("`seed` must be an integer", param="seed")
+    if seed is not None and not low <= seed <= high:
+        raise ApiError(f"`seed` must be between {low} and {high} (-1: random)", param="seed")
     fields = (
         "temperature",
         "top_p",
