@@ -302,7 +302,7 @@ class Steered:
             raise BadInput(f"the prompt must be a str, not {type(prompt).__name__}")
         _check_max_tokens(max_tokens)
         settings = sampler_settings(sampling)
-        tokens = self.model.tokenize_prompt(prompt)
+        tokens = self.context.prompt_tokens(prompt)
         sampler = Sampler(self.model, settings)
         generation = self.context.generate(tokens, sampler, max_tokens=max_tokens)
         return Generation(self._in_turn(generation), generation.stats)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import assert_clean_error, run
+from test_cli import assert_clean_error, piped, run
 
 from edge_steer import convert, library, store, vectors
 from edge_steer.engine import Context
@@ -34,6 +34,12 @@ def test_generate_with_a_small_context_refuses_a_long_prompt(demo_path) -> None:
     """Was: GGML_ASSERT(n_tokens_all <= cparams.n_batch), exit 134."""
     result = run("generate", "-m", "demo", "--ctx", "100", "-p", LONG_PROMPT, "-n", "2")
     assert_clean_error(result, "the prompt is 151 tokens but the context holds 100")
+
+
+def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(demo_path) -> None:
+    """Was: 3 MB of spaces took llama.cpp's tokenizer 12 s to count before the refusal."""
+    result = piped("x" + " " * 3_000_000 + "x", "generate", "-m", "demo", "-p", "-", "-n", "2")
+    assert_clean_error(result, "the prompt is at least")
 
 
 def test_generate_with_a_small_context_still_generates(demo_path) -> None:

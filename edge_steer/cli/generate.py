@@ -63,7 +63,7 @@ def generate(
     steered = load_steered(opts)
     sampler = Sampler(steered.model, sampler_settings(opts))
     start = time.perf_counter()
-    tokens = steered.model.tokenize_prompt(prompt)
+    tokens = steered.context.prompt_tokens(prompt)
     pieces = steered.context.generate(tokens, sampler, max_tokens=max_tokens)
     text = stream(pieces, as_json)
     if as_json:

@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import llama_cpp as ll
 import numpy as np
@@ -22,7 +23,7 @@ from .. import prefixes
 from ..constants import DEFAULT_CTX
 from ..errors import BadInput, EngineError
 from . import log
-from .model import Model, default_threads
+from .model import Model, default_threads, utf8
 from .recorder import StateRecorder
 from .rowsteer import RowSteering
 from .sampling import Sampler
@@ -236,6 +237,21 @@ class Context:
         if self.row_steering is not None:
             self.row_steering.check()
 
+    def prompt_tokens(self, text: str) -> list[int]:
+        """`text` tokenized as a prompt (`Model.tokenize_prompt`); text that cannot fit this
+        context, whatever its tokens, is refused first, without tokenizing (see
+        `Model.fewest_tokens`)."""
+        fewest = self.model.fewest_tokens(utf8(text), self.n_ctx + 1)
+        if fewest > self.n_ctx:
+            self._refuse_prompt(f"at least {fewest}")
+        return self.model.tokenize_prompt(text)
+
+    def _refuse_prompt(self, tokens: str) -> NoReturn:
+        raise BadInput(
+            f"the prompt is {tokens} tokens but the context holds {self.n_ctx}: "
+            "raise --ctx, or shorten the prompt"
+        )
+
     def ingest(self, tokens: Sequence[int]) -> int:
         """Make sequence 0 hold exactly `tokens`, reusing the longest cached prefix.
 
@@ -243,10 +259,7 @@ class Context:
         Returns how many tokens were decoded.
         """
         if len(tokens) > self.n_ctx:
-            raise BadInput(
-                f"the prompt is {len(tokens)} tokens but the context holds {self.n_ctx}: "
-                "raise --ctx, or shorten the prompt"
-            )
+            self._refuse_prompt(str(len(tokens)))
         same = min(self.cached_prefix(tokens), len(tokens) - 1)
         self.forget(same)
         self._append(tokens[same:])
