@@ -242,7 +242,7 @@ def spec_strengths(spec: str, param: str) -> dict[str, float]:
         return vectors.spec_strengths([spec])
     except BadInput:
         raise ApiError(
-            f"bad steering spec {spec!r}: use NAME[:STRENGTH], comma-separated, "
+            f"bad steering spec {spec[:80]!r}: use NAME[:STRENGTH], comma-separated, "
             "e.g. happy:0.8,lazy:-1",
             param=param,
             code="invalid_steering",
