@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 
-from .engine import Context, GenerationStats, Model, Sampler, SamplerSettings
+from .engine import Context, GenerationStats, Model, Sampler, SamplerSettings, utf8
 from .errors import BadInput
 from .steering import Steering
 
@@ -41,6 +41,9 @@ def fit_to_context(
     always kept; when it alone does not fit, that is a BadInput."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
+    newest = utf8(messages[-1]["content"]) if messages else b""
+    if (fewest := model.fewest_tokens(newest, n_ctx)) >= n_ctx:  # before a long tokenizing
+        raise _too_long(f"at least {fewest}", "", n_ctx, raise_with)
     tokens, stops = format_prompt(model, messages)
     dropped, most = 0, n_ctx - min(max_tokens, n_ctx // 4)
     while len(tokens) > most and dropped < len(turns) - 1:
@@ -52,11 +55,15 @@ def fit_to_context(
         most = n_ctx // 2
     if len(tokens) >= n_ctx:
         with_system = " with the system prompt" if system else ""
-        raise BadInput(
-            f"the message is {len(tokens)} tokens{with_system} but the context holds {n_ctx}: "
-            f"raise {raise_with}, or shorten the message"
-        )
+        raise _too_long(str(len(tokens)), with_system, n_ctx, raise_with)
     return tokens, stops, dropped
+
+
+def _too_long(tokens: str, with_system: str, n_ctx: int, raise_with: str) -> BadInput:
+    return BadInput(
+        f"the message is {tokens} tokens{with_system} but the context holds {n_ctx}: "
+        f"raise {raise_with}, or shorten the message"
+    )
 
 
 def until_stop(pieces: Iterator[str], stops: tuple[str, ...]) -> Generator[str, None, bool]:

@@ -38,8 +38,9 @@ def test_generate_with_a_small_context_refuses_a_long_prompt(demo_path) -> None:
 
 def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(demo_path) -> None:
     """Was: 3 MB of spaces took llama.cpp's tokenizer 12 s to count before the refusal."""
-    result = piped("x" + " " * 3_000_000 + "x", "generate", "-m", "demo", "-p", "-", "-n", "2")
-    assert_clean_error(result, "the prompt is at least")
+    text = "x" + " " * 3_000_000 + "x"
+    assert_clean_error(piped(text, "generate", "-m", "demo", "-p", "-"), "the prompt is at least")
+    assert_clean_error(piped(text, "chat", "-m", "demo", "-p", "-"), "the message is at least")
 
 
 def test_generate_with_a_small_context_still_generates(demo_path) -> None:
