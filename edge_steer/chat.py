@@ -9,7 +9,7 @@ from .engine import Context, GenerationStats, Model, Sampler, SamplerSettings, u
 from .errors import BadInput
 from .steering import Steering
 
-TRANSCRIPT_STOP = ("\nUser:",)
+TRANSCRIPT_STOP = ("\nUser:", "\nAssistant:")  # a base model writing the next turn
 
 
 def format_prompt(model: Model, messages: list[dict[str, str]]) -> tuple[list[int], tuple]:

@@ -12,6 +12,7 @@ llm loads every plugin for every command, `llm --help` included.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +32,16 @@ if TYPE_CHECKING:
 PREFIX = "edge-steer/"
 MAX_TOKENS = 512  # a reply's default length, as `edge-steer chat --max-tokens`
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
+WHOLE_NUMBERS = ("top_k", "seed", "max_tokens", "ctx")
+WHOLE = re.compile(r"[+-]?\d+", re.ASCII)
+NUMBERS = (*SAMPLING, "max_tokens", "ctx")
+# the CLI's words in edge-steer's messages, as an `llm` user writes them
+FOR_LLM = {
+    "--ctx": "-o ctx",
+    "--model demo": "-m edge-steer/demo",
+    ", or pass --force to try anyway": "",
+    ", or pass --force": "",
+}
 
 # (catalog name, context size) -> the loaded model and its context, for the whole process:
 # llm makes new model objects on every `llm.get_model()`, so they cannot hold it.
@@ -96,6 +107,25 @@ class SteeredModel(llm.Model):
                 _check_known(name)
             return value
 
+        @field_validator("layers")
+        @classmethod
+        def _layer_span(cls, value: str | None) -> str | None:
+            """The syntax of A-B; whether the blocks exist is known once the model loads."""
+            from .steering import layer_span
+
+            if value is not None:
+                layer_span(value)
+            return value
+
+        @field_validator(*NUMBERS, mode="before")
+        @classmethod
+        def _plain_number(cls, value: object, info: ValidationInfo) -> object:
+            """`-o max_tokens 1_0` and `3.0` are typos, not 10 and 3; True is no number."""
+            whole = info.field_name in WHOLE_NUMBERS
+            if isinstance(value, bool) or (isinstance(value, str) and not _plain(value, whole)):
+                raise ValueError(f"{value!r} is not a {'whole ' if whole else ''}number")
+            return value
+
         @field_validator("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
         @classmethod
         def _in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
@@ -130,38 +160,61 @@ class SteeredModel(llm.Model):
         try:
             yield from self._reply(prompt, response, conversation)
         except EdgeSteerError as exc:
-            raise llm.ModelError(str(exc)) from None
+            raise llm.ModelError(_for_llm(str(exc))) from None
 
     def _reply(
         self, prompt: llm.Prompt, response: llm.Response, conversation: llm.Conversation | None
     ) -> Iterator[str]:
-        from .chat import fit_to_context, until_stop
-        from .engine import Sampler
-
         options = cast(SteeredModel.Options, prompt.options)
         steered = _steered(self.name, options.ctx or DEFAULT_CTX)
-        _steer(steered, options.vector, options.layers)
-        messages, max_tokens = _messages(prompt, conversation), options.max_tokens or MAX_TOKENS
-        context = steered.context
-        tokens, stops, _ = fit_to_context(
-            steered.model, messages, context.n_ctx, max_tokens, raise_with="-o ctx"
-        )
-        sampler = Sampler(steered.model, _sampling(options))
-        try:
-            pieces = context.generate(tokens, sampler, max_tokens=max_tokens)
-            yield from until_stop(pieces, stops)
-        finally:
-            sampler.close()
-        response.set_usage(
-            input=len(tokens),
-            output=pieces.stats.generated,
-            details={"cached_prompt_tokens": len(tokens) - pieces.stats.prompt_tokens},
-        )
-        response.response_json = {
-            "model_file": str(steered.model.path),
-            "vectors": steered.steering.strengths(),
-            "layers": steered.steering.layers,
-        }
+        with steered.turn():  # prompts from several threads take turns on the one context
+            yield from _steered_reply(steered, options, prompt, response, conversation)
+
+
+def _steered_reply(
+    steered: Steered,
+    options: SteeredModel.Options,
+    prompt: llm.Prompt,
+    response: llm.Response,
+    conversation: llm.Conversation | None,
+) -> Iterator[str]:
+    from .chat import fit_to_context, until_stop
+    from .engine import Sampler
+
+    _steer(steered, options.vector, options.layers)
+    messages, max_tokens = _messages(prompt, conversation), options.max_tokens or MAX_TOKENS
+    context = steered.context
+    tokens, stops, _ = fit_to_context(
+        steered.model, messages, context.n_ctx, max_tokens, raise_with="-o ctx"
+    )
+    sampler = Sampler(steered.model, _sampling(options))
+    try:
+        pieces = context.generate(tokens, sampler, max_tokens=max_tokens)
+        yield from until_stop(pieces, stops)
+    finally:
+        sampler.close()
+    response.set_usage(
+        input=len(tokens),
+        output=pieces.stats.generated,
+        details={"cached_prompt_tokens": len(tokens) - pieces.stats.prompt_tokens},
+    )
+    response.response_json = {
+        "model_file": str(steered.model.path),
+        "vectors": steered.steering.strengths(),
+        "layers": steered.steering.layers,
+    }
+
+
+def _plain(text: str, whole: bool) -> bool:
+    from .vectors import NUMBER
+
+    return bool((WHOLE if whole else NUMBER).fullmatch(text.strip()))
+
+
+def _for_llm(message: str) -> str:
+    for cli, llm_words in FOR_LLM.items():
+        message = message.replace(cli, llm_words)
+    return message
 
 
 def _check_known(name: str) -> None:

@@ -8,6 +8,7 @@ huggingface_hub drives while downloading).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -82,6 +83,11 @@ class LoadOptions:
     ) -> LoadOptions:
         """From the looser values the keyword API (`load`, `load_model`) takes: a Path, an
         int layer count, workers as a list."""
+        if model is not None and not (isinstance(model, str | Path) and str(model).strip()):
+            raise BadInput(
+                f"model={model!r}: use a catalog name (edge-steer models list), hf:REPO/FILE "
+                "or a .gguf path, or None for $EDGE_STEER_MODEL"
+            )
         return cls(
             model=_text(model),
             ctx=ctx,
@@ -90,7 +96,7 @@ class LoadOptions:
             moe_offload=_text(moe_offload),
             force=force,
             offline=offline,
-            rpc=None if rpc is None else ",".join(_specs(rpc)),
+            rpc=None if rpc is None else ",".join(_specs(rpc, "rpc")),
         )
 
 
@@ -231,12 +237,30 @@ def steer(
     )
 
 
-def _specs(given: VectorSpecs) -> list[str]:
+def _specs(given: VectorSpecs, what: str = "vectors") -> list[str]:
+    """Vectors (or RPC workers) as the CLI's specs, from a spec string, a list of them or
+    {name: strength}."""
     if isinstance(given, str):
         return [given]
     if isinstance(given, Mapping):
-        return [f"{name}:{strength}" for name, strength in given.items()]
-    return list(given)
+        for name, strength in given.items():
+            check_strength(name, strength)
+        return [f"{name}:{strength!r}" for name, strength in given.items()]
+    specs = list(given) if isinstance(given, Iterable) else [given]
+    if not all(isinstance(spec, str) for spec in specs):
+        example = "'host:50052'" if what == "rpc" else "'happy:0.8,lazy:-1'"
+        raise BadInput(f"{what}={given!r}: use a str such as {example}, or a list of them")
+    return specs
+
+
+def check_strength(name: object, strength: object) -> None:
+    """A vector's name and strength as a script gives them: a str and a finite number."""
+    if not isinstance(name, str):
+        raise BadInput(f"vector name {name!r}: use a str such as 'happy'")
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+        raise BadInput(f"strength {strength!r} of {name!r}: use a number such as 0.8")
+    if isinstance(strength, float) and not math.isfinite(strength):
+        raise BadInput(f"strength {strength!r} of {name!r}: use a finite number such as 0.8")
 
 
 MAX_CTX = 1 << 24  # tokens; far past any model's training context, within llama.cpp's int32
@@ -245,6 +269,7 @@ MAX_THREADS = 512  # GGML_MAX_N_THREADS
 
 def check_ctx(ctx: int) -> None:
     """Before anything loads: whether the context may fit is `offload.plan_model`'s check."""
+    _check_whole("ctx", ctx)
     if not 16 <= ctx <= MAX_CTX:
         raise BadInput(
             f"--ctx {ctx} is out of range: use 16 to {MAX_CTX} tokens (e.g. {DEFAULT_CTX})"
@@ -252,11 +277,19 @@ def check_ctx(ctx: int) -> None:
 
 
 def check_threads(threads: int | None) -> None:
+    if threads is not None:
+        _check_whole("threads", threads)
     if threads is not None and not 1 <= threads <= MAX_THREADS:
         raise BadInput(
             f"--threads {threads} is out of range: use 1 to {MAX_THREADS} "
             f"(leave it out for {machine.math_cores()}, one per physical core here)"
         )
+
+
+def _check_whole(name: str, value: object) -> None:
+    """The keyword API's counts, as typer checks the CLI's: `ctx="4096"` is no count."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadInput(f"{name}={value!r}: use a whole number")
 
 
 def open_context(
@@ -282,7 +315,8 @@ class Steered:
     One context holds one conversation's KV cache, so calls take turns: a call from another
     thread waits for the one running (a stream runs until it is used up or closed), and a
     call from the thread whose stream is still open is refused, as it would overwrite that
-    stream's cache. `close` from another thread stops a running stream at its next piece."""
+    stream's cache. `close` waits only for a call inside llama.cpp right now (up to its next
+    piece); an open stream, in any thread, raises BadInput when next read."""
 
     model: Model
     context: Context
@@ -290,6 +324,9 @@ class Steered:
     _turn_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _holder: int | None = field(default=None, repr=False)  # the thread whose call runs
     _closed: bool = field(default=False, repr=False)
+    # whether a call is inside llama.cpp now, not a stream waiting between pieces
+    _calls: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _in_call: bool = field(default=False, repr=False)
 
     def stream(
         self, prompt: str, *, max_tokens: int = 256, **sampling: float | int | None
@@ -313,52 +350,69 @@ class Steered:
 
     def set_vector(self, name: str, strength: float) -> None:
         """Add, re-weight (or with 0, remove) one vector; takes effect on the next call."""
-        with self._turn():
-            self.steering.set(name, strength)
+        check_strength(name, strength)
+        with self._turn(), self._calling():
+            self.steering.set(name, float(strength))
             self.steering.apply(self.context)
 
     def close(self) -> None:
-        """Free the context and the model. A stream of this thread left open is suspended,
-        not running, so it is freed at once (the stream then raises); another thread's
-        running call is waited for, up to its next piece."""
-        self._closed = True
-        if self._holder == threading.get_ident():
-            self._free()
-            return
-        with self._turn_lock:
-            self._free()
-
-    def _free(self) -> None:
-        self.context.close()
-        self.model.close()
+        """Free the context and the model, once no call is inside llama.cpp."""
+        with self._calls:
+            self._closed = True
+            self._calls.wait_for(lambda: not self._in_call)
+            self.context.close()  # both are no-ops when already closed
+            self.model.close()
 
     def _check_open(self) -> None:
         if self._closed:
             raise BadInput("this Steered is closed: load the model again (edge_steer.load)")
 
     @contextmanager
+    def turn(self) -> Iterator[Context]:
+        """The context, for a front end that drives it itself (the `llm` plugin): calls
+        from other threads, and `close`, wait until the block ends."""
+        with self._turn(), self._calling():
+            yield self.context
+
+    @contextmanager
     def _turn(self) -> Iterator[None]:
+        """This thread's turn on the context, for a whole call or stream."""
         if self._holder == threading.get_ident():
             raise BadInput(
                 "a stream of this Steered is still open: finish or close it first (for "
                 "replies side by side, load another, or run `edge-steer serve`)"
             )
-        with self._turn_lock:
+        while not self._turn_lock.acquire(timeout=0.1):
+            self._check_open()  # closed while another thread's stream sits open
+        try:
             self._check_open()
             self._holder = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._holder = None
+            yield
+        finally:
+            self._holder = None
+            self._turn_lock.release()
+
+    @contextmanager
+    def _calling(self) -> Iterator[None]:
+        """A stretch inside llama.cpp, which `close` waits for."""
+        with self._calls:
+            self._check_open()
+            self._in_call = True
+        try:
+            yield
+        finally:
+            with self._calls:
+                self._in_call = False
+                self._calls.notify_all()
 
     def _in_turn(self, pieces: Iterator[str]) -> Iterator[str]:
         with self._turn():
-            while not self._closed:  # checked before each piece: close() may have freed all
-                piece = next(pieces, None)
+            while True:
+                with self._calling():  # BadInput once closed
+                    piece = next(pieces, None)
                 if piece is None:
                     return
                 yield piece
-            raise BadInput("this Steered was closed during the stream")
 
     def __enter__(self) -> Steered:
         return self

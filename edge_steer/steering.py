@@ -16,15 +16,23 @@ def parse_layers(text: str | None, n_layer: int) -> tuple[int, int] | None:
     """`A-B` (inclusive block numbers, as in direction.N) or `A`; checked against the model."""
     if text is None:
         return None
-    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
-    if not match:
-        raise BadInput(f"bad layer range {text!r}: use A-B with block numbers, e.g. 4-12")
-    first = int(match[1])
-    last = int(match[2]) if match[2] else first
+    first, last = layer_span(text)
     if not 1 <= first <= last <= n_layer - 1:
         raise BadInput(
             f"layer range {text} is outside the model's steerable blocks 1-{n_layer - 1}"
         )
+    return first, last
+
+
+def layer_span(text: object) -> tuple[int, int]:
+    """`A-B` or `A` as (first, last): what can be checked before a model is loaded."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text) if isinstance(text, str) else None
+    if not match:
+        raise BadInput(f"bad layer range {text!r}: use A-B with block numbers, e.g. 4-12")
+    first = int(match[1])
+    last = int(match[2]) if match[2] else first
+    if first > last:
+        raise BadInput(f"layer range {text} runs backwards: use {last}-{first}")
     return first, last
 
 

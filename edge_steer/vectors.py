@@ -339,10 +339,12 @@ def parse_specs(specs: Iterable[str]) -> list[tuple[str, float]]:
 
 
 def spec_strengths(specs: Iterable[str]) -> dict[str, float]:
-    """Specs -> {name: strength}; a name given twice adds up (happy:1,happy:0.5 = happy:1.5)."""
+    """Specs -> {name: strength}; a name given twice adds up (happy:1,happy:0.5 = happy:1.5),
+    in any case: names ignore case (as the store does), paths do not."""
     totals: dict[str, float] = {}
     for name, strength in parse_specs(specs):
-        totals[name] = totals.get(name, 0.0) + strength
+        key = name if files.looks_like_path(name) else name.lower()
+        totals[key] = totals.get(key, 0.0) + strength
     return totals
 
 

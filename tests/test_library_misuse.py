@@ -4,6 +4,7 @@ a crash of the interpreter and never text corrupted by another call."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -23,6 +24,10 @@ CASES = {
     "an open stream, then close": "g = s.stream(P, max_tokens=9); next(g); s.close(); list(g)",
     "the context closed": "s.context.close(); s.generate('hi', max_tokens=4)",
     "the model closed": "s.model.close(); s.generate('hi', max_tokens=4)",
+    "close from another thread while a stream sits unread": (  # was: close never returned
+        "g = s.stream(P, max_tokens=9); next(g); t = threading.Thread(target=s.close); "
+        "t.start(); t.join(30); assert not t.is_alive(); list(g)"
+    ),
     "close from another thread": (
         "t = threading.Thread(target=stream_slowly); t.start(); started.wait(); s.close(); "
         "t.join(); raise errors[0]"
@@ -117,3 +122,57 @@ def test_a_steering_for_another_model_is_refused(steered, demo_model) -> None:
     other = steering.build(demo_model, [], None)
     with pytest.raises(BadInput, match=r"this steering was built for .* build one for that model"):
         other.apply(steered.context)
+
+
+def test_a_stream_closed_early_lets_the_next_call_start(steered) -> None:
+    """Was: Generation had no close(); a stream left after `break` refused every call."""
+    alone = steered.generate(PROMPT, max_tokens=12, temperature=0)
+    stream = steered.stream(PROMPT, max_tokens=12, temperature=0)
+    next(stream)
+    stream.close()
+    assert steered.generate(PROMPT, max_tokens=12, temperature=0) == alone
+
+
+@pytest.mark.parametrize(
+    ("name", "strength", "words"),
+    [
+        ("x", "0.5", "strength '0.5' of 'x': use a number"),
+        ("x", True, "strength True of 'x': use a number"),
+        ("x", None, "strength None of 'x'"),
+        ("x", float("nan"), "strength nan of 'x': use a finite number"),
+        (None, 1, "vector name None: use a str"),
+    ],
+)
+def test_set_vector_checks_its_arguments(steered, name, strength, words) -> None:
+    """Was: '0.5' stored as a str (a TypeError later), nan 'too strong', None an AttributeError."""
+    with pytest.raises(BadInput, match=re.escape(words)):
+        steered.set_vector(name, strength)
+    assert steered.steering.strengths() == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"ctx": "4096"}, "ctx='4096': use a whole number"),
+        ({"ctx": 4096.5}, "ctx=4096.5: use a whole number"),
+        ({"ctx": True}, "ctx=True: use a whole number"),
+        ({"threads": "2"}, "threads='2': use a whole number"),
+        ({"threads": True}, "threads=True: use a whole number"),
+        ({"vectors": 123}, "vectors=123: use a str"),
+        ({"vectors": ["x:1", 3]}, "vectors=['x:1', 3]: use a str"),
+        ({"vectors": {"x": "1"}}, "strength '1' of 'x': use a number"),
+        ({"layers": 5}, "bad layer range 5"),
+        ({"layers": "5-3"}, "layer range 5-3 runs backwards: use 3-5"),
+        ({"rpc": 123}, "rpc=123: use a str such as 'host:50052'"),
+    ],
+)
+def test_load_checks_its_arguments(tiny_dense_path, options, words) -> None:
+    """Was: TypeError, AttributeError, or True read as one thread."""
+    with pytest.raises(BadInput, match=re.escape(words)):
+        runtime.load(tiny_dense_path, **{"ctx": 512, "threads": 1} | options)
+
+
+def test_an_empty_model_name_is_refused_not_the_default() -> None:
+    """Was: '' meant the default model, and a download of Mistral 7B began."""
+    with pytest.raises(BadInput, match="model='': use a catalog name"):
+        runtime.load("", offline=True)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,11 @@ def test_llm_chat_goes_on_past_a_full_context(llm_env) -> None:
         ("vector=no-such-vector", "unknown vector 'no-such-vector'"),
         ("temperature=5", "out of range: use 0 to 2"),
         ("layers=20-40", "outside the model's steerable blocks 1-29"),  # known once loaded
+        ("layers=5-3", "runs backwards: use 3-5"),
+        ("max_tokens=1_0", "'1_0' is not a whole number"),  # was 10
+        ("max_tokens=3.0", "'3.0' is not a whole number"),
+        ("temperature=0_5", "'0_5' is not a number"),
+        ("ctx=99999999999", "-o ctx 99999999999 is out of range"),  # said --ctx
     ],
 )
 def test_bad_options_are_one_clean_error(llm_env, option: str, words: str) -> None:
@@ -136,6 +142,36 @@ def test_bad_options_are_one_clean_error(llm_env, option: str, words: str) -> No
     result = llm_cli(llm_env, "-m", MODEL, "-o", name, value, "Hi")
     assert result.returncode == 1 and result.stderr.startswith("Error: "), result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_llm_chat_with_a_bad_layer_range_is_one_line(llm_env) -> None:
+    """Was: a traceback, since `llm chat` shows a failed turn's ModelError as one."""
+    result = llm_cli(llm_env, "chat", "-m", MODEL, "-o", "layers", "abc", stdin="hi\nquit\n")
+    assert "bad layer range 'abc'" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_prompts_from_several_threads_take_turns(chat_path, mood) -> None:
+    """Was: every thread's prompt failed with `llama_decode failed`: they shared one
+    context without taking turns."""
+    import llm
+
+    model = llm.get_model(MODEL)
+
+    def reply(_: int) -> str:
+        return model.prompt("Tell me about your day", temperature=0, max_tokens=16).text()
+
+    alone = reply(0)
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(reply, range(3))) == [alone] * 3
+
+
+def test_names_differing_in_case_are_one_vector_in_the_log(llm_env, mood) -> None:
+    result = llm_cli(
+        llm_env, "-m", MODEL, *GREEDY, "-o", "vector", f"{mood.upper()}:1,{mood}:1", "Hi"
+    )
+    assert result.returncode == 0, result.stderr
+    assert logged(llm_env, 1)[0]["response_json"]["vectors"] == {mood: 2.0}
 
 
 def test_only_the_plugin_imports_llm() -> None:

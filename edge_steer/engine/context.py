@@ -55,6 +55,12 @@ class Generation:
     def __next__(self) -> str:
         return next(self.pieces)
 
+    def close(self) -> None:
+        """End it early, as a `break` out of the loop leaves it: the next call may start."""
+        close = getattr(self.pieces, "close", None)
+        if close is not None:
+            close()
+
 
 class Batch:
     """An owned llama_batch that we fill token by token (several sequences allowed)."""
