@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from .engine import Context, GenerationStats, Model, Sampler, SamplerSettings, utf8
 from .errors import BadInput
+from .files import looks_like_path
 from .steering import Steering
+from .vectors import check_strength
 
 TRANSCRIPT_STOP = ("\nUser:", "\nAssistant:")  # a base model writing the next turn
 
@@ -37,26 +40,44 @@ def fit_to_context(
     whole turns from its start, as ollama and llama-cli's context shift drop them, until it
     takes half the context: each drop re-evaluates the whole prompt (minutes for a 7B on a
     Pi), so the next turns fit without another. Turns go whole, so the kept ones still begin
-    with a user message, as templates such as Mistral's demand. The newest message is
-    always kept; when it alone does not fit, that is a BadInput."""
+    with a user message, as templates such as Mistral's demand. The newest turn is always
+    kept; when it alone does not fit, that is a BadInput."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     newest = utf8(messages[-1]["content"]) if messages else b""
     if (fewest := model.fewest_tokens(newest, n_ctx)) >= n_ctx:  # before a long tokenizing
         raise _too_long(f"at least {fewest}", "", n_ctx, raise_with)
     tokens, stops = format_prompt(model, messages)
-    dropped, most = 0, n_ctx - min(max_tokens, n_ctx // 4)
-    while len(tokens) > most and dropped < len(turns) - 1:
-        dropped = next(
-            (i for i in range(dropped + 1, len(turns)) if turns[i]["role"] == "user"),
-            len(turns) - 1,
-        )
-        tokens, stops = format_prompt(model, system + turns[dropped:])
-        most = n_ctx // 2
+    dropped = 0
+    starts = [i for i, turn in enumerate(turns) if turn["role"] == "user" and i > 0]
+    if len(tokens) > n_ctx - min(max_tokens, n_ctx // 4) and starts:
+        dropped, tokens, stops = _fewest_dropped(model, system, turns, starts, n_ctx // 2)
     if len(tokens) >= n_ctx:
         with_system = " with the system prompt" if system else ""
         raise _too_long(str(len(tokens)), with_system, n_ctx, raise_with)
     return tokens, stops, dropped
+
+
+def _fewest_dropped(
+    model: Model,
+    system: list[dict[str, str]],
+    turns: list[dict[str, str]],
+    starts: list[int],
+    most: int,
+) -> tuple[int, list[int], tuple]:
+    """The fewest earliest turns to leave out (a user message at `starts` then opens the
+    prompt) for the prompt to take at most `most` tokens, else all but the newest turn. A
+    prompt shrinks as more go, so a binary search formats log2(turns) prompts, not one a
+    turn (a /load of 2000 messages took a minute)."""
+    low, high = 0, len(starts) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if len(format_prompt(model, system + turns[starts[middle] :])[0]) <= most:
+            high = middle
+        else:
+            low = middle + 1
+    tokens, stops = format_prompt(model, system + turns[starts[low] :])
+    return starts[low], tokens, stops
 
 
 def _too_long(tokens: str, with_system: str, n_ctx: int, raise_with: str) -> BadInput:
@@ -126,10 +147,8 @@ def _conversation_parts(data: object) -> tuple[str | None, dict[str, float], lis
     strengths = data.get("vectors") or {}
     if not isinstance(system, str | None) or not isinstance(strengths, dict):
         raise BadInput("bad 'system' or 'vectors' in the saved conversation")
-    try:
-        strengths = {str(name): float(value) for name, value in strengths.items()}
-    except (TypeError, ValueError):
-        raise BadInput("bad vector strength in the saved conversation") from None
+    for name, strength in strengths.items():
+        check_strength(name, strength)
     return system, strengths, [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -153,6 +172,7 @@ class ChatSession:
     last_stats: GenerationStats = field(default_factory=GenerationStats)  # the last reply's
 
     def __post_init__(self) -> None:
+        self.set_system(self.system)
         self.steering.apply(self.ctx)
 
     def conversation(self) -> list[dict[str, str]]:
@@ -196,31 +216,56 @@ class ChatSession:
             self.ctx.ingest(self.prompt()[0])
 
     def set_system(self, text: str | None) -> None:
+        self.check_system(text)
         self.system = text or None
+
+    def check_system(self, text: str | None) -> None:
+        """A system prompt must leave room for the conversation: fit_to_context keeps it
+        whole when it drops turns down to half the context."""
+        if text:
+            if "\0" in text:
+                raise BadInput("the system prompt holds a NUL character (\\x00): remove it")
+            tokens = len(self.ctx.model.tokenize(text, add_special=False))
+            if tokens > self.ctx.n_ctx // 2:
+                raise BadInput(
+                    f"the system prompt is {tokens} tokens, more than half the context "
+                    f"({self.ctx.n_ctx}): shorten it, or raise --ctx"
+                )
 
     def saved(self) -> dict:
         """The conversation as JSON data (`/save`): enough for `restore` to go on with it."""
         return {
             "model": self.ctx.model.name,
             "system": self.system,
-            "vectors": self.steering.strengths(),
+            "vectors": {
+                str(Path(name).absolute()) if looks_like_path(name) else name: strength
+                for name, strength in self.steering.strengths().items()
+            },  # a file's path holds from any folder the conversation is loaded in
             "messages": self.messages,
         }
 
     def restore(self, data: object) -> None:
         """Go on with a conversation from `saved()` data: its system prompt, vectors and
-        messages, the history evaluated under those vectors now. A vector that cannot be
-        found or trained (or Ctrl-C while it trains) leaves the session as it was."""
+        messages, the history evaluated under those vectors now. Anything wrong with it (a
+        vector that cannot be found or trained, or Ctrl-C while one trains; a message or
+        system prompt that cannot fit) leaves the session as it was."""
         system, strengths, messages = _conversation_parts(data)
         steering = replace(self.steering, active={})
         for name, strength in strengths.items():
             steering.set(name, strength)
-        self.steering.active = steering.active
-        self.system, self.messages, self.forgotten = system, messages, 0
+        self.check_system(system)
+        head = [{"role": "system", "content": system}] if system else []
+        model, n_ctx = self.ctx.model, self.ctx.n_ctx
+        fitted = (
+            fit_to_context(model, head + messages, n_ctx, self.max_tokens) if messages else None
+        )
+        tokens, _, dropped = fitted or ([], (), 0)
+        self.steering.active = steering.active  # nothing fails past here
+        self.system, self.messages, self.forgotten = system, messages, dropped
         self.ctx.forget(0)
         self.steering.apply(self.ctx)
-        if self.messages:
-            self.ctx.ingest(self.prompt()[0])
+        if tokens:
+            self.ctx.ingest(tokens)
 
     def clear(self) -> None:
         self.messages.clear()

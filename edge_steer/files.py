@@ -20,8 +20,18 @@ def write_atomically(
     never see a half-written file, and a failed write leaves any old file as it was.
     `check(temp_path)` reads it back first: writers that buffer in C (numpy's `tofile`, so
     gguf-py) can lose the end of a file on a full disk without an error. A failed write is
-    one line: DoesNotFit when the disk is full, BadInput otherwise."""
+    one line: DoesNotFit when the disk is full, BadInput otherwise. A symlink is written
+    through (the link stays); a device, pipe or folder at `path` is refused, never replaced
+    (/dev/null was, by root)."""
     path = Path(path)
+    if path.is_symlink():
+        try:
+            path = path.resolve(strict=False)
+        except (OSError, RuntimeError):  # a loop of links
+            raise BadInput(f"{str(path)[:200]} is a link that leads nowhere: pass a file") from None
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise BadInput(f"{str(path)[:200]} is {what}: pass the path of a file to write")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ huggingface_hub drives while downloading).
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from .engine import (
 )
 from .errors import BadInput
 from .files import size_text
-from .vectors import spec_strengths
+from .vectors import check_strength, spec_strengths
 
 Note = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -251,16 +250,6 @@ def _specs(given: VectorSpecs, what: str = "vectors") -> list[str]:
         example = "'host:50052'" if what == "rpc" else "'happy:0.8,lazy:-1'"
         raise BadInput(f"{what}={given!r}: use a str such as {example}, or a list of them")
     return specs
-
-
-def check_strength(name: object, strength: object) -> None:
-    """A vector's name and strength as a script gives them: a str and a finite number."""
-    if not isinstance(name, str):
-        raise BadInput(f"vector name {name!r}: use a str such as 'happy'")
-    if isinstance(strength, bool) or not isinstance(strength, int | float):
-        raise BadInput(f"strength {strength!r} of {name!r}: use a number such as 0.8")
-    if isinstance(strength, float) and not math.isfinite(strength):
-        raise BadInput(f"strength {strength!r} of {name!r}: use a finite number such as 0.8")
 
 
 MAX_CTX = 1 << 24  # tokens; far past any model's training context, within llama.cpp's int32

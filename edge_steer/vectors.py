@@ -308,6 +308,16 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return name, value
 
 
+def check_strength(name: object, strength: object) -> None:
+    """A vector's name and strength as a script gives them: a str and a finite number."""
+    if not isinstance(name, str):
+        raise BadInput(f"vector name {name!r}: use a str such as 'happy'")
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+        raise BadInput(f"strength {strength!r} of {name!r}: use a number such as 0.8")
+    if isinstance(strength, float) and not math.isfinite(strength):
+        raise BadInput(f"strength {strength!r} of {name!r}: use a finite number such as 0.8")
+
+
 def check_strengths(strengths: Mapping[str, float]) -> None:
     """Strengths steer only within one cap on their total size (sum of |strength|), so no
     number of vectors adds up to gibberish or overflow; BadInput beyond it."""

@@ -132,6 +132,13 @@ def test_help_lists_every_command_and_a_script_stops_at_its_first_failure(tiny_d
 def test_bad_commands_are_one_line_each_and_change_nothing(tiny_dense, tmp_path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('{"messages": [{"role": "wizard", "content": 1}]}')
+    deep, huge, nul, nan, text_strength = (tmp_path / f"{n}.json" for n in range(5))
+    deep.write_text("[" * 100_000)
+    message = {"role": "user", "content": "x" + " " * 200_000 + "x"}
+    huge.write_text(json.dumps({"messages": [message]}))
+    nul.write_text(json.dumps({"messages": [{"role": "user", "content": "a\0b"}]}))
+    nan.write_text('{"messages": [], "vectors": {"x": NaN}}')
+    text_strength.write_text('{"messages": [], "vectors": {"x": "1"}}')
     cases = [
         ("/set temperature 9", "temperature 9.0 is out of range"),
         ("/set warmth 1", "unknown setting"),
@@ -139,7 +146,23 @@ def test_bad_commands_are_one_line_each_and_change_nothing(tiny_dense, tmp_path)
         (f"/load {bad}", "bad message"),
         (f"/load {tmp_path / 'missing.json'}", "no file"),
         (f"/save {tmp_path}/no/such/folder/\0x", "cannot save"),
-        ("/vector lazy", "usage: /vector NAME STRENGTH"),
+        ("/vector lazy 1 2", "usage: /vector NAME [STRENGTH]"),
+        ("/vector lazy:1 2", "usage: /vector NAME [STRENGTH]"),
+        ("/vector lazy 1_0", "bad vector spec 'lazy:1_0'"),
+        ("/clear please", "/clear takes nothing after it"),
+        ("/system be\0nice", "the system prompt holds a NUL character"),
+        ("/system " + "word " * 300, "tokens, more than half the context (256)"),
+        ("/set n 1_0", "max_tokens takes a whole number, not '1_0'"),
+        ("/set top_k " + "1" * 5000, "top_k takes a whole number, not '111"),
+        (f"/save {tmp_path}", "is a folder: pass the path of a file to write"),
+        ("/save /dev/null", "/dev/null is not a regular file"),  # was replaced, as root
+        ("/load /dev/zero", "/dev/zero is not a regular file"),  # was read until killed
+        (f"/load {tmp_path}", "is a folder"),
+        (f"/load {deep}", "RecursionError"),  # was a traceback
+        (f"/load {huge}", "the message is at least"),  # was: failed, and wiped the session
+        (f"/load {nul}", "NUL character"),
+        (f"/load {nan}", "strength nan of 'x': use a finite number"),
+        (f"/load {text_strength}", "strength '1' of 'x': use a number"),
     ]
     with Context(tiny_dense, n_ctx=256) as ctx:
         session = ChatSession(ctx, steering.build(tiny_dense, [], None), SamplerSettings())
@@ -160,3 +183,56 @@ def test_load_brings_back_the_vectors_of_a_saved_conversation(tiny_dense_path, t
     assert json.loads(saved.read_text())["vectors"] == {str(path): 0.5}
     second = piped_chat(tiny_dense_path, f"/load {saved}\n/vectors\n")
     assert f"{path}:+0.5" in second.stderr.split("loaded 2 messages")[1], second.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "words"),
+    [
+        ('"""\nhello\nworld\n', 'the input ended inside a message continued with """'),
+        ("hello \\\n", "the input ended inside a message continued with \\"),
+        ("/bye now\n", "/bye takes nothing after it"),
+        (" /vectros\n", "unknown command /vectros"),  # a leading space: still a command
+    ],
+)
+def test_a_script_that_ends_mid_message_or_misspells_fails(tiny_dense_path, script, words):
+    """Was: the open message was dropped with exit 0; `/bye now` an unknown command."""
+    result = piped_chat(tiny_dense_path, script)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert not result.stdout.strip()
+
+
+def test_a_block_in_triple_quotes_is_a_message_even_when_it_starts_with_a_slash(
+    tiny_dense_path,
+):
+    """Was: a pasted `/vector happy 1` (or `/bye`) inside \"\"\" ran as a command."""
+    result = piped_chat(tiny_dense_path, '"""\n/bye\n"""\n/vectors\n')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "vectors: none" in result.stderr  # replied, then went on
+
+
+def test_an_empty_one_shot_message_is_refused(tiny_dense_path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_steer", "chat", "--model", str(tiny_dense_path), "-p", " "],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "-p is empty" in result.stderr, result.stderr
+
+
+def test_a_full_context_keeps_a_conversation_that_starts_with_a_user_message(tiny_dense):
+    """Was: re-evaluating a conversation that ends in a reply (/vector, /load) could keep
+    only that reply, which templates such as Mistral's refuse."""
+    with Context(tiny_dense, n_ctx=128) as ctx:
+        session = ChatSession(ctx, steering.build(tiny_dense, [], None), SamplerSettings())
+        session.max_tokens = 16
+        for turn in range(12):
+            words = 12 if turn == 11 else 4  # the last turn alone takes over half the context
+            session.messages += [
+                {"role": "user", "content": f"question {turn} " + "word " * words},
+                {"role": "assistant", "content": f"answer {turn} " + "word " * words},
+            ]
+        tokens, _ = session.prompt()
+        kept = session.conversation()
+        assert session.forgotten == 22 and [m["role"] for m in kept] == ["user", "assistant"]
+        assert 64 < len(tokens) < 128

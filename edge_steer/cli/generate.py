@@ -90,6 +90,8 @@ def chat(
     from .repl import repl
 
     prompt = _stdin_prompt() if prompt == "-" else prompt  # else piped lines are messages
+    if prompt is not None and not prompt.strip():
+        raise BadInput("-p is empty: give the message to send, or leave -p out to chat")
     if prompt is None and as_json:
         raise BadInput("--json prints one answer: give the message with -p TEXT (-p - reads stdin)")
     check_max_tokens(max_tokens)

@@ -7,9 +7,11 @@ they are and no prompts are printed, so a script's replies are all that reaches 
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Callable
 
+from ..errors import BadInput
 from .console import out
 
 Read = Callable[[bool], str]  # read(continuing) -> one line; EOFError at the end
@@ -51,21 +53,37 @@ def _editing_reader() -> Read:
 
     def read(continuing: bool) -> str:
         out.file.flush()
-        return session.prompt(more if continuing else first)
+        try:
+            return session.prompt(more if continuing else first)
+        except asyncio.CancelledError:  # Ctrl-C as prompt_toolkit starts or stops
+            raise KeyboardInterrupt from None
 
     return read
 
 
-def read_message(read: Read) -> str:
-    """One message: a line, lines ending in a backslash, or lines between two \"\"\" lines."""
+def read_message(read: Read) -> tuple[str, bool]:
+    """One message: a line, lines ending in a backslash, or lines between two \"\"\" lines;
+    and whether it was such a block, which is always a message (a pasted path or line of
+    code may start with /), never a command."""
     first = read(False)
     if first.strip() == '"""':
         lines = []
-        while (line := read(True)).strip() != '"""':
+        while (line := _more(read, '"""')).strip() != '"""':
             lines.append(line)
-        return "\n".join(lines)
+        return "\n".join(lines), True
     lines = [first]
     while lines[-1].endswith("\\"):
         lines[-1] = lines[-1][:-1]
-        lines.append(read(True))
-    return "\n".join(lines)
+        lines.append(_more(read, "\\"))
+    return "\n".join(lines), len(lines) > 1
+
+
+def _more(read: Read, opened: str) -> str:
+    """The next line of a message still open: the end of input there is a mistake."""
+    try:
+        return read(True)
+    except EOFError:
+        closing = 'a """ line' if opened == '"""' else "a line without it"
+        raise BadInput(
+            f"the input ended inside a message continued with {opened}: end it with {closing}"
+        ) from None

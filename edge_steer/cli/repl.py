@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,17 +37,16 @@ def repl(session, progress: StepProgress) -> None:
     )
     while True:
         try:
-            line = read_message(read)
+            line, block = _next_message(read, script)
         except EOFError:
             err.print()
             return
-        except KeyboardInterrupt:
-            err.print("[dim](/bye or Ctrl-D to leave)[/]")
-            continue
-        if line.strip() in LEAVE:
-            return
         try:
-            if line.startswith("/"):
+            command = not block and line.strip().startswith("/")
+            if command and line.split()[0] in LEAVE:
+                _leave(line)
+                return
+            if command:
                 _command(session, line.strip())
             elif line.strip():
                 _reply(session, line)
@@ -59,6 +59,25 @@ def repl(session, progress: StepProgress) -> None:
             err.print("\n[dim]\\[stopped][/]")
         finally:
             progress.close()  # a step cut short takes its bar with it
+
+
+def _next_message(read, script: bool) -> tuple[str, bool]:
+    """The next message (see `read_message`); Ctrl-C at the prompt starts it over, and a
+    message the input leaves open is an error there (EOFError at the end of input)."""
+    while True:
+        try:
+            return read_message(read)
+        except KeyboardInterrupt:
+            err.print("[dim](/bye or Ctrl-D to leave)[/]")
+        except BadInput as exc:
+            if script:
+                raise
+            print_error(exc)
+
+
+def _leave(line: str) -> None:
+    if len(line.split()) > 1:
+        raise BadInput(f"{line.split()[0]} takes nothing after it: send it alone to leave")
 
 
 def _reply(session, line: str) -> None:
@@ -80,8 +99,11 @@ def _command(session, line: str) -> None:
     word, _, rest = line.partition(" ")
     command = COMMANDS.get(word)
     if command is None:
-        raise BadInput(f"unknown command {word}: /help lists them")
-    command[0](session, rest.strip())
+        raise BadInput(f"unknown command {word[:40]}: /help lists them")
+    handler, usage, _ = command
+    if rest.strip() and " " not in usage:  # /clear please: no, not without asking
+        raise BadInput(f"{word} takes nothing after it: send {usage} alone")
+    handler(session, rest.strip())
 
 
 def _help(_session, _rest: str) -> None:
@@ -105,9 +127,9 @@ def _vector(session, rest: str) -> None:
     from .. import vectors
 
     parts = rest.split()
-    if len(parts) != 2:
-        raise BadInput("usage: /vector NAME STRENGTH (e.g. /vector lazy -0.5; 0 removes it)")
-    name, strength = vectors.parse_spec(f"{parts[0]}:{parts[1]}")
+    if not 1 <= len(parts) <= 2 or (len(parts) == 2 and ":" in parts[0]):
+        raise BadInput("usage: /vector NAME [STRENGTH] (e.g. /vector lazy -0.5; 0 removes it)")
+    name, strength = vectors.parse_spec(":".join(parts))  # NAME STRENGTH, NAME:STRENGTH, NAME
     start, forgotten = time.perf_counter(), session.forgotten
     session.set_vector(name, strength)
     err.print(
@@ -133,10 +155,15 @@ def _save(session, rest: str) -> None:
     path = Path(rest or time.strftime("chat-%Y%m%d-%H%M%S.json")).expanduser()
     text = json.dumps(session.saved(), indent=2, ensure_ascii=False) + "\n"
     try:
+        replacing = path.is_file()
         write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
-        raise BadInput(f"cannot save to {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    err.print(f"[dim]saved {len(session.messages)} messages to {path}[/]", highlight=False)
+        reason = getattr(exc, "strerror", None) or str(exc)[:200]
+        raise BadInput(f"cannot save to {str(path)[:200]}: {reason}") from None
+    done = f"saved {len(session.messages)} messages to {path}"
+    err.print(
+        f"[dim]{done}{' (it replaced the file there)' if replacing else ''}[/]", highlight=False
+    )
 
 
 def _load(session, rest: str) -> None:
@@ -145,19 +172,39 @@ def _load(session, rest: str) -> None:
     if not rest:
         raise BadInput("usage: /load FILE (a conversation written by /save)")
     path = Path(rest).expanduser()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFound(f"no file {path}: give the path /save printed") from None
-    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON, a NUL in the name
-        raise BadInput(f"cannot read {path} as a saved conversation: {exc}") from None
+    data = _read_saved(path)
     session.restore(data)
     err.print(
         f"[dim]loaded {len(session.messages)} messages from {path} · vectors: "
         f"{vectors.describe(session.steering.strengths())}[/]",
         highlight=False,
     )
+    saved_with = data.get("model")
+    if isinstance(saved_with, str) and saved_with != session.ctx.model.name:
+        err.print(f"[dim](saved with {saved_with}; it goes on with {session.ctx.model.name})[/]")
     _note_forgotten(session, 0)
+
+
+MAX_SAVED = 64 * 1024 * 1024  # bytes; a conversation that fills a 128k context is ~1 MB
+
+
+def _read_saved(path: Path) -> dict:
+    """The JSON /save wrote, read from a regular file of a sane size."""
+    try:
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            if not path.exists():
+                raise NotFound(f"no file {path}: give the path /save printed")
+            raise BadInput(f"{path} is {what}: give the file /save wrote")
+        if path.stat().st_size > MAX_SAVED:
+            raise BadInput(f"{path} is over {MAX_SAVED >> 20} MiB: not a conversation /save wrote")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8 or JSON, nested too deep
+        reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {str(exc)[:200]}"
+        raise BadInput(f"cannot read {path} as a saved conversation: {reason}") from None
+    if not isinstance(data, dict):
+        raise BadInput("not a saved conversation: expected a JSON object with 'messages'")
+    return data
 
 
 # /set NAME VALUE: the sampler's settings (engine.SamplerSettings) and the reply length
@@ -184,12 +231,13 @@ def _set(session, rest: str) -> None:
         if out_of_range(settings):
             raise BadInput(f"{name} {value} is out of range: use {range_text(name)}")
         session.settings = settings
-    err.print(f"[dim]{name} = {value}[/]")
+    err.print(f"[dim]{name} = {'random' if value is None else value}[/]")
 
 
 def _setting_value(name: str, text: str, session) -> int | float | None:
     """`text` parsed as setting `name` wants it: a count, a number, or a seed (or `random`)."""
     from ..engine import SamplerSettings, takes_whole_number
+    from ..vectors import parse_number
 
     fields = {f.name: f for f in dataclasses.fields(SamplerSettings)}
     if name not in fields and name != "max_tokens":
@@ -198,19 +246,30 @@ def _setting_value(name: str, text: str, session) -> int | float | None:
     if name == "seed" and text.lower() in ("random", "none"):
         return None
     whole = name == "max_tokens" or takes_whole_number(name)
-    try:
-        value = int(text) if whole else float(text)
-    except ValueError:
-        raise BadInput(f"{name} takes a {'whole ' if whole else ''}number, not {text!r}") from None
+    value = _whole_number(text) if whole else parse_number(text)
+    if value is None:
+        raise BadInput(f"{name} takes a {'whole ' if whole else ''}number, not {text[:40]!r}")
     if name == "max_tokens" and value < 1:
         raise BadInput("max_tokens is out of range: use 1 or more")
     return value
 
 
+def _whole_number(text: str) -> int | None:
+    """`12`, not `1_2`, `١٢` or 5000 digits (Python's int() takes the first two, and
+    refuses the last with a message about digits)."""
+    if not re.fullmatch(r"[+-]?\d{1,30}", text, re.ASCII):
+        return None
+    return int(text)
+
+
 LEAVE = ("/bye", "/quit", "/exit")
 LEAVE_HELP = ("/bye", "leave (also /quit, /exit, Ctrl-D)")
 COMMANDS: dict[str, tuple[Command, str, str]] = {  # word: (handler, usage, what it does)
-    "/vector": (_vector, "/vector NAME STRENGTH", "set a vector live (0 removes it)"),
+    "/vector": (
+        _vector,
+        "/vector NAME [STRENGTH]",
+        "set a vector live (1 if left out; 0 removes it)",
+    ),
     "/vectors": (_vectors, "/vectors", "show the active vectors and their measured ranges"),
     "/system": (_system, "/system TEXT", "set the system prompt (no TEXT clears it)"),
     "/set": (_set, "/set [NAME VALUE]", "show or change sampling: temperature, seed, ..."),
