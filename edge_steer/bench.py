@@ -336,14 +336,14 @@ def _plain(model: Model, tokens: list[list[int]], options: training.TrainOptions
 
 def ratio(num: Series, den: Series) -> dict:
     """Ratio of mean tokens/s, the median of the per-repetition ratios, and their noise:
-    twice the standard error of the paired ratios (0 with one repetition)."""
+    twice the standard error of the paired ratios (None with one repetition: unknown)."""
     paired = [a / b for a, b in zip(num.rates, den.rates, strict=True)]
     value = statistics.fmean(num.rates) / statistics.fmean(den.rates)
-    noise = 2 * statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else 0.0
+    noise = 2 * statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else None
     return {
         "value": round(value, 4),
         "paired_median": round(statistics.median(paired), 4),
-        "noise": round(noise, 4),
+        "noise": None if noise is None else round(noise, 4),
     }
 
 
@@ -351,6 +351,8 @@ def judge(result: dict, target: float) -> dict:
     """`ok`: true where the ratio meets the target by more than its noise, false where it
     misses by more, and None where the noise cannot tell (more --reps, a quieter machine)."""
     value, noise = result["value"], result["noise"]
+    if noise is None:  # one repetition cannot tell a ratio from its noise
+        return result | {"target": target, "ok": None}
     ok = True if value - noise >= target else False if value + noise < target else None
     return result | {"target": target, "ok": ok}
 

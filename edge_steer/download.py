@@ -56,8 +56,9 @@ def source(spec: str) -> Source:
         owner, _, rest = spec[len(HF_PREFIX) :].partition("/")
         name, _, file = rest.partition("/")
         parts = [owner, name, *file.split("/")]
-        if not (owner and name and file) or any(part in ("", ".", "..") for part in parts):
-            raise BadInput(f"bad model spec {spec!r}: use hf:OWNER/REPO/FILE.gguf")
+        bad = any(part in ("", ".", "..") for part in parts)
+        if not (owner and name and file.lower().endswith(".gguf")) or bad:
+            raise BadInput(f"bad model spec {spec[:200]!r}: use hf:OWNER/REPO/FILE.gguf")
         return Source(repo=f"{owner}/{name}", file=file)
     entry = catalog.lookup(spec)
     return Source(

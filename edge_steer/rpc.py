@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import socket
 import struct
@@ -72,17 +73,22 @@ def require_rpc() -> None:
         )
 
 
+HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # a name or IPv4 address
+
+
 def parse_endpoints(given: str | Sequence[str] | None) -> list[Endpoint]:
     """'host:port,host:port' (or a list of them) -> endpoints; None reads $EDGE_STEER_RPC."""
     if given is None:
         given = env(RPC_ENV)
     items = given.split(",") if isinstance(given, str) else [p for g in given for p in g.split(",")]
+    if any(items) and not any(i.strip() for i in items):
+        raise BadInput("--rpc is blank: name the workers as HOST:PORT, or leave --rpc out")
     found: list[Endpoint] = []
     for item in (i.strip() for i in items):
         if not item:
             continue
         host, sep, port = item.rpartition(":")
-        if not sep or not host or ":" in host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
             raise BadInput(
                 f"--rpc {item!r}: write HOST:PORT (e.g. 192.168.1.20:{DEFAULT_PORT}), "
                 "comma-separated for several workers; IPv6 addresses are not supported"

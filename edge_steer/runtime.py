@@ -224,6 +224,10 @@ def steer(
     """The steering for `vectors`: "happy:0.8,lazy:-1", ["happy:0.8"] or {"happy": 0.8};
     names are files, stored vectors or built-in concepts (trained on first use)."""
     specs = _specs(vectors)
+    if empty := [spec for spec in specs if spec.strip() and not spec_strengths([spec])]:
+        raise BadInput(f"--vector {empty[0]!r} names no vector: use NAME[:STRENGTH],...")
+    if retrain and not spec_strengths(specs):
+        raise BadInput("--retrain trains the --vector concepts again, and none is given: add one")
     if retrain:  # read what is trained now, not what this process read before
         library.check_retrain(spec_strengths(specs))
         for name in spec_strengths(specs):

@@ -23,7 +23,10 @@ SAMPLES = 8
 
 def home() -> Path:
     if given := env(HOME_ENV):
-        return Path(given).expanduser()
+        path = Path(given).expanduser()
+        if path.exists() and not path.is_dir():
+            raise BadInput(f"{HOME_ENV}={given} is not a folder: point it at one, or unset it")
+        return path
     cache = env("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "edge-steer"
 

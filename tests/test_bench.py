@@ -61,6 +61,8 @@ def test_a_ratio_within_its_noise_is_not_called_ok() -> None:
     steady = bench.Series("tg", "a", 10, seconds=[1.0, 1.0, 1.0], counts=[10, 10, 10])
     shaky = bench.Series("tg", "b", 10, seconds=[1.0, 1.25, 0.8], counts=[10, 10, 10])
     assert bench.ratio(steady, steady)["noise"] == 0
+    once = bench.Series("tg", "c", 10, seconds=[1.0], counts=[10])
+    assert bench.judge(bench.ratio(once, once), 0.99)["ok"] is None  # one run cannot tell
     assert bench.ratio(shaky, steady)["noise"] > 0.2
 
 

@@ -43,6 +43,19 @@ def test_text_that_cannot_fit_is_refused_before_it_is_tokenized(demo_path) -> No
     assert_clean_error(piped(text, "chat", "-m", "demo", "-p", "-"), "the message is at least")
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["-p", ""], "the prompt is empty"),  # generated from nothing
+        (["-p", "hi", "--retrain"], "--retrain trains the --vector concepts again, and none"),
+        (["-p", "hi", "--layers", "5-10"], "--layers picks the blocks that --vector steers"),
+        (["-p", "hi", "--vector", ",,"], "--vector ',,' names no vector"),
+    ],
+)
+def test_generate_refuses_what_it_would_ignore(demo_path, args, words) -> None:
+    assert_clean_error(run("generate", "-m", "demo", "-n", "2", *args), words)
+
+
 def test_generate_with_a_small_context_still_generates(demo_path) -> None:
     prompt = " ".join(["word"] * 60)
     result = run("generate", "-m", "demo", "--ctx", "100", "-p", prompt, "-n", "4", "--temp", "0")

@@ -215,6 +215,9 @@ def test_unknown_files_repos_and_an_unreachable_hub_are_clean_errors(hub, env, t
         run("pull", "hf:someone/else/x.gguf", env=env), NotFound, "someone/else not found"
     )
     assert_refused(run("pull", "hf:just-a-name", env=env), BadInput, "use hf:OWNER/REPO/FILE")
+    assert_refused(run("pull", f"hf:{REPO}/notes.txt", env=env), BadInput, "FILE.gguf")
+    assert_refused(run("pull", "", env=env), BadInput, "no model named")  # was the default
+    assert hub.gets() == []
     for spec in (f"hf:{REPO}/../../etc/passwd", f"hf:{REPO}/./tiny.gguf"):  # were tracebacks
         assert_refused(run("pull", spec, env=env), BadInput, "bad model spec")
     with socket.socket() as s:  # a port nobody listens on
@@ -271,3 +274,19 @@ def test_a_full_or_read_only_cache_is_not_called_a_network_failure(error, expect
 
     with pytest.raises(expected, match=words), download._hub_errors(download.source(SPEC)):
         raise error
+
+
+def test_models_info_reads_a_local_file(env, tiny, tmp_path) -> None:
+    """Was: 'unknown model', with advice to pass the very path given."""
+    path = tmp_path / "mine.gguf"
+    path.write_bytes(tiny)
+    data = json.loads(run("models", "info", str(path), "--json", env=env).stdout)
+    assert data["architecture"] == "llama" and data["size"] == path.stat().st_size
+    assert data["blocks"] > 0 and data["n_embd"] > 0
+    assert_refused(run("models", "info", str(tmp_path / "no.gguf"), env=env), NotFound, "no file")
+
+
+def test_a_home_that_is_a_file_is_named(env, tmp_path) -> None:
+    (tmp_path / "file").write_text("")
+    result = run("vectors", "list", env={**env, "EDGE_STEER_HOME": str(tmp_path / "file")})
+    assert_refused(result, BadInput, "EDGE_STEER_HOME=", "is not a folder")

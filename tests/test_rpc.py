@@ -268,9 +268,14 @@ def test_unreachable_worker_is_one_line_and_exit_1(demo_path) -> None:
     one_error_line(env_result, 1, "is unreachable")
 
 
-def test_malformed_rpc_option_is_one_line_and_exit_2(demo_path) -> None:
-    result = run("generate", "-m", str(demo_path), "-p", "Hi", "--rpc", "localhost")
-    one_error_line(result, 2, "write HOST:PORT")
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [("localhost", "write HOST:PORT"), ("a b:1", "write HOST:PORT"), (" ", "--rpc is blank")],
+)
+def test_malformed_rpc_option_is_one_line_and_exit_2(demo_path, given, words) -> None:
+    """' ' ran locally, 'a b:1' was looked up and reported unreachable (exit 1)."""
+    result = run("generate", "-m", str(demo_path), "-p", "Hi", "--rpc", given)
+    one_error_line(result, 2, words)
 
 
 @pytest.fixture()
@@ -344,6 +349,7 @@ def test_worker_refuses_a_public_bind_without_opt_in() -> None:
     [
         (["--host", "localhost"], "takes an IP address"),
         (["--cache", "{file}"], "not a folder"),
+        (["--threads", "0"], "--threads 0: use 1 or more"),  # was all cores
     ],
 )
 def test_worker_refuses_what_its_rpc_server_cannot_use(args, words, tmp_path) -> None:

@@ -10,6 +10,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -270,6 +272,34 @@ def test_allow_host_and_health_under_api_key(demo_path):
         assert status == 200 and body["lanes"] == 1
         status, body = _request(other, "GET", "/health", headers={"Host": "evil.example"})
         _assert_error(status, body, 403, "forbidden_host")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--host", ""], "--host is empty (that listens on every interface)"),  # it did
+        (["--api-key", ""], "--api-key must be printable ASCII"),  # switched checking off
+        (["--api-key", " k "], "--api-key must be printable ASCII"),  # no client could match
+        (["--allow-host", "http://proxy.example"], "is not a host name"),
+        (["--allow-host", "proxy.example:80"], "is not a host name"),
+        (["--preset", "a=w1:11"], "preset 'a': steering w1:11 is too strong"),  # every use 400
+        (["--preset", "x=w1:1", "--preset", "x=w1:2"], "preset 'x' is given twice"),
+        (["--preset", "demo=w1:1"], "preset 'demo' has the model's own name"),
+        (["--preset", "a b=w1:1"], "bad preset 'a b=w1:1'"),
+        (["--parallel", "0"], "--parallel 0 is out of range: use 1 to"),
+        (["--queue", "-1"], "--queue -1 is out of range"),
+    ],
+)
+def test_startup_refuses_what_would_open_or_lock_the_server(demo_path, stored, args, words):
+    from test_cli import assert_clean_error
+
+    result = subprocess.run(
+        [sys.executable, "-m", "edge_steer", "serve", "-m", "demo", "--port", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_clean_error(result, words)
 
 
 def test_which_hosts_are_checked():

@@ -27,6 +27,10 @@ VERDICTS = {
 }
 
 
+def _noise(noise: float | None) -> str:
+    return "?" if noise is None else f"{noise:.3f}"
+
+
 def register(app: typer.Typer) -> None:
     app.command("bench")(bench_command)
 
@@ -100,7 +104,7 @@ def render(report: dict) -> None:
         if "target" in r:
             mark = f" (target >= {r['target']}) {VERDICTS[r['ok']]}"
         out.print(
-            f"{name}: [bold]{r['value']:.3f}[/] ± {r['noise']:.3f} "
+            f"{name}: [bold]{r['value']:.3f}[/] ± {_noise(r['noise'])} "
             f"(paired median {r['paired_median']:.3f}){mark}"
         )
     c = report["checks"]

@@ -59,6 +59,10 @@ def generate(
             "no prompt: give one as an argument (edge-steer generate 'Once upon a time'), "
             "with -p TEXT, or pipe it in"
         )
+    if not prompt.strip():
+        raise BadInput("the prompt is empty: give some text to continue")
+    if opts.layers is not None and not opts.vector:
+        raise BadInput("--layers picks the blocks that --vector steers, and no --vector is given")
     check_max_tokens(max_tokens)
     steered = load_steered(opts)
     sampler = Sampler(steered.model, sampler_settings(opts))

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..files import size_text
+from ..errors import BadInput, NotFound
+from ..files import looks_like_path, size_text
 from .options import JsonOpt, clean_errors, err, model_file, out
 
 models_app = typer.Typer(
     no_args_is_help=True, help="The model catalog: what can be pulled, and what is downloaded."
 )
 NameArg = Annotated[
-    str, typer.Argument(help="Catalog name (mistral:q4_k_m, mixtral:q3_k_m, demo).")
+    str,
+    typer.Argument(help="Catalog name (mistral:q4_k_m, demo), hf:OWNER/REPO/FILE.gguf or a path."),
 ]
 SpecArg = Annotated[str, typer.Argument(help="Catalog name, or hf:OWNER/REPO/FILE.gguf.")]
 OfflineOpt = Annotated[
@@ -30,6 +33,8 @@ ForceOpt = Annotated[
 @clean_errors
 def pull(name: SpecArg, offline: OfflineOpt = False, force: ForceOpt = False) -> None:
     """Download a model (catalog name or hf:REPO/FILE) into the Hugging Face cache, verified."""
+    if not name.strip():
+        raise BadInput("no model named: give a catalog name (edge-steer models list) or hf:...")
     out.print(str(model_file(name, force=force, offline=offline)))
 
 
@@ -49,6 +54,23 @@ def _describe_file(spec: str) -> dict:
         "sha256": seen["sha256"] if seen else None,
         "downloaded": path is not None,
         "path": str(path) if path else None,
+    }
+
+
+def _describe_local(path: Path) -> dict:
+    """A GGUF file of one's own: what its header says."""
+    from .. import model_files
+
+    if not path.is_file():
+        raise NotFound(f"no file {path}: give the path of a .gguf model")
+    shape = model_files.model_shape(path)
+    return {
+        "name": path.name,
+        "path": str(path.resolve()),
+        "size": path.stat().st_size,
+        "architecture": shape.architecture,
+        "blocks": shape.n_layer,
+        "n_embd": shape.n_embd,
     }
 
 
@@ -122,7 +144,12 @@ def info(name: NameArg, as_json: JsonOpt = False) -> None:
 
     from .. import catalog
 
-    data = _describe_file(name) if name.startswith("hf:") else _describe(catalog.lookup(name))
+    if name.startswith("hf:"):
+        data = _describe_file(name)
+    elif looks_like_path(name):
+        data = _describe_local(Path(name).expanduser())
+    else:
+        data = _describe(catalog.lookup(name))
     if as_json:
         print(json.dumps(data))
         return

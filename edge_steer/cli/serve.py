@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..constants import API_KEY_ENV, DEFAULT_CTX
-from ..errors import BadInput
+from ..errors import BadInput, DoesNotFit
 from .options import (
     LOAD,
     LayersOpt,
@@ -90,9 +90,18 @@ def serve(
 
     presets = startup.parse_presets(preset)  # before minutes of downloading, not after
     startup.check_counts(parallel, queue, port)
+    startup.check_access(host, api_key, allow_host)
     load = load_options(opts, ctx)
     every_lane = dataclasses.replace(load, ctx=ctx * parallel)  # each lane's KV counts
-    path, _ = runtime.model_path(every_lane, on_note=note, download_bar=RichBar)
+    try:
+        path, _ = runtime.model_path(every_lane, on_note=note, download_bar=RichBar)
+    except DoesNotFit as exc:
+        if parallel == 1:
+            raise
+        raise DoesNotFit(
+            f"{exc} (that context is --parallel {parallel} lanes of --ctx {ctx} tokens: "
+            "fewer lanes need less)"
+        ) from None
     options = startup.ServeOptions(
         load=dataclasses.replace(load, model=str(path)),
         model_id=startup.model_id(opts.model, path),

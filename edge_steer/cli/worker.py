@@ -45,13 +45,13 @@ def worker(
     """Serve this machine's devices to `--rpc` clients until Ctrl-C."""
     from .. import machine, rpc
 
-    names = [n.strip() for d in device for n in d.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for d in device for n in d.split(",") if n.strip()))
     if allow_remote and not rpc.is_loopback(host):
         err.print(f"[bold yellow]warning:[/] {rpc.SECURITY_WARNING}")
     code = rpc.run_worker(
         host,
         port,
-        threads=threads or machine.math_cores(),
+        threads=machine.math_cores() if threads is None else threads,
         devices=names,
         cache_dir=cache,
         allow_remote=allow_remote,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from .. import files, library, machine, model_files, runtime, steering, store
+from .. import files, library, machine, model_files, runtime, steering, store, vectors
 from ..engine import DEFAULT_BATCH, MAX_SEQUENCES, Context, Model
 from ..engine.batching import Batcher
 from ..errors import BadInput, EdgeSteerError, EngineError
@@ -70,14 +71,30 @@ class ServeOptions:
         return self.parallel == 1 or not self.repacked
 
 
+# a Host header's name: DNS letters, digits, dots and hyphens, or an IPv6 address
+ALLOWED_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name clients can type
+
+
 def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
-    """["calm=happy:0.5,lazy:1"] -> {"calm": {"happy": 0.5, "lazy": 1.0}}."""
+    """["calm=happy:0.5,lazy:1"] -> {"calm": {"happy": 0.5, "lazy": 1.0}}, each within the
+    strength cap that every request's steering is held to."""
     presets: dict[str, dict[str, float]] = {}
     for item in given:
         name, sep, spec = item.partition("=")
-        if not sep or not name.strip() or "+" in name or not spec.strip():
-            raise BadInput(f"bad preset {item!r}: use NAME=SPEC, e.g. --preset calm=happy:0.5")
-        presets[name.strip()] = {k: v for k, v in _preset_spec(item, spec).items() if v != 0}
+        name = name.strip()
+        if not sep or not PRESET_NAME.fullmatch(name) or not spec.strip():
+            raise BadInput(
+                f"bad preset {item[:80]!r}: use NAME=SPEC, NAME of letters, digits, '.', '_' "
+                "or '-', e.g. --preset calm=happy:0.5"
+            )
+        if name in presets:
+            raise BadInput(f"preset {name!r} is given twice: give each name once")
+        presets[name] = {k: v for k, v in _preset_spec(item, spec).items() if v != 0}
+        try:
+            vectors.check_strengths(presets[name])
+        except BadInput as exc:
+            raise BadInput(f"preset {name!r}: {exc}") from None
     return presets
 
 
@@ -93,9 +110,30 @@ def _preset_spec(item: str, spec: str) -> dict[str, float]:
 def check_counts(parallel: int, queue_size: int, port: int) -> None:
     """The numbers, before a model is resolved (a 1000-lane context would be refused for
     its RAM, with advice about --ctx)."""
-    if not 1 <= parallel <= MAX_SEQUENCES or queue_size < 0:
-        raise BadInput(f"--parallel must be 1 to {MAX_SEQUENCES} and --queue at least 0")
+    if not 1 <= parallel <= MAX_SEQUENCES:
+        raise BadInput(f"--parallel {parallel} is out of range: use 1 to {MAX_SEQUENCES}")
+    if queue_size < 0:
+        raise BadInput(f"--queue {queue_size} is out of range: use 0 or more")
     machine.check_port(port)
+
+
+def check_access(host: str, key: str | None, allow_hosts: list[str]) -> None:
+    """--host, --api-key and --allow-host: values that would open the server to everyone,
+    or lock out every client, are refused."""
+    if not host.strip():
+        raise BadInput("--host is empty (that listens on every interface): pass an address")
+    if key is not None and not (key and key.isascii() and key.isprintable() and key == key.strip()):
+        raise BadInput(
+            "--api-key must be printable ASCII with no spaces around it (clients send it in a "
+            "header; an empty one would switch checking off): pass another key"
+        )
+    for name in allow_hosts:
+        if name != "*" and not ALLOWED_HOST.fullmatch(name.strip("[]")):
+            raise BadInput(
+                f"--allow-host {name[:80]!r} is not a host name: give the name as clients send "
+                "it in Host, without scheme, port or path (e.g. --allow-host proxy.example), "
+                "or * for any"
+            )
 
 
 def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None:
@@ -103,6 +141,12 @@ def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None
     header can settle (--layers, presets' vectors), so that nothing says "listening" first."""
     options.load.check()
     check_counts(options.parallel, options.queue_size, options.port)
+    check_access(options.host, options.api_key, options.allow_hosts)
+    if options.model_id in options.presets:
+        raise BadInput(
+            f"preset {options.model_id!r} has the model's own name, which clients use for it "
+            "unsteered: name the preset otherwise"
+        )
     _check_against_model(options)
     if options.host not in LOOPBACK and not options.api_key:
         on_note(
@@ -144,7 +188,8 @@ def serve(
         )
         loader.start()
         if on_listening:
-            on_listening(f"http://{options.host}:{options.port}")
+            host = f"[{options.host}]" if ":" in options.host else options.host  # IPv6
+            on_listening(f"http://{host}:{options.port}")
         try:
             yield
         finally:
