@@ -23,15 +23,7 @@ def write_atomically(
     one line: DoesNotFit when the disk is full, BadInput otherwise. A symlink is written
     through (the link stays); a device, pipe or folder at `path` is refused, never replaced
     (/dev/null was, by root)."""
-    path = Path(path)
-    if path.is_symlink():
-        try:
-            path = path.resolve(strict=False)
-        except (OSError, RuntimeError):  # a loop of links
-            raise BadInput(f"{str(path)[:200]} is a link that leads nowhere: pass a file") from None
-    if path.exists() and not path.is_file():
-        what = "a folder" if path.is_dir() else "not a regular file"
-        raise BadInput(f"{str(path)[:200]} is {what}: pass the path of a file to write")
+    path = _target(Path(path))
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +38,21 @@ def write_atomically(
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+    return path
+
+
+def _target(path: Path) -> Path:
+    """The file a write to `path` replaces: a link's target; never a device or folder."""
+    try:
+        if path.is_symlink():
+            path = path.resolve(strict=False)
+        if path.exists() and not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise BadInput(f"{str(path)[:200]} is {what}: pass the path of a file to write")
+    except RuntimeError:  # a loop of links
+        raise BadInput(f"{str(path)[:200]} is a link that leads nowhere: pass a file") from None
+    except OSError as exc:  # a name too long
+        raise _write_error(path, exc) from None
     return path
 
 

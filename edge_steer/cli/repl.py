@@ -191,13 +191,19 @@ MAX_SAVED = 64 * 1024 * 1024  # bytes; a conversation that fills a 128k context 
 def _read_saved(path: Path) -> dict:
     """The JSON /save wrote, read from a regular file of a sane size."""
     try:
-        if not path.is_file():
-            what = "a folder" if path.is_dir() else "not a regular file"
-            if not path.exists():
-                raise NotFound(f"no file {path}: give the path /save printed")
-            raise BadInput(f"{path} is {what}: give the file /save wrote")
-        if path.stat().st_size > MAX_SAVED:
-            raise BadInput(f"{path} is over {MAX_SAVED >> 20} MiB: not a conversation /save wrote")
+        kind = "file" if path.is_file() else "folder" if path.is_dir() else "other"
+        size = path.stat().st_size if kind == "file" else 0
+        kind = kind if path.exists() else "missing"
+    except (OSError, ValueError):  # a NUL or an over-long name
+        kind, size = "missing", 0
+    if kind == "missing":
+        raise NotFound(f"no file {str(path)[:200]}: give the path /save printed")
+    if kind != "file":
+        what = "a folder" if kind == "folder" else "not a regular file"
+        raise BadInput(f"{path} is {what}: give the file /save wrote")
+    if size > MAX_SAVED:
+        raise BadInput(f"{path} is over {MAX_SAVED >> 20} MiB: not a conversation /save wrote")
+    try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:  # not UTF-8 or JSON, nested too deep
         reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {str(exc)[:200]}"
