@@ -110,7 +110,7 @@ def fetch(
             raise NotFound(
                 f"{src.name} is not downloaded and the Hub is off (--offline or HF_HUB_OFFLINE): "
                 "download it once with the network on (without --offline, HF_HUB_OFFLINE unset), "
-                f"or use --model demo, which works offline{_demo_hint()}"
+                f"or use --model demo (demo-chat to chat), which works offline{_demo_hint()}"
             )
         size = _remote_size(src)
         cache = Path(constants.HF_HUB_CACHE)
@@ -175,7 +175,7 @@ def _hub_errors(src: Source):
         raise NetworkError(
             f"could not fetch {src.name} from {constants.ENDPOINT} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the network or "
-            "HF_ENDPOINT and run the command again, or use --model demo offline"
+            "HF_ENDPOINT and run the command again, or use --model demo (demo-chat to chat) offline"
         ) from None
 
 

@@ -38,7 +38,7 @@ NUMBERS = (*SAMPLING, "max_tokens", "ctx")
 # the CLI's words in edge-steer's messages, as an `llm` user writes them
 FOR_LLM = {
     "--ctx": "-o ctx",
-    "--model demo": "-m edge-steer/demo",
+    "--model demo (demo-chat to chat)": "-m edge-steer/demo-chat",
     ", or pass --force to try anyway": "",
     ", or pass --force": "",
 }

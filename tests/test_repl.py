@@ -183,6 +183,7 @@ def test_load_brings_back_the_vectors_of_a_saved_conversation(tiny_dense_path, t
     assert json.loads(saved.read_text())["vectors"] == {str(path): 0.5}
     second = piped_chat(tiny_dense_path, f"/load {saved}\n/vectors\n")
     assert f"{path}:+0.5" in second.stderr.split("loaded 2 messages")[1], second.stderr
+    assert "no measured range: `edge-steer eval` finds one" in second.stderr  # was nothing
 
 
 @pytest.mark.parametrize(

@@ -119,8 +119,8 @@ def _vectors(session, _rest: str) -> None:
     span = f"{layers[0]}-{layers[1]}" if layers else "all"
     err.print(f"vectors: {vectors.describe(session.steering.strengths())} · layers {span}")
     for name, (vector, _) in session.steering.active.items():
-        if note := vectors.describe_range(vector):
-            err.print(f"  {name}: {note}", markup=False)
+        note = vectors.describe_range(vector) or "no measured range: `edge-steer eval` finds one"
+        err.print(f"  {name}: {note}", markup=False)
 
 
 def _vector(session, rest: str) -> None:
