@@ -101,7 +101,7 @@ def test_bad_options_are_one_clean_line(command, args, words, tiny_dense_path) -
     [
         (["--port", "70000"], "--port 70000: use 1-65535"),
         (["--port", "0"], "--port 0: use 1-65535"),
-        (["--parallel", "1000"], "--parallel must be 1 to 256"),
+        (["--parallel", "1000"], "--parallel 1000 is out of range: use 1 to 256"),
         (["--preset", "x=nosuch:1"], "unknown vector 'nosuch'"),
         (["--layers", "99-100"], "outside the model's steerable blocks"),
         (["--host", "999.1.1.1", "--api-key", "k"], "pass another --host"),
