@@ -12,11 +12,10 @@ llm loads every plugin for every command, `llm --help` included.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, cast, get_args
 
 import llm
 from pydantic import Field, ValidationInfo, field_validator
@@ -32,8 +31,6 @@ if TYPE_CHECKING:
 PREFIX = "edge-steer/"
 MAX_TOKENS = 512  # a reply's default length, as `edge-steer chat --max-tokens`
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "seed")
-WHOLE_NUMBERS = ("top_k", "seed", "max_tokens", "ctx")
-WHOLE = re.compile(r"[+-]?\d+", re.ASCII)
 NUMBERS = (*SAMPLING, "max_tokens", "ctx")
 # the CLI's words in edge-steer's messages, as an `llm` user writes them
 FOR_LLM = {
@@ -121,7 +118,7 @@ class SteeredModel(llm.Model):
         @classmethod
         def _plain_number(cls, value: object, info: ValidationInfo) -> object:
             """`-o max_tokens 1_0` and `3.0` are typos, not 10 and 3; True is no number."""
-            whole = info.field_name in WHOLE_NUMBERS
+            whole = int in get_args(cls.model_fields[info.field_name or ""].annotation)
             if isinstance(value, bool) or (isinstance(value, str) and not _plain(value, whole)):
                 raise ValueError(f"{value!r} is not a {'whole ' if whole else ''}number")
             return value
@@ -206,9 +203,9 @@ def _steered_reply(
 
 
 def _plain(text: str, whole: bool) -> bool:
-    from .vectors import NUMBER
+    from .vectors import parse_number, parse_whole
 
-    return bool((WHOLE if whole else NUMBER).fullmatch(text.strip()))
+    return (parse_whole if whole else parse_number)(text) is not None
 
 
 def _for_llm(message: str) -> str:

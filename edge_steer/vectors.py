@@ -294,6 +294,21 @@ def parse_number(text: str) -> float | None:
     return float(text) if NUMBER.fullmatch(text) else None
 
 
+WHOLE = re.compile(r"[+-]?\d+", re.ASCII)
+
+
+def parse_whole(text: str) -> int | None:
+    """A count or a seed as people write it (`12`, `-1`), else None: not `1_2`, other
+    scripts' digits, or more digits than int() reads (4300)."""
+    text = text.strip()
+    if not WHOLE.fullmatch(text):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # past Python's limit on digits
+        return None
+
+
 def parse_spec(spec: str) -> tuple[str, float]:
     """`NAME_OR_PATH[:STRENGTH]` -> (name, strength); strength defaults to 1.0."""
     text = spec.strip()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -191,17 +191,13 @@ MAX_SAVED = 64 * 1024 * 1024  # bytes; a conversation that fills a 128k context 
 def _read_saved(path: Path) -> dict:
     """The JSON /save wrote, read from a regular file of a sane size."""
     try:
-        kind = "file" if path.is_file() else "folder" if path.is_dir() else "other"
-        size = path.stat().st_size if kind == "file" else 0
-        kind = kind if path.exists() else "missing"
-    except (OSError, ValueError):  # a NUL or an over-long name
-        kind, size = "missing", 0
-    if kind == "missing":
-        raise NotFound(f"no file {str(path)[:200]}: give the path /save printed")
-    if kind != "file":
-        what = "a folder" if kind == "folder" else "not a regular file"
+        found = path.stat()
+    except (OSError, ValueError):  # missing, a NUL or an over-long name
+        raise NotFound(f"no file {str(path)[:200]}: give the path /save printed") from None
+    if not stat.S_ISREG(found.st_mode):
+        what = "a folder" if stat.S_ISDIR(found.st_mode) else "not a regular file"
         raise BadInput(f"{path} is {what}: give the file /save wrote")
-    if size > MAX_SAVED:
+    if found.st_size > MAX_SAVED:
         raise BadInput(f"{path} is over {MAX_SAVED >> 20} MiB: not a conversation /save wrote")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -243,7 +239,7 @@ def _set(session, rest: str) -> None:
 def _setting_value(name: str, text: str, session) -> int | float | None:
     """`text` parsed as setting `name` wants it: a count, a number, or a seed (or `random`)."""
     from ..engine import SamplerSettings, takes_whole_number
-    from ..vectors import parse_number
+    from ..vectors import parse_number, parse_whole
 
     fields = {f.name: f for f in dataclasses.fields(SamplerSettings)}
     if name not in fields and name != "max_tokens":
@@ -252,20 +248,12 @@ def _setting_value(name: str, text: str, session) -> int | float | None:
     if name == "seed" and text.lower() in ("random", "none"):
         return None
     whole = name == "max_tokens" or takes_whole_number(name)
-    value = _whole_number(text) if whole else parse_number(text)
+    value = parse_whole(text) if whole else parse_number(text)
     if value is None:
         raise BadInput(f"{name} takes a {'whole ' if whole else ''}number, not {text[:40]!r}")
     if name == "max_tokens" and value < 1:
         raise BadInput("max_tokens is out of range: use 1 or more")
     return value
-
-
-def _whole_number(text: str) -> int | None:
-    """`12`, not `1_2`, `١٢` or 5000 digits (Python's int() takes the first two, and
-    refuses the last with a message about digits)."""
-    if not re.fullmatch(r"[+-]?\d{1,30}", text, re.ASCII):
-        return None
-    return int(text)
 
 
 LEAVE = ("/bye", "/quit", "/exit")

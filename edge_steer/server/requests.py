@@ -208,9 +208,8 @@ def steering_of(model_name: str, served: Served) -> dict[str, float]:
 
 def _steering(model_name: str, field_value: object, served: Served) -> dict[str, float]:
     """Preset, then the model-name suffix, then the body's `steering` field; later wins."""
-    preset, suffix = preset_and_suffix(model_name, served)
-    steering = _folded(preset)
-    steering.update(_folded(served.pool.check(spec_strengths(suffix, "model"), "model")))
+    steering, suffix = preset_and_suffix(model_name, served)  # specs: names folded already
+    steering.update(served.pool.check(spec_strengths(suffix, "model"), "model"))
     if isinstance(field_value, str):
         field_value = spec_strengths(field_value, "steering")
     if field_value is not None and not isinstance(field_value, dict):
@@ -229,7 +228,8 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
 
 
 def _folded(steering: Mapping[str, float]) -> dict[str, float]:
-    """Names ignore case, as in the store: `HAPPY` overrides a preset's `happy`."""
+    """The `steering` field's names in lower case (as `vectors.spec_strengths` gives a
+    spec's): names ignore case, as in the store, so `HAPPY` overrides a preset's `happy`."""
     folded: dict[str, float] = {}
     for name, strength in steering.items():
         folded[name.lower()] = folded.get(name.lower(), 0.0) + strength
