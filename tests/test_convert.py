@@ -303,6 +303,11 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert np.array_equal(mixed.directions[2], np.float32(0.5) * a.directions[2] - 1)
     assert np.array_equal(mixed.directions[3], -np.ones(8, np.float32))
     assert "concept" not in mixed.metadata  # two concepts: neither
+    code, output = invoke("vectors", "mix", "-1*mixa", "-o", str(tmp_path / "n.gguf"))
+    assert code == 2 and "'-1*mixa' reads as options" in output  # was "No such option: -1"
+    code, output = invoke("vectors", "mix", "-o", str(tmp_path / "neg.gguf"), "--", "-mixa")
+    negated = vectors.read(tmp_path / "neg.gguf").directions[1]
+    assert code == 0 and np.array_equal(negated, -a.directions[1])
     for expression, concept in (("mixa*3", "happy"), ("mixa*-1", None)):
         assert invoke("vectors", "mix", expression, "-o", str(tmp_path / "s.gguf"))[0] == 0
         assert vectors.read(tmp_path / "s.gguf").metadata.get("concept") == concept

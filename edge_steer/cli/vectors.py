@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from .. import files, model_files, store
 from ..errors import BadInput, EdgeSteerError
@@ -221,7 +222,30 @@ def _confirm_delete(doomed: list) -> None:
         raise typer.Exit(1)
 
 
-@app.command("mix")
+class _ExpressionCommand(TyperCommand):
+    """`mix "-happy"` would read as options -h -a ...: say how to pass a leading minus."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # Any: typer may vendor click
+        options = [p for p in self.get_params(ctx) if p.param_type_name == "option"]
+        takes_value = {o: not getattr(p, "is_flag", False) for p in options for o in p.opts}
+        words = iter(args)
+        for word in words:
+            if word == "--":
+                break
+            known = word in takes_value or takes_value.get(word[:2])  # -ox.gguf is -o x.gguf
+            if word[:1] == "-" and word[1:2] not in ("", "-") and not known:
+                raise typer.BadParameter(
+                    f'{word!r} reads as options: start it with a space (" {word}"), '
+                    'or put it last, after "--"',
+                    ctx=ctx,
+                    param_hint="EXPRESSION",
+                )
+            if takes_value.get(word):
+                next(words, None)
+        return super().parse_args(ctx, args)
+
+
+@app.command("mix", cls=_ExpressionCommand)
 @clean_errors
 def mix_command(
     expression: Annotated[str, typer.Argument(help='e.g. "happy*0.5 + lazy*-1"')],
