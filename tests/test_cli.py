@@ -151,6 +151,22 @@ def test_list_commands_answer_to_the_names_people_type() -> None:
     assert "path: not downloaded" in info and "None" not in info
 
 
+def test_piped_tables_keep_whole_rows() -> None:
+    """`edge-steer models list | grep mixtral` finds whole rows: rich squeezed tables into 80
+    columns when stdout was not a terminal, wrapping the model names; COLUMNS still rules."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    command = [sys.executable, "-m", "edge_steer", "models", "list"]
+    rows = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env).stdout
+    assert any(
+        "mixtral:q4_k_m" in row and "Mixtral 8x7B Instruct v0.1 (46.7B, 12.9B active)" in row
+        for row in rows.splitlines()
+    ), rows
+    narrow = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env={**env, "COLUMNS": "60"}
+    ).stdout
+    assert max(len(row) for row in narrow.splitlines()) <= 60
+
+
 def test_ctrl_c_while_training_exits_130_at_once_without_a_traceback(demo_path) -> None:
     """Ctrl-C during capture (llama.cpp calling back into Python for every graph node): the
     decode ends early, then the command stops with 130 and no traceback or ctypes noise."""

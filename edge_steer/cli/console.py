@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from typing import TextIO
+
 from rich.console import Console
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+PIPED_WIDTH = 1000  # wide enough that no table row wraps
+
+
+def _width(stream: TextIO) -> int | None:
+    """Piped output keeps whole rows (`| grep`, `> file`), as `ollama list` does: rich would
+    squeeze tables into 80 columns. A terminal, or a COLUMNS the user set, decides itself."""
+    if "COLUMNS" in os.environ or stream.isatty():
+        return None
+    return PIPED_WIDTH
+
+
+out = Console(highlight=False, soft_wrap=True, width=_width(sys.stdout))
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
