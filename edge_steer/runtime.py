@@ -269,6 +269,19 @@ def check_ctx(ctx: int) -> None:
         )
 
 
+def past_training(model: Model, ctx: int, what: str = "--ctx") -> str | None:
+    """A note when `ctx` runs past the context `model` was trained on: llama.cpp allows it
+    (and warns in a log nobody sees), but positions past it are ones the model never learned,
+    and their KV cache costs memory all the same."""
+    trained = model.n_ctx_train
+    if not 0 < trained < ctx:
+        return None
+    return (
+        f"{what} {ctx} is past the {trained} tokens {model.name} was trained on: replies "
+        f"lose their thread beyond that; {what} {trained} or less keeps to it"
+    )
+
+
 def check_threads(threads: int | None) -> None:
     if threads is not None:
         _check_whole("threads", threads)
@@ -497,6 +510,8 @@ def load_from(
     """`load` for a LoadOptions value."""
     options.check()  # before minutes of loading, not after
     loaded = load_model_from(options, on_note=on_note, download_bar=download_bar)
+    if note := past_training(loaded, options.ctx):
+        on_note(note)
     try:
         steering_ = steer(loaded, vectors, layers=layers, retrain=retrain, on_progress=on_progress)
         context = open_context(loaded, steering_, ctx=options.ctx, threads=options.threads)

@@ -91,6 +91,15 @@ def test_chat_prompt_with_vectors_on_the_demo_model(demo_path, tmp_path) -> None
     assert data["vectors"] == {str(path): 0.5} and data["generated_tokens"] > 0
 
 
+def test_a_context_past_the_models_training_says_so(chat_path) -> None:
+    """SmolLM2 was trained on 8192 tokens: llama.cpp runs a larger context without a word
+    where anyone would see it; the CLI notes it, and is quiet up to the trained length."""
+    args = f"generate --model {chat_path} -p Hi -n 1 --threads 1 --ctx".split()
+    past = run(*args, "8193")
+    assert past.returncode == 0 and "--ctx 8193 is past the 8192 tokens" in past.stderr
+    assert "trained on" not in run(*args, "8192").stderr
+
+
 def test_repl_slash_commands(tiny_dense_path, tmp_path) -> None:
     vec = vectors.ControlVector({2: np.ones(64, np.float32)})
     path = vectors.write(vec, tmp_path / "v.gguf")

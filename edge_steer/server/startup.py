@@ -258,6 +258,8 @@ def build(
         options.load, ctx=options.load.ctx * options.parallel, repack=options.repacked
     )
     model = runtime.load_model_from(lanes_kv, on_note=on_note)
+    if note := runtime.past_training(model, options.load.ctx, "each lane's --ctx"):
+        on_note(note)
     try:
         pool = VectorPool(model, allow_train=options.allow_train)
         for name, spec in options.presets.items():
