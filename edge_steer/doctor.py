@@ -8,9 +8,9 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def full_report(rpc: str = "") -> dict:
-    """Build, CPU, memory, devices, RPC workers (`rpc`: "host:port,...") and where each
-    catalog model runs here."""
+def full_report(rpc: str | None = None) -> dict:
+    """Build, CPU, memory, devices, RPC workers (`rpc`: "host:port,..."; None reads
+    $EDGE_STEER_RPC) and where each catalog model runs here."""
     from . import catalog
 
     info: dict[str, Any] = {"rpc": rpc_report(rpc)}

@@ -78,11 +78,12 @@ HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")  # a name or IPv4 
 
 def parse_endpoints(given: str | Sequence[str] | None) -> list[Endpoint]:
     """'host:port,host:port' (or a list of them) -> endpoints; None reads $EDGE_STEER_RPC."""
+    source = "--rpc" if given is not None else f"${RPC_ENV}"  # the one to mend
     if given is None:
         given = env(RPC_ENV)
     items = given.split(",") if isinstance(given, str) else [p for g in given for p in g.split(",")]
     if any(items) and not any(i.strip() for i in items):
-        raise BadInput("--rpc is blank: name the workers as HOST:PORT, or leave --rpc out")
+        raise BadInput(f"{source} is blank: name the workers as HOST:PORT, or leave {source} out")
     found: list[Endpoint] = []
     for item in (i.strip() for i in items):
         if not item:
@@ -90,7 +91,7 @@ def parse_endpoints(given: str | Sequence[str] | None) -> list[Endpoint]:
         host, sep, port = item.rpartition(":")
         if not sep or not HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
             raise BadInput(
-                f"--rpc {item!r}: write HOST:PORT (e.g. 192.168.1.20:{DEFAULT_PORT}), "
+                f"{source} {item!r}: write HOST:PORT (e.g. 192.168.1.20:{DEFAULT_PORT}), "
                 "comma-separated for several workers; IPv6 addresses are not supported"
             )
         endpoint = Endpoint(host, int(port))

@@ -278,6 +278,18 @@ def test_malformed_rpc_option_is_one_line_and_exit_2(demo_path, given, words) ->
     one_error_line(result, 2, words)
 
 
+def test_a_malformed_rpc_variable_is_named_as_the_variable(demo_path) -> None:
+    """Was: '--rpc 'a b:1'' for a flag the user never typed."""
+    result = subprocess.run(
+        cli("generate", "-m", str(demo_path), "-p", "Hi", "-n", "2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "EDGE_STEER_RPC": "a b:1", "COLUMNS": "200"},
+    )
+    one_error_line(result, 2, "$EDGE_STEER_RPC 'a b:1': write HOST:PORT")
+
+
 @pytest.fixture()
 def old_worker():
     """A worker that answers HELLO as protocol v6.1.0 would (a peer, not llama.cpp: the check

@@ -18,7 +18,7 @@ def doctor(as_json: JsonOpt = False, rpc: RpcOpt = None) -> None:
     """Show the llama.cpp build, devices and memory, RPC workers, and which models fit."""
     from ..doctor import full_report
 
-    info = full_report(rpc or "")
+    info = full_report(rpc)
     if as_json:
         print_json(info)
         return

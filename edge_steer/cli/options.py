@@ -102,9 +102,8 @@ RpcOpt = Annotated[
     str | None,
     typer.Option(
         "--rpc",
-        envvar=RPC_ENV,
         help="HOST:PORT[,HOST:PORT...] of `edge-steer worker`s whose devices take layers "
-        "like GPUs (no authentication: trusted networks only).",
+        f"like GPUs (no authentication: trusted networks only). Default: ${RPC_ENV}.",
         show_default=False,
     ),
 ]
@@ -288,7 +287,7 @@ def model_file(model: str | None, **options: Any):
 
 def load_options(opts: SimpleNamespace, ctx: int | None = None):
     """The LOAD options (and --ctx, unless `ctx` is given) as runtime's one LoadOptions value.
-    An empty --rpc means none: $EDGE_STEER_RPC has already been read into it by Typer."""
+    No --rpc reads $EDGE_STEER_RPC (so its errors name it); an empty one means none."""
     from ..runtime import LoadOptions
 
     return LoadOptions(
@@ -298,7 +297,7 @@ def load_options(opts: SimpleNamespace, ctx: int | None = None):
         gpu_layers=opts.gpu_layers,
         moe_offload=opts.moe_offload,
         force=opts.force,
-        rpc=opts.rpc or "",
+        rpc=opts.rpc,
     )
 
 
