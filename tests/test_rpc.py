@@ -362,6 +362,7 @@ def test_worker_refuses_a_public_bind_without_opt_in() -> None:
         (["--host", "localhost"], "takes an IP address"),
         (["--cache", "{file}"], "not a folder"),
         (["--threads", "0"], "--threads 0: use 1 or more"),  # was all cores
+        (["--device", " , "], "--device is blank"),  # was the default devices
     ],
 )
 def test_worker_refuses_what_its_rpc_server_cannot_use(args, words, tmp_path) -> None:

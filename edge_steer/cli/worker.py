@@ -21,7 +21,8 @@ def worker(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 50052,
     threads: Annotated[
-        int | None, typer.Option("--threads", "-t", help="CPU threads (default: all).")
+        int | None,
+        typer.Option("--threads", "-t", help="CPU threads (default: one per physical core)."),
     ] = None,
     device: Annotated[
         list[str],
@@ -44,8 +45,11 @@ def worker(
 ) -> None:
     """Serve this machine's devices to `--rpc` clients until Ctrl-C."""
     from .. import machine, rpc
+    from ..errors import BadInput
 
     names = list(dict.fromkeys(n.strip() for d in device for n in d.split(",") if n.strip()))
+    if device and not names:  # not the default: "" is a slip, not a choice
+        raise BadInput("--device is blank: name devices (CPU, CUDA0, ...), or leave it out")
     if allow_remote and not rpc.is_loopback(host):
         err.print(f"[bold yellow]warning:[/] {rpc.SECURITY_WARNING}")
     code = rpc.run_worker(
