@@ -99,6 +99,28 @@ class Relabel:
     scale_rule: str | None = None
 
 
+ARCHITECTURE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # llama, gemma3, qwen2moe, ...
+
+
+def check_relabel(relabel: Relabel) -> None:
+    """Labels go into the file's metadata and onto `vectors list`'s rows: an architecture
+    name, and single lines of text (a pasted newline broke the listings)."""
+    hint = relabel.model_hint
+    if hint and not ARCHITECTURE.fullmatch(hint):
+        raise BadInput(
+            f"--model-hint {hint!r} is not an architecture name: use the model's "
+            "general.architecture, such as llama or gemma3"
+        )
+    texts = {
+        "--source": relabel.source,
+        "--method": relabel.method,
+        "--scale-rule": relabel.scale_rule,
+    }
+    for flag, text in texts.items():
+        if text is not None and not text.isprintable():
+            raise BadInput(f"{flag} {text!r} is not one line of text: leave out what breaks it")
+
+
 def convert(
     path: str | Path,
     *,
@@ -109,6 +131,7 @@ def convert(
 ) -> tuple[vectors.ControlVector, list[str]]:
     """`edge-steer vectors convert`: `load`, keep the blocks asked for, relabel, and check
     the result against the target model's `shape` when one is given."""
+    check_relabel(relabel)
     n_layer = shape.n_layer if shape else None
     vector, notes = load(path, layer_base=layer_base, shift=shift, n_layer=n_layer)
     if relabel.layers is not None:

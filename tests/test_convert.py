@@ -279,6 +279,12 @@ def test_model_checks_and_metadata_options(tiny_dense_path, tmp_path) -> None:
         "vectors", "convert", str(tmp_path / "deep.npy"), "-o", str(tmp_path / "o.txt")
     )
     assert code == 2 and ".gguf or .npz" in output
+    for option, value, words in (
+        ("--model-hint", "lla\nma", "not an architecture name"),  # was stored, and listed
+        ("--source", "a\tb", "not one line of text"),
+    ):
+        code, output = convert_for_tiny("deep.npy", "--layers", "2-4", option, value)
+        assert code == 2 and words in output
 
 
 def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
