@@ -71,3 +71,44 @@ def test_slider_steers_a_streamed_answer(server, tmp_path: Path):
     assert plain and steered and plain != steered
     assert updates > 5  # the answer arrived piece by piece, not at once
     assert status.startswith("done (length)")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt install chromium)")
+def test_the_page_fits_a_phone_reruns_what_was_sent_and_stops(server):
+    """From a browser sweep: the page was 548 px wide on a 390 px phone and a long unbroken
+    word widened a column off screen; a slider re-run took the prompt last sent but the
+    mode and settings of the moment, once per arrow-key press; nothing could stop a reply."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto(server)
+        page.locator("#vector-happy").wait_for()
+        page.evaluate("document.querySelector('#plain .text').textContent = 'ab'.repeat(2000)")
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        posts: list[dict] = []
+        page.on("request", lambda r: r.method == "POST" and posts.append(r.post_data_json))
+        page.select_option("#mode", "completion")
+        page.fill("#prompt", "The best thing about mornings is")
+        page.fill("#max-tokens", "8")
+        page.click("#send")
+        page.wait_for_selector("#steered[data-done]", state="attached", timeout=120_000)
+        page.fill("#prompt", "Another prompt")
+        page.select_option("#mode", "chat")
+        page.fill("#max-tokens", "")  # not sent as 0: the re-run keeps the 8 it was sent with
+        page.locator("#vector-happy").focus()
+        for _ in range(6):
+            page.keyboard.press("ArrowRight")
+        page.wait_for_selector("#steered:not([data-done])", state="attached")  # re-run begun
+        page.wait_for_selector("#steered[data-done]", state="attached", timeout=120_000)
+        rerun = posts[2:]
+        assert len(rerun) == 1 and rerun[0]["prompt"] == "The best thing about mornings is"
+        assert rerun[0]["max_tokens"] == 8 and rerun[0]["steering"] == {"happy": 0.3}
+        page.click("#send")  # the empty Max tokens is flagged, nothing is sent
+        assert len(posts) == 3
+        page.fill("#max-tokens", "400")
+        page.click("#send")
+        page.wait_for_selector("#steered .text:not(:empty)", timeout=120_000)
+        page.click("#stop")
+        page.wait_for_function("document.querySelector('#steered .meta').textContent === 'stopped'")
+        assert page.is_disabled("#stop") and not page.locator("#steered[data-done]").count()
+        browser.close()
