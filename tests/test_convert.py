@@ -428,3 +428,25 @@ def test_moving_blocks_drops_calibration_and_eval_results(tmp_path, options) -> 
     )
     assert code == 0 and "dropped" not in output
     assert vectors.is_calibrated(convert.load(tmp_path / "same.npz")[0])
+
+
+def test_names_and_paths_print_as_they_are(edge_steer_home, tmp_path) -> None:
+    """From a sweep: rich read '[...]' in a name or path as markup ('a [final].gguf' printed
+    as 'a .gguf', '[/]' ended in a traceback after the file was written), and a link to
+    nowhere in the store made `vectors list` crash."""
+    store = edge_steer_home / "vectors"
+    vectors.write(trained_like(8, (1, 2)), store / "odd[x].gguf")
+    (store / "gone.gguf").symlink_to(tmp_path / "nowhere.gguf")
+    try:
+        code, output = invoke("vectors", "list")
+        assert code == 0 and "odd[x]" in output and "gone.gguf: unreadable" in output
+        code, output = invoke("vectors", "list", "--json")
+        assert code == 0 and "unreadable" in output
+        (tmp_path / "a[").mkdir()
+        target = tmp_path / "a[/]b [final].gguf"
+        code, output = invoke("vectors", "mix", "odd[x]*2", "-o", str(target))
+        assert code == 0, output
+        assert f"wrote {target}:" in output and target.exists()
+    finally:
+        (store / "odd[x].gguf").unlink()
+        (store / "gone.gguf").unlink()

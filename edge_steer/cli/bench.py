@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..constants import DEFAULT_CTX
 from ..files import size_text
@@ -68,7 +69,7 @@ def bench_command(
     with progress_bar() as on_progress:
         report = bench.run(loaded, settings, lambda done, total: on_progress(label, done, total))
     for warning in report["warnings"]:
-        err.print(f"[bold yellow]warning:[/] {warning}")
+        err.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if as_json:
         print_json(report)
     else:
@@ -81,7 +82,7 @@ def render(report: dict) -> None:
     b, s = report["backend"], report["settings"]
     weights = ", ".join(f"{name} {size_text(size)}" for name, size in b["buffers"].items())
     out.print(
-        f"[bold]{report['model']}[/] · {b['model_bytes'] / 2**20:.0f} MiB · "
+        f"[bold]{escape(report['model'])}[/] · {b['model_bytes'] / 2**20:.0f} MiB · "
         f"{b['threads']} threads · --gpu-layers {b['gpu_layers']} "
         f"--moe-offload {b['moe_offload']} · weights in {weights} "
         f"(GPU: {', '.join(b['gpu_backends']) or 'none compiled in'}) · "

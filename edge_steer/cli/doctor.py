@@ -4,6 +4,7 @@ GPU build when only the CPU backend is compiled in."""
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from ..files import size_text
 from .options import JsonOpt, RpcOpt, clean_errors, out, print_json
@@ -72,7 +73,7 @@ def _render_rpc(info: dict) -> None:
     )
     for worker in info["workers"]:
         if worker["error"]:
-            out.print(f"  {worker['endpoint']}: [red]{worker['error']}[/]", highlight=False)
+            out.print(f"  {worker['endpoint']}: [red]{escape(worker['error'])}[/]", highlight=False)
         for d in worker["devices"]:
             out.print(
                 f"  {worker['endpoint']}: {d['name']} {size_text(d['free'])} free of "

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..errors import BadInput, NotFound
 from ..files import looks_like_path, size_text
@@ -35,7 +36,7 @@ def pull(name: SpecArg, offline: OfflineOpt = False, force: ForceOpt = False) ->
     """Download a model (catalog name or hf:REPO/FILE) into the Hugging Face cache, verified."""
     if not name.strip():
         raise BadInput("no model named: give a catalog name (edge-steer models list) or hf:...")
-    out.print(str(model_file(name, force=force, offline=offline)))
+    out.print(str(model_file(name, force=force, offline=offline)), markup=False)  # for $(...)
 
 
 def _describe_file(spec: str) -> dict:
@@ -140,7 +141,6 @@ def list_models(as_json: JsonOpt = False) -> None:
 @clean_errors
 def info(name: NameArg, as_json: JsonOpt = False) -> None:
     """Everything the catalog knows about one model file, and whether it is downloaded."""
-    from rich.markup import escape
 
     from .. import catalog
 
@@ -169,9 +169,9 @@ def rm(name: SpecArg) -> None:
 
     src = download.source(name)
     if not download.remove(src):
-        err.print(f"[dim]{src.name} is not downloaded[/]")
+        err.print(f"[dim]{escape(src.name)} is not downloaded[/]")
         return
-    out.print(f"removed {src.name}")
+    out.print(f"removed {src.name}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -32,8 +32,8 @@ def repl(session, progress: StepProgress) -> None:
 
     read, script = line_reader(), is_script()
     err.print(
-        f"[dim]{session.ctx.model.name} · vectors: "
-        f"{vectors.describe(session.steering.strengths())} · /help for commands[/]"
+        f"[dim]{escape(session.ctx.model.name)} · vectors: "
+        f"{escape(vectors.describe(session.steering.strengths()))} · /help for commands[/]"
     )
     while True:
         try:
@@ -117,7 +117,8 @@ def _vectors(session, _rest: str) -> None:
 
     layers = session.steering.layers
     span = f"{layers[0]}-{layers[1]}" if layers else "all"
-    err.print(f"vectors: {vectors.describe(session.steering.strengths())} · layers {span}")
+    strengths = vectors.describe(session.steering.strengths())
+    err.print(f"vectors: {strengths} · layers {span}", markup=False)
     for name, (vector, _) in session.steering.active.items():
         note = vectors.describe_range(vector) or "no measured range: `edge-steer eval` finds one"
         err.print(f"  {name}: {note}", markup=False)
@@ -133,7 +134,7 @@ def _vector(session, rest: str) -> None:
     start, forgotten = time.perf_counter(), session.forgotten
     session.set_vector(name, strength)
     err.print(
-        f"[dim]vectors: {vectors.describe(session.steering.strengths())} "
+        f"[dim]vectors: {escape(vectors.describe(session.steering.strengths()))} "
         f"(history re-evaluated in {time.perf_counter() - start:.2f}s)[/]"
     )
     _note_forgotten(session, forgotten)
@@ -160,7 +161,7 @@ def _save(session, rest: str) -> None:
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
         reason = getattr(exc, "strerror", None) or str(exc)[:200]
         raise BadInput(f"cannot save to {str(path)[:200]}: {reason}") from None
-    done = f"saved {len(session.messages)} messages to {path}"
+    done = f"saved {len(session.messages)} messages to {escape(str(path))}"
     err.print(
         f"[dim]{done}{' (it replaced the file there)' if replacing else ''}[/]", highlight=False
     )
@@ -175,13 +176,14 @@ def _load(session, rest: str) -> None:
     data = _read_saved(path)
     session.restore(data)
     err.print(
-        f"[dim]loaded {len(session.messages)} messages from {path} · vectors: "
-        f"{vectors.describe(session.steering.strengths())}[/]",
+        f"[dim]loaded {len(session.messages)} messages from {escape(str(path))} · vectors: "
+        f"{escape(vectors.describe(session.steering.strengths()))}[/]",
         highlight=False,
     )
     saved_with = data.get("model")
     if isinstance(saved_with, str) and saved_with != session.ctx.model.name:
-        err.print(f"[dim](saved with {saved_with}; it goes on with {session.ctx.model.name})[/]")
+        now = session.ctx.model.name
+        err.print(f"[dim](saved with {escape(saved_with)}; it goes on with {escape(now)})[/]")
     _note_forgotten(session, 0)
 
 

@@ -6,6 +6,7 @@ import time
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..errors import BadInput
 from .options import LOAD, LayersOpt, clean_errors, err, load_model, out, progress_bar, with_options
@@ -79,7 +80,9 @@ def train(
         method=method or training.DEFAULT_METHOD, layers=span, threads=opts.threads
     )
     start = time.perf_counter()
-    err.print(f"[dim]training {name!r} on {loaded.name} from {len(data)} pairs[/]")
+    err.print(
+        f"[dim]training {escape(repr(name))} on {escape(loaded.name)} from {len(data)} pairs[/]"
+    )
     with progress_bar() as on_progress:
         vector = library.train_vector(loaded, name, data, options, on_progress)
     path = library.store_vector(loaded, name, vector)  # first: a failed -o loses no training
@@ -88,7 +91,7 @@ def train(
         f"[dim]trained in {time.perf_counter() - start:.1f}s: blocks {meta.get(Key.LAYER_FIRST)}-"
         f"{meta.get(Key.LAYER_LAST)}, {meta.get(Key.METHOD)}[/]"
     )
-    out.print(f"stored {path}")
+    out.print(f"stored {path}", markup=False)
     if output:
         convert.save(vector, output)
-        out.print(f"wrote {output}")
+        out.print(f"wrote {output}", markup=False)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand
 
 from .. import files, model_files, store
@@ -68,9 +69,9 @@ def convert_command(
         source, layer_base=layer_base, shift=shift, shape=shape, relabel=relabel
     )
     for note in notes:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(f"[yellow]note:[/] {escape(note)}")
     convert.save(vector, output)
-    out.print(f"wrote {output}: {_summary(vector)}")
+    out.print(f"wrote {output}: {_summary(vector)}", markup=False)
 
 
 @app.command("list")
@@ -82,30 +83,37 @@ def list_command(as_json: JsonOpt = False) -> None:
         out.print(json.dumps(rows, indent=2), markup=False)
         return
     if not rows:
-        err.print(f"no vectors stored in {store.vectors_dir()}")
+        err.print(f"no vectors stored in {store.vectors_dir()}", markup=False)
         return
     from rich.table import Table
+    from rich.text import Text
 
     columns = ("name", "model", "concept", "layers", "recommended", "size")
     table = Table(*columns, box=None, header_style="bold")
     for row in rows:
         strengths = row.get("recommended")
         span = f"{strengths[0]:+g} .. {strengths[1]:+g}" if strengths else ""
-        table.add_row(*(str(row[c]) for c in columns[:4]), span, size_text(row["size_bytes"]))
+        named = (Text(str(row[c])) for c in columns[:4])  # Text: a name is no markup
+        table.add_row(*named, span, size_text(row["size_bytes"]))
     out.print(table)
+    for row in rows:
+        if "error" in row:
+            err.print(f"{row['path']}: {row['error']}", markup=False)
 
 
 def _row(path: Path) -> dict:
     """One stored file for `list`; a damaged one is listed with its error, not skipped."""
-    row = {"name": path.stem, "path": str(path), "size_bytes": path.stat().st_size}
+    row: dict[str, Any] = {"name": path.stem, "path": str(path), "size_bytes": 0}
     shared = path.parent == store.vectors_dir()
     from .. import vectors
     from ..vectors import Key
 
     try:
+        row["size_bytes"] = path.stat().st_size
         vector = vectors.read(path)
-    except EdgeSteerError as exc:
-        return row | {"model": "?", "concept": "", "layers": "", "error": str(exc)}
+    except (EdgeSteerError, OSError) as exc:  # OSError: a link to nowhere
+        error = str(exc) if isinstance(exc, EdgeSteerError) else f"unreadable ({exc.strerror})"
+        return row | {"model": "?", "concept": "", "layers": "", "error": error}
     meta = vector.metadata
     model = "any" if shared else str(meta.get(Key.MODEL_NAME) or path.parent.name)
     return row | {
@@ -147,11 +155,12 @@ def info_command(
         }
         out.print(json.dumps(doc, indent=2), markup=False)
         return
-    out.print(f"[bold]{path}[/]")
-    out.print(f"  {_summary(vector)}")
+    out.print(f"[bold]{escape(str(path))}[/]")
+    out.print(f"  {_summary(vector)}", markup=False)
     if strengths := _recommended(vector):
         verdict = vector.metadata.get(Key.EVAL_VERDICT, "")
-        out.print(f"  recommended strength {strengths[0]:+g} .. {strengths[1]:+g} ({verdict})")
+        span = f"{strengths[0]:+g} .. {strengths[1]:+g}"
+        out.print(f"  recommended strength {span} ({verdict})", markup=False)
     for key, value in sorted(vector.metadata.items()):
         out.print(f"  {key}: {value}", markup=False)
     out.print("  per-block norms:")
@@ -206,7 +215,7 @@ def rm_command(
         _confirm_delete(doomed)
     for path in doomed:
         path.unlink()
-        out.print(f"deleted {path}")
+        out.print(f"deleted {path}", markup=False)
 
 
 def _confirm_delete(doomed: list) -> None:
@@ -217,7 +226,7 @@ def _confirm_delete(doomed: list) -> None:
             "(eval results included): add --yes to delete without asking"
         )
     for path in doomed:
-        out.print(f"  {path}")
+        out.print(f"  {path}", markup=False)
     if not typer.confirm(f"Delete these {len(doomed)} file(s)?", default=False):
         raise typer.Exit(1)
 
@@ -263,7 +272,7 @@ def mix_command(
         vectors.check_fits(mixed, shape.n_layer, shape.n_embd, expression)
         mixed.model_hint = mixed.model_hint or shape.architecture
     convert.save(mixed, output)
-    out.print(f"wrote {output}: {_summary(mixed)}")
+    out.print(f"wrote {output}: {_summary(mixed)}", markup=False)
 
 
 def _recommended(vector) -> list[float] | None:
