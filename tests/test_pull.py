@@ -130,6 +130,11 @@ def test_partial_downloads_of_killed_pulls_are_removed(hub, env, hf_home, tiny) 
     assert result.returncode == 0, result.stderr
     assert "removed 3.0 MB of downloads an earlier pull left" in result.stderr
     assert not stale.exists() and live.exists()
+    os.utime(live, (1, 1))  # its pull was killed and the file is cached now: pull and rm look
+    assert run("pull", SPEC, env=env).returncode == 0 and not live.exists()
+    live.write_bytes(b"x" * 1000)
+    os.utime(live, (1, 1))
+    assert run("models", "rm", SPEC, env=env).returncode == 0 and not live.exists()
 
 
 def test_a_corrupted_download_is_detected_reported_and_never_loaded(hub, env, hf_home, tiny):
