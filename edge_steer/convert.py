@@ -390,9 +390,9 @@ def _rows(path: Path, array: np.ndarray, tool: str) -> Source:
 
 def check_output(path: str | Path) -> Path:
     """An output file name we can write: checked before minutes of training, not after."""
-    path = Path(path).expanduser()
-    if path.suffix not in OUTPUT_SUFFIXES:
-        raise BadInput(f"unsupported output {path.name}: use a .gguf or .npz file name")
+    given, path = str(path), Path(path).expanduser()
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:  # x.GGUF too, as models are taken
+        raise BadInput(f"unsupported output {given!r}: use a .gguf or .npz file name")
     files.check_writable(path)
     return path
 
@@ -400,7 +400,7 @@ def check_output(path: str | Path) -> Path:
 def save(vector: vectors.ControlVector, path: str | Path) -> Path:
     """Write GGUF (llama.cpp's format) or our npz, by the output's suffix, atomically."""
     path = check_output(path)
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         return vectors.write(vector, path)
     return _write_npz(vector, path)
 

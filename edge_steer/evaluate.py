@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import dataset, store, vectors
+from . import dataset, vectors
 from .dataset import Probe
 from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings, continuations
 from .errors import BadInput
@@ -51,7 +51,18 @@ def parse_strengths(text: str) -> tuple[float, ...]:
     except ValueError as exc:
         detail = "" if "could not convert" in str(exc) else f" ({exc})"
         raise BadInput(f"bad strengths {text!r}{detail}: {hint}") from None
-    return tuple(sorted({round(v, 6) for v in values} | {0.0}))
+    strengths = {round(v, 6) + 0.0 for v in values}  # + 0.0: -0 is 0
+    if not strengths - {0.0}:
+        raise BadInput(f"--strengths {text} has no strength but 0 to measure: {hint}")
+    return tuple(sorted(strengths | {0.0}))
+
+
+def _number(text: str) -> float:
+    """float() as people write numbers: not `1_0` (10), other scripts' digits or `nan`."""
+    number = vectors.parse_number(text)
+    if number is None:
+        raise ValueError("could not convert")
+    return number
 
 
 def _too_many(count: int) -> None:
@@ -61,13 +72,13 @@ def _too_many(count: int) -> None:
 
 def _strength_values(spec: str) -> list[float]:
     if ".." not in spec:
-        values = [float(part) for part in spec.split(",")]
+        values = [_number(part) for part in spec.split(",")]
         _too_many(len(values))
     else:
         span, _, step_text = spec.partition(":")
         low_text, _, high_text = span.partition("..")
-        low, high = float(low_text), float(high_text)
-        step = float(step_text) if step_text else DEFAULT_STEP
+        low, high = _number(low_text), _number(high_text)
+        step = _number(step_text) if step_text else DEFAULT_STEP
         if not step > 0:
             raise ValueError("the step must be positive")
         if not low < high:
@@ -324,7 +335,7 @@ def summary(result: Sweep) -> str:
 # -- the result in the vector file -------------------------------------------------------------
 
 
-def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
+def save(path: str | Path, result: Sweep, model: Model, fingerprint: str, layers: str) -> None:
     """Rewrite the vector file (atomically) with this evaluation's keys (`EVAL_KEYS`);
     the keys of an earlier evaluation go, so a vector that no longer works loses its range."""
     vector = vectors.read(path)
@@ -335,7 +346,7 @@ def save(path: str | Path, result: Sweep, model: Model, layers: str) -> None:
     meta[Key.EVAL_VERDICT] = verdict(result)
     meta[Key.EVAL_SUMMARY] = summary(result)
     meta[Key.EVAL_LAYERS] = layers
-    meta[Key.EVAL_MODEL] = store.fingerprint(model.path)
+    meta[Key.EVAL_MODEL] = fingerprint
     meta[Key.EVAL_MODEL_NAME] = model.name
     try:
         vectors.write(vectors.ControlVector(vector.directions, vector.model_hint, meta), path)

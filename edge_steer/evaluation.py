@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chateval, dataset, evaluate, library, runtime, steering, vectors
+from . import chateval, dataset, evaluate, library, runtime, steering, store, vectors
 from .dataset import Probe
 from .engine import Model
 from .errors import BadInput
@@ -172,6 +172,8 @@ def evaluate_vector(
     path = runtime.vector_file(model, name, retrain=options.retrain, on_progress=on_progress)
     read = vectors.read(path)
     vectors.check_fits(read, model.n_layer, model.n_embd, str(path))
+    steering.check_in_layers(span, name, read)  # else it measured nothing, and stored that
+    fingerprint = store.fingerprint(model.path)  # now: the file may go while the sweep runs
     concept = str(read.metadata.get(Key.CONCEPT) or path.stem)
     probes = options.probes or _builtin_probes(concept)
     words, prefixes = (None, None)
@@ -182,7 +184,7 @@ def evaluate_vector(
     steered = (rows, span or (1, model.n_layer - 1))
     result = _sweep(model, steered, probes, options, prefixes, concept, on_progress)
     if options.save:
-        evaluate.save(path, result, model, f"{span[0]}-{span[1]}" if span else "all")
+        evaluate.save(path, result, model, fingerprint, f"{span[0]}-{span[1]}" if span else "all")
     chat = None
     if definition is not None:
         chat = _chat(model, steered, definition, options, result, on_progress)

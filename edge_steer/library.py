@@ -41,7 +41,7 @@ def contrast_pairs(
     """Training pairs from explicit prompts, persona words, or the built-in concept `name`:
     at most `limit`, picked by `seed` (None: every line of a pairs file, else
     DEFAULT_PAIRS persona x continuation pairs)."""
-    check_sources(name, positive, negative, pairs_file, limit)
+    check_sources(name, positive, negative, pairs_file, limit, seed)
     if pairs_file:
         return _sample(dataset.load_pairs_jsonl(pairs_file), seed, limit)
     if positive or negative:
@@ -57,11 +57,14 @@ def check_sources(
     negative: str | None,
     pairs_file: str | None,
     limit: int | None = None,
+    seed: int = 0,
 ) -> None:
     """One source of pairs, and a concept of the user's own under a name of its own: stored
     as `happy`, it would be steered and evaluated as the built-in happy."""
     if limit is not None and limit < 2:
         raise BadInput(f"--limit {limit}: training needs at least 2 pairs")
+    if seed < 0:  # numpy's generator takes none (a traceback after the model loaded)
+        raise BadInput(f"--seed {seed}: use 0 or more (it picks the pairs and their order)")
     if pairs_file and (positive or negative):
         raise BadInput("pass either --pairs or --positive/--negative, not both")
     if (pairs_file or positive or negative) and is_builtin(name):
@@ -89,8 +92,9 @@ def train_vector(
 ) -> vectors.ControlVector:
     """A vector trained on `model`, keyed to it, not yet stored."""
     store.check_name(name)
+    fingerprint = store.fingerprint(model.path)  # now: the file may go while training runs
     vector = training.train(model, pairs, options, name=name, progress=progress)
-    vector.metadata[Key.MODEL_FINGERPRINT] = store.fingerprint(model.path)
+    vector.metadata[Key.MODEL_FINGERPRINT] = fingerprint
     return vector
 
 

@@ -36,6 +36,18 @@ def layer_span(text: object) -> tuple[int, int]:
     return first, last
 
 
+def check_in_layers(span: tuple[int, int] | None, name: str, vector: vectors.ControlVector) -> None:
+    """A vector with no direction in the chosen blocks would steer nothing, silently."""
+    if span is None:
+        return
+    first, last = span
+    if not any(first <= layer <= last for layer in vector.layers):
+        raise BadInput(
+            f"layers {first}-{last} hold none of {name}'s blocks "
+            f"({vectors.block_span(vector.layers)}): pick blocks among them"
+        )
+
+
 @dataclass
 class Steering:
     """Named vectors with strengths, for one context; `rows()` is their weighted sum per
@@ -56,19 +68,8 @@ class Steering:
             vector = self.active[name][0]
         else:
             vector = library.for_model(self.model).get(name, self.resolve)
-            self._check_in_layers(name, vector)
+            check_in_layers(self.layers, name, vector)
         self.active[name] = (vector, strength)
-
-    def _check_in_layers(self, name: str, vector: vectors.ControlVector) -> None:
-        """A vector with no direction in the chosen blocks would steer nothing, silently."""
-        if self.layers is None:
-            return
-        first, last = self.layers
-        if not any(first <= layer <= last for layer in vector.layers):
-            raise BadInput(
-                f"layers {first}-{last} hold none of {name}'s blocks "
-                f"({vectors.block_span(vector.layers)}): pick blocks among them"
-            )
 
     def strengths(self) -> dict[str, float]:
         return {name: strength for name, (_, strength) in self.active.items()}

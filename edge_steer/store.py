@@ -41,8 +41,18 @@ def fingerprint(model_path: str | Path) -> str:
     Hashes the size, the first MiB (header and metadata) and evenly spaced 1 MiB samples of
     the tensor data: a renamed or moved file keeps its identity, a re-quantized one does not.
     """
-    stat = Path(model_path).resolve().stat()
-    return _fingerprint(str(Path(model_path).resolve()), stat.st_size, stat.st_mtime_ns)
+    try:
+        stat = Path(model_path).resolve().stat()
+    except FileNotFoundError:
+        if str(model_path) in _last_seen:  # deleted since it loaded: its weights still are
+            return _last_seen[str(model_path)]
+        raise
+    found = _fingerprint(str(Path(model_path).resolve()), stat.st_size, stat.st_mtime_ns)
+    _last_seen[str(model_path)] = found
+    return found
+
+
+_last_seen: dict[str, str] = {}  # model path as given -> its fingerprint when last read
 
 
 @cache

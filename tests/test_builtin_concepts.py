@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_steer import dataset, evaluate, metrics, training, vectors
+from edge_steer import dataset, evaluate, metrics, store, training, vectors
 
 THREADS = 2
 EXPECTED = {  # concept -> the smallest |effect| in nats at -1 and at +1, as measured (rounded
@@ -66,7 +66,7 @@ def test_builtin_concept_on_gemma(name, demo_model, trained, tmp_path) -> None:
     assert evaluate.recommend(result) == (-1.0, 1.0), effects  # within x1.25 perplexity
     assert effects[-1.0] <= -EXPECTED[name] and effects[1.0] >= EXPECTED[name], effects
     path = vectors.write(trained(name), tmp_path / f"{name}.gguf")
-    evaluate.save(path, result, demo_model, "all")
+    evaluate.save(path, result, demo_model, store.fingerprint(demo_model.path), "all")
     assert vectors.recommended_range(vectors.read(path)) == (-1.0, 1.0)
 
 

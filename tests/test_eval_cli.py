@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from test_cli import assert_clean_error, run
 
-from edge_steer import dataset, evaluate, metrics, vectors
+from edge_steer import dataset, evaluate, metrics, store, vectors
 from edge_steer.engine import SCORED_TOGETHER, Context
 from edge_steer.evaluate import Point, Sweep
 
@@ -117,6 +117,9 @@ def test_default_sweep_is_whole_steps_and_halves_a_first_step_over_the_limit(
         ("{vec} --probes {probes} --strengths 1", "on one side of 0 cannot judge the other"),
         ("{vec} --probes {probes} --plot plot.txt", "--plot plot.txt: name a .png file"),
         ("{vec} --probes {probes} --plot {vec}/p.png", "is not a writable folder"),
+        ("{vec} --probes {probes} --strengths 0", "no strength but 0 to measure"),
+        # steered nothing, measured "does not work" and stored it over the vector's range
+        ("{vec} --probes {probes} --layers 5-5", "calm.gguf's blocks (2-4): pick blocks"),
     ],
 )
 def test_bad_eval_input_is_one_clean_line(args, words, calm, tiny_dense_path) -> None:
@@ -147,7 +150,7 @@ def test_plot_without_matplotlib_names_the_extra(calm, tiny_dense_path, tmp_path
 def test_repl_vectors_command_shows_the_recommended_range(calm, tiny_dense_path, tiny_dense):
     path, _ = calm
     sweep = Sweep((Point(-1, -0.5, 10, 0), Point(0, 0, 10, 0), Point(1.5, 0.8, 11, 0)))
-    evaluate.save(path, sweep, tiny_dense, "all")
+    evaluate.save(path, sweep, tiny_dense, store.fingerprint(tiny_dense.path), "all")
     result = subprocess.run(
         [sys.executable, "-m", "edge_steer", "chat", "--model", str(tiny_dense_path),
          "--vector", f"{path}:0.5", "-n", "4"],
@@ -160,7 +163,7 @@ def test_repl_vectors_command_shows_the_recommended_range(calm, tiny_dense_path,
 def test_many_long_samples_get_a_context_that_holds_them(calm, tiny_dense_path):
     path, probes = calm  # 32 samples x 48 tokens side by side: more than the default context
     result = run(
-        *f"eval {path} --model {tiny_dense_path} --probes {probes} --strengths 0 "
+        *f"eval {path} --model {tiny_dense_path} --probes {probes} --strengths 1 "
         "--samples 32 --sample-tokens 48 --no-save --threads 1 --json".split()
     )
     assert result.returncode == 0, result.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import random_rows
 
-from edge_steer import evaluate, metrics, vectors
+from edge_steer import evaluate, metrics, store, vectors
 from edge_steer.errors import BadInput
 from edge_steer.evaluate import Point, Sweep
 
@@ -22,6 +22,7 @@ from edge_steer.evaluate import Point, Sweep
         ("-1,1", (-1, 0, 1)),
         (" 2, -0.25 ,2", (-0.25, 0, 2)),
         ("-1..1:0.3", (-1, -0.7, -0.4, -0.1, 0, 0.2, 0.5, 0.8)),
+        ("-0,1", (0, 1)),  # one 0, not a -0 row too
     ],
 )
 def test_strengths_syntax(text, expected) -> None:
@@ -37,7 +38,10 @@ def test_strengths_syntax(text, expected) -> None:
         ("a..b", "bad strengths 'a..b'"),
         ("1,,2", "bad strengths"),
         ("", "bad strengths"),
-        ("nan,1", "numbers from -10 to 10"),
+        ("nan,1", "bad strengths 'nan,1'"),
+        ("1_0", "bad strengths '1_0'"),  # was 10
+        ("0", "no strength but 0"),  # measured nothing, then said the concept does not work
+        ("1e-7,-0", "no strength but 0"),
         ("1e308", "numbers from -10 to 10"),  # ran, and wrote NaN into --json
         ("-100..100:0.5", "401 strengths is too many"),
         (",".join(str(i) for i in range(50)), "50 strengths is too many"),
@@ -113,7 +117,7 @@ def test_save_stores_the_range_and_replaces_an_old_one(tmp_path, tiny_dense) -> 
     assert vectors.describe_range(vectors.read(path)) == ""
 
     works = sweep_of([(-1, -0.5, 1.1), (0, 0, 1), (1, 0.7, 1.2), (2, 1.5, 1.4)])
-    evaluate.save(path, works, tiny_dense, "all")
+    evaluate.save(path, works, tiny_dense, store.fingerprint(tiny_dense.path), "all")
     stored = vectors.read(path)
     assert vectors.recommended_range(stored) == (-1.0, 1.0)
     assert stored.metadata["eval_verdict"] == "works"
@@ -125,7 +129,13 @@ def test_save_stores_the_range_and_replaces_an_old_one(tmp_path, tiny_dense) -> 
         assert np.array_equal(stored.directions[n], original.directions[n])
     assert not list(tmp_path.glob(".*tmp"))  # written through a temp file and renamed
 
-    evaluate.save(path, sweep_of([(-1, 0.2, 1.0), (0, 0, 1), (1, -0.3, 1.0)]), tiny_dense, "2-3")
+    evaluate.save(
+        path,
+        sweep_of([(-1, 0.2, 1.0), (0, 0, 1), (1, -0.3, 1.0)]),
+        tiny_dense,
+        store.fingerprint(tiny_dense.path),
+        "2-3",
+    )
     again = vectors.read(path)
     assert vectors.recommended_range(again) is None
     assert "recommended_min" not in again.metadata and again.metadata["eval_verdict"] == "no effect"

@@ -172,7 +172,8 @@ def test_train_checks_its_output_before_training(demo_path, tmp_path) -> None:
     before = stored.read_bytes() if stored.exists() else None
     (tmp_path / "folder.gguf").mkdir()
     for output, words in [
-        (tmp_path / "x.txt", "unsupported output x.txt"),
+        (tmp_path / "x.txt", "x.txt': use a .gguf or .npz"),
+        ("", "unsupported output ''"),  # was silently no copy
         (tmp_path / "folder.gguf", "is a folder"),
         (tmp_path / "file" / "below" / "v.gguf", "not a writable folder"),
         (Path("/proc/nope/v.gguf"), "not a writable folder"),  # os.access says yes to root
@@ -181,6 +182,10 @@ def test_train_checks_its_output_before_training(demo_path, tmp_path) -> None:
             (tmp_path / "file").write_text("a file, not a folder")
         result = run("train", "happy", "-m", "demo", "--limit", "2", "-o", str(output))
         assert_clean_error(result, words)
+    result = run(
+        "train", "mine", "-m", "demo", "--pairs", "p.jsonl", "--limit", "2", "--seed", "-1"
+    )
+    assert_clean_error(result, "--seed -1: use 0 or more")  # was numpy's traceback
     assert (stored.read_bytes() if stored.exists() else None) == before
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import assert_steers_probes_monotonically, calibration_fluency
@@ -192,3 +195,25 @@ def test_a_built_in_concept_steers_the_default_blocks_by_the_default_method(happ
     assert (happy.metadata["layer_first"], happy.metadata["layer_last"]) == (first, last)
     assert happy.layers == list(range(first, last + 1))
     assert happy.metadata["method"] == training.DEFAULT_METHOD
+
+
+def test_a_model_file_removed_while_training_still_stores_the_vector(
+    tiny_dense_path, tmp_path
+) -> None:
+    """From a sweep: `models rm` during a long train ended in FileNotFoundError after the
+    work, storing nothing: the fingerprint was read from the file at the end."""
+    from edge_steer import store
+
+    copy = Path(shutil.copy(tiny_dense_path, tmp_path / "gone.gguf"))
+    with Model(copy) as model:
+        expected = store.fingerprint(tiny_dense_path)  # the same bytes: the same fingerprint
+
+        def remove_the_file(*_) -> None:
+            copy.unlink(missing_ok=True)
+
+        pairs = [(f"{t} yes", f"{t} no") for t in TEXTS]
+        options = training.TrainOptions(threads=1)
+        vector = library.train_vector(model, "gone", pairs, options, remove_the_file)
+        path = library.store_vector(model, "gone", vector)
+    assert not copy.exists() and path.parent.name == expected
+    assert vectors.read(path).metadata["model_fingerprint"] == expected

@@ -94,7 +94,8 @@ RetrainOpt = Annotated[
     bool, typer.Option("--retrain", help="Train built-in concept vectors again, even if stored.")
 ]
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", "-t", help="CPU threads (default: all).")
+    int | None,
+    typer.Option("--threads", "-t", help="CPU threads (default: one per physical core)."),
 ]
 
 

@@ -62,8 +62,8 @@ def train(
     if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
     store.check_name(name)
-    library.check_sources(name, positive, negative, pairs, limit)
-    if output:
+    library.check_sources(name, positive, negative, pairs, limit, seed)
+    if output is not None:  # -o "" is a slip to name, not a wish for no copy
         convert.check_output(output)  # before minutes of training, not after
     loaded = load_model(opts, training.TrainOptions.batch)
     span = steering.parse_layers(layers, loaded.n_layer)
@@ -92,6 +92,6 @@ def train(
         f"{meta.get(Key.LAYER_LAST)}, {meta.get(Key.METHOD)}[/]"
     )
     out.print(f"stored {path}", markup=False)
-    if output:
+    if output is not None:
         convert.save(vector, output)
         out.print(f"wrote {output}", markup=False)
