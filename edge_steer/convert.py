@@ -44,6 +44,7 @@ class Source:
     tool: str = ""
     notes: list[str] = field(default_factory=list)
     usual_shift: int = 0  # what files from this tool usually need
+    measured_here: bool = True  # its calibration and eval keys are edge-steer's own
 
 
 def load(
@@ -76,6 +77,8 @@ def load(
     )
     if shift or base != (source.layer_base or base):
         _note_moved(vector, source.notes)
+    elif not source.measured_here and vectors.forget_measurements(vector):
+        source.notes.append("ignored its calibration and eval results: `edge-steer eval` measures")
     return vector, source.notes
 
 
@@ -262,16 +265,40 @@ def _read_npz(path: Path) -> Source:
 
 
 def _own_npz(path: Path, arrays: dict[str, np.ndarray]) -> Source:
+    damaged = DamagedFile(f"{path}: damaged {NPZ_META_KEY} entry: write the file again")
     try:
         meta = json.loads(str(arrays.pop(NPZ_META_KEY)))
     except json.JSONDecodeError:
-        raise DamagedFile(f"{path}: damaged {NPZ_META_KEY} entry: write the file again") from None
+        raise damaged from None
+    if not isinstance(meta, dict) or meta.get("layer_base", "block") not in LAYER_BASES:
+        raise damaged
     source = _keyed_arrays(path, arrays, "edge-steer npz")
-    source.model_hint = str(meta.get("model_hint", ""))
-    source.metadata = dict(meta.get("metadata", {}))
+    _take_labels(source, path, meta)
     source.layer_base = meta.get("layer_base", "block")
     source.notes.clear()
     return source
+
+
+def _take_labels(source: Source, path: Path, doc: dict) -> None:
+    """A file's model_hint and metadata, as checked as the flags that set them: a newline
+    in either broke `vectors list` rows. A hint that names no architecture is dropped."""
+    hint, metadata = doc.get("model_hint") or "", doc.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise DamagedFile(f"{path}: its metadata is not an object of names and values")
+    if isinstance(hint, str) and ARCHITECTURE.fullmatch(hint):
+        source.model_hint = hint
+    elif hint:
+        source.notes.append(f"ignored model_hint {str(hint)[:60]!r}, no architecture name")
+    kept = {k: v for k, v in metadata.items() if _plain_label(k, v)}
+    if dropped := sorted(str(k)[:40] for k in metadata.keys() - kept.keys()):
+        source.notes.append(f"ignored metadata that is not one line of text or a number: {dropped}")
+    source.metadata = kept
+
+
+def _plain_label(key: object, value: object) -> bool:
+    text = isinstance(value, str) and value.isprintable()
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(key, str) and key.isprintable() and (text or number)
 
 
 def _read_npy(path: Path) -> Source:
@@ -304,16 +331,20 @@ def _read_safetensors(path: Path) -> Source:
         arrays = {}
         for name, info in header.items():
             if info["dtype"] not in dtypes:
-                raise BadInput(f"{path}: tensor {name} is {info['dtype']}: want F32, F16 or BF16")
+                want = "F32, F16, BF16 or F64"
+                raise BadInput(f"{path}: tensor {name} is {info['dtype']}: want {want}")
             start, end = (8 + size + int(i) for i in info["data_offsets"])
             raw = np.frombuffer(data[start:end], dtypes[info["dtype"]])
             if info["dtype"] == "BF16":
                 raw = (raw.astype(np.uint32) << 16).view(np.float32)
             arrays[name] = raw.astype(np.float32).reshape(info["shape"])
+    except BadInput:
+        raise  # a ValueError too: not to be taken for damage below
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DamagedFile(f"{path} is a damaged safetensors file ({type(exc).__name__})") from None
     source = _keyed_arrays(path, arrays, "safetensors")
-    source.model_hint = str(meta.get("model_hint", ""))
+    hint = meta.get("model_hint") if isinstance(meta, dict) else None
+    _take_labels(source, path, {"model_hint": hint})
     return source
 
 
@@ -337,15 +368,13 @@ def _read_json(path: Path) -> Source:
     except (ValueError, TypeError) as exc:
         raise DamagedFile(f"{path}: directions must be lists of numbers ({exc})") from None
     if wrapped:
-        source.model_hint = str(doc.get("model_hint", ""))
+        _take_labels(source, path, doc)
+        source.measured_here = False  # a range in a JSON file was measured by nobody we know
         source.layer_base = doc.get("layer_base")
         if source.layer_base not in (None, *LAYER_BASES):
             raise DamagedFile(
                 f"{path}: unknown layer_base {source.layer_base!r}: use block or hidden-states"
             )
-        source.metadata = {
-            k: v for k, v in doc.get("metadata", {}).items() if isinstance(v, str | int | float)
-        }
     return source
 
 

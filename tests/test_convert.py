@@ -215,6 +215,19 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
             "unknown layer_base 'layers': use block or hidden-states",
             DamagedFile,
         ),
+        (  # was AttributeError's traceback
+            "x.json",
+            b'{"directions": {"1": [1, 2]}, "metadata": ["a"]}',
+            "its metadata is not an object",
+            DamagedFile,
+        ),
+        (  # was "damaged safetensors file (BadInput)"
+            "x.safetensors",
+            b'\x44\x00\x00\x00\x00\x00\x00\x00{"layers.5": {"dtype": "I32", "shape": [1], '
+            b'"data_offsets": [0, 4]}}\x00\x00\x00\x00',
+            "tensor layers.5 is I32",
+            BadInput,
+        ),
     ],
 )
 def test_bad_inputs_get_one_line_errors(tmp_path, name, content, message, error) -> None:
@@ -450,3 +463,23 @@ def test_names_and_paths_print_as_they_are(edge_steer_home, tmp_path) -> None:
     finally:
         (store / "odd[x].gguf").unlink()
         (store / "gone.gguf").unlink()
+
+
+def test_a_files_labels_are_checked_as_the_flags_are(tmp_path) -> None:
+    """From a sweep: a JSON's model_hint and metadata were stored as they came: a newline
+    made a fake row in `vectors list`, and a recommended range nobody measured was shown."""
+    doc = {
+        "directions": {"1": [1.0, 2.0]},
+        "model_hint": "llama\nEVIL",
+        "metadata": {"concept": "sad\nROW", "source": "my lab", "recommended_min": -1.0},
+    }
+    (tmp_path / "x.json").write_text(json.dumps(doc))
+    vector, notes = convert.load(tmp_path / "x.json")
+    assert vector.model_hint == "" and vector.metadata == {"source": "my lab"}
+    assert any("ignored model_hint" in n for n in notes)
+    assert any("['concept']" in n for n in notes)
+    assert any("calibration and eval" in n for n in notes)
+    own = {"directions": {"1": [1.0, 2.0]}, "model_hint": "llama", "metadata": {"n": 2}}
+    (tmp_path / "ok.json").write_text(json.dumps(own))
+    vector, _ = convert.load(tmp_path / "ok.json")
+    assert vector.model_hint == "llama" and vector.metadata == {"n": 2}
