@@ -91,6 +91,11 @@ def _strength_values(spec: str) -> list[float]:
     return values
 
 
+def share(fraction: float | None) -> str:
+    """A rate as a percentage; "-" where nothing was counted."""
+    return "-" if fraction is None else f"{fraction:.0%}"
+
+
 # -- the measurements ------------------------------------------------------------------------
 
 
@@ -151,7 +156,7 @@ class Point:
     strength: float
     margin: float
     perplexity: float
-    degenerate: float
+    degenerate: float | None  # None: nothing sampled (--samples 0)
     sample: str = ""  # the first sampled continuation, to see what the setting does
 
 
@@ -209,7 +214,7 @@ def measure(
         strength=strength,
         margin=probe_margin(ctx, probes, prefix),
         perplexity=perplexity(ctx, text, settings.window, prefix, settings.neutral_tokens),
-        degenerate=float(np.mean([is_degenerate(o) for o in outputs])) if outputs else 0.0,
+        degenerate=float(np.mean([is_degenerate(o) for o in outputs])) if outputs else None,
         sample=ctx.model.detokenize(outputs[0]) if outputs else "",
     )
 
@@ -327,7 +332,7 @@ def summary(result: Sweep) -> str:
         if point is not None:
             parts.append(
                 f"{point.strength:+g}: effect {result.effect(point):+.2f} nats, "
-                f"ppl x{result.ppl_ratio(point):.3f}, degenerate {point.degenerate:.0%}"
+                f"ppl x{result.ppl_ratio(point):.3f}, degenerate {share(point.degenerate)}"
             )
     return "; ".join(parts)
 

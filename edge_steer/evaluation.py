@@ -84,7 +84,7 @@ class PointReport:
     perplexity: float
     ppl_ratio: float
     effect_per_cost: float | None
-    degenerate: float
+    degenerate: float | None  # None: nothing sampled (--samples 0)
     sample: str
     in_range: bool | None = None  # in the recommended range (None for baseline points)
     persona: str | None = None  # baseline points: the persona word and its prompt
@@ -176,6 +176,7 @@ def evaluate_vector(
     fingerprint = store.fingerprint(model.path)  # now: the file may go while the sweep runs
     concept = str(read.metadata.get(Key.CONCEPT) or path.stem)
     probes = options.probes or _builtin_probes(concept)
+    _check_probe_lengths(model, probes)
     words, prefixes = (None, None)
     if options.baseline:
         words, prefixes = _personas(model, concept, options.personas)
@@ -244,6 +245,22 @@ def _chat(
         threads=options.threads,
         progress=lambda done, total: on_progress(label, done, total),
     )
+
+
+def _check_probe_lengths(model: Model, probes: Sequence[Probe]) -> None:
+    """Before the sweep: a probe is scored in one batch of the evaluation's context (one too
+    long failed there, as "cannot score 5002 tokens from position 5001")."""
+    limit = evaluate.EVAL_CTX
+    for number, probe in enumerate(probes, start=1):
+        ending = max(probe.positive, probe.negative, key=len)
+        count = model.fewest_tokens((probe.prompt + ending).encode(), limit)
+        if count <= limit:
+            count = len(model.tokenize(probe.prompt + ending))
+        if count > limit:
+            raise BadInput(
+                f"probe {number} ({probe.prompt[:40]!r}...) is {count} tokens or more with its "
+                f"longer ending, where a probe takes at most {limit}: shorten it"
+            )
 
 
 def _builtin_probes(concept: str) -> list[Probe]:

@@ -81,7 +81,10 @@ def test_bench_table(tiny_dense_path) -> None:
 def test_bad_bench_input_is_one_clean_line(tiny_dense_path) -> None:
     model = ["--model", str(tiny_dense_path)]
     assert_clean_error(run("bench", *model, "--reps", "0"), "--reps and --tg must be at least 1")
-    assert_clean_error(run("bench", *model, "--concept", "grumpy"), "unknown concept 'grumpy'")
+    assert_clean_error(
+        run("bench", *model, "--concept", "grumpy"),
+        "--concept 'grumpy': bench trains a built-in concept",
+    )
     assert_clean_error(run("bench", *model, "--pp", "9000"), "does not fit --ctx 4096")
 
 

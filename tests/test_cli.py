@@ -158,6 +158,7 @@ def test_list_commands_answer_to_the_names_people_type() -> None:
     assert run("vectors", "ls").returncode == 0
     info = run("models", "info", "mistral").stdout
     assert "path: not downloaded" in info and "None" not in info
+    assert_clean_error(run("models", "rm", "./mine.gguf"), "delete your own file ./mine.gguf")
 
 
 def test_piped_tables_keep_whole_rows() -> None:

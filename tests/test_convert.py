@@ -343,6 +343,10 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     code, output = invoke("vectors", "rm", "narrow", "dir", "--yes")
     assert code == 2 and "is a folder" in output and (store / "narrow.gguf").exists()
     (store / "dir.gguf").rmdir()
+    (store / "notes.txt").write_text("mine")  # was deleted: rm took any file in the store
+    code, output = invoke("vectors", "rm", str(store / "notes.txt"), "--yes")
+    assert code == 2 and "not a stored vector" in output and (store / "notes.txt").exists()
+    (store / "notes.txt").unlink()
     code, output = invoke("vectors", "rm", "MixA", "narrow")  # not a terminal: never guess
     assert code == 2 and "add --yes" in output and "mixa.gguf" in output
     assert (store / "fp1" / "mixa.gguf").exists() and (store / "narrow.gguf").exists()

@@ -93,9 +93,11 @@ def test_default_sweep_is_whole_steps_and_halves_a_first_step_over_the_limit(
         "--no-save --json".split()
     )
     assert result.returncode == 0, result.stderr
-    ratio = {p["strength"]: p["ppl_ratio"] for p in json.loads(result.stdout)["points"]}
+    points = json.loads(result.stdout)["points"]
+    ratio = {p["strength"]: p["ppl_ratio"] for p in points}
     halves = {s / 2 for s in (-1, 1) if ratio[s] > evaluate.MAX_PPL_RATIO}
     assert set(ratio) == {-2, -1, 0, 1, 2} | halves
+    assert {p["degenerate"] for p in points} == {None}  # nothing sampled: not "0%"
 
 
 @pytest.mark.parametrize(
@@ -242,3 +244,13 @@ def test_eval_flags_without_their_partner_are_refused(flags, words) -> None:
     """Was: silently ignored (--chat-replies), or a --baseline nobody asked for (--personas)."""
     result = run("eval", "happy", "-m", "no-such-model", *flags)
     assert result.returncode == 2 and words in result.stderr, result.stderr
+
+
+def test_a_probe_past_the_context_is_named_before_the_sweep(calm, tiny_dense_path) -> None:
+    """Was: 'cannot score 5002 tokens from position 5001', naming neither probe nor limit."""
+    path, probes = calm
+    long = {"prompt": "word " * 3000, "positive": " good", "negative": " bad"}
+    probes.write_text(probes.read_text() + json.dumps(long) + "\n")
+    result = run("eval", str(path), "--model", str(tiny_dense_path), "--probes", str(probes))
+    assert_clean_error(result, f"probe {len(PROBES) + 1} ('word word")
+    assert "where a probe takes at most 1024" in result.stderr

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from ..constants import DEFAULT_CTX
+from ..errors import BadInput
 from ..files import size_text
 from .options import (
     LOAD,
@@ -52,7 +53,9 @@ def bench_command(
     """Tokens/s with no, one and three vectors, against a bare llama_decode loop; training."""
     from .. import bench, dataset
 
-    dataset.load_builtin(concept)  # unknown names fail now, not after minutes of measuring
+    if concept.strip().lower() not in dataset.builtin_names():  # now, not after minutes
+        builtin = ", ".join(dataset.builtin_names())
+        raise BadInput(f"--concept {concept!r}: bench trains a built-in concept: {builtin}")
     settings = bench.BenchSettings(
         pp=pp,
         tg=tg,

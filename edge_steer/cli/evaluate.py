@@ -133,6 +133,8 @@ def _render(report: EvalReport) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from ..evaluate import share
+
     out.print(
         f"[bold]{escape(report.concept)}[/] on {escape(report.model_name)} · "
         f"{report.probes} probes · "
@@ -150,7 +152,7 @@ def _render(report: EvalReport) -> None:
             f"{p.perplexity:.2f}",
             f"x{p.ppl_ratio:.3f}",
             "" if p.effect_per_cost is None else f"{p.effect_per_cost:+.1f}",
-            f"{p.degenerate:.0%}",
+            share(p.degenerate),
             "✓" if p.in_range else "",
             style="green" if p.in_range else ("red" if over else ""),
         )
@@ -181,6 +183,8 @@ def calibration_line(calibration: dict) -> str:
 def _baseline_table(report: EvalReport) -> Table:
     from rich.table import Table
 
+    from ..evaluate import share
+
     table = Table(title="the persona as a prompt instead of a vector (unsteered)")
     for column in ("prompt", "effect (nats)", "ratio", "degenerate", "vector at same sign"):
         table.add_column(column, justify="left" if column == "prompt" else "right")
@@ -192,7 +196,7 @@ def _baseline_table(report: EvalReport) -> Table:
             f"extremely {b.persona} ({b.strength:+g})",
             f"{b.effect:+.2f}",
             f"x{b.ppl_ratio:.3f}",
-            f"{b.degenerate:.0%}",
+            share(b.degenerate),
             vector,
         )
     return table

@@ -167,6 +167,11 @@ def rm(name: SpecArg) -> None:
     """Delete a downloaded model file from the cache."""
     from .. import download
 
+    if looks_like_path(name) and not name.startswith(download.HF_PREFIX):
+        raise BadInput(
+            f"models rm deletes downloads (a catalog name or hf:REPO/FILE.gguf): delete your "
+            f"own file {name} yourself"
+        )
     src = download.source(name)
     if not download.remove(src):
         err.print(f"[dim]{escape(src.name)} is not downloaded[/]")

@@ -211,6 +211,8 @@ def rm_command(
         )
     if folders := [p for p in doomed if p.is_dir()]:  # checked before any file goes
         raise BadInput(f"{folders[0]} is a folder, not a vector: delete it yourself")
+    if others := [p for p in doomed if p.suffix.lower() != ".gguf"]:
+        raise BadInput(f"{others[0]} is not a stored vector (.gguf): delete it yourself")
     if not yes:
         _confirm_delete(doomed)
     for path in doomed:
