@@ -262,10 +262,20 @@ def _download(src: Source, tqdm_class: type | None) -> Path:
     the size against the Hub's."""
     from huggingface_hub import hf_hub_download
 
+    bar = _labelled(tqdm_class, Path(src.file).name) if tqdm_class else None
     with _hub_errors(src):
-        return Path(
-            hf_hub_download(src.repo, src.file, revision=src.revision, tqdm_class=tqdm_class)
-        )
+        return Path(hf_hub_download(src.repo, src.file, revision=src.revision, tqdm_class=bar))
+
+
+def _labelled(tqdm_class: type, label: str) -> type:
+    """`tqdm_class` showing the file's name: huggingface_hub labels its bar with the blob's
+    hash, "(…)f67bd55ae6de...", which tells a user nothing."""
+
+    class Labelled(tqdm_class):  # type: ignore[valid-type, misc]  # a class given at run time
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "desc": label})
+
+    return Labelled
 
 
 def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = None) -> None:

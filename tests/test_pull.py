@@ -90,6 +90,8 @@ def test_a_fresh_pull_works_end_to_end_and_the_model_loads(hub, env, hf_home, ti
     result = generate(SPEC, env)
     assert result.returncode == 0, result.stderr
     assert f"downloading {SPEC}" in result.stderr and " kB " in result.stderr  # message, bar
+    bar = next(line for line in result.stderr.splitlines() if " kB " in line)
+    assert bar.startswith("tiny.gguf") and "(…)" not in bar  # was the blob's hash
     assert json.loads(result.stdout)["generated_tokens"] > 0
     path = cached(hf_home)
     sha = hashlib.sha256(tiny).hexdigest()

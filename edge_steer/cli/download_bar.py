@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -27,7 +28,7 @@ class RichBar:
             TimeRemainingColumn(),
             console=err,
         )
-        self._task = self._progress.add_task(desc, total=total, completed=initial)
+        self._task = self._progress.add_task(escape(desc), total=total, completed=initial)
         self._progress.start()
 
     def update(self, n: int = 1) -> None:
