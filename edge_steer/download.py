@@ -234,7 +234,17 @@ def _remote_size(src: Source) -> int:
         raise DamagedFile(
             f"the Hub serves {src.file} as {meta.size} bytes, the catalog pins {src.size}: refusing"
         )
+    about = src.entry.size if src.entry and not src.entry.size_exact else None
+    if about and not (1 - SIZE_SLACK) * about <= meta.size <= (1 + SIZE_SLACK) * about:
+        raise DamagedFile(
+            f"the Hub serves {src.file} as {size_text(meta.size, decimal=True)}, where the "
+            f"catalog's {src.name} is about {size_text(about, decimal=True)}: refusing to "
+            "download it (check HF_ENDPOINT)"
+        )
     return meta.size
+
+
+SIZE_SLACK = 0.03  # a model card's "5.13 GB" is rounded; no two quants are this close (6%)
 
 
 def _check_disk(src: Source, size: int, cache: Path, force: bool) -> None:

@@ -182,6 +182,17 @@ def test_a_catalog_model_is_refused_if_the_hub_serves_another_file(hub, env, tin
     assert hub.gets() == []
 
 
+def test_an_unpinned_catalog_file_of_another_size_is_refused(hub, env, tiny) -> None:
+    """From a sweep: a catalog file with no exact size took whatever the Hub served (a 0.6 MB
+    file was "verified" as Mistral 7B Q5_K_M); its published size now bounds it."""
+    entry = catalog.lookup("mistral:q5_k_m")
+    assert not entry.size_exact
+    hub.add(entry.repo, entry.file, tiny, revision=entry.revision)
+    result = run("pull", "mistral:q5_k_m", "--force", env=env)
+    assert_refused(result, DamagedFile, "where the catalog's mistral:q5_k_m is about 5.1 GB")
+    assert hub.gets() == []
+
+
 def test_offline_mode_uses_the_cache_and_makes_no_network_call(hub, env, tiny) -> None:
     hub.add(REPO, "tiny.gguf", tiny)
     assert run("pull", SPEC, env=env).returncode == 0
