@@ -78,7 +78,10 @@ def load(
     if shift or base != (source.layer_base or base):
         _note_moved(vector, source.notes)
     elif not source.measured_here and vectors.forget_measurements(vector):
-        source.notes.append("ignored its calibration and eval results: `edge-steer eval` measures")
+        source.notes.append(
+            "ignored the file's calibration and eval results, which edge-steer did not measure: "
+            "run `edge-steer eval` on the result for a recommended range"
+        )
     return vector, source.notes
 
 
