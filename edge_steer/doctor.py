@@ -50,7 +50,7 @@ def report() -> dict:
     import platform
     from importlib.metadata import version
 
-    from . import machine
+    from . import ggml, machine
 
     backends = machine.backends()
     gpu_backends = machine.gpu_backends()  # registered RPC workers are listed under rpc
@@ -67,6 +67,7 @@ def report() -> dict:
             "cores": machine.cpu_cores(),
             "threads": machine.math_cores(),
             "features": machine.cpu_features(),
+            "amx_unused": ggml.drop_amx_buffer(),  # its kernels crash: see there
         },
         "ram": {"total": machine.total_ram(), "available": machine.available_ram()},
         "devices": [vars(d) for d in machine.devices()],

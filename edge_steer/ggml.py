@@ -8,6 +8,7 @@ They live in the ggml libraries shipped in llama_cpp's `lib/` folder, next to li
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -194,6 +195,41 @@ def cpu_buffer_type() -> int:
 
 
 DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel", "meta")  # enum ggml_backend_dev_type
+
+GGML_BACKEND_DEVICE_TYPE_CPU = 0
+AMX_BUFFER = b"AMX"  # ggml-cpu's buffer type for Intel AMX re-laid-out weights
+
+
+@cache
+def drop_amx_buffer() -> bool:
+    """Take the AMX buffer type out of the CPU device's extra buffer types, so no weight is
+    laid out for llama.cpp's AMX kernels; True if it was there.
+
+    Those kernels crash on Sapphire Rapids class Xeons (a SIGSEGV at the first matrix
+    product: the tile configuration they load is invalid; llama.cpp issue 20824, fix open as
+    PR 26954, not in llama-cpp-python 0.3.36). llama.cpp offers no switch for it short of
+    `use_extra_bufts=False`, which would also drop the CPU_REPACK layouts every AVX2 and
+    NEON CPU gains from. The list llama.cpp reads at each model load is the NULL-terminated
+    array `ggml_backend_dev_get_extra_bufts` returns (static, built once): shifting the
+    later entries over AMX's keeps CPU_REPACK and everything else exactly as before."""
+    _ensure_backends()
+    by_type = _symbol("ggml_backend_dev_by_type", (ctypes.c_int,), ctypes.c_void_p)
+    cpu = by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    reg = _symbol("ggml_backend_dev_backend_reg", (ctypes.c_void_p,), ctypes.c_void_p)(cpu)
+    proc = _symbol(
+        "ggml_backend_reg_get_proc_address", (ctypes.c_void_p, ctypes.c_char_p), ctypes.c_void_p
+    )
+    address = proc(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not address:
+        return False
+    get_extra_t = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+    array = get_extra_t(address)(cpu)
+    name_of = _symbol("ggml_backend_buft_name", (ctypes.c_void_p,), ctypes.c_char_p)
+    entries = list(itertools.takewhile(bool, (array[i] for i in itertools.count())))
+    kept = [buft for buft in entries if name_of(buft) != AMX_BUFFER]
+    for i, buft in enumerate(kept + [None] * (len(entries) + 1 - len(kept))):
+        array[i] = buft  # as many entries as before, the last still NULL
+    return len(kept) < len(entries)
 
 
 def devices(rpc: Sequence[str] | None = None) -> list[tuple[str, str, str, int, int]]:

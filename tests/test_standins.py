@@ -66,6 +66,16 @@ def test_repack_rules_predict_the_bytes_llama_cpp_repacks(key, small_dir):
         assert predicted == pytest.approx(model.buffers.get("CPU_REPACK", 0), abs=32 << 10)
 
 
+def test_no_weight_takes_the_amx_layouts(small_dir):
+    # llama.cpp's AMX kernels crash on Sapphire Rapids class CPUs (ggml.drop_amx_buffer):
+    # Q4_K and Q6_K weights, which they would take, stay in CPU_REPACK and plain buffers
+    path = standins.write(small("mistral-q4_k_m"), small_dir)
+    with Model(path) as model, Context(model, n_ctx=256, n_batch=64, threads=2) as ctx:
+        assert "AMX" not in model.buffers
+        ctx.ingest(model.tokenize("The weather today is"))  # AMX's crash came here
+        assert np.isfinite(ctx.logits()).all()
+
+
 def test_a_mostly_repacked_model_is_read_once_not_mapped(small_dir, monkeypatch):
     path = standins.write(small("mistral-q4_0"), small_dir)
     header = gguffile.read_header(path)

@@ -14,11 +14,18 @@ Exits 1 on any difference.
 from __future__ import annotations
 
 import argparse
+import platform
 import subprocess
 import sys
 import tarfile
 from importlib.metadata import version
 from pathlib import Path
+
+# llama.cpp's AMX kernels crash on the CPUs that have them, so edge-steer leaves them unused
+# (edge_steer.ggml.drop_amx_buffer); the binary is built without them (an explicit -mno
+# outlasts the build's -march=native), so both put weights in the same AVX-512 layouts
+NO_AMX = ["-DCMAKE_C_FLAGS=-mno-amx-int8", "-DCMAKE_CXX_FLAGS=-mno-amx-int8"]
+X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 PROMPT = "The best thing about mornings is"
 TOKENS = 32
@@ -66,6 +73,7 @@ def build(cache: Path, target: str = "llama-completion") -> Path:
             "-DLLAMA_CURL=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
             f"-DLLAMA_BUILD_SERVER={'ON' if target == 'llama-server' else 'OFF'}",
+            *(NO_AMX if X86 else []),
         ],
         check=True,
     )

@@ -41,6 +41,11 @@ def _render(info: dict) -> None:
         f"[bold]cpu[/]      {cpu['cores']} cores, {cpu['threads']} threads by default; "
         f"{' '.join(cpu['features'])}"
     )
+    if cpu["amx_unused"]:
+        out.print(
+            "         AMX kernels left unused: they crash in this llama.cpp (issue 20824); "
+            "weights keep the AVX layouts"
+        )
     ram, vram = info["ram"], info["vram_free"]
     out.print(
         f"[bold]memory[/]   {size(ram['total'])} RAM, {size(ram['available'])} available; "

@@ -61,7 +61,7 @@ class Model:
         self.lock = threading.RLock()
         params = ll.llama_model_default_params()
         params.n_gpu_layers = gpu_layers
-        params.use_extra_bufts = repack
+        params.use_extra_bufts = repack  # never the AMX layouts: ggml.drop_amx_buffer
         if not mmap:
             params.load_mode = ll.LLAMA_LOAD_MODE_NONE
         if devices is None and ggml.RPC_SERVERS:
@@ -72,6 +72,7 @@ class Model:
         self._overrides = _override_array(cpu_tensors)  # llama.cpp keeps the pointer
         if self._overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(self._overrides)
+        ggml.drop_amx_buffer()
         with log.recorded() as lines:
             self.ptr = ll.llama_model_load_from_file(str(self.path).encode(), params)
         self.load_log = tuple(lines)
