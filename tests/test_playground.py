@@ -96,9 +96,10 @@ def test_the_page_fits_a_phone_reruns_what_was_sent_and_stops(server):
         page.select_option("#mode", "chat")
         page.fill("#max-tokens", "")  # not sent as 0: the re-run keeps the 8 it was sent with
         page.locator("#vector-happy").focus()
-        for _ in range(6):
-            page.keyboard.press("ArrowRight")
-        page.wait_for_selector("#steered:not([data-done])", state="attached")  # re-run begun
+        # the re-run can finish (8 tokens) before a check for its start would see it
+        with page.expect_request(lambda r: r.method == "POST", timeout=30_000):
+            for _ in range(6):
+                page.keyboard.press("ArrowRight")
         page.wait_for_selector("#steered[data-done]", state="attached", timeout=120_000)
         rerun = posts[2:]
         assert len(rerun) == 1 and rerun[0]["prompt"] == "The best thing about mornings is"
