@@ -15,6 +15,7 @@ RPC_ENV = "EDGE_STEER_RPC"  # HOST:PORT,... of `edge-steer worker`s, as --rpc
 API_KEY_ENV = "EDGE_STEER_API_KEY"  # serve --api-key
 VRAM_ENV = "EDGE_STEER_VRAM"  # plan as if this much GPU memory were free (limit or rehearse)
 VERBOSE_ENV = "EDGE_STEER_VERBOSE"  # 1: llama.cpp's own log on stderr
+COLUMNS_ENV = "COLUMNS"  # a width the user set: rich keeps to it, piped output too
 
 
 def env(name: str) -> str:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import TextIO
 
 from rich.console import Console
+
+from ..constants import COLUMNS_ENV, env
 
 PIPED_WIDTH = 1000  # wide enough that no table row wraps
 
@@ -14,7 +15,7 @@ PIPED_WIDTH = 1000  # wide enough that no table row wraps
 def _width(stream: TextIO) -> int | None:
     """Piped output keeps whole rows (`| grep`, `> file`), as `ollama list` does: rich would
     squeeze tables into 80 columns. A terminal, or a COLUMNS the user set, decides itself."""
-    if "COLUMNS" in os.environ or stream.isatty():
+    if env(COLUMNS_ENV) or stream.isatty():
         return None
     return PIPED_WIDTH
 
