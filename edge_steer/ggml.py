@@ -216,14 +216,11 @@ def drop_amx_buffer() -> bool:
     by_type = _symbol("ggml_backend_dev_by_type", (ctypes.c_int,), ctypes.c_void_p)
     cpu = by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
     reg = _symbol("ggml_backend_dev_backend_reg", (ctypes.c_void_p,), ctypes.c_void_p)(cpu)
-    proc = _symbol(
-        "ggml_backend_reg_get_proc_address", (ctypes.c_void_p, ctypes.c_char_p), ctypes.c_void_p
-    )
-    address = proc(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
-    if not address:
-        return False
+    address = _proc_address(reg, "ggml_backend_dev_get_extra_bufts") if reg else None
     get_extra_t = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
-    array = get_extra_t(address)(cpu)
+    array = get_extra_t(address)(cpu) if address else None
+    if not array:  # no such function, or a NULL list
+        return False
     name_of = _symbol("ggml_backend_buft_name", (ctypes.c_void_p,), ctypes.c_char_p)
     entries = list(itertools.takewhile(bool, (array[i] for i in itertools.count())))
     kept = [buft for buft in entries if name_of(buft) != AMX_BUFFER]
@@ -269,15 +266,12 @@ def backends() -> dict[str, dict[str, str]]:
     _ensure_backends()
     reg_get = _symbol("ggml_backend_reg_get", (ctypes.c_size_t,), ctypes.c_void_p)
     reg_name = _symbol("ggml_backend_reg_name", (ctypes.c_void_p,), ctypes.c_char_p)
-    proc = _symbol(
-        "ggml_backend_reg_get_proc_address", (ctypes.c_void_p, ctypes.c_char_p), ctypes.c_void_p
-    )
     get_features_t = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)
     found = {}
     for i in range(_symbol("ggml_backend_reg_count", (), ctypes.c_size_t)()):
         reg = reg_get(i)
         features: dict[str, str] = {}
-        address = proc(reg, b"ggml_backend_get_features")
+        address = _proc_address(reg, "ggml_backend_get_features")
         if address:
             array, i = get_features_t(address)(reg), 0
             while array[i].name:  # NULL-terminated
@@ -285,6 +279,14 @@ def backends() -> dict[str, dict[str, str]]:
                 i += 1
         found[(reg_name(reg) or b"?").decode()] = features
     return found
+
+
+def _proc_address(reg: int, name: str) -> int | None:
+    """A function a backend exports through its registry (not to the dynamic linker)."""
+    proc = _symbol(
+        "ggml_backend_reg_get_proc_address", (ctypes.c_void_p, ctypes.c_char_p), ctypes.c_void_p
+    )
+    return proc(reg, name.encode()) or None
 
 
 def _ensure_backends() -> None:
@@ -312,12 +314,7 @@ def _rpc_proc(name: str) -> int | None:
     _ensure_backends()
     by_name = _symbol("ggml_backend_reg_by_name", (ctypes.c_char_p,), ctypes.c_void_p)
     reg = by_name(b"RPC")
-    if not reg:
-        return None
-    proc = _symbol(
-        "ggml_backend_reg_get_proc_address", (ctypes.c_void_p, ctypes.c_char_p), ctypes.c_void_p
-    )
-    return proc(reg, name.encode()) or None
+    return _proc_address(reg, name) if reg else None
 
 
 def has_rpc() -> bool:
