@@ -129,7 +129,8 @@ def calibrate(
         report = progress or (lambda _done, _total: None)
         report(0, STEPS)
         found = _search(cost, budget, reference, lambda done: report(done, STEPS))
-        report(STEPS, STEPS)
+        if len(found.points) < STEPS:  # ended early; a full search reported its last step
+            report(STEPS, STEPS)
         return found
 
 

@@ -217,3 +217,19 @@ def test_a_model_file_removed_while_training_still_stores_the_vector(
         path = library.store_vector(model, "gone", vector)
     assert not copy.exists() and path.parent.name == expected
     assert vectors.read(path).metadata["model_fingerprint"] == expected
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1e9])  # every step taken / done after the first
+def test_calibration_progress_ends_once(tiny_dense_path, monkeypatch, tolerance) -> None:
+    """Progress climbs to STEPS/STEPS and reports it once: a search that took every step
+    reported its end twice (a log showed `calibrating: done` again, "in 0.0s")."""
+    monkeypatch.setattr(calibrate, "TOLERANCE", tolerance)
+    reports: list[int] = []
+    with Model(tiny_dense_path) as model:
+        rows = np.random.default_rng(0).normal(size=(model.n_layer, model.n_embd)).astype("f4")
+        calibrate.calibrate(
+            model, rows, (1, model.n_layer - 1), budget=calibrate.budget_for(model),
+            progress=lambda done, total: reports.append(done),
+        )  # fmt: skip
+    steps = calibrate.STEPS
+    assert reports == ([0, 1, steps] if tolerance else list(range(steps + 1)))

@@ -3,7 +3,8 @@
 One bar per label (with ETA) while its step runs; when the step reaches its total the bar
 goes and a dim `label: done in 12.3s` line stays. The live display runs only while some step
 is running, so a bar never outlives its step: not after a command, not under a chat prompt.
-Where stderr is not a terminal (a log file, CI), a plain line marks each tenth instead.
+Where stderr is not a terminal (a log file, CI), a plain line marks each tenth passed instead
+(one line for a step that passes several).
 """
 
 from __future__ import annotations
