@@ -368,9 +368,15 @@ def spec_strengths(specs: Iterable[str]) -> dict[str, float]:
     in any case: names ignore case (as the store does), paths do not."""
     totals: dict[str, float] = {}
     for name, strength in parse_specs(specs):
-        key = name if files.looks_like_path(name) else name.lower()
+        key = name_key(name)
         totals[key] = totals.get(key, 0.0) + strength
     return totals
+
+
+def name_key(name: str) -> str:
+    """A vector name as specs are merged by: names ignore case (as the store does), paths
+    do not (files may differ by case alone)."""
+    return name if files.looks_like_path(name) else name.lower()
 
 
 def block_span(layers: list[int]) -> str:

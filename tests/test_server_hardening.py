@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,9 +54,19 @@ def stored(demo_model) -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def server(demo_path, stored) -> Iterator[ServerProcess]:
+def filed(demo_path, stored, tmp_path_factory) -> str:
+    """A preset's vector given as a file path with capitals (a preset may name files)."""
+    from edge_steer import store
+
+    path = tmp_path_factory.mktemp("Vecs") / "W2.gguf"
+    shutil.copyfile(store.model_vectors_dir(demo_path) / "w2.gguf", path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(demo_path, stored, filed) -> Iterator[ServerProcess]:
     args = ["--model", "demo", "--parallel", "2", "--preset", "strong=w1:6"]
-    with server_process(args) as running:
+    with server_process([*args, "--preset", f"filed={filed}:1"]) as running:
         yield running
 
 
@@ -613,6 +624,12 @@ def test_names_ignore_case_when_a_request_overrides_a_preset(server, stored):
     assert _steering_of(server, {"steering": f"{w1}:1,{w1.upper()}:0.5"}) == {w1: 1.5}
 
 
+def test_a_request_switches_off_a_preset_file_by_its_path(server, filed):
+    # a path is matched as written (files may differ by case alone): it was lower-cased
+    assert _steering_of(server, {"model": "filed"}) == {filed: 1.0}
+    assert _steering_of(server, {"model": "filed", "steering": {filed: 0}}) == {}
+
+
 BAD_FIELDS = [
     ({"seed": 4294967295}, "seed"),  # llama.cpp's "random"
     ({"seed": 2**32}, "seed"),  # was seed 0
@@ -654,9 +671,12 @@ def test_what_the_server_does_not_speak_is_named(server, stored):
     status, reply = _request(server, "POST", "/v1/completions", b"\x1f\x8b", gzipped)
     _assert_error(status, reply, 415, "unsupported_media_type")
     assert "Content-Encoding: gzip" in reply["error"]["message"]
-    for path in ("/v1/embeddings", "/v1/chat/completions/"):  # was a 307 nobody logged
-        status, reply = _request(server, "POST", path, {"model": "demo", "input": "Hi"})
-        _assert_error(status, reply, 404)
+    paths = ["/v1/embeddings", "/v1/chat/completions/"]  # was a 307 nobody logged
+    for path in [*paths, "/v1/models/", "/v1/models/demo/"]:  # were "unknown model ''"
+        get = path.startswith("/v1/models")  # a retrieve of a model
+        body = None if get else {"model": "demo", "input": "Hi"}
+        status, reply = _request(server, "GET" if get else "POST", path, body)
+        _assert_error(status, reply, 404, "http_404")
         assert "/v1/chat/completions, /v1/completions" in reply["error"]["message"]
     status, reply = _request(server, "POST", "/v1/completions", {"model": "+w1:1", "prompt": "a"})
     _assert_error(status, reply, 404, "model_not_found")

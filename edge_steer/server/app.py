@@ -152,6 +152,8 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     """One entry of /v1/models, as OpenAI's `client.models.retrieve` asks for it."""
     wanted = request.path_params["model_id"]
+    if not wanted or wanted.endswith("/"):  # /v1/models/ is a path, as every trailing slash
+        raise HTTPException(404)
     for entry in _models(request):
         if entry["id"] == wanted:
             return JSONResponse(entry)

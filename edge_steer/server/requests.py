@@ -228,11 +228,12 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
 
 
 def _folded(steering: Mapping[str, float]) -> dict[str, float]:
-    """The `steering` field's names in lower case (as `vectors.spec_strengths` gives a
-    spec's): names ignore case, as in the store, so `HAPPY` overrides a preset's `happy`."""
+    """The `steering` field's names as a spec's are (`vectors.name_key`): `HAPPY` overrides
+    a preset's `happy`, and a preset's file path is matched as written."""
     folded: dict[str, float] = {}
     for name, strength in steering.items():
-        folded[name.lower()] = folded.get(name.lower(), 0.0) + strength
+        key = vectors.name_key(name)
+        folded[key] = folded.get(key, 0.0) + strength
     return folded
 
 
