@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import files, gguffile, vectors
+from . import files, gguffile, store, vectors
 from .errors import BadInput, DamagedFile
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class Relabel:
     scale_rule: str | None = None
 
 
-ARCHITECTURE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # llama, gemma3, qwen2moe, ...
+ARCHITECTURE = store.NAME_PATTERN  # llama, gemma3, qwen2moe: spelled as vector names are
 
 
 def check_relabel(relabel: Relabel) -> None:

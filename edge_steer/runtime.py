@@ -226,11 +226,14 @@ def steer(
     specs = _specs(vectors)
     if empty := [spec for spec in specs if spec.strip() and not spec_strengths([spec])]:
         raise BadInput(f"--vector {empty[0]!r} names no vector: use NAME[:STRENGTH],...")
-    if retrain and not spec_strengths(specs):
-        raise BadInput("--retrain trains the --vector concepts again, and none is given: add one")
     if retrain:  # read what is trained now, not what this process read before
-        library.check_retrain(spec_strengths(specs))
-        for name in spec_strengths(specs):
+        names = spec_strengths(specs)
+        if not names:
+            raise BadInput(
+                "--retrain trains the --vector concepts again, and none is given: add one"
+            )
+        library.check_retrain(names)
+        for name in names:
             library.for_model(model).drop(name)
     return steering.build(
         model,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import clean_errors, err, note
+from .options import ThreadsOpt, clean_errors, err, note
 
 
 def register(app: typer.Typer) -> None:
@@ -20,10 +20,7 @@ def worker(
         str, typer.Option("--host", help="Address to listen on; loopback unless --allow-remote.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port.")] = 50052,
-    threads: Annotated[
-        int | None,
-        typer.Option("--threads", "-t", help="CPU threads (default: one per physical core)."),
-    ] = None,
+    threads: ThreadsOpt = None,
     device: Annotated[
         list[str],
         typer.Option(

@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from .. import files, library, machine, model_files, runtime, steering, store, vectors
+from .. import files, library, machine, model_files, rpc, runtime, steering, store, vectors
 from ..engine import DEFAULT_BATCH, MAX_SEQUENCES, Context, Model
 from ..engine.batching import Batcher
 from ..errors import BadInput, EdgeSteerError, EngineError
@@ -71,9 +71,9 @@ class ServeOptions:
         return self.parallel == 1 or not self.repacked
 
 
-# a Host header's name: DNS letters, digits, dots and hyphens, or an IPv6 address
-ALLOWED_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
-PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a model name clients can type
+# a Host header's name: a host name or IPv4 address as --rpc takes them, or an IPv6 address
+ALLOWED_HOST = re.compile(rf"{rpc.HOST.pattern}|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
+PRESET_NAME = store.NAME_PATTERN  # a model name clients can type, spelled as vector names are
 
 
 def parse_presets(given: list[str]) -> dict[str, dict[str, float]]:
