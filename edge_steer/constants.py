@@ -16,8 +16,16 @@ API_KEY_ENV = "EDGE_STEER_API_KEY"  # serve --api-key
 VRAM_ENV = "EDGE_STEER_VRAM"  # plan as if this much GPU memory were free (limit or rehearse)
 VERBOSE_ENV = "EDGE_STEER_VERBOSE"  # 1: llama.cpp's own log on stderr
 COLUMNS_ENV = "COLUMNS"  # a width the user set: rich keeps to it, piped output too
+# set, not read: ggml's tiled K-quant products, off where rows must not change with the rows
+# beside them (ggml.one_row_kernels)
+TILED_MATMUL_ENV = "GGML_CPU_TILED_MM"
 
 
 def env(name: str) -> str:
     """The variable's value, stripped; "" when it is unset."""
     return os.environ.get(name, "").strip()
+
+
+def set_env(name: str, value: str) -> None:
+    """Set a variable for this process, where the C libraries it loaded read it too."""
+    os.environ[name] = value

@@ -192,6 +192,24 @@ def test_concurrent_requests_equal_each_alone(client):
     assert [r.choices[0].text for r in twice] == alone * 2
 
 
+def test_eight_lanes_reply_as_alone(demo_path, wobble):
+    """With 8 lanes a decode holds 8 rows, where ggml's tiled kernel for K-quant weights
+    would take over from its one-row kernel (22 of 32 greedy replies parted from their
+    replies alone before `ggml.one_row_kernels`): 8 requests at once under 8 steerings still
+    get exactly their tokens alone."""
+    more = [{"happy": 0.5}, {"wobble": 0.7}, {"happy": -0.5, "wobble": -0.7}, {"happy": 1.5}]
+    specs = SPECS + more
+    args = ["--model", "demo", "--parallel", "8", "--ctx", "512", "--preset", "cheerful=happy:1"]
+    exact = {"cache_prompt": False}
+    with server_process(args) as process:
+        client = openai.OpenAI(base_url=f"{process.url}/v1", api_key="unused", max_retries=0)
+        alone = [_complete(client, spec, **exact).choices[0].text for spec in specs]
+        with ThreadPoolExecutor(len(specs)) as pool:
+            together = list(pool.map(lambda spec: _complete(client, spec, **exact), specs))
+    assert len(set(alone)) == len(specs)  # the specs really differ
+    assert [r.choices[0].text for r in together] == alone
+
+
 BAD_REQUESTS = [
     ({"model": "gpt-4"}, 404, "model_not_found"),
     ({"steering": {"nope": 1}}, 400, "unknown_vector"),

@@ -25,7 +25,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
-from .. import files, library, machine, model_files, rpc, runtime, steering, store, vectors
+from .. import files, ggml, library, machine, model_files, rpc, runtime, steering, store, vectors
 from ..engine import DEFAULT_BATCH, MAX_SEQUENCES, Context, Model
 from ..engine.batching import Batcher
 from ..errors import BadInput, EdgeSteerError, EngineError
@@ -253,6 +253,8 @@ def build(
     on_progress: runtime.Progress = lambda *_: None,
 ) -> tuple[Served, Lanes]:
     """Model, vectors, presets and lanes for `options` (the engine thread not yet started)."""
+    if options.parallel > 1 and options.batch_invariant:
+        ggml.one_row_kernels()  # before the first decode, which fixes ggml's choice
     # every lane's KV counts
     lanes_kv = replace(
         options.load, ctx=options.load.ctx * options.parallel, repack=options.repacked
