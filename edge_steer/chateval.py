@@ -20,7 +20,7 @@ from math import comb
 import numpy as np
 
 from . import chat, dataset, evaluate, metrics
-from .engine import Context, Model, Sampler, continuations, scoring
+from .engine import SCORED_TOGETHER, Context, Model, continuations, scoring
 from .errors import BadInput
 
 REPLY_TOKENS = 64  # per reply: enough for a tone to show, cheap enough for every strength
@@ -76,17 +76,23 @@ def chat_sweep(
     questions = [q for q in dataset.chat_questions() for _ in range(replies)]
     prompts = [_prompt(model, question) for question in questions]
     personas = dataset.persona_instruction(concept)
-    n_ctx = sum(map(len, prompts)) + len(prompts) * (REPLY_TOKENS + 64)
-    found = []
     strengths = sorted({*strengths, 0.0})
-    with Context(model, n_ctx=n_ctx, n_seq=len(prompts), threads=threads) as ctx:
-        for done, strength in enumerate(strengths, start=1):
-            ctx.set_steering(rows * np.float32(strength) if strength else None, *span)
-            answers = _replies(ctx, prompts, seed)
-            ctx.set_steering(None)
-            found.append(_point(ctx, strength, questions, answers, personas))
-            if progress:
-                progress(done, len(strengths))
+    tally = evaluate.Tally(progress, 2)
+    tally.plan(len(strengths))
+    jobs = [(rows * np.float32(s) if s else None, prompts) for s in strengths]
+    sampler = replace(evaluate.SAMPLING, seed=seed)
+    answers = continuations.sample_jobs(
+        model, jobs, sampler, REPLY_TOKENS, span, threads=threads, progress=tally.sampling()
+    )
+    heads = [[_prompt(model, f"{p} {q}") for q in questions] for p in personas]
+    longest = max(len(head) for some in heads for head in some) + REPLY_TOKENS
+    found = []
+    with Context(
+        model, n_ctx=SCORED_TOGETHER * longest, n_seq=SCORED_TOGETHER, threads=threads
+    ) as ctx:
+        for strength, replied in zip(strengths, answers, strict=True):
+            found.append(_point(ctx, strength, heads, replied))
+            tally.measured()
     return found
 
 
@@ -107,30 +113,15 @@ def _prompt(model: Model, text: str) -> list[int]:
     return chat.format_prompt(model, [{"role": "user", "content": text}])[0]
 
 
-def _replies(ctx: Context, prompts: list[list[int]], seed: int) -> list[list[int]]:
-    samplers = [
-        Sampler(ctx.model, replace(evaluate.SAMPLING, seed=seed + i)) for i in range(len(prompts))
-    ]
-    try:
-        return continuations.sample_many(ctx, prompts, samplers, REPLY_TOKENS)
-    finally:
-        for sampler in samplers:
-            sampler.close()
-
-
 def _point(
-    ctx: Context,
-    strength: float,
-    questions: list[str],
-    replies: list[list[int]],
-    personas: tuple[str, str],
+    ctx: Context, strength: float, heads: list[list[list[int]]], replies: list[list[int]]
 ) -> ChatPoint:
-    """Score `replies` with the unsteered model (`ctx` without steering)."""
+    """Score `replies` with the unsteered model, after each persona's heads (persona
+    instruction and question, one per reply)."""
     scored = [i for i, reply in enumerate(replies) if reply]
     per_persona = []
-    for instruction in personas:
-        heads = [_prompt(ctx.model, f"{instruction} {questions[i]}") for i in scored]
-        texts = [(head + replies[i], len(head)) for head, i in zip(heads, scored, strict=True)]
+    for persona_heads in heads:
+        texts = [(persona_heads[i] + replies[i], len(persona_heads[i])) for i in scored]
         per_persona.append([logps.sum() for logps in scoring.score(ctx, texts)])
     lengths = [len(replies[i]) for i in scored]
     positive, negative = (np.asarray(logps) for logps in per_persona)

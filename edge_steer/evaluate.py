@@ -13,20 +13,19 @@ import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import dataset, vectors
 from .dataset import Probe
-from .engine import SCORED_TOGETHER, Context, Model, Sampler, SamplerSettings, continuations
+from .engine import SCORED_TOGETHER, Context, Model, SamplerSettings, continuations
 from .errors import BadInput
 from .metrics import is_degenerate, perplexity, probe_margin
 from .vectors import EVAL_KEYS, MAX_STRENGTH, Key
 
 EVAL_CTX = 1024  # probes, 256-token perplexity windows and short samples all fit
-SAMPLE_PROMPT = 128  # tokens kept for each sample's prompt (persona prefix included)
 MAX_PPL_RATIO = 1.25  # the recommended range keeps perplexity within this of unsteered
 MIN_EFFECT = 0.1  # nats: a smaller change of the mean probe margin is not a usable effect
 DEFAULT_STRENGTHS = "-2..2:1"  # and `refine`: see `halves_over_limit`
@@ -110,21 +109,34 @@ def neutral_prompts(count: int, words: int = 6) -> list[str]:
     return [" ".join(s.split()[:words]) for s in sentences[:count]]
 
 
-def sample(
-    ctx: Context, prompts: Sequence[str], settings: SamplerSettings, tokens: int, prefix: str = ""
-) -> list[list[int]]:
-    """One sampled continuation per prompt, prompt i with seed `settings.seed + i`, all
-    decoded side by side (the context needs n_seq >= len(prompts))."""
-    token_lists = [ctx.model.tokenize(prefix + text, parse_special=True) for text in prompts]
-    samplers = [
-        Sampler(ctx.model, replace(settings, seed=(settings.seed or 0) + i))
-        for i in range(len(prompts))
+Setting = tuple[np.ndarray | None, str]  # steering rows at their strength, prompt prefix
+
+
+def sample_settings(
+    ctx: Context,
+    jobs: Sequence[Setting],
+    settings: EvalSettings,
+    span: tuple[int, int],
+    progress: Progress | None = None,
+) -> list[list[list[int]]]:
+    """`settings.samples` sampled continuations of the neutral prompts under each setting
+    (`continuations.sample_jobs`: settings share decodes, prompt i has the same seed in
+    every one); `ctx` gives the model and threads."""
+    texts = neutral_prompts(settings.samples)
+    model = ctx.model
+    steered = [
+        (rows, [model.tokenize(prefix + t, parse_special=True) for t in texts])
+        for rows, prefix in jobs
     ]
-    try:
-        return continuations.sample_many(ctx, token_lists, samplers, tokens)
-    finally:
-        for sampler in samplers:
-            sampler.close()
+    return continuations.sample_jobs(
+        model,
+        steered,
+        settings.sampler,
+        settings.sample_tokens,
+        span,
+        threads=ctx.threads,
+        progress=progress,
+    )
 
 
 # -- a sweep over strengths ------------------------------------------------------------------
@@ -190,12 +202,9 @@ class Sweep:
 
 
 def context(model: Model, settings: EvalSettings, threads: int | None = None) -> Context:
-    """A context that holds what a sweep decodes: a probe, a perplexity window, or every
-    sampled continuation side by side."""
-    side_by_side = settings.samples * (SAMPLE_PROMPT + settings.sample_tokens)
-    n_ctx = max(EVAL_CTX, side_by_side)
-    n_seq = max(SCORED_TOGETHER, settings.samples)  # probes are scored alike at any --samples
-    return Context(model, n_ctx=n_ctx, threads=threads, n_seq=n_seq)
+    """A context for what a sweep scores: probes and perplexity windows (samples are
+    decoded in contexts of their own, `sample_settings`)."""
+    return Context(model, n_ctx=EVAL_CTX, threads=threads, n_seq=SCORED_TOGETHER)
 
 
 def measure(
@@ -203,13 +212,12 @@ def measure(
     probes: Sequence[Probe],
     settings: EvalSettings,
     strength: float,
+    outputs: Sequence[Sequence[int]],
     prefix: str = "",
 ) -> Point:
-    """Effect and cost of the context's current steering (and `prefix`), as one Point."""
+    """Effect and cost of the context's current steering (and `prefix`), as one Point;
+    `outputs`: the continuations sampled under it."""
     text = dataset.neutral_text()
-    outputs = sample(
-        ctx, neutral_prompts(settings.samples), settings.sampler, settings.sample_tokens, prefix
-    )
     return Point(
         strength=strength,
         margin=probe_margin(ctx, probes, prefix),
@@ -232,32 +240,72 @@ def sweep(
     """Measure `rows` (the vector at strength 1, by block) at every strength, steering blocks
     `span` (and at `halves_over_limit` with `settings.refine`); then, given `personas`
     (positive and negative prompt texts), the unsteered model prompted with each instead:
-    the baseline people compare steering against."""
+    the baseline people compare steering against. Each setting's samples are decoded
+    first, beside other settings' (`sample_settings`), then its probes and perplexity."""
     strengths = sorted({*settings.strengths, 0.0})  # effects and costs are relative to 0
-    planned = len(strengths) + (2 if personas else 0)
-    done: list[Point] = []
+    baseline = list(zip((1.0, -1.0), personas or (), strict=False))
+    tally = Tally(progress, 2 if settings.samples else 1)
+    tally.plan(len(strengths) + len(baseline))
 
-    def measured(point: Point) -> Point:
-        done.append(point)
-        if progress:
-            progress(len(done), planned)
-        return point
+    def steering(strength: float) -> np.ndarray | None:
+        return rows * np.float32(strength) if strength else None
 
-    def steered(strength: float) -> Point:
-        ctx.set_steering(rows * np.float32(strength) if strength else None, *span)
-        return measured(measure(ctx, probes, settings, strength))
+    def steered(strengths: list[float], outputs: list[list[list[int]]]) -> list[Point]:
+        points = []
+        for strength, sampled in zip(strengths, outputs, strict=True):
+            ctx.set_steering(steering(strength), *span)
+            points.append(measure(ctx, probes, settings, strength, sampled))
+            tally.measured()
+        return points
 
-    points = [steered(s) for s in strengths]
+    jobs = [(steering(s), "") for s in strengths] + [(None, prefix) for _, prefix in baseline]
+    outputs = sample_settings(ctx, jobs, settings, span, tally.sampling())
+    points = steered(strengths, outputs[: len(strengths)])
     if settings.refine:
         extra = halves_over_limit(Sweep(tuple(points)))
-        planned += len(extra)
-        points = sorted(points + [steered(s) for s in extra], key=lambda p: p.strength)
+        tally.plan(len(extra))
+        more = sample_settings(
+            ctx, [(steering(s), "") for s in extra], settings, span, tally.sampling()
+        )
+        points = sorted(points + steered(extra, more), key=lambda p: p.strength)
     ctx.set_steering(None)
-    baseline = [
-        measured(measure(ctx, probes, settings, sign, prefix))
-        for sign, prefix in zip((1.0, -1.0), personas or (), strict=False)
-    ]
-    return Sweep(tuple(points), tuple(baseline))
+    persona_points = []
+    for (sign, prefix), sampled in zip(baseline, outputs[len(strengths) :], strict=True):
+        persona_points.append(measure(ctx, probes, settings, sign, sampled, prefix))
+        tally.measured()
+    return Sweep(tuple(points), tuple(persona_points))
+
+
+class Tally:
+    """A sweep's progress in parts: a setting's samples (where it has some) and its
+    measurement are a part each (samples come in rounds of many settings)."""
+
+    def __init__(self, progress: Progress | None, parts_per_setting: int):
+        self.progress, self.parts = progress, parts_per_setting
+        self.planned = self.done = 0
+
+    def plan(self, settings: int) -> None:
+        self.planned += settings * self.parts
+
+    def sampling(self) -> Progress | None:
+        """A `sample_settings` progress that moves this tally, or None with no samples."""
+        if self.parts == 1:
+            return None
+        before = self.done
+
+        def sampled(done: int, _total: int) -> None:
+            self.done = before + done
+            self._report()
+
+        return sampled
+
+    def measured(self) -> None:
+        self.done += 1
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress:
+            self.progress(self.done, self.planned)
 
 
 def halves_over_limit(result: Sweep) -> list[float]:

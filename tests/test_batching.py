@@ -9,7 +9,7 @@ import pytest
 from conftest import random_rows
 
 from edge_steer import machine
-from edge_steer.engine import Context, Model, Sampler, SamplerSettings, batching
+from edge_steer.engine import Context, Model, Sampler, SamplerSettings, batching, continuations
 from edge_steer.engine.batching import Batcher
 from edge_steer.errors import BadInput
 from edge_steer.prefixes import common_length
@@ -120,6 +120,37 @@ def test_with_plain_weights_each_sequence_gets_exactly_its_tokens_alone(plain_de
     expected = [alone(model, prompt, rows, 16) for prompt, rows in jobs]
     assert len({tuple(e) for e in expected}) == len(jobs)  # the steerings really differ
     assert batched(model, jobs, 16, stagger=stagger, separate_kv=True) == expected
+
+
+def test_sampled_jobs_share_decodes_and_each_gets_its_tokens_alone(chat_path, monkeypatch):
+    """Evaluation's samples (`continuations.sample_jobs`): four jobs (a steering, four
+    prompts), one unsteered, in one round, steered and unsteered rows side by side in each
+    decode. Every sequence samples exactly the tokens it gets in a round of its own job
+    (under llama.cpp's control vector), seed for seed: with plain layouts SmolLM2's Q4_1
+    kernels treat each row alike at 16 rows (Q4_K's do not past 7 rows here)."""
+    with Model(chat_path, repack=False) as model:
+        prompts = [model.tokenize(p) for p in PROMPTS]
+        jobs = [(rows, prompts) for rows in steerings(model)]
+        sampler = SamplerSettings(seed=7, repeat_penalty=1.0)
+        span = (1, model.n_layer - 1)
+        widths: list[int] = []
+        monkeypatch.setattr(Batcher, "prefill", counted(Batcher.prefill, widths))
+        together = continuations.sample_jobs(model, jobs, sampler, 12, span, threads=2)
+        monkeypatch.setattr(continuations, "SAMPLED_TOGETHER", len(PROMPTS))
+        apart = continuations.sample_jobs(model, jobs, sampler, 12, span, threads=2)
+    assert widths == [16, 4, 4, 4, 4]  # one round of every job, then a round per job
+    assert together == apart
+    assert len({str(job) for job in together}) == len(jobs)  # the steerings really differ
+
+
+def counted(prefill, widths: list[int]):
+    """`Batcher.prefill`, noting how many slots each round starts."""
+
+    def wrapper(self):
+        widths.append(len(self._admitted))
+        return prefill(self)
+
+    return wrapper
 
 
 @pytest.mark.parametrize("model_name", ["demo_model", "tiny_dense"])

@@ -196,15 +196,34 @@ def test_scored_entropy_is_that_of_the_whole_next_token_distribution(demo_model)
     assert np.allclose(same_logits, -(exact * np.log(exact)).sum(axis=1), atol=1e-5)
 
 
-def test_eval_scores_probes_alike_whatever_the_sample_count(demo_model) -> None:
+def test_sweep_samples_every_setting_together_and_reports_progress_once(demo_model) -> None:
+    """A sweep samples its strengths and the persona baseline in one round of decodes
+    (`sample_settings`), then measures each; its progress counts both kinds of part, only
+    forward, and reaches the total once (the progress bar's done line)."""
     from edge_steer import dataset
 
-    probes = dataset.load_builtin("happy").probes[:6]
-    margins = []
-    for samples in (0, 16):  # contexts for 1 and 16 sequences side by side
-        with evaluate.context(demo_model, evaluate.EvalSettings(samples=samples), 2) as ctx:
-            margins.append(metrics.probe_margin(ctx, probes))
-    assert margins[0] == margins[1]
+    rows = random_rows(demo_model, {layer: 5.0 for layer in range(6, 11)})
+    settings = evaluate.EvalSettings(
+        strengths=(-1.0, 1.0), samples=2, sample_tokens=4, neutral_tokens=64
+    )
+    probes = dataset.load_builtin("happy").probes[:2]
+    seen: list[tuple[int, int]] = []
+    with evaluate.context(demo_model, settings, 2) as ctx:
+        result = evaluate.sweep(
+            ctx,
+            rows,
+            (1, demo_model.n_layer - 1),
+            probes,
+            settings,
+            personas=("Act extremely happy. ", "Act extremely sad. "),
+            progress=lambda done, total: seen.append((done, total)),
+        )
+    done = [d for d, _ in seen]
+    assert {total for _, total in seen} == {10}  # 3 strengths and 2 personas, 2 parts each
+    assert done == sorted(done) and done[-1] == 10 and done.count(10) == 1
+    assert done[-6] == 5  # every setting sampled before the first is measured
+    points = result.points + result.baseline
+    assert len(points) == 5 and all(p.degenerate is not None for p in points)
 
 
 def test_refine_measures_half_of_a_strength_already_over_the_limit(demo_model) -> None:

@@ -16,7 +16,8 @@ Exactness: llama.cpp's CPU kernels are not all batch-invariant. Its repacked wei
 (AVX2/AVX-512/NEON, the default) multiply rows in blocks of four, and a row rounds differently
 with other rows beside it; measured on Gemma 3 Q4_K_M, up to about 1 in logit after a few
 tokens, enough to flip a greedy near-tie (llama-server's slots part the same way). With
-plain layouts (`Model(repack=False)`) a generating row's logits are bit for bit those it gets
+plain layouts (`Model(repack=False)`), and ggml's tiled K-quant kernel for 8 rows or more
+switched off (`ggml.one_row_kernels`), a generating row's logits are bit for bit those it gets
 alone, whatever other rows share its decode; a prompt chunk is too, if it has its decode to
 itself. So a step decodes the generating rows together and a prompt chunk on its own, cut
 as `Context.ingest` cuts it: with plain layouts every sequence gets exactly the tokens it
@@ -80,8 +81,6 @@ class Batcher:
     ):
         if ctx.n_batch < max(prompt_chunk, ctx.n_seq):
             raise BadInput(f"a batch of {ctx.n_batch} cannot take {prompt_chunk} prompt tokens")
-        if ctx.n_seq > 1 and ctx.row_steering is None:
-            raise BadInput("batching sequences needs a context made with row_steering=True")
         if merge_prompts and ctx.separate_kv:  # its batches hold throwaway rows (_add_tokens)
             raise BadInput("prompts merge into generating decodes only with one KV pool")
         self.ctx, self.first, self.last = ctx, first, last
@@ -90,6 +89,7 @@ class Batcher:
         self.slots = [Slot(seq) for seq in range(ctx.n_seq)]
         self._admitted: deque[Slot] = deque()  # slots with prompt tokens left, in order
         self._native: Hashable = None  # the key llama.cpp's control vector holds, or _PER_ROW
+        ctx.steer_all_rows(None)  # key None: unsteered (a steering set before is not ours)
         self._last_stacked: tuple[list, np.ndarray | None] = ([], None)  # see _stacked
 
     def reusable(self, slot: Slot, prompt: Sequence[int], key: Hashable) -> int:
@@ -148,6 +148,45 @@ class Batcher:
         sampled = self._decode_step(rows, None) if rows else []
         if admitted is not None:
             sampled += self._decode_step([], admitted)
+        return sampled
+
+    def prefill(self) -> list[Slot]:
+        """Every admitted prompt at once, packed into as few decodes as the batch allows,
+        one steering's prompts after another; returns those slots, each having sampled its
+        first token. For a caller that starts many slots together (evaluation's samples),
+        where `step`, one prompt chunk per decode, would cost a pass over the weights per
+        prompt."""
+        admitted, sampled = list(self._admitted), []
+        self._admitted.clear()
+        for key in dict.fromkeys(slot.key for slot in admitted):
+            sampled += self._prefill_group([slot for slot in admitted if slot.key == key])
+        return sampled
+
+    def _prefill_group(self, group: list[Slot]) -> list[Slot]:
+        """The pending prompts of `group` (all under one steering), packed into batches."""
+        batch = self.ctx.batch
+        ended: list[Slot] = []  # slots whose last prompt token is in the batch
+        sampled: list[Slot] = []
+
+        def flush() -> None:
+            self._decode([group[0]] * batch.n, prompt=True)
+            for index, slot in zip(batch.output_rows(), ended, strict=True):
+                assert slot.sampler is not None
+                slot.sampled = slot.sampler.sample(self.ctx, int(index))
+            sampled.extend(ended)
+            ended.clear()
+            batch.clear()
+
+        batch.clear()
+        for slot in group:
+            for k, token in enumerate(slot.pending):
+                if batch.n == self.ctx.n_batch:
+                    flush()
+                batch.add(token, len(slot.tokens), slot.seq, k == len(slot.pending) - 1)
+                slot.tokens.append(token)
+            ended.append(slot)
+            slot.pending = []
+        flush()
         return sampled
 
     def _merges(self, rows: list[Slot], admitted: Slot) -> bool:
@@ -242,7 +281,11 @@ class Batcher:
                 self.ctx.steer_all_rows(rows[0].rows, self.first, self.last)
                 self._native = key
             return
-        assert per_row is not None  # one sequence (no row steering) never mixes steerings
+        if per_row is None:
+            raise BadInput(
+                "sequences under different steerings in one decode need a context "
+                "made with row_steering=True"
+            )
         if self._native is not _PER_ROW:
             self.ctx.zero_control_vector(self.first, self.last)
             self._native = _PER_ROW

@@ -144,6 +144,7 @@ class Context:
         self._agree_on_sizes(n_ctx, n_batch)
         self.n_seq = ll.llama_n_seq_max(self.ptr)
         self.separate_kv = separate_kv
+        self.threads = params.n_threads  # for a context made beside this one
         self.batch = Batch(self.n_batch)
         self.tokens: list[int] = []  # what sequence 0 holds in the KV cache
         self._steering: tuple[np.ndarray, int, int] | None = None  # (buffer, first, last)
