@@ -201,7 +201,7 @@ class Sweep:
         return min(side, key=lambda p: abs(p.strength - strength), default=None)
 
 
-def context(model: Model, settings: EvalSettings, threads: int | None = None) -> Context:
+def context(model: Model, threads: int | None = None) -> Context:
     """A context for what a sweep scores: probes and perplexity windows (samples are
     decoded in contexts of their own, `sample_settings`)."""
     return Context(model, n_ctx=EVAL_CTX, threads=threads, n_seq=SCORED_TOGETHER)

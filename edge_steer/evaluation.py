@@ -214,7 +214,7 @@ def _sweep(
         refine=options.strengths is None,
     )
     label = f"evaluating {concept!r} on {model.name}"
-    with evaluate.context(model, settings, options.threads) as ctx:
+    with evaluate.context(model, options.threads) as ctx:
         return evaluate.sweep(
             ctx,
             *steered,

@@ -49,7 +49,7 @@ def trained(demo_model):
 def sweep(model, vector, settings: evaluate.EvalSettings) -> evaluate.Sweep:
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     probes = dataset.load_builtin(str(vector.metadata["concept"])).probes
-    with evaluate.context(model, settings, THREADS) as ctx:
+    with evaluate.context(model, THREADS) as ctx:
         return evaluate.sweep(ctx, rows, (1, model.n_layer - 1), probes, settings)
 
 
@@ -98,7 +98,7 @@ def test_recommended_range_holds_on_text_eval_never_saw(name, demo_model, traine
     assert span is not None, [(p.strength, result.ppl_ratio(p)) for p in result.points]
     rows = vectors.combine([(vector, 1.0)], demo_model.n_layer, demo_model.n_embd)
     text = HELD_OUT.read_text(encoding="utf-8")
-    with evaluate.context(demo_model, settings, THREADS) as ctx:
+    with evaluate.context(demo_model, THREADS) as ctx:
         unsteered = metrics.perplexity(ctx, text)
         for end in span:
             ctx.set_steering(rows * np.float32(end), 1, demo_model.n_layer - 1)

@@ -208,7 +208,7 @@ def test_sweep_samples_every_setting_together_and_reports_progress_once(demo_mod
     )
     probes = dataset.load_builtin("happy").probes[:2]
     seen: list[tuple[int, int]] = []
-    with evaluate.context(demo_model, settings, 2) as ctx:
+    with evaluate.context(demo_model, 2) as ctx:
         result = evaluate.sweep(
             ctx,
             rows,
@@ -234,7 +234,7 @@ def test_refine_measures_half_of_a_strength_already_over_the_limit(demo_model) -
     probes = dataset.load_builtin("happy").probes[:4]
     sweeps = {}
     for refine in (False, True):
-        with evaluate.context(demo_model, settings, 2) as ctx:
+        with evaluate.context(demo_model, 2) as ctx:
             sweeps[refine] = evaluate.sweep(
                 ctx, rows, (1, demo_model.n_layer - 1), probes, replace(settings, refine=refine)
             )

@@ -207,7 +207,7 @@ def test_vector_trained_across_workers_matches_and_evaluates_the_same(
     for label in ("rpc", "local"):
         model = models[label]
         rows = vectors.combine([(trained[label], 1.0)], model.n_layer, model.n_embd)
-        with evaluate.context(model, settings, THREADS) as ctx:
+        with evaluate.context(model, THREADS) as ctx:
             result = evaluate.sweep(ctx, rows, (1, model.n_layer - 1), concept.probes, settings)
         verdicts[label] = evaluate.verdict(result)
     assert verdicts["rpc"] == verdicts["local"] == "works", verdicts

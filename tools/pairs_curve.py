@@ -33,7 +33,7 @@ def measure(model: Model, concept: str, count: int, threads: int | None) -> dict
     seconds = time.perf_counter() - start
     rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
     probes = dataset.load_builtin(concept).probes
-    with evaluate.context(model, SETTINGS, threads) as ctx:
+    with evaluate.context(model, threads) as ctx:
         result = evaluate.sweep(ctx, rows, (1, model.n_layer - 1), probes, SETTINGS)
     minus, plus = result.nearest(-1.0), result.nearest(1.0)
     assert minus is not None and plus is not None

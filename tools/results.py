@@ -89,7 +89,7 @@ def eval_model(model: Model, args: argparse.Namespace, chat: bool) -> dict:
         vector = training.train(model, pairs, options, name=name)
         rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
         personas = None if args.no_baseline else dataset.persona_prefixes(concept, model)[0]
-        with evaluate.context(model, settings, args.threads) as ctx:
+        with evaluate.context(model, args.threads) as ctx:
             result = evaluate.sweep(ctx, rows, span, concept.probes, settings, personas=personas)
         sweeps[name] = result
         rows_out.append(_eval_row(name, vector, result))

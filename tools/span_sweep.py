@@ -41,7 +41,7 @@ def sweep_concept(model: Model, name: str, args: argparse.Namespace) -> list[dic
             options = replace(deepest, method=method, layers=layers)
             vector = training.finish(model, pos, neg, options, name=name)
             rows = vectors.combine([(vector, 1.0)], model.n_layer, model.n_embd)
-            with evaluate.context(model, settings, args.threads) as ctx:
+            with evaluate.context(model, args.threads) as ctx:
                 result = evaluate.sweep(ctx, rows, layers, probes, settings)
             low, high = result.nearest(-1.0), result.nearest(1.0)
             assert low and high
