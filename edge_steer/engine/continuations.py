@@ -16,10 +16,11 @@ from .context import Context
 from .model import Model
 from .sampling import Sampler, SamplerSettings
 
-# a round of `sample_jobs`: at most this many sequences side by side (the widest decode that
-# still sped up Mistral 7B and Gemma 3 270M on 2 CPU cores; a GPU gains far more from it),
-# and their KV cells within a default context's (so within the memory the model was sized for)
-SAMPLED_TOGETHER = 64
+# a round of `sample_jobs`: fewer than 64 sequences side by side (from 64 rows llama.cpp's
+# CPU flash attention takes a tiled path: the demo model sampled 131 tokens/s at 64 rows, 175
+# at 56, 122 at 8; the Mistral 7B stand-in 1.18x at 40 rows against 8), and their KV cells
+# within a default context's (so within the memory the model was sized for)
+SAMPLED_TOGETHER = 63
 SAMPLED_CELLS = DEFAULT_CTX
 Progress = Callable[[int, int], None]  # (done, total)
 Job = tuple[np.ndarray | None, Sequence[Sequence[int]]]  # steering rows at strength, prompts
