@@ -326,7 +326,8 @@ def test_repacked_lanes_stay_with_their_own_steering(demo_path):
     for reply, own in zip(replies, alone, strict=True):
         text = reply.choices[0].text
         shared = [common_length(text, other) for other in alone]
-        assert shared.index(max(shared)) == alone.index(own) and text[:8] == own[:8]
+        # no other reply is closer (alone, several steerings may share their first words)
+        assert shared[alone.index(own)] == max(shared) and text[:8] == own[:8]
 
 
 def test_allow_train_queue_and_api_key(demo_path):
