@@ -364,10 +364,16 @@ def parse_specs(specs: Iterable[str]) -> list[tuple[str, float]]:
 
 
 def spec_strengths(specs: Iterable[str]) -> dict[str, float]:
-    """Specs -> {name: strength}; a name given twice adds up (happy:1,happy:0.5 = happy:1.5),
-    in any case: names ignore case (as the store does), paths do not."""
+    """Specs -> {name: strength}, merged as `merge_strengths` merges."""
+    return merge_strengths(parse_specs(specs))
+
+
+def merge_strengths(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """(name, strength) pairs -> {name: strength}; a name given twice adds up (happy:1,
+    happy:0.5 = happy:1.5), in any case: names ignore case (as the store does), paths do
+    not (`name_key`)."""
     totals: dict[str, float] = {}
-    for name, strength in parse_specs(specs):
+    for name, strength in pairs:
         key = name_key(name)
         totals[key] = totals.get(key, 0.0) + strength
     return totals

@@ -58,9 +58,18 @@ def sample_jobs(
 
 def _fits(jobs: Sequence[Job], max_tokens: int) -> bool:
     """Whether `jobs` make one round (see SAMPLED_TOGETHER)."""
-    prompts = [prompt for _, prompts in jobs for prompt in prompts]
-    cells = sum(map(len, prompts)) + len(prompts) * max_tokens
-    return len(prompts) <= SAMPLED_TOGETHER and cells <= SAMPLED_CELLS
+    prompts = _prompts(jobs)
+    return len(prompts) <= SAMPLED_TOGETHER and _cells(prompts, max_tokens) <= SAMPLED_CELLS
+
+
+def _prompts(jobs: Sequence[Job]) -> list[Sequence[int]]:
+    """Every job's prompts, in job order: the round's sequences."""
+    return [prompt for _, job_prompts in jobs for prompt in job_prompts]
+
+
+def _cells(prompts: Sequence[Sequence[int]], max_tokens: int) -> int:
+    """KV cells the prompts and their continuations take in one pool."""
+    return sum(map(len, prompts)) + len(prompts) * max_tokens
 
 
 def _sample_round(
@@ -73,17 +82,16 @@ def _sample_round(
     progress: Progress,
 ) -> list[list[list[int]]]:
     """`sample_jobs` for jobs whose prompts are decoded side by side."""
-    prompts = [prompt for _, prompts in jobs for prompt in prompts]
+    prompts = _prompts(jobs)
     if not prompts:
         return [[] for _ in jobs]
-    steerings = [rows for rows, prompts in jobs for _ in prompts]
+    steerings = [rows for rows, job_prompts in jobs for _ in job_prompts]
     seed = sampler.seed or 0
     samplers = [
         Sampler(model, replace(sampler, seed=seed + i)) for _, p in jobs for i in range(len(p))
     ]
-    n_seq = len(prompts)
-    n_ctx = sum(map(len, prompts)) + n_seq * max_tokens  # one pool: a row's attention spans
-    try:  # it all, yet KV cells per sequence would take 256 each (llama.cpp pads them)
+    n_seq, n_ctx = len(prompts), _cells(prompts, max_tokens)  # one pool: a row's attention
+    try:  # spans it all, yet KV cells per sequence would take 256 each (llama.cpp pads them)
         with Context(model, n_ctx=n_ctx, n_seq=n_seq, threads=threads, row_steering=True) as ctx:
             outputs = sample_many(ctx, prompts, samplers, max_tokens, steerings, span, progress)
     finally:
@@ -113,9 +121,11 @@ def sample_many(
         return [[] for _ in prompts]
     if len(prompts) > ctx.n_seq:
         raise BadInput(f"{len(prompts)} prompts need a context made with n_seq >= that")
-    cells = ctx.n_ctx // ctx.n_seq if ctx.separate_kv else ctx.n_ctx
-    needs = [len(p) + max_tokens for p in prompts]
-    if any(not p for p in prompts) or (max(needs) if ctx.separate_kv else sum(needs)) > cells:
+    if ctx.separate_kv:
+        needed, room = max(map(len, prompts)) + max_tokens, ctx.n_ctx // ctx.n_seq
+    else:
+        needed, room = _cells(prompts, max_tokens), ctx.n_ctx
+    if any(not p for p in prompts) or needed > room:
         raise BadInput("the prompts and their continuations do not fit the context")
     batcher = Batcher(ctx, first=span[0], last=span[1], prompt_chunk=ctx.n_batch)
     steerings = steerings or [None] * len(prompts)

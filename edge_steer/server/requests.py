@@ -228,13 +228,9 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
 
 
 def _folded(steering: Mapping[str, float]) -> dict[str, float]:
-    """The `steering` field's names as a spec's are (`vectors.name_key`): `HAPPY` overrides
-    a preset's `happy`, and a preset's file path is matched as written."""
-    folded: dict[str, float] = {}
-    for name, strength in steering.items():
-        key = vectors.name_key(name)
-        folded[key] = folded.get(key, 0.0) + strength
-    return folded
+    """The `steering` field's names merged as a spec's are (`vectors.merge_strengths`):
+    `HAPPY` overrides a preset's `happy`, and a preset's file path is matched as written."""
+    return vectors.merge_strengths(steering.items())
 
 
 def spec_strengths(spec: str, param: str) -> dict[str, float]:
