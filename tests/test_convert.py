@@ -324,6 +324,8 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     assert "concept" not in mixed.metadata  # two concepts: neither
     code, output = invoke("vectors", "mix", "-1*mixa", "-o", str(tmp_path / "n.gguf"))
     assert code == 2 and "'-1*mixa' reads as options" in output  # was "No such option: -1"
+    code, output = invoke("vectors", "mix", "-mixa", "-o", str(tmp_path / "n.gguf"))
+    assert code == 2 and "'-mixa' reads as -m ixa" in output  # was "Missing argument"
     code, output = invoke("vectors", "mix", "-o", str(tmp_path / "neg.gguf"), "--", "-mixa")
     negated = vectors.read(tmp_path / "neg.gguf").directions[1]
     assert code == 0 and np.array_equal(negated, -a.directions[1])

@@ -201,8 +201,7 @@ def rm_command(
     model: ModelCheckOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
 ) -> None:
-    """Delete vectors from the store (every model's copy, unless --model picks one); lists
-    them and asks first, unless --yes."""
+    """Delete stored vectors (every model's copy unless --model); asks first unless --yes."""
     doomed = list(dict.fromkeys(path for name in names for path in _find(name, model)))
     outside = [p for p in doomed if not store.is_stored(p)]
     if outside:
@@ -239,21 +238,37 @@ class _ExpressionCommand(TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # Any: typer may vendor click
         options = [p for p in self.get_params(ctx) if p.param_type_name == "option"]
         takes_value = {o: not getattr(p, "is_flag", False) for p in options for o in p.opts}
+        bundled: list[
+            str
+        ] = []  # "-mixa" is "-m ixa": fine, unless the expression then goes missing
         words = iter(args)
         for word in words:
             if word == "--":
                 break
-            known = word in takes_value or takes_value.get(word[:2])  # -ox.gguf is -o x.gguf
-            if word[:1] == "-" and word[1:2] not in ("", "-") and not known:
-                raise typer.BadParameter(
-                    f'{word!r} reads as options: start it with a space (" {word}"), '
-                    'or put it last, after "--"',
-                    ctx=ctx,
-                    param_hint="EXPRESSION",
-                )
+            if word[:1] == "-" and word[1:2] not in ("", "-") and word not in takes_value:
+                if not takes_value.get(word[:2]):  # -ox.gguf is -o x.gguf
+                    raise _leading_minus(f"{word!r} reads as options", word, ctx)
+                bundled.append(word)
             if takes_value.get(word):
                 next(words, None)
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except typer.BadParameter as error:  # MissingParameter, from whichever click typer uses
+            if bundled and type(error).__name__ == "MissingParameter":
+                word = bundled[0]
+                raise _leading_minus(
+                    f"missing: {word!r} reads as {word[:2]} {word[2:]}", word, ctx
+                ) from None
+            raise
+
+
+def _leading_minus(problem: str, word: str, ctx: Any) -> typer.BadParameter:
+    return typer.BadParameter(
+        f'{problem}: if it is the expression, start it with a space (" {word}"), '
+        'or put it last, after "--"',
+        ctx=ctx,
+        param_hint="EXPRESSION",
+    )
 
 
 @app.command("mix", cls=_ExpressionCommand)
