@@ -259,7 +259,7 @@ def serving_devices(names: Sequence[str]) -> list[str]:
         raise BadInput(
             f"--device {missing[0]}: no such device here; use one of {', '.join(by_name.values())}"
         )
-    return [by_name[n.lower()] for n in names]
+    return list(dict.fromkeys(by_name[n.lower()] for n in names))  # "cpu,CPU" is one device
 
 
 def serve(endpoint: str, cache_dir: str | None, threads: int, devices: Sequence[str]) -> None:

@@ -372,6 +372,10 @@ def test_worker_refuses_what_its_rpc_server_cannot_use(args, words, tmp_path) ->
     one_error_line(result, 2, words)
 
 
+def test_worker_serves_a_device_named_twice_once() -> None:
+    assert rpc.serving_devices(["cpu", "CPU", "Cpu"]) == ["CPU"]  # was CPU three times over
+
+
 def test_worker_stops_on_ctrl_c_and_frees_its_port(tmp_path) -> None:
     port = free_port()
     proc = start_worker(port, tmp_path / "w.log")

@@ -591,6 +591,30 @@ def test_shutdown_answers_every_open_request(demo_path):
     assert "Traceback" not in log and "CancelledError" not in log, log
 
 
+def test_a_second_ctrl_c_quits_at_once_without_a_traceback(demo_path):
+    """Was: uvicorn skipped the app's shutdown on a forced quit, asyncio.run cancelled it, and
+    the log ended in an 'ERROR: Traceback ... CancelledError'."""
+    with server_process(["--model", "demo"]) as other:
+        other.process.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+        other.process.send_signal(signal.SIGINT)
+        assert other.process.wait(timeout=15) in (0, 130)  # 130 when the quit was forced
+        log = other.output()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+def test_serves_on_ipv6_loopback(demo_path):
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+    with server_process(["--model", "demo"], host="::1") as other:
+        assert health(other.url)[1]["status"] == "ok"
+        log = other.output()
+    assert f"listening on {other.url} " in log  # http://[::1]:PORT, a URL a browser takes
+
+
 # -- a hostile client's sweep: what it found ------------------------------------------------
 
 

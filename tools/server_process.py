@@ -58,16 +58,19 @@ def server_process(
     timeout: float = 300,
     env: dict[str, str] | None = None,
     program: Sequence[str] | None = None,
+    host: str | None = None,
 ) -> Iterator[ServerProcess]:
     """Start `edge-steer serve ARGS --port P` (or `program ARGS --port P`: llama-server, an
-    older edge-steer) and wait for /health 200; stop it with Ctrl-C (SIGINT) afterwards, as a
-    user would, unless it has already stopped."""
+    older edge-steer), on `host` when given (else its default, 127.0.0.1), and wait for
+    /health 200; stop it with Ctrl-C (SIGINT) afterwards, as a user would, unless it has
+    already stopped."""
     port = free_port()
     program = program or [shutil.which("edge-steer") or "edge-steer", "serve"]
-    command = [*program, *args, "--port", str(port)]
+    command = [*program, *args, "--port", str(port), *(["--host", host] if host else [])]
     log = tempfile.TemporaryFile("a+")  # noqa: SIM115 (closed below); a pipe could fill up
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    server = ServerProcess(f"http://127.0.0.1:{port}", process, log)
+    name = f"[{host}]" if host and ":" in host else host or "127.0.0.1"  # IPv6 in brackets
+    server = ServerProcess(f"http://{name}:{port}", process, log)
     try:
         deadline = time.monotonic() + timeout
         while health(server.url)[0] != 200:

@@ -44,7 +44,7 @@ def worker(
     from .. import machine, rpc
     from ..errors import BadInput
 
-    names = list(dict.fromkeys(n.strip() for d in device for n in d.split(",") if n.strip()))
+    names = [n.strip() for d in device for n in d.split(",") if n.strip()]
     if device and not names:  # not the default: "" is a slip, not a choice
         raise BadInput("--device is blank: name devices (CPU, CUDA0, ...), or leave it out")
     if allow_remote and not rpc.is_loopback(host):

@@ -228,6 +228,8 @@ class _AnsweringServer(uvicorn.Server):
         if self.state.lanes is not None:
             await asyncio.to_thread(self.state.lanes.stop)
         await super().shutdown(sockets)
+        if self.force_exit:  # a second Ctrl-C skips the app's own shutdown, which asyncio.run
+            await self.lifespan.shutdown()  # would then cancel mid-wait and log a traceback
 
 
 def _stop(holder: dict) -> None:
