@@ -11,6 +11,7 @@ import select
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,16 @@ from edge_steer.engine import Context, SamplerSettings
 from edge_steer.errors import EdgeSteerError
 
 
-def at_terminal(model: Path, keys: list[str | float], home: Path) -> str:
+@dataclass
+class Shown:
+    """An item of `at_terminal`'s keys: wait until the terminal shows this text, however busy
+    the machine (a fixed wait was too short under load)."""
+
+    text: str
+    seconds: float = 180
+
+
+def at_terminal(model: Path, keys: list[str | float | Shown], home: Path) -> str:
     """Run `edge-steer chat` on a pseudo-terminal, typing each key string (a number waits
     that many seconds first); returns everything the terminal showed."""
     pid, terminal = pty.fork()
@@ -42,6 +52,11 @@ def at_terminal(model: Path, keys: list[str | float], home: Path) -> str:
                     return
 
     for key in keys:
+        if isinstance(key, Shown):
+            end = time.monotonic() + key.seconds
+            while key.text.encode() not in shown and time.monotonic() < end:
+                read_for(0.1)
+            continue
         if isinstance(key, float | int):
             read_for(key)
             continue
@@ -91,9 +106,10 @@ def test_ctrl_c_stops_training_and_keeps_the_conversation(chat_path, tmp_path) -
         "Say hi.\r",
         4.0,
         "/vector lazy 1\r",
-        5.0,  # well inside training's first stage (about 20 s on 2 cores)
+        Shown("training 'lazy'"),
+        1.0,  # inside training's first stage (about 20 s on 2 cores)
         CTRL_C,
-        2.0,
+        Shown("[stopped]"),
         "/vectors\r",
         f"/save {saved}\r",
         "/bye\r",
