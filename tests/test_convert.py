@@ -300,6 +300,22 @@ def test_model_checks_and_metadata_options(tiny_dense_path, tmp_path) -> None:
         assert code == 2 and words in output
 
 
+def test_labels_from_someone_elses_file_are_shown_not_run(edge_steer_home) -> None:
+    """A vector's concept and model hint are text anyone can write into a GGUF: an escape
+    sequence would clear the screen, a newline fake a row. Both are shown as escapes."""
+    concept, hint = "hap\npy\x1b[2J", "llama\x1b]0;owned\x07"
+    labelled = vectors.ControlVector({1: np.ones(8, np.float32)}, hint, {"concept": concept})
+    vectors.write(labelled, edge_steer_home / "vectors" / "odd.gguf")
+    code, listed = invoke("vectors", "list")
+    row = next(line for line in listed.splitlines() if line.lstrip().startswith("odd"))
+    assert code == 0 and "hap\\npy\\x1b[2J" in row and "\x1b" not in listed
+    code, info = invoke("vectors", "info", "odd")
+    assert code == 0 and "concept: hap\\npy\\x1b[2J\n" in info
+    assert "for llama\\x1b]0;owned\\x07, blocks 1," in info and "\x1b" not in info
+    code, doc = invoke("vectors", "info", "odd", "--json")
+    assert json.loads(doc)["metadata"]["concept"] == concept  # the data itself is kept
+
+
 def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     store = edge_steer_home / "vectors"
     a = trained_like(8, (1, 2))

@@ -14,6 +14,7 @@ from typer.core import TyperCommand
 from .. import files, model_files, store
 from ..errors import BadInput, EdgeSteerError
 from ..files import size_text
+from .console import inert
 from .options import JsonOpt, clean_errors, err, model_file, out
 
 app = typer.Typer(
@@ -93,7 +94,7 @@ def list_command(as_json: JsonOpt = False) -> None:
     for row in rows:
         strengths = row.get("recommended")
         span = f"{strengths[0]:+g} .. {strengths[1]:+g}" if strengths else ""
-        named = (Text(str(row[c])) for c in columns[:4])  # Text: a name is no markup
+        named = (Text(inert(str(row[c]), lines=False)) for c in columns[:4])  # not markup
         table.add_row(*named, span, size_text(row["size_bytes"]))
     out.print(table)
     for row in rows:
@@ -162,7 +163,7 @@ def info_command(
         span = f"{strengths[0]:+g} .. {strengths[1]:+g}"
         out.print(f"  recommended strength {span} ({verdict})", markup=False)
     for key, value in sorted(vector.metadata.items()):
-        out.print(f"  {key}: {value}", markup=False)
+        out.print(f"  {inert(key, lines=False)}: {inert(str(value), lines=False)}", markup=False)
     out.print("  per-block norms:")
     top = max(norms.values()) or 1.0
     for layer, norm in norms.items():
@@ -303,7 +304,7 @@ def _recommended(vector) -> list[float] | None:
 def _summary(vector) -> str:
     from ..vectors import block_span
 
-    hint = f"for {vector.model_hint}, " if vector.model_hint else ""
+    hint = f"for {inert(vector.model_hint, lines=False)}, " if vector.model_hint else ""
     return f"{hint}blocks {block_span(vector.layers)}, n_embd {vector.n_embd}"
 
 
