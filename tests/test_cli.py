@@ -232,3 +232,13 @@ def test_shell_completion_offers_commands_models_and_vectors() -> None:
     assert "demo-chat" in complete("edge-steer chat --model demo")
     assert complete("edge-steer chat --vector ha") == ["happy"]
     assert complete("edge-steer generate -v lazy:-1,ha") == ["lazy:-1,happy"]
+
+
+def test_a_reply_is_printed_as_the_model_wrote_it(capsys) -> None:
+    """Not read as markup or emoji codes (":smile:" was printed as an emoji), nor escaped as
+    a file's labels are."""
+    from edge_steer.cli.options import stream
+
+    pieces = ["a :smile: [bold]b[/]", " \x1b[1mc"]
+    assert stream(pieces, quiet=False) == "".join(pieces)
+    assert capsys.readouterr().out == "".join(pieces) + "\n"

@@ -45,5 +45,8 @@ class _InertConsole(Console):
         return super().render_str(inert(text), **kwargs)
 
 
-out = _InertConsole(highlight=False, soft_wrap=True, width=_width(sys.stdout))
-err = _InertConsole(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+# emoji=False: ":smile:" in a file name or a model's reply stays as written
+out = _InertConsole(highlight=False, emoji=False, soft_wrap=True, width=_width(sys.stdout))
+err = _InertConsole(
+    stderr=True, highlight=False, emoji=False, soft_wrap=True, width=_width(sys.stderr)
+)

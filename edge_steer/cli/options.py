@@ -336,12 +336,15 @@ def print_json(data: object) -> None:
 
 
 def stream(pieces: Iterable[str], quiet: bool) -> str:
-    """Print text pieces as they come (unless `quiet`); return the whole text."""
+    """Print text pieces as they come (unless `quiet`), as the model wrote them: a Text is
+    neither markup nor a label to neutralise (see console.inert); return the whole text."""
+    from rich.text import Text
+
     text = []
     for piece in pieces:
         text.append(piece)
         if not quiet:
-            out.print(piece, end="", markup=False)
+            out.print(Text(piece), end="")
     if not quiet:
         out.print()
     return "".join(text)
