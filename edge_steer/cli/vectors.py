@@ -239,9 +239,8 @@ class _ExpressionCommand(TyperCommand):
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # Any: typer may vendor click
         options = [p for p in self.get_params(ctx) if p.param_type_name == "option"]
         takes_value = {o: not getattr(p, "is_flag", False) for p in options for o in p.opts}
-        bundled: list[
-            str
-        ] = []  # "-mixa" is "-m ixa": fine, unless the expression then goes missing
+        # "-mixa" is "-m ixa": fine, unless the expression then goes missing
+        bundled: list[str] = []
         words = iter(args)
         for word in words:
             if word == "--":
