@@ -29,3 +29,8 @@ def env(name: str) -> str:
 def set_env(name: str, value: str) -> None:
     """Set a variable for this process, where the C libraries it loaded read it too."""
     os.environ[name] = value
+
+
+def unset_env(name: str) -> None:
+    """Drop a variable for this process (and the libraries that would read it)."""
+    os.environ.pop(name, None)

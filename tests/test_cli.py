@@ -242,3 +242,40 @@ def test_a_reply_is_printed_as_the_model_wrote_it(capsys) -> None:
     pieces = ["a :smile: [bold]b[/]", " \x1b[1mc"]
     assert stream(pieces, quiet=False) == "".join(pieces)
     assert capsys.readouterr().out == "".join(pieces) + "\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux's /dev/full")
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["generate", "-n", "64", "Hi"]])
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(args, tiny_dense_path) -> None:
+    """Was: rich's traceback of `OSError: [Errno 28] No space left on device`."""
+    if args[0] == "generate":
+        args = [*args, "-m", str(tiny_dense_path)]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "edge_steer", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1
+    assert result.stderr == "error: cannot write the output: No space left on device\n"
+
+
+def test_closed_streams_and_a_zero_width_terminal(tiny_dense_path) -> None:
+    """A closed stream is None in Python (every .isatty() raised); COLUMNS=0 made rich
+    print nothing at all, errors included."""
+    generate = f"{sys.executable} -m edge_steer generate -m {tiny_dense_path} -n 4 Hi"
+    for redirect in ("<&-", ">&-", "2>&-"):
+        result = subprocess.run(
+            f"{generate} {redirect}", shell=True, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0 and "Traceback" not in result.stderr, redirect
+        assert result.stdout.strip() or redirect == ">&-", redirect
+    narrow = {**os.environ, "COLUMNS": "0"}
+    result = subprocess.run(
+        [*generate.split(), "--top-k", "-1"], capture_output=True, text=True, env=narrow
+    )
+    assert result.returncode == 2 and "--top-k" in result.stderr
+    result = subprocess.run(generate.split(), capture_output=True, text=True, env=narrow)
+    assert result.returncode == 0 and result.stdout.strip()

@@ -4,11 +4,12 @@ library and `options`, never each other."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 
-from . import bench, doctor, evaluate, generate, models, serve, train, vectors, worker
+from . import bench, console, doctor, evaluate, generate, models, serve, train, vectors, worker
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -42,4 +43,12 @@ for module in (generate, train, models, vectors, evaluate, bench, doctor, serve,
 
 
 def main() -> None:
-    app(prog_name="edge-steer")
+    try:
+        try:
+            app(prog_name="edge-steer")
+        finally:
+            sys.stdout.flush()  # here, where a failure is ours to report, not at exit
+    except OSError as exc:
+        if not console.output_failed(exc):
+            raise
+        sys.exit(1)
