@@ -36,12 +36,15 @@ def layer_span(text: object) -> tuple[int, int]:
     return first, last
 
 
+def in_layers(span: tuple[int, int] | None, vector: vectors.ControlVector) -> bool:
+    """Whether `vector` has a direction in blocks `span` (all blocks when None)."""
+    return span is None or any(span[0] <= layer <= span[1] for layer in vector.layers)
+
+
 def check_in_layers(span: tuple[int, int] | None, name: str, vector: vectors.ControlVector) -> None:
     """A vector with no direction in the chosen blocks would steer nothing, silently."""
-    if span is None:
-        return
-    first, last = span
-    if not any(first <= layer <= last for layer in vector.layers):
+    if span is not None and not in_layers(span, vector):
+        first, last = span
         raise BadInput(
             f"layers {first}-{last} hold none of {name}'s blocks "
             f"({vectors.block_span(vector.layers)}): pick blocks among them"

@@ -299,6 +299,8 @@ def test_allow_host_and_health_under_api_key(demo_path):
         (["--preset", "a b=w1:1"], "bad preset 'a b=w1:1'"),
         (["--parallel", "0"], "--parallel 0 is out of range: use 1 to"),
         (["--queue", "-1"], "--queue -1 is out of range"),
+        # was accepted, and listed as steering by /v1/models
+        (["--preset", "a=w1:1", "--layers", "7-9"], "preset 'a': layers 7-9 hold none of w1's"),
     ],
 )
 def test_startup_refuses_what_would_open_or_lock_the_server(demo_path, stored, args, words):
@@ -311,6 +313,17 @@ def test_startup_refuses_what_would_open_or_lock_the_server(demo_path, stored, a
         timeout=120,
     )
     assert_clean_error(result, words)
+
+
+def test_a_vector_outside_the_servers_layers_is_refused(demo_path, stored):
+    """Was: a 200 whose reply was the unsteered one, as if steered."""
+    with server_process(["--model", "demo", "--layers", "7-9"]) as other:
+        body = {"model": "demo", "prompt": "Hi", "max_tokens": 1, "steering": {"w1": 1}}
+        status, reply = _request(other, "POST", "/v1/completions", body)
+        _assert_error(status, reply, 400, "vector_outside_layers")
+        assert "steers blocks 6, none of them within this server's --layers 7-9" in str(reply)
+        off = body | {"steering": {"w1": 0}}
+        assert _request(other, "POST", "/v1/completions", off)[0] == 200
 
 
 def test_which_hosts_are_checked():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import dataset, library, store, training, vectors
+from .. import dataset, library, steering, store, training, vectors
 from ..engine import Model
 from ..errors import BadInput, EdgeSteerError
 from ..vectors import Key, recommended_range
@@ -30,6 +30,7 @@ class VectorPool:
     model: Model
     allow_train: bool = False
     presets: dict[str, dict[str, float]] = field(default_factory=dict)
+    layers: tuple[int, int] | None = None  # --layers: a vector outside them steers nothing
 
     @property
     def library(self) -> library.VectorLibrary:
@@ -53,8 +54,22 @@ class VectorPool:
             _check_strength(name, strength, param)
             if strength != 0:  # 0 only switches a vector off: it need not exist
                 self._ensure_known(name, param)
+                self._ensure_in_layers(name, param)
             checked[name] = float(strength)
         return checked
+
+    def _ensure_in_layers(self, name: str, param: str) -> None:
+        if self.layers is None or self.library.missing([name]):
+            return  # a concept trained on first use: its blocks are not known yet
+        vector = self.library.get(name)
+        if not steering.in_layers(self.layers, vector):
+            first, last = self.layers
+            raise ApiError(
+                f"vector {name!r} steers blocks {vectors.block_span(vector.layers)}, none of "
+                f"them within this server's --layers {first}-{last}: it would steer nothing",
+                param=param,
+                code="vector_outside_layers",
+            )
 
     def _ensure_known(self, name: str, param: str) -> None:
         if not self.library.missing([name]):

@@ -159,11 +159,15 @@ def check_options(options: ServeOptions, on_note: Callable[[str], None]) -> None
 def _check_against_model(options: ServeOptions) -> None:
     """--layers against the model's blocks; each preset's vector a file, a stored vector or
     a built-in concept (trained once loaded)."""
-    steering.parse_layers(options.layers, model_files.model_shape(options.path).n_layer)
-    for spec in options.presets.values():
+    layers = steering.parse_layers(options.layers, model_files.model_shape(options.path).n_layer)
+    for preset, spec in options.presets.items():
         for name in spec:
             if not library.is_builtin(name):
-                store.resolve_vector(name, options.path)
+                path: Path | None = store.resolve_vector(name, options.path)
+            else:  # trained once loaded, unless stored already
+                path = store.stored_vector(name, options.path)
+            if path is not None:
+                _check_preset_layers(preset, layers, name, vectors.read(path))
 
 
 def serve(
@@ -265,7 +269,8 @@ def build(
     if note := runtime.past_training(model, options.load.ctx, "each lane's --ctx"):
         on_note(note)
     try:
-        pool = VectorPool(model, allow_train=options.allow_train)
+        layers = steering.parse_layers(options.layers, model.n_layer)
+        pool = VectorPool(model, allow_train=options.allow_train, layers=layers)
         for name, spec in options.presets.items():
             _load_preset(pool, name, spec, on_progress)
         batcher = _batcher(model, options)
@@ -316,10 +321,21 @@ def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progres
     """A preset's vectors, from the store or trained now (a preset is the operator's choice,
     so built-in concepts are trained for it whatever --allow-train says)."""
     for vector in spec:
-        pool.library.get(
+        found = pool.library.get(
             vector, lambda v: runtime.vector_file(pool.model, v, on_progress=on_progress)
         )
+        _check_preset_layers(name, pool.layers, vector, found)
     pool.presets[name] = dict(spec)
+
+
+def _check_preset_layers(
+    preset: str, layers: tuple[int, int] | None, name: str, vector: vectors.ControlVector
+) -> None:
+    """A preset whose vector has no block within --layers would steer nothing, silently."""
+    try:
+        steering.check_in_layers(layers, name, vector)
+    except BadInput as exc:
+        raise BadInput(f"preset {preset!r}: {exc}, or change --layers") from None
 
 
 def _lane_memory(batcher: Batcher, options: ServeOptions) -> str:
