@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import files, gguffile, store, vectors
-from .errors import BadInput, DamagedFile
+from .errors import BadInput, DamagedFile, EdgeSteerError
 
 if TYPE_CHECKING:
     from .model_files import Shape
@@ -426,7 +426,21 @@ def check_output(path: str | Path) -> Path:
     if path.suffix.lower() not in OUTPUT_SUFFIXES:  # x.GGUF too, as models are taken
         raise BadInput(f"unsupported output {given!r}: use a .gguf or .npz file name")
     files.check_writable(path)
+    _check_not_a_model(given, path)
     return path
+
+
+def _check_not_a_model(given: str, path: Path) -> None:
+    """`-o mistral.gguf` would replace a 4 GB download with a 100 KB vector, atomically."""
+    try:
+        architecture = gguffile.read_header(path).architecture
+    except EdgeSteerError:  # missing, or not a GGUF: nothing to protect
+        return
+    if architecture != vectors.ARCH:
+        raise BadInput(
+            f"{given} is a GGUF model ({architecture}), which a vector would replace: "
+            "write the vector to another file name"
+        )
 
 
 def save(vector: vectors.ControlVector, path: str | Path) -> Path:

@@ -4,6 +4,7 @@ error and exit 2 (or 3 for memory), never an abort, a traceback or a silent no-o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,9 +164,12 @@ def test_total_steering_is_capped() -> None:
             vectors.check_strengths(too_much)
 
 
-def test_train_checks_its_output_before_training(demo_path, tmp_path) -> None:
+def test_train_checks_its_output_before_training(demo_path, tiny_dense_path, tmp_path) -> None:
     """Was: trained, overwrote the stored vector, then failed on `-o x.txt`."""
     from edge_steer.engine import Model
+
+    model_copy = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_dense_path, model_copy)
 
     with Model(demo_path) as model:
         stored = library.stored_path(model, "happy")
@@ -177,6 +181,7 @@ def test_train_checks_its_output_before_training(demo_path, tmp_path) -> None:
         (tmp_path / "folder.gguf", "is a folder"),
         (tmp_path / "file" / "below" / "v.gguf", "not a writable folder"),
         (Path("/proc/nope/v.gguf"), "not a writable folder"),  # os.access says yes to root
+        (model_copy, "is a GGUF model (llama), which a vector would replace"),  # it did
     ]:
         if "below" in str(output):
             (tmp_path / "file").write_text("a file, not a folder")

@@ -64,6 +64,7 @@ def convert_command(
     """Convert a control vector between formats, with explicit layer numbering."""
     from .. import convert
 
+    convert.check_output(output)  # before the input's notes
     shape = model_files.model_shape(model_file(model)) if model else None
     relabel = convert.Relabel(layers, model_hint, source_note, method, scale_rule)
     vector, notes = convert.convert(
