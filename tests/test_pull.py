@@ -308,3 +308,17 @@ def test_a_home_that_is_a_file_is_named(env, tmp_path) -> None:
     (tmp_path / "file").write_text("")
     result = run("vectors", "list", env={**env, "EDGE_STEER_HOME": str(tmp_path / "file")})
     assert_refused(result, BadInput, "EDGE_STEER_HOME=", "is not a folder")
+
+
+def test_a_cut_short_demo_copy_is_not_downloaded_and_is_made_again(env, tmp_path) -> None:
+    """Was: `models list` said downloaded, `pull` printed the path (rc 0), and every load
+    failed on a truncated header."""
+    copy = Path(run("pull", "demo-chat", "--offline", env=env).stdout.strip())
+    whole = copy.stat().st_size
+    with open(copy, "r+b") as file:
+        file.truncate(1_000_000)
+    rows = json.loads(run("models", "list", "--json", env=env).stdout)
+    assert not next(r for r in rows if r["name"] == "demo-chat")["downloaded"]
+    again = run("pull", "demo-chat", "--offline", env=env)
+    assert again.returncode == 0 and Path(again.stdout.strip()) == copy
+    assert copy.stat().st_size == whole
