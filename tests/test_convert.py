@@ -316,7 +316,7 @@ def test_labels_from_someone_elses_file_are_shown_not_run(edge_steer_home) -> No
     assert json.loads(doc)["metadata"]["concept"] == concept  # the data itself is kept
 
 
-def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
+def test_list_info_rm_and_mix(edge_steer_home, tmp_path, tiny_dense_path) -> None:
     store = edge_steer_home / "vectors"
     a = trained_like(8, (1, 2))
     b = vectors.ControlVector(
@@ -331,6 +331,10 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path) -> None:
     info = json.loads(output)
     assert info["metadata"]["concept"] == "happy"
     assert info["norms"]["2"] == pytest.approx(float(np.linalg.norm(a.directions[2])))
+    code, output = invoke(
+        "vectors", "info", str(store / "fp1" / "mixa.gguf"), "-m", str(tiny_dense_path)
+    )
+    assert code == 2 and "n_embd 8 but the model has 64" in output  # --model was not checked
     code, output = invoke("vectors", "mix", "mixa*0.5 + mixb*-1", "-o", str(tmp_path / "m.gguf"))
     assert code == 0, output
     mixed = vectors.read(tmp_path / "m.gguf")

@@ -143,6 +143,8 @@ def info_command(
 
     path = _one(name, model)
     vector = _load(path)
+    if model:
+        _check_against(model, vector, str(path))
     norms = {
         n: float(np.linalg.norm(vector.directions[n].astype(np.float64))) for n in vector.layers
     }
@@ -286,11 +288,18 @@ def mix_command(
     weighted = [(name, _load(_one(name, model)), weight) for name, weight in terms]
     mixed = vectors.mix(weighted)
     if model:
-        shape = model_files.model_shape(model_file(model))
-        vectors.check_fits(mixed, shape.n_layer, shape.n_embd, expression)
-        mixed.model_hint = mixed.model_hint or shape.architecture
+        mixed.model_hint = mixed.model_hint or _check_against(model, mixed, expression)
     convert.save(mixed, output)
     out.print(f"wrote {output}: {_summary(mixed)}", markup=False)
+
+
+def _check_against(model: str, vector, label: str) -> str:
+    """--model: the vector must fit its blocks and width; returns its architecture."""
+    from .. import vectors
+
+    shape = model_files.model_shape(model_file(model))
+    vectors.check_fits(vector, shape.n_layer, shape.n_embd, label)
+    return shape.architecture
 
 
 def _recommended(vector) -> list[float] | None:
