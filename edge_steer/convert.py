@@ -390,14 +390,23 @@ def _keyed_arrays(path: Path, arrays: dict[str, np.ndarray], tool: str) -> Sourc
             return _rows(path, array, f"{tool} array")
     keyed: dict[int, np.ndarray] = {}
     for name, array in arrays.items():
-        match = re.search(r"(\d+)\D*$", name)
-        if not match or re.fullmatch(r"\s*-\d+\s*", name):  # "-3": not layer 3
+        key = _layer_number(name)
+        if key is None:
             raise DamagedFile(f"{path}: cannot tell the layer of {name!r}: name it direction.N")
-        key = int(match[1])
         if key in keyed:
             raise DamagedFile(f"{path}: layer {key} appears twice ({name!r})")
         keyed[key] = _one_row(path, name, array)
     return Source(keyed, tool=tool)
+
+
+def _layer_number(name: str) -> int | None:
+    """`direction.3`, `model.layers.3.mlp`, `gpt2.h.3`, `layer_3`, `3` -> 3; None where no one
+    block number is clear: `direction.3.5`, `direction.-3` (was read as 5 and 3)."""
+    numeric = [part for part in re.split(r"[./:]", name) if re.fullmatch(r"\s*-?\d+\s*", part)]
+    if numeric:
+        return int(numeric[0]) if len(numeric) == 1 and numeric[0].strip().isdigit() else None
+    runs = re.findall(r"\d+", name)
+    return int(runs[0]) if len(runs) == 1 else None
 
 
 def _one_row(path: Path, name: str, array: np.ndarray) -> np.ndarray:

@@ -208,6 +208,8 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
         ("x.npz", b"PK\x03\x04garbage", "damaged .npz", DamagedFile),
         ("x.json", b"[" * 100000 + b"]" * 100000, "RecursionError", DamagedFile),
         ("x.json", b'{"-3": [1, 2]}', "cannot tell the layer of '-3'", DamagedFile),  # was 3
+        ("x.json", b'{"direction.-3": [1]}', "layer of 'direction.-3'", DamagedFile),  # 3
+        ("x.json", b'{"direction.3.5": [1]}', "layer of 'direction.3.5'", DamagedFile),  # 5
         ("x.json", b'{"99999999999999999999": [1, 2]}', "no model has that many", BadInput),
         (
             "x.json",
