@@ -42,6 +42,8 @@ def bad_files(tmp_path_factory, tiny_dense_path):
     path = folder / "nan.gguf"
     vectors.write(vectors.ControlVector({1: nan}), path)
     vectors.write(vectors.ControlVector({1: np.ones(64, np.float32)}), folder / "first.gguf")
+    for odd in ("c:d.gguf", "e,f.gguf"):
+        vectors.write(vectors.ControlVector({1: np.ones(64, np.float32)}), folder / odd)
     (folder / "mix.npz").write_bytes(b"PK\x03\x04")  # what `vectors mix -o x.npz` writes
     return folder
 
@@ -65,6 +67,9 @@ def bad_files(tmp_path_factory, tiny_dense_path):
         (["--vector", "{bad}/first.gguf", "--layers", "2-4"], "hold none of {bad}/first.gguf"),
         (["--vector", "{bad}/first.gguf", "--retrain"], "--retrain trains built-in concepts"),
         (["--vector", "{bad}/mix.npz"], "is not a GGUF control vector, which steering"),
+        # were "bad vector spec" and "file not found: e"
+        (["--vector", "{bad}/c:d.gguf"], "a file whose name holds ':' cannot be given here"),
+        (["--vector", "{bad}/e,f.gguf:0.5"], "a file whose name holds ',' cannot be given"),
     ],
 )
 def test_bad_input_is_one_clean_line(args, words, bad_files, tiny_dense_path) -> None:

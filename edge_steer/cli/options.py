@@ -10,6 +10,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
@@ -229,12 +230,29 @@ def check_shared(opts: SimpleNamespace) -> None:
     if hasattr(opts, "ctx"):
         runtime.check_ctx(opts.ctx)
     if hasattr(opts, "vector"):
+        for spec in opts.vector:
+            _refuse_odd_file_name(spec)
         strengths = vectors.spec_strengths(opts.vector)
         for name in strengths:
             store.check_name_or_path(name)
         vectors.check_strengths(strengths)
     if hasattr(opts, "temp"):
         sampler_settings(opts)
+
+
+def _refuse_odd_file_name(spec: str) -> None:
+    """A vector file whose name holds a spec's own punctuation (`:` sets the strength, `,`
+    separates vectors) cannot be named in --vector: say so, where the spec's error would send
+    the user looking for a typo."""
+    text = spec.strip()
+    for candidate in (text, text.rpartition(":")[0]):
+        marks = [mark for mark in ":," if mark in candidate]
+        if marks and Path(candidate).expanduser().is_file():
+            raise BadInput(
+                f"--vector {candidate}: a file whose name holds {marks[0]!r} cannot be given "
+                "here (':' sets the strength, ',' separates vectors): rename it, or link it "
+                "under another name"
+            )
 
 
 _SAMPLING_FLAGS = {
