@@ -190,7 +190,10 @@ def _hub_errors(src: Source):
 
 
 # errors of this machine's disk, not of the network: the fix is here
-LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+LOCAL_ERRNOS = {
+    *(errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM),
+    errno.ENOTDIR,  # HF_HOME below a file
+}
 
 
 def _cache_error(src: Source, exc: OSError) -> EdgeSteerError:

@@ -322,3 +322,10 @@ def test_a_cut_short_demo_copy_is_not_downloaded_and_is_made_again(env, tmp_path
     again = run("pull", "demo-chat", "--offline", env=env)
     assert again.returncode == 0 and Path(again.stdout.strip()) == copy
     assert copy.stat().st_size == whole
+
+
+def test_an_hf_home_below_a_file_is_not_called_a_network_failure(hub, env, tiny, tmp_path):
+    hub.add(REPO, "tiny.gguf", tiny)
+    (tmp_path / "file").write_text("")
+    result = run("pull", SPEC, env={**env, "HF_HOME": str(tmp_path / "file")})
+    assert_refused(result, BadInput, "point HF_HOME at a folder")  # was "check the network"
