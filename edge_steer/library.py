@@ -92,6 +92,7 @@ def train_vector(
 ) -> vectors.ControlVector:
     """A vector trained on `model`, keyed to it, not yet stored."""
     store.check_name(name)
+    store.check_writable(stored_path(model, name))  # before minutes of training
     fingerprint = store.fingerprint(model.path)  # now: the file may go while training runs
     vector = training.train(model, pairs, options, name=name, progress=progress)
     vector.metadata[Key.MODEL_FINGERPRINT] = fingerprint

@@ -67,6 +67,7 @@ def demo_model(entry: catalog.Entry) -> Path:
     target = download.packaged_copy(entry)
     if target is None:  # assemble or copy (and sha256-verify) once, atomically
         target = store.home() / "models" / entry.file
+        store.check_writable(target)
         files.write_atomically(target, _PACKAGED[entry.pypi or ""](entry))
     return target
 

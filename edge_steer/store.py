@@ -31,6 +31,17 @@ def home() -> Path:
     return Path(cache) / "edge-steer"
 
 
+def check_writable(path: Path) -> None:
+    """A file the store is about to write (a trained vector, the demo's copy), checked
+    before the work that makes it; the fix names EDGE_STEER_HOME, as no path was given."""
+    try:
+        files.check_writable(path)
+    except BadInput:
+        raise BadInput(
+            f"cannot write the store at {home()}: point {HOME_ENV} at a folder you can write to"
+        ) from None
+
+
 def vectors_dir() -> Path:
     return home() / "vectors"
 

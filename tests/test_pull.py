@@ -329,3 +329,9 @@ def test_an_hf_home_below_a_file_is_not_called_a_network_failure(hub, env, tiny,
     (tmp_path / "file").write_text("")
     result = run("pull", SPEC, env={**env, "HF_HOME": str(tmp_path / "file")})
     assert_refused(result, BadInput, "point HF_HOME at a folder")  # was "check the network"
+
+
+def test_a_home_that_cannot_be_written_is_named(env) -> None:
+    """Was: 'cannot write /proc/self/models/...: pass a path', where no path was given."""
+    result = run("pull", "demo-chat", env={**env, "EDGE_STEER_HOME": "/proc/self/edge-steer"})
+    assert_refused(result, BadInput, "point EDGE_STEER_HOME at a folder you can write to")
