@@ -83,6 +83,10 @@ def _check_written(path: Path, tmp: Path, check: Callable[[Path], object] | None
 def _write_error(path: Path, exc: OSError) -> EdgeSteerError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return DoesNotFit(f"no space left to write {path}: free some space or write elsewhere")
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # making folders: one of them is a file
+        file = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if file is not None:
+            return BadInput(f"cannot write {path}: {file} is a file, not a folder")
     reason = exc.strerror or str(exc)
     return BadInput(f"cannot write {path} ({reason}): pass a path in a folder you can write to")
 
