@@ -284,3 +284,13 @@ def test_closed_streams_and_a_zero_width_terminal(tiny_dense_path) -> None:
     assert result.returncode == 2 and "--top-k" in result.stderr
     result = subprocess.run(generate.split(), capture_output=True, text=True, env=narrow)
     assert result.returncode == 0 and result.stdout.strip()
+
+
+def test_an_answer_cut_off_by_the_context_says_so(tiny_dense_path) -> None:
+    """Was: it looked finished; --json had no reason either."""
+    args = ["generate", "-m", str(tiny_dense_path), "--temp", "0", "--json", "Hello"]
+    cut = run(*args, "-c", "16", "-n", "100")
+    assert json.loads(cut.stdout)["stop_reason"] == "context"
+    assert "stopped: the context (16 tokens) is full; raise --ctx" in cut.stderr
+    whole = run(*args, "-n", "3")
+    assert json.loads(whole.stdout)["stop_reason"] == "length" and "stopped" not in whole.stderr

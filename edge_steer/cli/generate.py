@@ -17,6 +17,7 @@ from .options import (
     check_max_tokens,
     clean_errors,
     load_steered,
+    note_full_context,
     print_json,
     progress_bar,
     sampler_settings,
@@ -70,6 +71,7 @@ def generate(
     tokens = steered.context.prompt_tokens(prompt)
     pieces = steered.context.generate(tokens, sampler, max_tokens=max_tokens)
     text = stream(pieces, as_json)
+    note_full_context(pieces.stats, steered.context.n_ctx)
     if as_json:
         print_json(_result(steered, prompt, text, pieces.stats, time.perf_counter() - start))
 
@@ -109,6 +111,7 @@ def chat(
             return
     start = time.perf_counter()
     text = stream(session.reply(prompt), as_json).strip()
+    note_full_context(session.last_stats, steered.context.n_ctx)
     if as_json:
         print_json(_result(steered, prompt, text, session.last_stats, time.perf_counter() - start))
 
@@ -141,6 +144,7 @@ def _result(steered, prompt: str, text: str, stats: GenerationStats, seconds: fl
         "text": text,
         "prompt_tokens": stats.prompt_tokens,
         "generated_tokens": stats.generated,
+        "stop_reason": stats.stop_reason,  # stop, length or context
         "tokens_per_second": round(stats.generated / stats.seconds, 2) if stats.seconds else None,
         "seconds": round(seconds, 3),
     }

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.markup import escape
@@ -21,6 +21,9 @@ from ..constants import DEFAULT_CTX, RPC_ENV
 from ..errors import BadInput, EdgeSteerError
 from .console import err, out
 from .progress import StepProgress, progress_bar
+
+if TYPE_CHECKING:
+    from ..engine import GenerationStats
 
 F = TypeVar("F", bound=Callable)
 
@@ -351,6 +354,12 @@ def print_json(data: object) -> None:
     import json
 
     print(json.dumps(data))
+
+
+def note_full_context(stats: GenerationStats, n_ctx: int) -> None:
+    """An answer cut off by the context, not by -n, says so (it looked finished)."""
+    if stats.stop_reason == "context":
+        note(f"stopped: the context ({n_ctx} tokens) is full; raise --ctx for a longer answer")
 
 
 def stream(pieces: Iterable[str], quiet: bool) -> str:

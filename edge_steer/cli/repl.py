@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from ..errors import BadInput, EdgeSteerError, NotFound
 from .line_reader import is_script, line_reader, read_message
-from .options import err, print_error, stream
+from .options import err, note_full_context, print_error, stream
 from .progress import StepProgress
 
 Command = Callable[..., None]  # (session, rest of the line)
@@ -83,6 +83,7 @@ def _leave(line: str) -> None:
 def _reply(session, line: str) -> None:
     forgotten = session.forgotten
     stream(session.reply(line), quiet=False)
+    note_full_context(session.last_stats, session.ctx.n_ctx)
     _note_forgotten(session, forgotten)
 
 

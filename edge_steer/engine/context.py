@@ -34,11 +34,14 @@ DEFAULT_BATCH = 512  # tokens per decode, as llama.cpp's n_batch default
 
 @dataclass
 class GenerationStats:
-    """What one `generate` did: prompt tokens decoded, tokens generated, seconds."""
+    """What one `generate` did: prompt tokens decoded, tokens generated, seconds, and why it
+    stopped: "stop" (the model ended it), "length" (max_tokens), "context" (the context is
+    full); "" while it runs or when it was closed early."""
 
     prompt_tokens: int = 0
     generated: int = 0
     seconds: float = 0.0
+    stop_reason: str = ""
 
 
 @dataclass
@@ -326,17 +329,20 @@ class Context:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for _ in range(max_tokens):
             if len(self.tokens) >= self.n_ctx:
-                break
+                stats.stop_reason = "context"
+                return
             start = time.perf_counter()  # our time only, not the consumer's between pieces
             token = sampler.sample(self)
             if self.model.is_eog(token):
-                break
+                stats.stop_reason = "stop"
+                return
             piece = decoder.decode(self.model.piece(token))
             self._append([token])
             stats.generated += 1
             stats.seconds += time.perf_counter() - start
             if piece:
                 yield piece
+        stats.stop_reason = "length"
         # a character the last token left incomplete is dropped, not shown as U+FFFD
 
     @property
