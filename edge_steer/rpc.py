@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
-from .constants import RPC_ENV, env
+from .constants import MAX_THREADS, RPC_ENV, env
 from .errors import BadInput, EngineError, NetworkError
 
 DEFAULT_PORT = 50052
@@ -291,8 +291,8 @@ def run_worker(
     check_bind(host, port, allow_remote)
     require_rpc()
     names = serving_devices(devices)
-    if threads < 1:
-        raise BadInput(f"--threads {threads}: use 1 or more")
+    if not 1 <= threads <= MAX_THREADS:  # ggml's limit; was accepted up to any number
+        raise BadInput(f"--threads {threads} is out of range: use 1 to {MAX_THREADS}")
     if cache_dir:
         try:
             os.makedirs(cache_dir, exist_ok=True)

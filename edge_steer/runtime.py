@@ -21,7 +21,7 @@ import llama_cpp  # noqa: F401
 
 from . import library, machine, model_files, offload, steering
 from . import rpc as rpc_
-from .constants import DEFAULT_CTX
+from .constants import DEFAULT_CTX, MAX_THREADS
 from .engine import (
     Context,
     Generation,
@@ -260,7 +260,6 @@ def _specs(given: VectorSpecs, what: str = "vectors") -> list[str]:
 
 
 MAX_CTX = 1 << 24  # tokens; far past any model's training context, within llama.cpp's int32
-MAX_THREADS = 512  # GGML_MAX_N_THREADS
 
 
 def check_ctx(ctx: int) -> None:

@@ -361,7 +361,8 @@ def test_worker_refuses_a_public_bind_without_opt_in() -> None:
     [
         (["--host", "localhost"], "takes an IP address"),
         (["--cache", "{file}"], "not a folder"),
-        (["--threads", "0"], "--threads 0: use 1 or more"),  # was all cores
+        (["--threads", "0"], "--threads 0 is out of range: use 1 to 512"),  # was all cores
+        (["--threads", "100000"], "--threads 100000 is out of range"),
         (["--device", " , "], "--device is blank"),  # was the default devices
     ],
 )
