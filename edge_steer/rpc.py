@@ -82,7 +82,7 @@ def parse_endpoints(given: str | Sequence[str] | None) -> list[Endpoint]:
     if given is None:
         given = env(RPC_ENV)
     items = given.split(",") if isinstance(given, str) else [p for g in given for p in g.split(",")]
-    if any(items) and not any(i.strip() for i in items):
+    if (any(items) or len(items) > 1) and not any(i.strip() for i in items):  # " " and ","
         raise BadInput(f"{source} is blank: name the workers as HOST:PORT, or leave {source} out")
     found: list[Endpoint] = []
     for item in (i.strip() for i in items):

@@ -270,7 +270,12 @@ def test_unreachable_worker_is_one_line_and_exit_1(demo_path) -> None:
 
 @pytest.mark.parametrize(
     ("given", "words"),
-    [("localhost", "write HOST:PORT"), ("a b:1", "write HOST:PORT"), (" ", "--rpc is blank")],
+    [
+        ("localhost", "write HOST:PORT"),
+        ("a b:1", "write HOST:PORT"),
+        (" ", "--rpc is blank"),
+        (",", "--rpc is blank"),
+    ],
 )
 def test_malformed_rpc_option_is_one_line_and_exit_2(demo_path, given, words) -> None:
     """' ' ran locally, 'a b:1' was looked up and reported unreachable (exit 1)."""
