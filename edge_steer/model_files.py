@@ -35,6 +35,8 @@ def resolve_model(
     `use_gpu`, and that of the RPC workers `rpc`) first, for `ctx` tokens of context (`force`
     skips that and the disk check), then downloaded on first use; `say` tells the user what is
     about to happen."""
+    if spec is not None and not spec.strip():  # a slip (an unset shell variable), not a choice
+        raise BadInput("--model is empty: name a model (edge-steer models list) or a .gguf path")
     spec = spec or default_model()
     if looks_like_model_path(spec):
         path = Path(spec).expanduser()

@@ -52,6 +52,7 @@ def bad_files(tmp_path_factory, tiny_dense_path):
     ("args", "words"),
     [
         (["--model", "missing.gguf"], "model file not found"),
+        (["--model", ""], "--model is empty"),  # was the default model, from the network
         (["--model", "{bad}/text.gguf"], "not a GGUF file"),
         (["--model", "{bad}/truncated.gguf"], "truncated"),
         (["--model", "{bad}"], "is a folder, not a model file"),
