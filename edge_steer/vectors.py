@@ -56,6 +56,8 @@ def check_file(path: Path) -> None:
     """The checks every reader shares before it opens a file."""
     if path.is_dir():
         raise BadInput(f"{path} is a folder, not a control vector: give a .gguf file in it")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe
+        raise BadInput(f"{path} is not a regular file: give a control vector file")
     if not path.is_file():
         raise NotFound(f"control vector file not found: {path}")
     if path.stat().st_size > MAX_FILE_BYTES:

@@ -68,6 +68,7 @@ def bad_files(tmp_path_factory, tiny_dense_path):
         (["--vector", "{bad}/first.gguf", "--layers", "2-4"], "hold none of {bad}/first.gguf"),
         (["--vector", "{bad}/first.gguf", "--retrain"], "--retrain trains built-in concepts"),
         (["--vector", "{bad}/mix.npz"], "is not a GGUF control vector, which steering"),
+        (["--vector", os.devnull], "is not a regular file"),  # was "file not found"
         # were "bad vector spec" and "file not found: e"
         (["--vector", "{bad}/c:d.gguf"], "a file whose name holds ':' cannot be given here"),
         (["--vector", "{bad}/e,f.gguf:0.5"], "a file whose name holds ',' cannot be given"),
