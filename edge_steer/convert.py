@@ -179,7 +179,7 @@ def _reader(path: Path) -> Callable[[Path], Source]:
         magic = f.read(8)
     if magic[:4] == gguffile.MAGIC:
         return _read_gguf
-    if magic[:4] == b"PK\x03\x04":
+    if magic[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip; the second, an empty one
         return _read_npz
     if magic[:6] == b"\x93NUMPY":
         return _read_npy

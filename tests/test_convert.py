@@ -206,6 +206,7 @@ def test_layer_base_hidden_states_and_its_detection(tmp_path) -> None:
             DamagedFile,
         ),
         ("x.npz", b"PK\x03\x04garbage", "damaged .npz", DamagedFile),
+        ("x.npz", b"PK\x05\x06" + bytes(18), "no direction.N", DamagedFile),  # np.savez(f)
         ("x.json", b"[" * 100000 + b"]" * 100000, "RecursionError", DamagedFile),
         ("x.json", b'{"-3": [1, 2]}', "cannot tell the layer of '-3'", DamagedFile),  # was 3
         ("x.json", b'{"direction.-3": [1]}', "layer of 'direction.-3'", DamagedFile),  # 3
