@@ -175,4 +175,6 @@ def find_vectors(name: str, model_path: str | Path | None = None) -> list[Path]:
 
 
 def is_stored(path: Path) -> bool:
-    return path.resolve().is_relative_to(vectors_dir().resolve())
+    """Whether the entry `path` lies in the store (a link there is, wherever it leads:
+    deleting it deletes the link, not its target)."""
+    return (path.parent.resolve() / path.name).is_relative_to(vectors_dir().resolve())

@@ -379,6 +379,11 @@ def test_list_info_rm_and_mix(edge_steer_home, tmp_path, tiny_dense_path) -> Non
     assert not (store / "fp1" / "mixa.gguf").exists() and not (store / "narrow.gguf").exists()
     code, output = invoke("vectors", "rm", str(tmp_path / "m.gguf"))
     assert code == 2 and "not in the store" in output and (tmp_path / "m.gguf").exists()
+    (store / "gone.gguf").symlink_to(tmp_path / "nowhere.gguf")  # listed; rm said "not in"
+    (store / "linked.gguf").symlink_to(tmp_path / "m.gguf")
+    assert invoke("vectors", "rm", "gone", "linked", "--yes")[0] == 0
+    assert not (store / "gone.gguf").is_symlink() and not (store / "linked.gguf").is_symlink()
+    assert (tmp_path / "m.gguf").exists()  # a link's target is not the store's to delete
     code, output = invoke("vectors", "info", "mixa")
     assert code == 2 and "no stored vector named 'mixa'" in output
 
