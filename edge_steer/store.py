@@ -89,8 +89,8 @@ def check_name(name: str) -> str:
     if not NAME_PATTERN.fullmatch(name) or name.endswith(".gguf"):
         shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
         raise BadInput(
-            f"bad vector name {shown!r}: use up to 64 letters, digits, '_', '-' or '.', "
-            "e.g. lazy or my-style"
+            f"bad vector name {shown!r}: use up to 64 letters, digits, '_', '-' or '.', starting "
+            "with a letter or digit, e.g. lazy or my-style"
         )
     return name
 
