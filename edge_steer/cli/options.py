@@ -250,12 +250,19 @@ def _refuse_odd_file_name(spec: str) -> None:
     text = spec.strip()
     for candidate in (text, text.rpartition(":")[0]):
         marks = [mark for mark in ":," if mark in candidate]
-        if marks and Path(candidate).expanduser().is_file():
+        if marks and _is_file(candidate):
             raise BadInput(
                 f"--vector {candidate}: a file whose name holds {marks[0]!r} cannot be given "
                 "here (':' sets the strength, ',' separates vectors): rename it, or link it "
                 "under another name"
             )
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).expanduser().is_file()
+    except (OSError, RuntimeError):  # a name too long for a path; no home for ~user
+        return False
 
 
 _SAMPLING_FLAGS = {
