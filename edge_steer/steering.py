@@ -72,6 +72,8 @@ class Steering:
         else:
             vector = library.for_model(self.model).get(name, self.resolve)
             check_in_layers(self.layers, name, vector)
+            if not any(np.any(d) for d in vector.directions.values()):
+                raise BadInput(f"{name} holds only zeros, which steer nothing: use another vector")
         self.active[name] = (vector, strength)
 
     def strengths(self) -> dict[str, float]:

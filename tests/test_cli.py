@@ -42,6 +42,7 @@ def bad_files(tmp_path_factory, tiny_dense_path):
     path = folder / "nan.gguf"
     vectors.write(vectors.ControlVector({1: nan}), path)
     vectors.write(vectors.ControlVector({1: np.ones(64, np.float32)}), folder / "first.gguf")
+    vectors.write(vectors.ControlVector({1: np.zeros(64, np.float32)}), folder / "zero.gguf")
     for odd in ("c:d.gguf", "e,f.gguf"):
         vectors.write(vectors.ControlVector({1: np.ones(64, np.float32)}), folder / odd)
     (folder / "mix.npz").write_bytes(b"PK\x03\x04")  # what `vectors mix -o x.npz` writes
@@ -69,6 +70,7 @@ def bad_files(tmp_path_factory, tiny_dense_path):
         (["--vector", "{bad}/first.gguf", "--retrain"], "--retrain trains built-in concepts"),
         (["--vector", "{bad}/mix.npz"], "is not a GGUF control vector, which steering"),
         (["--vector", os.devnull], "is not a regular file"),  # was "file not found"
+        (["--vector", "{bad}/zero.gguf"], "holds only zeros, which steer nothing"),  # it ran
         # were "bad vector spec" and "file not found: e"
         (["--vector", "{bad}/c:d.gguf"], "a file whose name holds ':' cannot be given here"),
         (["--vector", "{bad}/e,f.gguf:0.5"], "a file whose name holds ',' cannot be given"),
