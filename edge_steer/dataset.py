@@ -313,7 +313,9 @@ def _read_jsonl(path: str | Path, keys: tuple[str, ...], what: str) -> list[dict
     path = Path(path).expanduser()
     shape = "{" + ", ".join(f'"{k}": "..."' for k in keys) + "}"
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's BOM
+        # -sig: Notepad's BOM; lines end at \n only (splitlines() would also cut a JSON
+        # string at a raw U+2028 or U+0085, which json.dumps(ensure_ascii=False) writes)
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except FileNotFoundError:
         raise NotFound(f"{what} file not found: {path}: check the path") from None
     except (OSError, UnicodeDecodeError) as exc:

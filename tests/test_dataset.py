@@ -331,6 +331,16 @@ def test_load_pairs_jsonl_reads_a_bom_and_counts_a_repeated_pair_once(tmp_path):
     assert dataset.load_pairs_jsonl(path) == [("a", "b"), ("c", "d")]
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028 and U+0085 raw inside strings; they cut
+    the line there ("Unterminated string"). Windows line ends still read."""
+    rows = [("happy\u2028today", "sad\u2028today"), ("joy\x85ful", "gloom\x85y")]
+    lines = [json.dumps({"positive": a, "negative": b}, ensure_ascii=False) for a, b in rows]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8", newline="")
+    assert dataset.load_pairs_jsonl(path) == rows
+
+
 def test_load_pairs_jsonl_rejects_missing_empty_and_binary_files(tmp_path):
     with pytest.raises(NotFound, match="not found"):
         dataset.load_pairs_jsonl(tmp_path / "nope.jsonl")
