@@ -342,6 +342,11 @@ def _check_row(line: str, where: str, keys: tuple[str, ...], shape: str) -> dict
             raise BadInput(f'{where}: missing "{key}": each line needs {shape}')
         if not isinstance(row[key], str) or not row[key].strip():
             raise BadInput(f'{where}: "{key}" must be a non-empty string')
-    if row["positive"].split() == row["negative"].split():
-        raise BadInput(f'{where}: "positive" and "negative" are the same text: make them contrast')
+    check_contrast(row["positive"], row["negative"], where)
     return {key: row[key] for key in keys}
+
+
+def check_contrast(positive: str, negative: str, where: str) -> None:
+    """A pair's two sides must differ beyond spacing, or they teach no direction."""
+    if positive.split() == negative.split():
+        raise BadInput(f'{where}: "positive" and "negative" are the same text: make them contrast')

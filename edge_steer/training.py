@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import calibrate, vectors
+from . import calibrate, dataset, vectors
+from .constants import MAX_THREADS
 from .engine import Context, Model, hidden
 from .errors import BadInput
 from .vectors import ControlVector, Key
@@ -150,12 +151,44 @@ def train(
     progress: Progress | None = None,
 ) -> ControlVector:
     """Train one control vector; it holds only the steered blocks, already scaled."""
-    if len(pairs) < 2:
-        raise BadInput(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
+    _check_pairs(pairs, name)
+    check_options(options, model.n_layer)
     report = progress or _quiet
     prompts = [p for pair in pairs for p in pair]
     states = hidden_states(model, prompts, options, lambda *done: report(STAGES[0], *done))
     return finish(model, states[0::2], states[1::2], options, name=name, progress=report)
+
+
+def _check_pairs(pairs: object, name: str) -> None:
+    """Pairs as the library's callers may give them: two non-empty, different texts each."""
+    if isinstance(pairs, str | bytes) or not isinstance(pairs, Sequence):
+        raise BadInput(f"pairs for {name!r}: give a list of (positive, negative) text pairs")
+    for number, pair in enumerate(pairs, start=1):
+        texts = isinstance(pair, tuple | list) and len(pair) == 2
+        if not texts or not all(isinstance(t, str) and t.strip() for t in pair):
+            raise BadInput(f"pair {number} of {name!r} is not two non-empty texts: {pair!r:.80}")
+        dataset.check_contrast(pair[0], pair[1], f"pair {number} of {name!r}")
+    if len(pairs) < 2:
+        raise BadInput(f"need at least 2 contrast pairs to train {name!r}, got {len(pairs)}")
+
+
+def check_options(options: TrainOptions, n_layer: int) -> None:
+    """TrainOptions made in code, checked as the CLI checks its flags: a batch of 0 aborted
+    the process in llama.cpp, blocks out of range failed deep inside."""
+    if options.method not in METHODS:
+        raise BadInput(f"unknown method {options.method!r}: use one of {', '.join(METHODS)}")
+    if isinstance(options.batch, bool) or not isinstance(options.batch, int) or options.batch < 1:
+        raise BadInput(f"batch {options.batch!r}: use a whole number of tokens, 1 or more")
+    threads = options.threads
+    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
+        raise BadInput(f"threads {threads!r} is out of range: use 1 to {MAX_THREADS}, or None")
+    if options.layers is not None:
+        first, last = options.layers
+        if not 1 <= first <= last <= n_layer - 1:
+            raise BadInput(
+                f"layers {first}-{last}: use blocks first <= last within the model's steerable "
+                f"blocks 1-{n_layer - 1}"
+            )
 
 
 def _quiet(*_args: object) -> None:

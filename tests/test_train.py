@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from conftest import assert_steers_probes_monotonically, calibration_fluency
 
 from edge_steer import calibrate, dataset, library, training, vectors
 from edge_steer.engine import Model
+from edge_steer.errors import BadInput
 
 TEXTS = ["The river", "A small house", "Seven", "We went to", "Numbers are", "Tea or", "Up", "Go"]
 
@@ -233,3 +235,27 @@ def test_calibration_progress_ends_once(tiny_dense_path, monkeypatch, tolerance)
         )  # fmt: skip
     steps = calibrate.STEPS
     assert reports == ([0, 1, steps] if tolerance else list(range(steps + 1)))
+
+
+PAIRS = [("I am so happy today.", "I am so sad today."), ("What a joyful day!", "What a sad day!")]
+
+
+@pytest.mark.parametrize(
+    ("pairs", "options", "words"),
+    [
+        (PAIRS, {"batch": 0}, "batch 0: use a whole number"),  # was SIGABRT in llama.cpp
+        (PAIRS, {"layers": (0, 3)}, "layers 0-3: use blocks"),  # was numpy's ValueError
+        (PAIRS, {"layers": (1, 99)}, "layers 1-99: use blocks"),  # was "no l_out"
+        (PAIRS, {"layers": (4, 2)}, "layers 4-2: use blocks first <= last"),
+        (PAIRS, {"threads": 0}, "threads 0 is out of range"),  # trained on all cores
+        (PAIRS, {"method": "svd"}, "unknown method 'svd'"),
+        ([(1, 2), (3, 4)], {}, "pair 1 of 'x' is not two non-empty texts"),  # AttributeError
+        ("ab", {}, "give a list of (positive, negative) text pairs"),  # trained on "a", "b"
+        ([("", ""), ("", "x")], {}, "pair 1 of 'x' is not two non-empty texts"),
+        ([("a b", "a  b"), ("c", "d")], {}, "are the same text"),
+    ],
+)
+def test_train_checks_what_code_gives_it(tiny_dense, pairs, options, words) -> None:
+    """The library's callers get the CLI's one-line errors, before llama.cpp sees anything."""
+    with pytest.raises(BadInput, match=re.escape(words)):
+        training.train(tiny_dense, pairs, training.TrainOptions(**options), name="x")
