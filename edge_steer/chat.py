@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from .engine import Context, GenerationStats, Model, Sampler, SamplerSettings, utf8
 from .errors import BadInput
 from .files import looks_like_path
-from .steering import Steering
+from .steering import Steering, identity
 from .vectors import check_strength
 
 TRANSCRIPT_STOP = ("\nUser:", "\nAssistant:")  # a base model writing the next turn
@@ -238,7 +237,7 @@ class ChatSession:
             "model": self.ctx.model.name,
             "system": self.system,
             "vectors": {
-                str(Path(name).absolute()) if looks_like_path(name) else name: strength
+                identity(name) if looks_like_path(name) else name: strength
                 for name, strength in self.steering.strengths().items()
             },  # a file's path holds from any folder the conversation is loaded in
             "messages": self.messages,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from . import library, vectors
+from . import files, library, vectors
 from .engine import Context, Model
 from .errors import BadInput
 
@@ -62,7 +63,9 @@ class Steering:
     resolve: library.Resolver | None = None  # name -> file; default: store lookup only
 
     def set(self, name: str, strength: float) -> None:
-        """Add or re-weight a vector; strength 0 removes it."""
+        """Add or re-weight a vector; strength 0 removes it. A name means the vector already
+        active under another spelling (`HAPPY` for `happy`, `./v.gguf` for `v.gguf`)."""
+        name = self._spelled(name)
         if strength == 0:
             self.active.pop(name, None)
             return
@@ -75,6 +78,16 @@ class Steering:
             if not any(np.any(d) for d in vector.directions.values()):
                 raise BadInput(f"{name} holds only zeros, which steer nothing: use another vector")
         self.active[name] = (vector, strength)
+
+    def add(self, name: str, strength: float) -> None:
+        """`set` to the strength it has plus `strength`: a spec's repeats add up."""
+        active = self.active.get(self._spelled(name))
+        self.set(name, (active[1] if active else 0.0) + strength)
+
+    def _spelled(self, name: str) -> str:
+        """`name` as the active vector it means was first spelled; else as given."""
+        meant = identity(name)
+        return next((given for given in self.active if identity(given) == meant), name)
 
     def strengths(self) -> dict[str, float]:
         return {name: strength for name, (_, strength) in self.active.items()}
@@ -104,5 +117,13 @@ def build(
 ) -> Steering:
     steering = Steering(model, parse_layers(layers, model.n_layer), resolve=resolve)
     for name, strength in vectors.spec_strengths(specs).items():
-        steering.set(name, strength)
+        steering.add(name, strength)
     return steering
+
+
+def identity(name: str) -> str:
+    """Which vector a SPEC name means: names ignore case (as the store does), a path is its
+    absolute file (as /save writes it)."""
+    if files.looks_like_path(name):
+        return str(Path(name).expanduser().absolute())
+    return name.lower()

@@ -147,3 +147,26 @@ def test_one_library_per_model_reads_each_vector_once(demo_model, files, tmp_pat
     with pytest.raises(BadInput, match=r"n_embd|embedding|size"):
         shelf.add("wrong-shape", other)  # nothing that does not fit is ever kept
     assert shelf.missing(["wrong-shape"]) == ["wrong-shape"]
+
+
+def test_a_vector_is_one_entry_however_it_is_spelled(tiny_dense, tmp_path, monkeypatch) -> None:
+    """Was: `/vector HAPPY 0` left happy on, `./v.gguf` and `v.gguf` stacked as two, and
+    /save kept one of them; `~/v.gguf` was saved as a folder named `~`."""
+    from edge_steer import library
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EDGE_STEER_HOME", str(tmp_path / "store"))  # "mine" stays in here
+    path = vectors.write(vectors.ControlVector({2: np.ones(64, np.float32)}), tmp_path / "v.gguf")
+    library.store_vector(tiny_dense, "mine", vectors.ControlVector({3: np.ones(64, np.float32)}))
+    steered = steering.build(tiny_dense, ["./v.gguf:0.25,v.gguf:0.5", "MINE:1"], None)
+    assert steered.strengths() == {"./v.gguf": 0.75, "mine": 1.0}  # a spec's repeats add up
+    steered.set(str(path), 1.0)
+    steered.set("MINE", 0.5)
+    assert steered.strengths() == {"./v.gguf": 1.0, "mine": 0.5}
+    steered.set("~/v.gguf", 0)
+    steered.set("Mine", 0)
+    assert steered.strengths() == {}
+    session = ChatSession(Context(tiny_dense, n_ctx=64), steered, SamplerSettings())
+    session.set_vector("~/v.gguf", 0.5)
+    assert session.saved()["vectors"] == {str(path): 0.5}
