@@ -34,7 +34,7 @@ from .engine import (
 )
 from .errors import BadInput
 from .files import size_text
-from .vectors import check_strength, spec_strengths
+from .vectors import check_strength, parse_spec, spec_strengths
 
 Note = Callable[[str], None]
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -243,6 +243,17 @@ def steer(
     )
 
 
+def _check_spec_name(name: str) -> None:
+    """A {name: strength} key becomes a spec: a ',' or ':' in it would be read as another
+    vector or a strength ({"happy,happy": 1} steered happy at 2)."""
+    try:
+        survives = "," not in name and parse_spec(f"{name}:1") == (name, 1.0)
+    except BadInput:
+        survives = False
+    if not survives:
+        raise BadInput(f"vector name {name!r}: ',' and ':' belong to specs; give one name or path")
+
+
 def _specs(given: VectorSpecs, what: str = "vectors") -> list[str]:
     """Vectors (or RPC workers) as the CLI's specs, from a spec string, a list of them or
     {name: strength}."""
@@ -251,6 +262,7 @@ def _specs(given: VectorSpecs, what: str = "vectors") -> list[str]:
     if isinstance(given, Mapping):
         for name, strength in given.items():
             check_strength(name, strength)
+            _check_spec_name(name)
         return [f"{name}:{strength!r}" for name, strength in given.items()]
     specs = list(given) if isinstance(given, Iterable) else [given]
     if not all(isinstance(spec, str) for spec in specs):

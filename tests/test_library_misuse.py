@@ -161,6 +161,8 @@ def test_set_vector_checks_its_arguments(steered, name, strength, words) -> None
         ({"vectors": 123}, "vectors=123: use a str"),
         ({"vectors": ["x:1", 3]}, "vectors=['x:1', 3]: use a str"),
         ({"vectors": {"x": "1"}}, "strength '1' of 'x': use a number"),
+        ({"vectors": {"happy,happy": 1.0}}, "vector name 'happy,happy': ','"),  # was 2.0
+        ({"vectors": {"happy:2": 1.0}}, "vector name 'happy:2': ',' and ':' belong to specs"),
         ({"layers": 5}, "bad layer range 5"),
         ({"layers": "5-3"}, "layer range 5-3 runs backwards: use 3-5"),
         ({"rpc": 123}, "rpc=123: use a str such as 'host:50052'"),
