@@ -9,6 +9,7 @@ import os
 
 DEFAULT_CTX = 4096  # tokens of context wherever none is given: CLI, server lanes, fit checks
 MAX_THREADS = 512  # GGML_MAX_N_THREADS: --threads of every command, worker included
+RANDOM_SEED = (1 << 32) - 1  # LLAMA_DEFAULT_SEED: llama.cpp draws a new seed each time
 
 HOME_ENV = "EDGE_STEER_HOME"  # vectors, chat history (default $XDG_CACHE_HOME/edge-steer)
 MODEL_ENV = "EDGE_STEER_MODEL"  # the model used when --model is not given

@@ -238,6 +238,10 @@ def test_eval_chat_replies_out_of_range_fail_before_the_model_loads() -> None:
     [
         (["--chat-replies", "2"], "--chat-replies needs --chat: add --chat, or leave it out"),
         (["--personas", "calm,angry"], "add one of them, or leave --personas out"),
+        (["--plot", ""], "--plot is empty: name a file"),  # wrote no plot, exit 0
+        (["--probes", " "], "--probes is empty"),  # the built-in probes, silently
+        (["--seed", "4294967295"], "--seed 4294967295 is out of range: use 0 to 4294967294"),
+        (["--seed", "-1"], "--seed -1 is out of range"),  # samples differed run to run
     ],
 )
 def test_eval_flags_without_their_partner_are_refused(flags, words) -> None:

@@ -191,6 +191,8 @@ def test_train_checks_its_output_before_training(demo_path, tiny_dense_path, tmp
         "train", "mine", "-m", "demo", "--pairs", "p.jsonl", "--limit", "2", "--seed", "-1"
     )
     assert_clean_error(result, "--seed -1: use 0 or more")  # was numpy's traceback
+    result = run("train", "mine", "-m", "demo", "--pairs", "")
+    assert_clean_error(result, "--pairs is empty: name a file")  # was "unknown concept"
     assert (stored.read_bytes() if stored.exists() else None) == before
 
 

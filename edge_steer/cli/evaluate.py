@@ -7,11 +7,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..constants import RANDOM_SEED
+from ..errors import BadInput
 from .options import (
     LOAD,
     JsonOpt,
     LayersOpt,
     RetrainOpt,
+    check_files_named,
     clean_errors,
     err,
     load_model,
@@ -92,6 +95,9 @@ def eval_command(
     """Measure a vector's effect and fluency cost over strengths; recommend a range."""
     from .. import dataset, evaluate, evaluation
 
+    if not 0 <= seed < RANDOM_SEED:  # eval's samples repeat run after run: no "random"
+        raise BadInput(f"--seed {seed} is out of range: use 0 to {RANDOM_SEED - 1}")
+    check_files_named(probes=probes, plot=plot)
     options = evaluation.EvalOptions(
         strengths=evaluate.parse_strengths(strengths) if strengths else None,
         layers=layers,

@@ -243,6 +243,15 @@ def check_shared(opts: SimpleNamespace) -> None:
         sampler_settings(opts)
 
 
+def check_files_named(**given: str | None) -> None:
+    """File options given as "" (an unset shell variable) are a slip, not a wish for none:
+    check_files_named(plot=...) refuses `--plot ''`, which wrote no plot and exited 0."""
+    for name, value in given.items():
+        if value is not None and not value.strip():
+            flag = "--" + name.replace("_", "-")
+            raise BadInput(f"{flag} is empty: name a file, or leave {flag} out")
+
+
 def _refuse_odd_file_name(spec: str) -> None:
     """A vector file whose name holds a spec's own punctuation (`:` sets the strength, `,`
     separates vectors) cannot be named in --vector: say so, where the spec's error would send

@@ -9,7 +9,17 @@ import typer
 from rich.markup import escape
 
 from ..errors import BadInput
-from .options import LOAD, LayersOpt, clean_errors, err, load_model, out, progress_bar, with_options
+from .options import (
+    LOAD,
+    LayersOpt,
+    check_files_named,
+    clean_errors,
+    err,
+    load_model,
+    out,
+    progress_bar,
+    with_options,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -62,6 +72,7 @@ def train(
     if method is not None and method not in training.METHODS:
         raise BadInput(f"unknown method {method!r}: use one of {', '.join(training.METHODS)}")
     store.check_name(name)
+    check_files_named(pairs=pairs)
     library.check_sources(name, positive, negative, pairs, limit, seed)
     if output is not None:  # -o "" is a slip to name, not a wish for no copy
         convert.check_output(output)  # before minutes of training, not after

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..constants import DEFAULT_CTX
+from ..constants import DEFAULT_CTX, RANDOM_SEED
 from ..errors import BadInput
 from .batching import Batcher, Slot
 from .context import Context
@@ -87,8 +87,10 @@ def _sample_round(
         return [[] for _ in jobs]
     steerings = [rows for rows, job_prompts in jobs for _ in job_prompts]
     seed = sampler.seed or 0
-    samplers = [
-        Sampler(model, replace(sampler, seed=seed + i)) for _, p in jobs for i in range(len(p))
+    samplers = [  # seed + i wraps below 2**32 - 1, which llama.cpp reads as "random"
+        Sampler(model, replace(sampler, seed=(seed + i) % RANDOM_SEED))
+        for _, p in jobs
+        for i in range(len(p))
     ]
     n_seq, n_ctx = len(prompts), _cells(prompts, max_tokens)  # one pool: a row's attention
     try:  # spans it all, yet KV cells per sequence would take 256 each (llama.cpp pads them)

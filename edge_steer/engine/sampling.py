@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import llama_cpp as ll
 
+from ..constants import RANDOM_SEED
+
 if TYPE_CHECKING:
     from .model import Model
 
@@ -48,7 +50,7 @@ SAMPLING_LIMITS: dict[str, tuple[float, float]] = {
     "presence_penalty": (-2.0, 2.0),
     # llama.cpp's seeds are 32-bit and 2^32-1 means random, as -1 does here: anything else
     # would silently be another seed, or no seed at all
-    "seed": (-1, (1 << 32) - 2),
+    "seed": (-1, RANDOM_SEED - 1),
 }
 
 
