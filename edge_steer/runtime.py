@@ -263,7 +263,7 @@ def _specs(given: VectorSpecs, what: str = "vectors") -> list[str]:
         for name, strength in given.items():
             check_strength(name, strength)
             _check_spec_name(name)
-        return [f"{name}:{strength!r}" for name, strength in given.items()]
+        return [f"{name}:{float(strength)!r}" for name, strength in given.items()]
     specs = list(given) if isinstance(given, Iterable) else [given]
     if not all(isinstance(spec, str) for spec in specs):
         example = "'host:50052'" if what == "rpc" else "'happy:0.8,lazy:-1'"

@@ -8,6 +8,7 @@ of block N. llama.cpp ignores the metadata, so every check on it happens here.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -329,10 +330,14 @@ def check_strength(name: object, strength: object) -> None:
     """A vector's name and strength as a script gives them: a str and a finite number."""
     if not isinstance(name, str):
         raise BadInput(f"vector name {name!r}: use a str such as 'happy'")
-    if isinstance(strength, bool) or not isinstance(strength, int | float):
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real):  # numpy's too
         raise BadInput(f"strength {strength!r} of {name!r}: use a number such as 0.8")
-    if isinstance(strength, float) and not math.isfinite(strength):
-        raise BadInput(f"strength {strength!r} of {name!r}: use a finite number such as 0.8")
+    try:
+        value = float(strength)
+    except OverflowError:  # an int past any float: 10**400
+        raise BadInput(f"strength of {name!r} is too strong: use a number such as 0.8") from None
+    if not math.isfinite(value):
+        raise BadInput(f"strength {value!r} of {name!r}: use a finite number such as 0.8")
 
 
 def check_strengths(strengths: Mapping[str, float]) -> None:

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from edge_steer import runtime, steering
-from edge_steer.errors import BadInput
+from edge_steer.errors import BadInput, NotFound
 
 PROMPT = "The best thing about mornings is"
 
@@ -118,6 +118,18 @@ def test_generate_checks_its_arguments_as_the_cli_does(steered, prompt, options,
         steered.generate(prompt, **options)
 
 
+def test_numpy_strengths_are_numbers(tiny_dense_path) -> None:
+    """Was: np.float32(0.5) refused as no number (np.float64 passed, being a float)."""
+    import numpy as np
+
+    loaded = runtime.load(tiny_dense_path, ctx=512, threads=1)
+    with pytest.raises(NotFound):  # checked as a number, then looked up
+        loaded.set_vector("nosuch", np.float32(0.5))
+    with pytest.raises(BadInput, match="strength nan of 'x'"):
+        loaded.set_vector("x", np.float32("nan"))
+    loaded.close()
+
+
 def test_a_steering_for_another_model_is_refused(steered, demo_model) -> None:
     other = steering.build(demo_model, [], None)
     with pytest.raises(BadInput, match=r"this steering was built for .* build one for that model"):
@@ -141,6 +153,7 @@ def test_a_stream_closed_early_lets_the_next_call_start(steered) -> None:
         ("x", None, "strength None of 'x'"),
         ("x", float("nan"), "strength nan of 'x': use a finite number"),
         (None, 1, "vector name None: use a str"),
+        ("x", 10**400, "strength of 'x' is too strong"),  # was OverflowError
     ],
 )
 def test_set_vector_checks_its_arguments(steered, name, strength, words) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edge_steer import steering, vectors
@@ -253,3 +254,11 @@ def test_a_full_context_keeps_a_conversation_that_starts_with_a_user_message(tin
         kept = session.conversation()
         assert session.forgotten == 22 and [m["role"] for m in kept] == ["user", "assistant"]
         assert 64 < len(tokens) < 128
+
+
+def test_a_tab_after_a_command_and_a_random_seed_read_as_typed(tiny_dense_path, tmp_path):
+    """Was: "unknown command /vector<TAB>..." and `seed=None` after /set seed random."""
+    path = vectors.write(vectors.ControlVector({2: np.ones(64, np.float32)}), tmp_path / "v.gguf")
+    result = piped_chat(tiny_dense_path, f"/set seed random\n/set\n/vector\t{path} 0.5\n/vectors\n")
+    assert result.returncode == 0, result.stderr
+    assert "seed=random" in result.stderr and f"{path}:+0.5 · layers all" in result.stderr

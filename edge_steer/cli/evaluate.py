@@ -85,7 +85,7 @@ def eval_command(
     chat_replies: Annotated[
         int | None,
         typer.Option(
-            "--chat-replies", help="With --chat: replies per question and strength [default: 3]."
+            "--chat-replies", help="With --chat: replies per question and strength (default 3)."
         ),
     ] = None,
     as_json: JsonOpt = False,

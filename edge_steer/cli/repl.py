@@ -97,7 +97,8 @@ def _note_forgotten(session, before: int) -> None:
 
 
 def _command(session, line: str) -> None:
-    word, _, rest = line.partition(" ")
+    word, *after = line.split(maxsplit=1)  # a tab after the command, as a space
+    rest = after[0] if after else ""
     command = COMMANDS.get(word)
     if command is None:
         raise BadInput(f"unknown command {word[:40]}: /help lists them")
@@ -221,6 +222,7 @@ def _set(session, rest: str) -> None:
 
     if not rest:
         shown = dataclasses.asdict(session.settings) | {"max_tokens": session.max_tokens}
+        shown["seed"] = "random" if shown["seed"] is None else shown["seed"]  # not "None"
         err.print("  ".join(f"{k}={v}" for k, v in shown.items()), markup=False)
         return
     parts = rest.split()
