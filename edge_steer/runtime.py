@@ -320,6 +320,10 @@ def open_context(
     threads: int | None = None,
 ) -> Context:
     """A generation context of `ctx` tokens on `model`, with `steering_` applied."""
+    if not isinstance(model, Model):
+        raise BadInput(f"model={model!r:.60}: use a Model from load_model()")
+    if steering_ is not None and not isinstance(steering_, steering.Steering):
+        raise BadInput(f"steering={steering_!r:.60}: use a Steering from steer(), or None")
     check_ctx(ctx)
     check_threads(threads)
     context = Context(model, n_ctx=ctx, threads=threads)

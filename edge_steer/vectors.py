@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -137,6 +138,8 @@ def is_calibrated(vector: ControlVector) -> bool:
 
 def read(path: str | Path) -> ControlVector:
     """Read and validate a control-vector GGUF; any defect is a one-line DamagedFile."""
+    if not isinstance(path, str | os.PathLike):
+        raise BadInput(f"path={path!r:.60}: use the path of a .gguf control vector")
     path = Path(path)
     check_file(path)
     if path.suffix.lower() in CONVERTIBLE:  # what `convert`, `mix` and `train -o` may write

@@ -118,6 +118,18 @@ def test_generate_checks_its_arguments_as_the_cli_does(steered, prompt, options,
         steered.generate(prompt, **options)
 
 
+def test_functions_check_the_kinds_they_are_given(tiny_dense) -> None:
+    """Was: AttributeError or TypeError from deep inside."""
+    from edge_steer import vectors
+
+    with pytest.raises(BadInput, match="model=None: use a Model from load_model"):
+        runtime.open_context(None)  # type: ignore[arg-type]
+    with pytest.raises(BadInput, match="steering='happy': use a Steering from steer"):
+        runtime.open_context(tiny_dense, "happy")  # type: ignore[arg-type]
+    with pytest.raises(BadInput, match=r"path=None: use the path of a \.gguf control vector"):
+        vectors.read(None)  # type: ignore[arg-type]
+
+
 def test_numpy_strengths_are_numbers(tiny_dense_path) -> None:
     """Was: np.float32(0.5) refused as no number (np.float64 passed, being a float)."""
     import numpy as np
