@@ -256,9 +256,13 @@ def test_a_full_context_keeps_a_conversation_that_starts_with_a_user_message(tin
         assert 64 < len(tokens) < 128
 
 
-def test_a_tab_after_a_command_and_a_random_seed_read_as_typed(tiny_dense_path, tmp_path):
-    """Was: "unknown command /vector<TAB>..." and `seed=None` after /set seed random."""
+def test_a_tab_a_random_seed_and_a_quoted_file_read_as_typed(tiny_dense_path, tmp_path):
+    """Was: "unknown command /vector<TAB>...", `seed=None` after /set seed random, and a
+    file named with its quotes."""
     path = vectors.write(vectors.ControlVector({2: np.ones(64, np.float32)}), tmp_path / "v.gguf")
-    result = piped_chat(tiny_dense_path, f"/set seed random\n/set\n/vector\t{path} 0.5\n/vectors\n")
+    saved = tmp_path / "my chat.json"
+    script = f'/set seed random\n/set\n/vector\t{path} 0.5\n/vectors\n/save "{saved}"\n'
+    result = piped_chat(tiny_dense_path, script + f"/load '{saved}'\n")
     assert result.returncode == 0, result.stderr
     assert "seed=random" in result.stderr and f"{path}:+0.5 · layers all" in result.stderr
+    assert json.loads(saved.read_text())["vectors"] == {str(path): 0.5}

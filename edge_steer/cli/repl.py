@@ -155,7 +155,7 @@ def _clear(session, _rest: str) -> None:
 def _save(session, rest: str) -> None:
     from ..files import write_atomically
 
-    path = Path(rest or time.strftime("chat-%Y%m%d-%H%M%S.json")).expanduser()
+    path = Path(_file_name(rest) or time.strftime("chat-%Y%m%d-%H%M%S.json")).expanduser()
     text = json.dumps(session.saved(), indent=2, ensure_ascii=False) + "\n"
     try:
         replacing = path.is_file()
@@ -169,12 +169,20 @@ def _save(session, rest: str) -> None:
     )
 
 
+def _file_name(text: str) -> str:
+    """A file name as a shell user types it: "my chat.json" in quotes is my chat.json."""
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
 def _load(session, rest: str) -> None:
     from .. import vectors
 
     if not rest:
         raise BadInput("usage: /load FILE (a conversation written by /save)")
-    path = Path(rest).expanduser()
+    path = Path(_file_name(rest)).expanduser()
     data = _read_saved(path)
     session.restore(data)
     err.print(
