@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import VRAM_ENV, env
+from .constants import MAX_THREADS, VRAM_ENV, env
 from .errors import BadInput
 
 
@@ -62,6 +62,15 @@ def free_disk(path: Path) -> int:
 def cpu_cores() -> int:
     """Cores this process may run on."""
     return len(_allowed_cpus()) or os.cpu_count() or 1
+
+
+def check_thread_count(threads: int) -> None:
+    """--threads (or threads=) within ggml's limit: every command, the worker and training."""
+    if not 1 <= threads <= MAX_THREADS:
+        raise BadInput(
+            f"--threads {threads} is out of range: use 1 to {MAX_THREADS} "
+            f"(leave it out for {math_cores()}, one per physical core here)"
+        )
 
 
 def math_cores(sysfs: Path = Path("/sys/devices")) -> int:

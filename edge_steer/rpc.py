@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
-from .constants import MAX_THREADS, RPC_ENV, env
+from .constants import RPC_ENV, env
 from .errors import BadInput, EngineError, NetworkError
 
 DEFAULT_PORT = 50052
@@ -288,11 +288,12 @@ def run_worker(
     exit code. The server runs in a child process so that the parent can stop it cleanly."""
     import multiprocessing
 
+    from . import machine
+
     check_bind(host, port, allow_remote)
     require_rpc()
     names = serving_devices(devices)
-    if not 1 <= threads <= MAX_THREADS:  # ggml's limit; was accepted up to any number
-        raise BadInput(f"--threads {threads} is out of range: use 1 to {MAX_THREADS}")
+    machine.check_thread_count(threads)  # was accepted up to any number
     if cache_dir:
         try:
             os.makedirs(cache_dir, exist_ok=True)

@@ -21,7 +21,7 @@ import llama_cpp  # noqa: F401
 
 from . import library, machine, model_files, offload, steering
 from . import rpc as rpc_
-from .constants import DEFAULT_CTX, MAX_THREADS
+from .constants import DEFAULT_CTX
 from .engine import (
     Context,
     Generation,
@@ -299,11 +299,7 @@ def past_training(model: Model, ctx: int, what: str = "--ctx") -> str | None:
 def check_threads(threads: int | None) -> None:
     if threads is not None:
         _check_whole("threads", threads)
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise BadInput(
-            f"--threads {threads} is out of range: use 1 to {MAX_THREADS} "
-            f"(leave it out for {machine.math_cores()}, one per physical core here)"
-        )
+        machine.check_thread_count(threads)
 
 
 def _check_whole(name: str, value: object) -> None:

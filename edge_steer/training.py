@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import calibrate, dataset, vectors
-from .constants import MAX_THREADS
+from . import calibrate, dataset, machine, vectors
 from .engine import Context, Model, hidden
 from .errors import BadInput
 from .vectors import ControlVector, Key
@@ -179,9 +178,10 @@ def check_options(options: TrainOptions, n_layer: int) -> None:
         raise BadInput(f"unknown method {options.method!r}: use one of {', '.join(METHODS)}")
     if isinstance(options.batch, bool) or not isinstance(options.batch, int) or options.batch < 1:
         raise BadInput(f"batch {options.batch!r}: use a whole number of tokens, 1 or more")
-    threads = options.threads
-    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
-        raise BadInput(f"threads {threads!r} is out of range: use 1 to {MAX_THREADS}, or None")
+    if options.threads is not None:
+        if isinstance(options.threads, bool) or not isinstance(options.threads, int):
+            raise BadInput(f"threads {options.threads!r}: use a whole number, or None")
+        machine.check_thread_count(options.threads)
     if options.layers is not None:
         first, last = options.layers
         if not 1 <= first <= last <= n_layer - 1:
