@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from .engine import Context, GenerationStats, Model, Sampler, SamplerSettings, utf8
 from .errors import BadInput
 from .files import looks_like_path
-from .steering import Steering, identity
-from .vectors import check_strength
+from .steering import Steering
+from .vectors import check_strength, identity
 
 TRANSCRIPT_STOP = ("\nUser:", "\nAssistant:")  # a base model writing the next turn
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from . import files, library, vectors
+from . import library, vectors
 from .engine import Context, Model
 from .errors import BadInput
 
@@ -86,8 +85,8 @@ class Steering:
 
     def _spelled(self, name: str) -> str:
         """`name` as the active vector it means was first spelled; else as given."""
-        meant = identity(name)
-        return next((given for given in self.active if identity(given) == meant), name)
+        meant = vectors.identity(name)
+        return next((given for given in self.active if vectors.identity(given) == meant), name)
 
     def strengths(self) -> dict[str, float]:
         return {name: strength for name, (_, strength) in self.active.items()}
@@ -119,11 +118,3 @@ def build(
     for name, strength in vectors.spec_strengths(specs).items():
         steering.add(name, strength)
     return steering
-
-
-def identity(name: str) -> str:
-    """Which vector a SPEC name means: names ignore case (as the store does), a path is its
-    absolute file (as /save writes it)."""
-    if files.looks_like_path(name):
-        return str(Path(name).expanduser().absolute())
-    return name.lower()

@@ -395,6 +395,13 @@ def name_key(name: str) -> str:
     return name if files.looks_like_path(name) else name.lower()
 
 
+def identity(name: str) -> str:
+    """Which vector a name means, as one steering keys its vectors: `name_key`, with a path
+    as its absolute file (`./v.gguf` is `v.gguf`; as /save writes it)."""
+    key = name_key(name)
+    return str(Path(key).expanduser().absolute()) if files.looks_like_path(key) else key
+
+
 def block_span(layers: list[int]) -> str:
     """Blocks for people: `4-12` when they run without a gap, else `4,6,9`."""
     if layers == list(range(layers[0], layers[-1] + 1)):
