@@ -83,10 +83,15 @@ def cached_path(src: Source) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def packaged_path(entry: catalog.Entry) -> Path:
+    """Where the store keeps its copy of a model shipped on PyPI (the demo)."""
+    return store.home() / "models" / entry.file
+
+
 def packaged_copy(entry: catalog.Entry) -> Path | None:
-    """The store's copy of a model shipped on PyPI (the demo), if it is there whole: a copy
-    of another size was cut short or edited, and is made again."""
-    path = store.home() / "models" / entry.file
+    """That copy (`packaged_path`), if it is there whole: a copy of another size was cut
+    short or edited, and is made again."""
+    path = packaged_path(entry)
     if not path.is_file() or (entry.size_exact and path.stat().st_size != entry.size):
         return None
     return path

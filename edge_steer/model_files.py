@@ -68,7 +68,7 @@ def demo_model(entry: catalog.Entry) -> Path:
     into the store: no network, and the package's own files stay as pip installed them."""
     target = download.packaged_copy(entry)
     if target is None:  # assemble or copy (and sha256-verify) once, atomically
-        target = store.home() / "models" / entry.file
+        target = download.packaged_path(entry)
         store.check_writable(target)
         files.write_atomically(target, _PACKAGED[entry.pypi or ""](entry))
     return target
