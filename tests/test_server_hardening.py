@@ -326,6 +326,21 @@ def test_a_vector_outside_the_servers_layers_is_refused(demo_path, stored):
         assert _request(other, "POST", "/v1/completions", off)[0] == 200
 
 
+def test_a_concept_trained_on_first_use_outside_the_layers_is_refused(tiny_dense_path, tmp_path):
+    """--allow-train: a concept trained for a request is checked against --layers once its
+    blocks are known (was: a 200 with the unsteered reply)."""
+    import os
+
+    env = {**os.environ, "EDGE_STEER_HOME": str(tmp_path)}  # nothing trained yet
+    args = ["--model", str(tiny_dense_path), "--allow-train", "--layers", "5-5"]
+    with server_process(args, env=env) as other:
+        body = {"model": tiny_dense_path.stem, "prompt": "Hi", "max_tokens": 1}
+        body["steering"] = {"happy": 1}
+        status, reply = _request(other, "POST", "/v1/completions", body)
+        _assert_error(status, reply, 400, "vector_outside_layers")
+        assert "steers blocks 1-4, none of them within this server's --layers 5-5" in str(reply)
+
+
 def test_which_hosts_are_checked():
     assert guard.allowed_hosts("127.0.0.1", []) == guard.LOOPBACK_NAMES
     assert guard.allowed_hosts("127.0.0.1", ["*"]) is None

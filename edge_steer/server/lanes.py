@@ -255,6 +255,7 @@ class Lanes:
                     if ticket.cancelled.is_set() or self._stop.is_set():
                         break
                     self.pool.train(name, self._reporter(ticket, name))
+                self.pool.check_layers(ticket.job.steering)
             except Exception as exc:  # this thread must outlive any one request
                 ticket.deliver(Failed(_as_error(exc)))
                 continue

@@ -58,9 +58,15 @@ class VectorPool:
             checked[name] = float(strength)
         return checked
 
+    def check_layers(self, steering: Mapping[str, float], param: str = "steering") -> None:
+        """After a concept was trained on first use: its blocks are known now."""
+        for name, strength in steering.items():
+            if strength != 0:
+                self._ensure_in_layers(name, param)
+
     def _ensure_in_layers(self, name: str, param: str) -> None:
         if self.layers is None or self.library.missing([name]):
-            return  # a concept trained on first use: its blocks are not known yet
+            return  # a concept trained on first use: checked once trained (check_layers)
         vector = self.library.get(name)
         if not steering.in_layers(self.layers, vector):
             first, last = self.layers
