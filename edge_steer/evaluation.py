@@ -169,7 +169,9 @@ def evaluate_vector(
     if options.chat:
         chateval.require_chat(model)
     span = steering.parse_layers(options.layers, model.n_layer)
-    path = runtime.vector_file(model, name, retrain=options.retrain, on_progress=on_progress)
+    path = runtime.vector_file(
+        model, name, retrain=options.retrain, on_progress=on_progress, threads=options.threads
+    )
     read = vectors.read(path)
     vectors.check_fits(read, model.n_layer, model.n_embd, str(path))
     steering.check_in_layers(span, name, read)  # else it measured nothing, and stored that

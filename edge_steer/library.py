@@ -132,9 +132,15 @@ def check_retrain(names: Iterable[str]) -> None:
 
 
 def resolve(
-    model: Model, name: str, *, retrain: bool = False, progress: training.Progress | None = None
+    model: Model,
+    name: str,
+    *,
+    retrain: bool = False,
+    progress: training.Progress | None = None,
+    threads: int | None = None,
 ) -> Path:
-    """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now."""
+    """A path for SPEC name `name`: a file, a stored vector, or a built-in concept trained now
+    (on `threads`, the user's --threads: a first use trains as `train` does)."""
     builtin = is_builtin(name)
     name = name.lower() if builtin else name  # `Happy` is the built-in `happy`
     if not (builtin and retrain):
@@ -144,7 +150,8 @@ def resolve(
             if not builtin:
                 raise
     pairs = contrast_pairs(model, name)
-    return train_and_store(model, name, pairs, training.TrainOptions(), progress)
+    options = training.TrainOptions(threads=threads)
+    return train_and_store(model, name, pairs, options, progress)
 
 
 class VectorLibrary:

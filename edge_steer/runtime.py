@@ -201,16 +201,21 @@ def _split(model: Model) -> str:
 
 
 def vector_file(
-    model: Model, name: str, *, retrain: bool = False, on_progress: Progress = _quiet
+    model: Model,
+    name: str,
+    *,
+    retrain: bool = False,
+    on_progress: Progress = _quiet,
+    threads: int | None = None,
 ) -> Path:
     """The file of vector `name` for `model`: a path, a stored vector, or (a built-in concept
-    this model has none of yet, or `retrain`) one trained now and stored."""
+    this model has none of yet, or `retrain`) one trained now on `threads` and stored."""
     label = f"training {name!r} on {model.name}"
 
     def stage_progress(stage: str, done: int, total: int) -> None:
         on_progress(f"{label}: {stage}", done, total)
 
-    return library.resolve(model, name, retrain=retrain, progress=stage_progress)
+    return library.resolve(model, name, retrain=retrain, progress=stage_progress, threads=threads)
 
 
 def steer(
@@ -220,9 +225,11 @@ def steer(
     layers: str | None = None,
     retrain: bool = False,
     on_progress: Progress = _quiet,
+    threads: int | None = None,
 ) -> steering.Steering:
     """The steering for `vectors`: "happy:0.8,lazy:-1", ["happy:0.8"] or {"happy": 0.8};
-    names are files, stored vectors or built-in concepts (trained on first use)."""
+    names are files, stored vectors or built-in concepts (trained on first use, on
+    `threads`)."""
     specs = _specs(vectors)
     if empty := [spec for spec in specs if spec.strip() and not spec_strengths([spec])]:
         raise BadInput(f"--vector {empty[0]!r} names no vector: use NAME[:STRENGTH],...")
@@ -239,7 +246,9 @@ def steer(
         model,
         specs,
         layers,
-        lambda name: vector_file(model, name, retrain=retrain, on_progress=on_progress),
+        lambda name: vector_file(
+            model, name, retrain=retrain, on_progress=on_progress, threads=threads
+        ),
     )
 
 
@@ -527,7 +536,14 @@ def load_from(
     if note := past_training(loaded, options.ctx):
         on_note(note)
     try:
-        steering_ = steer(loaded, vectors, layers=layers, retrain=retrain, on_progress=on_progress)
+        steering_ = steer(
+            loaded,
+            vectors,
+            layers=layers,
+            retrain=retrain,
+            on_progress=on_progress,
+            threads=options.threads,
+        )
         context = open_context(loaded, steering_, ctx=options.ctx, threads=options.threads)
     except BaseException:
         loaded.close()

@@ -125,6 +125,26 @@ def test_chat_trains_on_first_use_then_reuses(tmp_path, monkeypatch) -> None:
     assert stored[0].stat().st_mtime_ns == stamp
 
 
+def test_a_first_use_trains_on_the_users_threads(tiny_dense_path, tmp_path, monkeypatch) -> None:
+    """Was: `--threads 1` held for generation, but a concept trained on first use (chat,
+    generate, eval, serve's presets and --allow-train) took every core."""
+    from edge_steer import runtime
+    from edge_steer.server.pool import VectorPool
+
+    monkeypatch.setenv("EDGE_STEER_HOME", str(tmp_path))
+    seen: list[int | None] = []
+    real = training.train
+
+    def recording(model, pairs, options, **kwargs):
+        seen.append(options.threads)
+        return real(model, pairs, options, **kwargs)
+
+    monkeypatch.setattr(training, "train", recording)
+    with runtime.load(str(tiny_dense_path), vectors="happy:1", threads=1) as steered:
+        VectorPool(steered.model, allow_train=True, threads=1).train("lazy")
+    assert seen == [1, 1]
+
+
 def test_library_refuses_path_like_names(demo_model) -> None:
     from edge_steer.errors import BadInput
 

@@ -31,6 +31,7 @@ class VectorPool:
     allow_train: bool = False
     presets: dict[str, dict[str, float]] = field(default_factory=dict)
     layers: tuple[int, int] | None = None  # --layers: a vector outside them steers nothing
+    threads: int | None = None  # --threads, for concepts trained on first use
 
     @property
     def library(self) -> library.VectorLibrary:
@@ -43,7 +44,10 @@ class VectorPool:
     def train(self, name: str, progress: training.Progress | None = None) -> None:
         """Train built-in concept `name` for this model and keep it (the trainer's thread:
         its decodes take turns with the engine thread's, see engine.Model.lock)."""
-        self.library.get(name, lambda _: library.resolve(self.model, name, progress=progress))
+        self.library.get(
+            name,
+            lambda _: library.resolve(self.model, name, progress=progress, threads=self.threads),
+        )
 
     def check(self, steering: Mapping[str, float], param: str = "steering") -> dict[str, float]:
         """The request's steering, validated: known names, numeric strengths (their total is

@@ -270,7 +270,9 @@ def build(
         on_note(note)
     try:
         layers = steering.parse_layers(options.layers, model.n_layer)
-        pool = VectorPool(model, allow_train=options.allow_train, layers=layers)
+        pool = VectorPool(
+            model, allow_train=options.allow_train, layers=layers, threads=options.load.threads
+        )
         for name, spec in options.presets.items():
             _load_preset(pool, name, spec, on_progress)
         batcher = _batcher(model, options)
@@ -322,7 +324,10 @@ def _load_preset(pool: VectorPool, name: str, spec: dict[str, float], on_progres
     so built-in concepts are trained for it whatever --allow-train says)."""
     for vector in spec:
         found = pool.library.get(
-            vector, lambda v: runtime.vector_file(pool.model, v, on_progress=on_progress)
+            vector,
+            lambda v: runtime.vector_file(
+                pool.model, v, on_progress=on_progress, threads=pool.threads
+            ),
         )
         _check_preset_layers(name, pool.layers, vector, found)
     pool.presets[name] = dict(spec)
