@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import subprocess
 import time
 import urllib.error
@@ -47,10 +48,11 @@ def alien():
     from edge_steer import store, vectors
 
     vector = vectors.ControlVector({1: np.ones(64, dtype=np.float32)}, metadata={"concept": "x"})
-    path = vectors.write(vector, store.vectors_dir() / "0123456789abcdef" / "alien.gguf")
+    other = store.vectors_dir() / "0123456789abcdef"
+    path = vectors.write(vector, other / "alien.gguf")
+    vectors.write(vector, other / "honest.gguf")  # a built-in concept, trained elsewhere
     yield path
-    path.unlink()
-    path.parent.rmdir()
+    shutil.rmtree(other)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +217,8 @@ BAD_REQUESTS = [
     ({"steering": {"nope": 1}}, 400, "unknown_vector"),
     ({"steering": {"formal": 1}}, 400, "unknown_vector"),  # built-in, untrained, no --allow-train
     ({"steering": {"alien": 1}}, 400, "vector_for_another_model"),
+    # was "made for another model": a built-in concept is untrained here, whoever has it
+    ({"steering": {"honest": 1}}, 400, "unknown_vector"),
     ({"steering": {"happy": 1e9}}, 400, "invalid_steering"),
     ({"steering": {"happy": "strong"}}, 400, "invalid_steering"),
     ({"steering": {"/etc/passwd": 1}}, 400, "unknown_vector"),  # not a name: not stored

@@ -33,7 +33,9 @@ def serve(
     parallel: Annotated[
         int,
         typer.Option(
-            "--parallel", "-np", help="Lanes: requests generated at once, each its own context."
+            "--parallel",
+            "-np",
+            help="Lanes: requests decoded together, each a sequence of one context.",
         ),
     ] = 1,
     ctx: Annotated[

@@ -106,6 +106,14 @@ class VectorPool:
         return self.allow_train and name.lower() in dataset.builtin_names()
 
     def _unknown(self, name: str, param: str) -> ApiError:
+        if name.lower() in dataset.builtin_names():  # whatever other models have of it
+            return ApiError(
+                f"built-in concept {name!r} is not trained for {self.model.name} yet: train "
+                f"it (edge-steer train {name.lower()} --model ...) or start the server with "
+                "--allow-train to train built-in concepts on first use",
+                param=param,
+                code="unknown_vector",
+            )
         elsewhere = [p for p in store.stored_vectors() if store.is_named(p, name)]
         if elsewhere:
             return ApiError(
@@ -114,14 +122,9 @@ class VectorPool:
                 param=param,
                 code="vector_for_another_model",
             )
-        hint = (
-            "; start the server with --allow-train to train built-in concepts on first use"
-            if name.lower() in dataset.builtin_names()
-            else ""
-        )
         shown = name if len(name) <= 64 else f"{name[:64]}..."
         return ApiError(
-            f"unknown vector {shown!r}: GET /v1/vectors lists this model's vectors{hint}",
+            f"unknown vector {shown!r}: GET /v1/vectors lists this model's vectors",
             param=param,
             code="unknown_vector",
         )

@@ -353,7 +353,8 @@ def _lane_memory(batcher: Batcher, options: ServeOptions) -> str:
         else "repacked weights: a batched reply may differ from its reply alone at a near-tie"
     )
     return (
-        f"lanes: {options.parallel} sequences of {options.load.ctx} tokens on one context "
+        f"lanes: {options.parallel} sequence{'s' if options.parallel > 1 else ''} of "
+        f"{options.load.ctx} tokens on one context "
         f"({parts}), batches of up to {context.n_batch} tokens; {exact}"
     )
 
