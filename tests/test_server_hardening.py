@@ -682,6 +682,18 @@ def test_a_request_switches_off_a_preset_file_by_its_path(server, filed):
     assert _steering_of(server, {"model": "filed", "steering": {filed: 0}}) == {}
 
 
+def test_a_zero_must_name_a_vector_too(server, stored, filed):
+    """Was a 200 that still steered: `{"w1x": 0}` (a typo switching a preset off) and
+    names no store holds, paths included, passed unchecked at strength 0."""
+    w1, w2 = stored
+    for off in ({"w1x": 0}, {"../../etc/passwd": 0}, {"nosuch": 0}):
+        body = {"model": "strong", "prompt": "Hi", "max_tokens": 1, "steering": off}
+        status, reply = _request(server, "POST", "/v1/completions", body)
+        _assert_error(status, reply, 400, "unknown_vector")
+    assert _steering_of(server, {"model": "strong", "steering": {w2: 0}}) == {w1: 6.0}
+    assert _steering_of(server, {"model": f"filed+{filed}:0"}) == {}
+
+
 BAD_FIELDS = [
     ({"seed": 4294967295}, "seed"),  # llama.cpp's "random"
     ({"seed": 2**32}, "seed"),  # was seed 0

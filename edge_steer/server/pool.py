@@ -49,16 +49,22 @@ class VectorPool:
             lambda _: library.resolve(self.model, name, progress=progress, threads=self.threads),
         )
 
-    def check(self, steering: Mapping[str, float], param: str = "steering") -> dict[str, float]:
+    def check(
+        self, steering: Mapping[str, float], param: str = "steering", switchable: Iterable[str] = ()
+    ) -> dict[str, float]:
         """The request's steering, validated: known names, numeric strengths (their total is
         capped by the caller). Reads stored files here, in the request, so that a bad file is
-        the client's 4xx."""
+        the client's 4xx. A 0 switches off one of `switchable` (the preset's vectors, which
+        may be files) or a known vector: a typo is refused, not ignored."""
         checked: dict[str, float] = {}
+        off = {vectors.name_key(name) for name in switchable}
         for name, strength in steering.items():
             _check_strength(name, strength, param)
-            if strength != 0:  # 0 only switches a vector off: it need not exist
+            if strength != 0:
                 self._ensure_known(name, param)
                 self._ensure_in_layers(name, param)
+            elif vectors.name_key(name) not in off:
+                self._ensure_known(name, param)
             checked[name] = float(strength)
         return checked
 

@@ -209,7 +209,8 @@ def steering_of(model_name: str, served: Served) -> dict[str, float]:
 def _steering(model_name: str, field_value: object, served: Served) -> dict[str, float]:
     """Preset, then the model-name suffix, then the body's `steering` field; later wins."""
     steering, suffix = preset_and_suffix(model_name, served)  # specs: names folded already
-    steering.update(served.pool.check(spec_strengths(suffix, "model"), "model"))
+    suffixed = served.pool.check(spec_strengths(suffix, "model"), "model", switchable=steering)
+    steering.update(suffixed)
     if isinstance(field_value, str):
         field_value = spec_strengths(field_value, "steering")
     if field_value is not None and not isinstance(field_value, dict):
@@ -218,7 +219,7 @@ def _steering(model_name: str, field_value: object, served: Served) -> dict[str,
             param="steering",
             code="invalid_steering",
         )
-    steering.update(_folded(served.pool.check(field_value or {})))
+    steering.update(_folded(served.pool.check(field_value or {}, switchable=steering)))
     steering = {name: s for name, s in steering.items() if s != 0}
     try:
         vectors.check_strengths(steering)  # preset, suffix and field together
