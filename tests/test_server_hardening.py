@@ -750,6 +750,44 @@ def test_what_the_server_does_not_speak_is_named(server, stored):
     _assert_error(*_request(server, "GET", "/v1/models/demo+nope:1"), 400, "unknown_vector")
 
 
+WORDED = [  # each answer names what is wrong (was a message about something else)
+    ({"prompt": [99999999]}, "token id 99999999 is not in this model's vocabulary"),
+    ({"prompt": [-1]}, "token id -1 is not in this model's vocabulary"),
+    ({"prompt": [1] * 4096}, "needs room for at least one more to generate"),
+    ({"tool_choice": "required"}, "`tool_choice` is not supported"),
+    ({"modalities": ["text", "audio"]}, "`modalities` is not supported"),
+    ({"audio": {"voice": "x"}}, "`audio` is not supported"),
+]
+
+
+@pytest.mark.parametrize(("change", "words"), WORDED)
+def test_errors_name_the_problem(server, change, words):
+    body = {"model": "demo", "prompt": "Hi", "max_tokens": 1} | change
+    status, reply = _request(server, "POST", "/v1/completions", body)
+    _assert_error(status, reply, 400)
+    assert words in reply["error"]["message"], reply
+    assistant = {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}
+    chat = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}, assistant]}
+    status, reply = _request(server, "POST", "/v1/chat/completions", chat)
+    _assert_error(status, reply, 400)
+    assert "tool calls are not supported" in reply["error"]["message"]
+
+
+def test_a_damaged_vector_is_named_not_located(server, stored, demo_path):
+    from edge_steer import store
+
+    broken = store.model_vectors_dir(demo_path) / "broken.gguf"
+    broken.write_bytes((store.model_vectors_dir(demo_path) / "w1.gguf").read_bytes()[:100])
+    try:
+        body = {"model": "demo", "prompt": "Hi", "max_tokens": 1, "steering": {"broken": 1}}
+        status, reply = _request(server, "POST", "/v1/completions", body)
+    finally:
+        broken.unlink()
+    _assert_error(status, reply, 422, "damaged_vector")
+    assert reply["error"]["message"].startswith("stored vector 'broken'")
+    assert str(broken.parent) not in reply["error"]["message"]  # the server's file system
+
+
 def test_the_log_has_no_traceback(server):
     """Last: nothing any test sent made the server print a traceback."""
     assert "Traceback" not in server.output()

@@ -102,7 +102,8 @@ class VectorPool:
         try:
             vector = vectors.read(path)
         except EdgeSteerError as exc:  # damaged on disk: the request cannot use it
-            raise ApiError(str(exc), status=422, param=param, code="damaged_vector") from None
+            said = str(exc).replace(str(path), f"stored vector {name!r}")  # not where it lives
+            raise ApiError(said, status=422, param=param, code="damaged_vector") from None
         try:
             self.library.add(name, vector)
         except EdgeSteerError as exc:

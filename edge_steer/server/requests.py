@@ -121,8 +121,9 @@ def parse(body: dict[str, Any], kind: Kind, served: Served) -> Job:
 
 def _too_long(tokens: str, served: Served, param: str) -> ApiError:
     return ApiError(
-        f"the prompt is {tokens} tokens but a lane's context holds {served.n_ctx}: "
-        "shorten it, or restart the server with a larger --ctx",
+        f"the prompt is {tokens} tokens, and a lane's context of {served.n_ctx} needs room "
+        "for at least one more to generate: shorten it, or restart the server with a larger "
+        "--ctx",
         param=param,
         code="context_length_exceeded",
     )
@@ -160,6 +161,9 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
         "best_of": body.get("best_of") not in (None, 1),
         "suffix": body.get("suffix") is not None,
         "tools": bool(body.get("tools")) or bool(body.get("functions")),
+        "tool_choice": body.get("tool_choice") not in (None, "none", "auto"),
+        "modalities": body.get("modalities") not in (None, ["text"]),
+        "audio": body.get("audio") is not None,
         "response_format": _format_type(body.get("response_format")) not in (None, "text"),
         "logit_bias": bool(body.get("logit_bias")),
     }
@@ -279,6 +283,8 @@ def _message(message: object, index: int) -> dict[str, str]:
         if not all(isinstance(text, str) for text in texts):
             raise ApiError(f"{where}: a text part's `text` must be a string", param=where)
         content = "".join(texts)
+    if content is None and (message.get("tool_calls") or message.get("function_call")):
+        raise ApiError(f"{where}: tool calls are not supported by edge-steer serve", param=where)
     if not isinstance(content, str):
         raise ApiError(f"{where}: `content` must be a string", param=where)
     if "\0" in content:
@@ -297,18 +303,24 @@ def _text_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tu
     if isinstance(prompt, str) and prompt:
         _refuse_past_context(prompt, served, "prompt")
         return served.model.tokenize_prompt(prompt), ()
-    n_vocab = served.model.n_vocab
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < n_vocab for t in prompt)
-    ):
+    if isinstance(prompt, list) and prompt and all(_is_whole(t) for t in prompt):
+        n_vocab = served.model.n_vocab
+        if (outside := next((t for t in prompt if not 0 <= t < n_vocab), None)) is not None:
+            raise ApiError(
+                f"`prompt` token id {outside} is not in this model's vocabulary (0 to "
+                f"{n_vocab - 1})",
+                param="prompt",
+            )
         return list(prompt), ()
     raise ApiError(
         "`prompt` must be one non-empty string (or one list of token ids); "
         "send one request per prompt",
         param="prompt",
     )
+
+
+def _is_whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _max_tokens(body: Mapping[str, Any], default: int) -> int:
