@@ -96,6 +96,8 @@ def test_vectors_lists_what_fits(server):
     assert listed["happy"]["calibrated"] and listed["happy"]["trained"]
     low, high = listed["happy"]["recommended"]
     assert low < 0 < high
+    wobble = listed["wobble"]  # never evaluated: the calibrated ±1, not ±2 (past eval's limit)
+    assert not wobble["evaluated"] and wobble["recommended"] == [-1.0, 1.0]
 
 
 def test_completion_usage_and_finish(client):

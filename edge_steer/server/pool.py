@@ -18,7 +18,9 @@ from ..errors import BadInput, EdgeSteerError
 from ..vectors import Key, recommended_range
 from .api_error import ApiError
 
-DEFAULT_RANGE = (-2.0, 2.0)  # what a slider offers for a vector never evaluated
+# for a vector never evaluated: ±1 is the calibrated strength, within the fluency budget
+# (±2 costs more perplexity than eval accepts: docs/results.md)
+DEFAULT_RANGE = (-1.0, 1.0)
 
 
 @dataclass
