@@ -207,7 +207,7 @@ def test_serve_with_a_small_context_answers_400_not_abort(demo_path) -> None:
 
     with running_server(["--model", "demo", "--ctx", "100"]) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.BadRequestError, match="context holds 100"):
+        with pytest.raises(openai.BadRequestError, match="context of 100 needs room"):
             client.completions.create(model="demo", prompt=LONG_PROMPT, max_tokens=2)
         prompt = " ".join(["word"] * 90)  # one 91-token batch: within llama.cpp's 100
         done = client.completions.create(model="demo", prompt=prompt, max_tokens=4, temperature=0)
