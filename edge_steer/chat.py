@@ -235,6 +235,7 @@ class ChatSession:
         """The conversation as JSON data (`/save`): enough for `restore` to go on with it."""
         return {
             "model": self.ctx.model.name,
+            "model_file": str(self.ctx.model.path),  # what to pass as --model to go on with it
             "system": self.system,
             "vectors": {
                 identity(name) if looks_like_path(name) else name: strength

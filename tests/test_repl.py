@@ -122,12 +122,22 @@ def test_ctrl_c_stops_training_and_keeps_the_conversation(chat_path, tmp_path) -
     assert "vectors: none" in after and "━" not in after  # the bar went with its step
     conversation = json.loads(saved.read_text())
     assert conversation["vectors"] == {} and len(conversation["messages"]) == 2
+    assert conversation["model_file"] == str(chat_path)  # the --model to go on with it
     assert not list((tmp_path / "vectors").rglob("lazy*.gguf"))
 
 
 def piped_chat(model: Path, script: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "edge_steer", "chat", "--model", str(model), "-n", "4"]
     return subprocess.run(command, input=script, capture_output=True, text=True, timeout=120)
+
+
+def test_load_names_the_model_a_chat_was_saved_with(tiny_dense_path, tmp_path) -> None:
+    saved = tmp_path / "talk.json"
+    talk = {"model": "Other 7B", "model_file": "/models/other.gguf", "messages": []}
+    saved.write_text(json.dumps(talk))
+    result = piped_chat(tiny_dense_path, f"/load {saved}\n")
+    assert result.returncode == 0, result.stderr
+    assert "saved with Other 7B (/models/other.gguf); it goes on with" in result.stderr
 
 
 def test_help_lists_every_command_and_a_script_stops_at_its_first_failure(tiny_dense_path):

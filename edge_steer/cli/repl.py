@@ -190,10 +190,13 @@ def _load(session, rest: str) -> None:
         f"{escape(vectors.describe(session.steering.strengths()))}[/]",
         highlight=False,
     )
-    saved_with = data.get("model")
+    saved_with, saved_file = data.get("model"), data.get("model_file")
     if isinstance(saved_with, str) and saved_with != session.ctx.model.name:
         now = session.ctx.model.name
-        err.print(f"[dim](saved with {escape(saved_with)}; it goes on with {escape(now)})[/]")
+        where = f" ({saved_file})" if isinstance(saved_file, str) else ""
+        err.print(
+            f"[dim](saved with {escape(saved_with + where)}; it goes on with {escape(now)})[/]"
+        )
     _note_forgotten(session, 0)
 
 
