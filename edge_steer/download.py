@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -57,7 +58,11 @@ def source(spec: str) -> Source:
         name, _, file = rest.partition("/")
         parts = [owner, name, *file.split("/")]
         bad = any(part in ("", ".", "..") for part in parts)
-        if not (owner and name and file.lower().endswith(".gguf")) or bad:
+        if (
+            not (owner and name and file.lower().endswith(".gguf"))
+            or bad
+            or not _repo_id(owner, name)
+        ):
             raise BadInput(f"bad model spec {spec[:200]!r}: use hf:OWNER/REPO/FILE.gguf")
         return Source(repo=f"{owner}/{name}", file=file)
     entry = catalog.lookup(spec)
@@ -70,6 +75,18 @@ def source(spec: str) -> Source:
         label=catalog.short_name(entry),
         entry=entry,
     )
+
+
+def _repo_id(owner: str, name: str) -> bool:
+    """Whether the Hub would take OWNER/NAME (huggingface_hub raises on any other use)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(f"{owner}/{name}")
+    except HFValidationError:
+        return False
+    return True
 
 
 def cached_path(src: Source) -> Path | None:
@@ -102,7 +119,9 @@ def recorded(path: Path) -> dict | None:
     blob = path.resolve()
     seen = _records().get(str(blob))
     stat = blob.stat()
-    if seen and (seen["size"], seen["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns):
+    if not (isinstance(seen, dict) and isinstance(seen.get("sha256"), str)):
+        return None  # none, or not as verify writes it: hashed again
+    if (seen.get("size"), seen.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
         return seen
     return None
 
@@ -151,15 +170,36 @@ def _remove_stale_partials(src: Source, cache: Path) -> int:
 
     if not src.repo:
         return 0  # the demo: assembled from PyPI, not downloaded
-    blobs = cache / repo_folder_name(repo_id=src.repo, repo_type="model") / "blobs"
+    folder = repo_folder_name(repo_id=src.repo, repo_type="model")
     freed, now = 0, time.time()
-    for partial in blobs.glob("*.incomplete"):
+    for partial in (cache / folder / "blobs").glob("*.incomplete"):
+        lock = cache / ".locks" / folder / f"{partial.name.removesuffix('.incomplete')}.lock"
         with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete
             stat = partial.stat()
-            if now - stat.st_mtime > STALE_PARTIAL_SECONDS:
+            if now - stat.st_mtime > STALE_PARTIAL_SECONDS and not _locked(lock):
                 partial.unlink()
                 freed += stat.st_size
     return freed
+
+
+def _locked(lock: Path) -> bool:
+    """Whether a process holds huggingface_hub's lock on a download (a flock, which dies with
+    its process): a slow or suspended download goes quiet for minutes, and is still live."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the partial's age alone decides
+        return False
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if it was taken here
+    return False
 
 
 @contextlib.contextmanager
@@ -246,18 +286,23 @@ def _remote_size(src: Source) -> int:
         )
     if meta.size is None:
         raise NetworkError(f"the Hub did not say how big {src.file} is; check HF_ENDPOINT")
-    if src.size is not None and meta.size != src.size:
+    if problem := size_problem(src, meta.size):
         raise DamagedFile(
-            f"the Hub serves {src.file} as {meta.size} bytes, the catalog pins {src.size}: refusing"
-        )
-    about = src.entry.size if src.entry and not src.entry.size_exact else None
-    if about and not (1 - SIZE_SLACK) * about <= meta.size <= (1 + SIZE_SLACK) * about:
-        raise DamagedFile(
-            f"the Hub serves {src.file} as {size_text(meta.size, decimal=True)}, where the "
-            f"catalog's {src.name} is about {size_text(about, decimal=True)}: refusing to "
-            "download it (check HF_ENDPOINT)"
+            f"the Hub serves {src.file} as {size_text(meta.size, decimal=True)}, {problem}: "
+            "refusing to download it (check HF_ENDPOINT)"
         )
     return meta.size
+
+
+def size_problem(src: Source, size: int) -> str | None:
+    """How `size` contradicts the catalog: its exact size, or its approximate one (a model
+    card's rounded figure) past SIZE_SLACK; None if it does not."""
+    if src.size is not None and size != src.size:
+        return f"where the catalog pins {src.size} bytes"
+    about = src.entry.size if src.entry and not src.entry.size_exact else None
+    if about and not (1 - SIZE_SLACK) * about <= size <= (1 + SIZE_SLACK) * about:
+        return f"where the catalog's {src.name} is about {size_text(about, decimal=True)}"
+    return None
 
 
 SIZE_SLACK = 0.03  # a model card's "5.13 GB" is rounded; no two quants are this close (6%)
@@ -308,8 +353,8 @@ def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = 
     """Size and sha256 of a cached file, hashed once and then remembered by (size, mtime)."""
     blob = path.resolve()
     stat = blob.stat()
-    if src.size is not None and stat.st_size != src.size:
-        _reject(src, path, f"is {stat.st_size} bytes, expected {src.size}")
+    if problem := size_problem(src, stat.st_size):
+        _reject(src, path, f"is {size_text(stat.st_size, decimal=True)}, {problem}")
     if recorded(path):
         return
     with blob.open("rb") as head:
@@ -328,7 +373,7 @@ def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = 
     if not expected:
         say(f"no published sha256 for {src.name}: recorded {actual} (size checked by the Hub)")
     records[str(blob)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": actual}
-    _write_records(records)
+    _write_records(records, say)
 
 
 def _reject(src: Source, path: Path, why: str) -> None:
@@ -356,15 +401,24 @@ def _records_path() -> Path:
 
 def _records() -> dict:
     try:
-        return json.loads(_records_path().read_text())
+        records = json.loads(_records_path().read_text())
     except (OSError, ValueError):
         return {}
+    return records if isinstance(records, dict) else {}
 
 
-def _write_records(records: dict) -> None:
-    files.write_atomically(
-        _records_path(), lambda tmp: tmp.write_text(json.dumps(records, indent=1))
-    )
+def _write_records(records: dict, say: Say = quiet) -> None:
+    """The records are a cache of hashes: a store that cannot keep them costs a hash next
+    time, not the model."""
+    try:
+        files.write_atomically(
+            _records_path(), lambda tmp: tmp.write_text(json.dumps(records, indent=1))
+        )
+    except EdgeSteerError as exc:
+        say(
+            f"note: {exc}; the file will be hashed again next time (set EDGE_STEER_HOME to a "
+            "folder you can write to)"
+        )
 
 
 def remove(src: Source) -> bool:
@@ -383,7 +437,8 @@ def remove(src: Source) -> bool:
             return True
         snapshots = path.parents[len(Path(src.file).parts)]  # <repo>/snapshots/<commit>/<file>
         links = (p for p in snapshots.rglob("*") if p.is_symlink())
-        if blob != path and not any(p.resolve() == blob for p in links):
+        ours = blob.parent == snapshots.parent / "blobs"  # never a file a link leads out to
+        if ours and not any(p.resolve() == blob for p in links):
             blob.unlink(missing_ok=True)
     except OSError as exc:
         raise BadInput(

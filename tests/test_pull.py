@@ -335,3 +335,79 @@ def test_a_home_that_cannot_be_written_is_named(env) -> None:
     """Was: 'cannot write /proc/self/models/...: pass a path', where no path was given."""
     result = run("pull", "demo-chat", env={**env, "EDGE_STEER_HOME": "/proc/self/edge-steer"})
     assert_refused(result, BadInput, "point EDGE_STEER_HOME at a folder you can write to")
+
+
+def test_models_rm_never_deletes_a_file_a_snapshot_links_out_to(hub, env, hf_home, tiny, tmp_path):
+    """Was: `models rm` deleted whatever the snapshot's link led to, a user's own file."""
+    hub.add(REPO, "tiny.gguf", tiny)
+    assert run("pull", SPEC, env=env).returncode == 0
+    own = tmp_path / "mine.gguf"
+    own.write_bytes(tiny)
+    cached(hf_home).unlink()
+    cached(hf_home).symlink_to(own)
+    assert run("models", "rm", SPEC, env=env).returncode == 0
+    assert own.read_bytes() == tiny and not cached(hf_home).exists()
+
+
+def test_a_cached_file_of_another_size_is_no_catalog_model(env, hf_home, tiny) -> None:
+    """Was: a file another tool left in the shared cache under a catalog model's name passed
+    as that model when the catalog knows only its rounded size (0.6 MB as a 5.1 GB Q5_K_M)."""
+    entry = catalog.lookup("mistral:q5_k_m")
+    assert not entry.size_exact
+    folder = hf_home / "hub" / ("models--" + entry.repo.replace("/", "--"))
+    blob = folder / "blobs" / hashlib.sha256(tiny).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(tiny)
+    snapshot = folder / "snapshots" / entry.revision / entry.file
+    snapshot.parent.mkdir(parents=True)
+    snapshot.symlink_to(blob)
+    rows = json.loads(run("models", "list", "--json", env=env).stdout)
+    assert not next(r for r in rows if r["name"] == "mistral:q5_k_m")["downloaded"]
+    result = run("pull", "mistral:q5_k_m", "--offline", env=env)
+    assert_refused(result, DamagedFile, "about 5.1 GB", "deleted")
+    assert not snapshot.exists()
+
+
+@pytest.mark.parametrize("spec", ["hf:-/-/x.gguf", "hf: t/repo/x.gguf", "hf:a b/c/x.gguf"])
+def test_repo_ids_the_hub_refuses_are_bad_specs(env, spec) -> None:
+    """Were huggingface_hub's HFValidationError, with a traceback."""
+    for command in (["pull", spec], ["models", "rm", spec], ["models", "info", spec]):
+        assert_refused(run(*command, env=env), BadInput, "bad model spec", "hf:OWNER/REPO")
+
+
+@pytest.mark.parametrize("records", ["[1, 2]", '{"BLOB": {"size": 1}}', "FOLDER"])
+def test_verified_records_are_only_a_cache(hub, env, hf_home, tiny, records) -> None:
+    """A records file of the wrong shape was a traceback, and one that cannot be written
+    refused an intact model: it now costs a hash, with a note."""
+    hub.add(REPO, "tiny.gguf", tiny)
+    assert run("pull", SPEC, env=env).returncode == 0
+    path = Path(env["EDGE_STEER_HOME"]) / "models" / "verified.json"
+    if records == "FOLDER":
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_text(records.replace("BLOB", str(cached(hf_home).resolve())))
+    result = run("pull", SPEC, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == str(cached(hf_home)), result.stderr
+    assert "Traceback" not in result.stderr
+    assert ("hashed again next time" in result.stderr) == (records == "FOLDER")
+
+
+def test_a_quiet_download_that_still_holds_its_lock_is_left_alone(hub, env, hf_home, tiny):
+    """A download that is slow or suspended (Ctrl-Z) writes nothing for minutes: its age
+    made it look dead to another pull, which deleted it under the running download."""
+    import fcntl
+
+    hub.add(REPO, "tiny.gguf", tiny)
+    folder = cached(hf_home).parents[2]
+    partial = folder / "blobs" / "abc.incomplete"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"x" * 1000)
+    os.utime(partial, (1, 1))
+    lock = hf_home / "hub" / ".locks" / folder.name / "abc.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as huggingface_hub holds it while it downloads
+        assert run("pull", SPEC, env=env).returncode == 0
+        assert partial.exists()
+    assert run("pull", SPEC, env=env).returncode == 0 and not partial.exists()

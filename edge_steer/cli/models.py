@@ -79,7 +79,10 @@ def _describe(entry) -> dict:
     """A catalog entry; once downloaded, with the file's own size and sha256."""
     from .. import catalog, download, machine
 
-    path = download.cached_path(download.source(entry.name))
+    src = download.source(entry.name)
+    path = download.cached_path(src)
+    if path and download.size_problem(src, path.resolve().stat().st_size):
+        path = None  # cut short or another file: `pull` fetches it again
     seen = download.recorded(path) if path and not entry.pypi else None
     return {
         "name": catalog.short_name(entry),
