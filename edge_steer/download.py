@@ -371,7 +371,7 @@ def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = 
     if expected and actual != expected:
         _reject(src, path, f"has sha256 {actual}, expected {expected}")
     if not expected:
-        say(f"no published sha256 for {src.name}: recorded {actual} (size checked by the Hub)")
+        say(f"no sha256 known for {src.name}: recorded {actual}, checked on every later use")
     records[str(blob)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": actual}
     _write_records(records, say)
 
