@@ -371,7 +371,7 @@ def verify(src: Source, path: Path, say: Say = quiet, tqdm_class: type | None = 
     if expected and actual != expected:
         _reject(src, path, f"has sha256 {actual}, expected {expected}")
     if not expected:
-        say(f"no sha256 known for {src.name}: recorded {actual}, checked on every later use")
+        say(f"no sha256 known for {src.name}: recorded the file's own, {actual}")
     records[str(blob)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": actual}
     _write_records(records, say)
 
