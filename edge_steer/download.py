@@ -222,7 +222,9 @@ def _hub_errors(src: Source):
         raise NotFound(f"{src.file} not found in {where}") from None
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "?"
-        raise NetworkError(f"the Hub answered HTTP {status} for {src.file} in {where}") from None
+        raise NetworkError(
+            f"the Hub answered HTTP {status} for {src.file} in {where}{HTTP_HINTS.get(status, '')}"
+        ) from None
     except (OSError, *_transport_errors()) as exc:  # type: ignore[misc]  # mypy: no * here
         if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
             raise _cache_error(src, exc) from None
@@ -233,6 +235,12 @@ def _hub_errors(src: Source):
             "HF_ENDPOINT and run the command again, or use --model demo (demo-chat to chat) offline"
         ) from None
 
+
+HTTP_HINTS = {
+    401: ": set HF_TOKEN to a token that may read it",
+    403: ": set HF_TOKEN to a token that may read it (a gated repo: accept its terms)",
+    429: ": the Hub limits requests; wait a minute and run the command again (HF_TOKEN helps)",
+}
 
 # errors of this machine's disk, not of the network: the fix is here
 LOCAL_ERRNOS = {

@@ -28,6 +28,7 @@ class HubFile:
     size: int  # what the Hub says its size is
     revision: str  # the commit it is in
     cut_at: int | None = None  # the first GET closes the connection after this many bytes
+    status: int | None = None  # the Hub answers this bare HTTP status instead (no error code)
 
 
 class LocalHub:
@@ -58,6 +59,7 @@ class LocalHub:
         size: int | None = None,
         revision: str = COMMIT,
         cut_at: int | None = None,
+        status: int | None = None,
     ) -> HubFile:
         """Serve `data` as repo/file; `corrupt` flips one byte in what is sent (same size)."""
         served = data
@@ -66,7 +68,7 @@ class LocalHub:
             served[-100] ^= 0xFF
             served = bytes(served)
         sha = hashlib.sha256(data).hexdigest()
-        entry = HubFile(served, sha, size or len(data), revision, cut_at)
+        entry = HubFile(served, sha, size or len(data), revision, cut_at, status)
         self.files[(repo, file)] = entry
         return entry
 
@@ -114,6 +116,8 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
             found = hub.files.get((repo, file))
             if found is None:
                 return self._reply(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+            if found.status:
+                return self._reply(found.status, {})
             if revision not in ("main", found.revision):
                 return self._reply(404, {"X-Error-Code": "RevisionNotFound"})
             self._reply(

@@ -411,3 +411,9 @@ def test_a_quiet_download_that_still_holds_its_lock_is_left_alone(hub, env, hf_h
         assert run("pull", SPEC, env=env).returncode == 0
         assert partial.exists()
     assert run("pull", SPEC, env=env).returncode == 0 and not partial.exists()
+
+
+@pytest.mark.parametrize(("status", "words"), [(401, "HF_TOKEN"), (403, "HF_TOKEN"), (429, "wait")])
+def test_a_bare_http_refusal_names_the_fix(hub, env, tiny, status, words) -> None:
+    hub.add(REPO, "tiny.gguf", tiny, status=status)
+    assert_refused(run("pull", SPEC, env=env), NetworkError, f"HTTP {status}", words)
