@@ -101,7 +101,8 @@ def lookup(name: str) -> Entry:
             return entry
     quants = [e.quant.lower() for e in _entries() if e.model == model]
     if quants:
-        raise NotFound(f"{name!r}: {model} has no {quant} file; use one of {', '.join(quants)}")
+        typed = name.strip().partition(":")[0]  # `mistral`, not the catalog's `mistral-v0.3`
+        raise NotFound(f"{name!r}: {typed} has no {quant} file; use one of {', '.join(quants)}")
     models = ", ".join(dict.fromkeys(short_name(e).partition(":")[0] for e in _entries()))
     raise NotFound(
         f"unknown model {name!r}: use {models} (with :QUANT, see `edge-steer models list`), "

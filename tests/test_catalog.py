@@ -45,6 +45,8 @@ def test_unknown_names_list_what_would_work() -> None:
         catalog.lookup("llama")
     with pytest.raises(NotFound, match="mixtral has no q8_0 file; use one of q2_k, q3_k_m"):
         catalog.lookup("mixtral:q8_0")
+    with pytest.raises(NotFound, match="'mistral:q4': mistral has no q4 file"):  # was v0.3
+        catalog.lookup("mistral:q4")
 
 
 def test_the_catalog_says_what_is_pinned_and_what_is_not() -> None:
