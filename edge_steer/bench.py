@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import llama_cpp as ll
 import numpy as np
 
 from . import dataset, library, machine, steering, training, vectors
@@ -171,6 +172,7 @@ def engine_pp(ctx: Context, steer: steering.Steering | None, tokens: list[int]) 
     ctx.forget(0)
     start = time.perf_counter()
     ctx.ingest(tokens)
+    ll.llama_synchronize(ctx.live)  # as bare_decode: CUDA and RPC may still be computing
     seconds = time.perf_counter() - start
     ctx.forget(0)
     return seconds, None

@@ -325,7 +325,8 @@ class Context:
         self, prompt: Sequence[int], sampler: Sampler, max_tokens: int, stats: GenerationStats
     ) -> Iterator[str]:
         stats.prompt_tokens = self.ingest(prompt)
-        sampler.accept_prompt(prompt)
+        ll.llama_synchronize(self.live)  # the prompt's compute (CUDA, RPC: asynchronous) is
+        sampler.accept_prompt(prompt)  # not the first token's time
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for _ in range(max_tokens):
             if len(self.tokens) >= self.n_ctx:
