@@ -13,6 +13,7 @@ import llama_cpp as ll
 from .. import ggml, machine
 from ..errors import BadInput, EngineError
 from . import log
+from .recorder import interrupt_after_decode
 
 
 def default_threads() -> int:
@@ -73,8 +74,15 @@ class Model:
         if self._overrides is not None:
             params.tensor_buft_overrides = ctypes.addressof(self._overrides)
         ggml.drop_amx_buffer()
-        with log.recorded() as lines:
+        with log.recorded() as lines, interrupt_after_decode() as interrupted:
+            # Ctrl-C while llama.cpp loads: Python's handler would run inside a log callback,
+            # where ctypes swallows the KeyboardInterrupt and the load went on to the end
+            self._progress = _stop_when(interrupted)  # llama.cpp keeps the pointer
+            params.progress_callback = self._progress
             self.ptr = ll.llama_model_load_from_file(str(self.path).encode(), params)
+            if interrupted and self.ptr:  # after the last progress call: loaded, not wanted
+                ll.llama_model_free(self.ptr)
+                self.ptr = None
         self.load_log = tuple(lines)
         if not self.ptr:
             raise EngineError(f"llama.cpp could not load {self.path}: {log.last_error()}")
@@ -243,3 +251,8 @@ def _device_array(names: Sequence[str] | None) -> ctypes.Array | None:
     if not all(found):
         raise BadInput(f"no ggml device named {names[found.index(None)]!r}")
     return (ctypes.c_void_p * (len(found) + 1))(*found, None)
+
+
+def _stop_when(interrupted: list[bool]):
+    """A load progress callback: llama.cpp stops loading once it returns false."""
+    return ll.llama_progress_callback(lambda _progress, _data: not interrupted)
