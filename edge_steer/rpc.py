@@ -167,6 +167,7 @@ def connect(given: str | Sequence[str] | None, timeout: float = PROBE_TIMEOUT) -
     if not endpoints:
         return []
     require_rpc()
+    _check_distinct(endpoints)
     from . import ggml
 
     for endpoint in endpoints:
@@ -181,6 +182,25 @@ def connect(given: str | Sequence[str] | None, timeout: float = PROBE_TIMEOUT) -
         if not ggml.rpc_add_server(str(endpoint)):
             raise BadInput(f"RPC worker {endpoint} offers no device: start it with --device")
     return endpoints
+
+
+def _check_distinct(endpoints: list[Endpoint]) -> None:
+    """Two names for one worker (127.0.0.1 and localhost): llama.cpp would open a second
+    connection, which the worker (one client at a time) never serves, and hang."""
+    seen: dict[tuple[str, int], Endpoint] = {}
+    for endpoint in endpoints:
+        try:
+            found = socket.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM)
+        except OSError:
+            continue  # `hello` says it is unreachable
+        for *_, address in found:
+            where = (str(address[0]), endpoint.port)
+            first = seen.setdefault(where, endpoint)
+            if first != endpoint:
+                raise BadInput(
+                    f"RPC workers {first} and {endpoint} are one worker ({where[0]}:"
+                    f"{where[1]}): name it once"
+                )
 
 
 def _on_abort(message: bytes | None) -> None:

@@ -275,6 +275,8 @@ def test_unreachable_worker_is_one_line_and_exit_1(demo_path) -> None:
         ("a b:1", "write HOST:PORT"),
         (" ", "--rpc is blank"),
         (",", "--rpc is blank"),
+        # was a client that hung for ever: the worker serves one connection, llama.cpp opened two
+        ("127.0.0.1:50911,localhost:50911", "are one worker (127.0.0.1:50911): name it once"),
     ],
 )
 def test_malformed_rpc_option_is_one_line_and_exit_2(demo_path, given, words) -> None:
