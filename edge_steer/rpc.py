@@ -19,7 +19,9 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
+from . import worker_cache
 from .constants import RPC_ENV, env
 from .errors import BadInput, EngineError, NetworkError
 
@@ -321,6 +323,7 @@ def run_worker(
             reason = "not a folder" if os.path.exists(cache_dir) else exc.strerror
             fix = "pass a folder you can write to"
             raise BadInput(f"--cache {cache_dir}: {reason}; {fix}") from None
+        worker_cache.open_session(Path(cache_dir))
     on_note(f"worker on {host}:{port}: {', '.join(names)}, {threads} threads; Ctrl-C stops it")
     child = multiprocessing.get_context("spawn").Process(
         target=serve, args=(f"{host}:{port}", cache_dir, threads, names), daemon=True
@@ -339,6 +342,8 @@ def run_worker(
         if child.is_alive():
             child.terminate()
             child.join(5)
+        if cache_dir:
+            worker_cache.close_session(Path(cache_dir))
     if child.exitcode != 0:
         raise EngineError(
             f"the RPC server on {host}:{port} stopped (exit {child.exitcode}): see its output above"

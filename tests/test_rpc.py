@@ -403,3 +403,40 @@ def test_doctor_shows_a_workers_memory_and_an_unreachable_one(tmp_path) -> None:
     up, down = json.loads(result.stdout)["rpc"]["workers"]
     assert up["error"] is None and up["devices"][0]["total"] > 0
     assert not down["devices"] and "unreachable" in down["error"]
+
+
+def _tensor_file(cache: Path, name: str, written_ns: int) -> Path:
+    path = cache / name
+    path.write_bytes(b"t" * 64)
+    os.utime(path, ns=(written_ns, written_ns))
+    return path
+
+
+def test_a_worker_cache_drops_what_a_stop_may_have_cut_short(tmp_path) -> None:
+    """llama.cpp's RPC server writes a cached tensor in place and reads any file of that name
+    back, whatever its size: one cut short by a stop became the tensor of every later load
+    (wrong text, exit 0). Files written as a session ends go; older ones stay."""
+    from edge_steer import worker_cache
+
+    now = time.time_ns()
+    worker_cache.open_session(tmp_path)
+    old = _tensor_file(tmp_path, "00000000000000aa", now - 60 * 10**9)
+    last = _tensor_file(tmp_path, "00000000000000bb", time.time_ns())  # as the server stops
+    other = _tensor_file(tmp_path, "notes.txt", now)  # not the server's: never touched
+    worker_cache.close_session(tmp_path)
+    assert old.exists() and not last.exists() and other.exists()
+    assert not (tmp_path / worker_cache.MARKER).exists()
+
+
+def test_a_worker_killed_outright_loses_only_its_last_write(tmp_path) -> None:
+    """No close_session ran (kill -9): the next start finds the marker, and the file the
+    server wrote last in that session goes."""
+    from edge_steer import worker_cache
+
+    before = _tensor_file(tmp_path, "00000000000000aa", time.time_ns() - 3600 * 10**9)
+    worker_cache.open_session(tmp_path)
+    start = int((tmp_path / worker_cache.MARKER).read_text())
+    first = _tensor_file(tmp_path, "00000000000000bb", start + 10**9)
+    cut = _tensor_file(tmp_path, "00000000000000cc", start + 5 * 10**9)
+    worker_cache.open_session(tmp_path)  # the next worker
+    assert before.exists() and first.exists() and not cut.exists()
