@@ -273,6 +273,8 @@ def test_unreachable_worker_is_one_line_and_exit_1(demo_path) -> None:
     [
         ("localhost", "write HOST:PORT"),
         ("a b:1", "write HOST:PORT"),
+        ("127.0.0.1:99999", "port 99999 is out of range: use 1-65535"),  # was "write HOST:PORT"
+        ("127.0.0.1:0", "port 0 is out of range"),
         (" ", "--rpc is blank"),
         (",", "--rpc is blank"),
         # was a client that hung for ever: the worker serves one connection, llama.cpp opened two
