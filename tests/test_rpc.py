@@ -403,6 +403,7 @@ def test_doctor_shows_a_workers_memory_and_an_unreachable_one(tmp_path) -> None:
     finally:
         stop(proc)
     up, down = json.loads(result.stdout)["rpc"]["workers"]
+    assert result.returncode == 1  # was 0: a script could not tell
     assert up["error"] is None and up["devices"][0]["total"] > 0
     assert not down["devices"] and "unreachable" in down["error"]
 

@@ -22,8 +22,10 @@ def doctor(as_json: JsonOpt = False, rpc: RpcOpt = None) -> None:
     info = full_report(rpc)
     if as_json:
         print_json(info)
-        return
-    _render(info)
+    else:
+        _render(info)
+    if any(worker["error"] for worker in info["rpc"].get("workers", [])):
+        raise typer.Exit(1)  # a worker named in --rpc could not be asked: scripts can tell
 
 
 def _render(info: dict) -> None:
