@@ -91,13 +91,13 @@ def parse_endpoints(given: str | Sequence[str] | None) -> list[Endpoint]:
         if not item:
             continue
         host, sep, port = item.rpartition(":")
-        if sep and HOST.fullmatch(host) and port.isdigit() and not 0 < int(port) < 65536:
-            raise BadInput(f"{source} {item!r}: port {int(port)} is out of range: use 1-65535")
         if not sep or not HOST.fullmatch(host) or not port.isdigit():
             raise BadInput(
                 f"{source} {item!r}: write HOST:PORT (e.g. 192.168.1.20:{DEFAULT_PORT}), "
                 "comma-separated for several workers; IPv6 addresses are not supported"
             )
+        if not 0 < int(port) < 65536:
+            raise BadInput(f"{source} {item!r}: port {int(port)} is out of range: use 1-65535")
         endpoint = Endpoint(host, int(port))
         if endpoint not in found:
             found.append(endpoint)

@@ -112,10 +112,10 @@ class VectorPool:
             raise ApiError(str(exc), param=param, code="vector_for_another_model") from None
 
     def _trainable(self, name: str) -> bool:
-        return self.allow_train and name.lower() in dataset.builtin_names()
+        return self.allow_train and library.is_builtin(name)
 
     def _unknown(self, name: str, param: str) -> ApiError:
-        if name.lower() in dataset.builtin_names():  # whatever other models have of it
+        if library.is_builtin(name):  # whatever other models have of it
             return ApiError(
                 f"built-in concept {name!r} is not trained for {self.model.name} yet: train "
                 f"it (edge-steer train {name.lower()} --model ...) or start the server with "

@@ -320,6 +320,7 @@ def _text_prompt(body: Mapping[str, Any], served: Served) -> tuple[list[int], tu
 
 
 def _is_whole(value: object) -> bool:
+    """An int in JSON's sense: true and false are no numbers."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -328,7 +329,7 @@ def _max_tokens(body: Mapping[str, Any], default: int) -> int:
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_whole(value) or value < 1:
             raise ApiError(f"`{name}` must be a whole number of at least 1", param=name)
         return value
     return default
@@ -340,7 +341,7 @@ def _settings(body: Mapping[str, Any]) -> SamplerSettings:
     base = SamplerSettings()
     seed = body.get("seed")
     low, high = SAMPLING_LIMITS["seed"]
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and not _is_whole(seed):
         raise ApiError("`seed` must be an integer", param="seed")
     if seed is not None and not low <= seed <= high:
         raise ApiError(f"`seed` must be between {low} and {high} (-1: random)", param="seed")
